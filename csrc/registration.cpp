@@ -1,0 +1,27 @@
+// The one TORCH_LIBRARY block of adaptau: the schemas of the fused kernels.
+// Implementations register per dispatch key elsewhere:
+//   csrc/softmax_loss_cpu.cpp      TORCH_LIBRARY_IMPL(adaptau, CPU, ...)
+//   csrc/cuda/softmax_loss_cuda.cpp TORCH_LIBRARY_IMPL(adaptau, CUDA, ...)  (CUDA builds only)
+// The contract (shapes, dtypes, meaning of outputs) is documented in adaptau/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Makes `import adaptau._C` work; the ops register themselves when the library loads.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(adaptau, m) {
+  m.def(
+      "fused_forward(Tensor user, Tensor items, Tensor pos, Tensor neg, Tensor pos_scale, "
+      "Tensor neg_scale, Tensor? neg_logq, int neg_mode, bool include_pos, bool normalize, "
+      "bool remove_hits, bool compute_raw) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "fused_backward(Tensor grad_loss, Tensor user, Tensor items, Tensor pos, Tensor neg, "
+      "Tensor pos_scale, Tensor neg_scale, Tensor? neg_logq, Tensor lse, int neg_mode, "
+      "bool include_pos, bool normalize, bool remove_hits, bool need_scale_grads) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+}
