@@ -1,0 +1,99 @@
+"""Every bad input of DESIGN.md §2 raises a clear exception before any kernel runs."""
+import math
+
+import pytest
+import torch
+
+import adaptau
+
+B, N, D, M = 4, 10, 6, 3
+
+
+def good():
+    return dict(user=torch.randn(B, D), items=torch.randn(N, D), pos=torch.randint(0, N, (B,)),
+                neg=torch.randint(0, N, (B, M)), pos_scale=5.0, neg_scale=5.0)
+
+
+def call(**changes):
+    args = good()
+    kwargs = {k: changes.pop(k) for k in list(changes) if k not in args}
+    args.update(changes)
+    return adaptau.softmax_loss(args["user"], args["items"], args["pos"], args["neg"],
+                                args["pos_scale"], args["neg_scale"], backend="reference", **kwargs)
+
+
+CASES = [
+    # (description, changes, exception type, message fragment)
+    ("user 1-D", dict(user=torch.randn(D)), ValueError, "user must be 2-D"),
+    ("items 3-D", dict(items=torch.randn(N, D, 1)), ValueError, "items must be 2-D"),
+    ("dim mismatch", dict(items=torch.randn(N, D + 1)), ValueError, "sizes must match"),
+    ("integer user", dict(user=torch.ones(B, D, dtype=torch.int64)), TypeError, "user must be"),
+    ("mixed float dtypes", dict(items=torch.randn(N, D, dtype=torch.float64)), TypeError, "differs"),
+    ("user not a tensor", dict(user=[[0.0] * D] * B), TypeError, "must be a tensor"),
+    ("empty batch", dict(user=torch.randn(0, D), pos=torch.zeros(0, dtype=torch.long),
+                         neg=torch.zeros(0, M, dtype=torch.long)), ValueError, "at least one row"),
+    ("empty item table", dict(items=torch.randn(0, D)), ValueError, "item table"),
+    ("float pos", dict(pos=torch.zeros(B)), TypeError, "pos must be int32 or int64"),
+    ("pos wrong length", dict(pos=torch.zeros(B + 1, dtype=torch.long)), ValueError, "pos must be [B=4]"),
+    ("pos 2-D", dict(pos=torch.zeros(B, 1, dtype=torch.long)), ValueError, "pos must be"),
+    ("float neg", dict(neg=torch.zeros(B, M)), TypeError, "neg must be int32 or int64"),
+    ("neg wrong rows", dict(neg=torch.zeros(B + 1, M, dtype=torch.long)), ValueError, "per-row neg"),
+    ("neg 3-D", dict(neg=torch.zeros(B, M, 1, dtype=torch.long)), ValueError, "neg must be"),
+    ("empty per-row negatives", dict(neg=torch.zeros(B, 0, dtype=torch.long)), ValueError, "empty"),
+    ("empty shared negatives", dict(neg=torch.zeros(0, dtype=torch.long)), ValueError, "empty"),
+    ("in-batch with one row", dict(user=torch.randn(1, D), pos=torch.zeros(1, dtype=torch.long),
+                                   neg=None), ValueError, "at least 2 rows"),
+    ("pos out of range", dict(pos=torch.tensor([0, 1, N, 2])), IndexError, "pos[2] = 10"),
+    ("negative pos", dict(pos=torch.tensor([0, -1, 2, 2])), IndexError, "pos[1] = -1"),
+    ("neg out of range", dict(neg=torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, 99], [0, 0, 0]])),
+     IndexError, "neg[2, 2] = 99"),
+    ("shared neg out of range", dict(neg=torch.tensor([1, 12, 3])), IndexError, "neg[1] = 12"),
+    ("nan scale", dict(pos_scale=float("nan")), ValueError, "pos_scale must be finite"),
+    ("inf scale", dict(neg_scale=math.inf), ValueError, "neg_scale must be finite"),
+    ("nan tensor scale", dict(neg_scale=torch.tensor([1.0, float("nan"), 1.0, 1.0])), ValueError,
+     "neg_scale must be finite"),
+    ("scale wrong length", dict(pos_scale=torch.ones(B + 2)), ValueError, "pos_scale must be"),
+    ("integer tensor scale", dict(pos_scale=torch.ones(B, dtype=torch.long)), TypeError, "floating"),
+    ("string scale", dict(pos_scale="hot"), TypeError, "pos_scale must be a float"),
+    ("logq wrong size", dict(neg_logq=torch.zeros(N - 1)), ValueError, "neg_logq must be [N=10]"),
+    ("logq non-finite", dict(neg_logq=torch.full((N,), -math.inf)), ValueError, "neg_logq must be finite"),
+    ("bad reduction", dict(reduction="avg"), ValueError, "reduction"),
+    ("bad backend", dict(backend="gpu"), ValueError, "backend"),
+]
+
+
+@pytest.mark.parametrize("description,changes,exc,fragment", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_raises(description, changes, exc, fragment):
+    changes = dict(changes)
+    backend = changes.pop("backend", None)
+    if backend is not None:
+        args = good()
+        with pytest.raises(exc, match=fragment):
+            adaptau.softmax_loss(*args.values(), backend=backend)
+        return
+    with pytest.raises(exc) as info:
+        call(**changes)
+    assert fragment in str(info.value)
+
+
+def test_unavailable_backend_is_a_clear_error():
+    args = good()
+    if "cuda" not in adaptau.available_backends("cpu"):
+        with pytest.raises(ValueError, match="not usable"):
+            adaptau.softmax_loss(*args.values(), backend="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="device mismatch needs a CUDA device")
+def test_device_mismatch():
+    args = good()
+    with pytest.raises(ValueError, match="device|on cuda|on cpu"):
+        adaptau.softmax_loss(args["user"], args["items"].cuda(), args["pos"], args["neg"], 1.0, 1.0)
+
+
+def test_device_mismatch_meta():
+    """Same check without a GPU: a meta-device tensor is on a different device."""
+    args = good()
+    with pytest.raises(ValueError, match="items is on meta"):
+        adaptau.softmax_loss(args["user"], args["items"].to("meta"), args["pos"], args["neg"], 1.0, 1.0)
+    with pytest.raises(ValueError, match="pos is on meta"):
+        adaptau.softmax_loss(args["user"], args["items"], args["pos"].to("meta"), args["neg"], 1.0, 1.0)
