@@ -1,0 +1,142 @@
+"""Backbones: matrix factorization (MF) and LightGCN.
+
+Both expose :meth:`tables` — the final ``[num_users, D]`` and ``[num_items, D]`` vectors the
+loss and :meth:`adaptau.AdapTau.begin_epoch` consume — and :meth:`l2` — the L2 penalty of
+a batch on the layer-0 embeddings, computed without gathering ``[B, M, D]``::
+
+    Σ_rows ‖I[n]‖² = Σ_items count(item)·‖I_item‖²      (count from torch.bincount)
+
+scaled like the reference code: ``0.5·(Σ‖U[u]‖² + Σ‖I[pos]‖² + Σ‖I[neg]‖²) / B``.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional, Tuple
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["MF", "LightGCN", "build_model", "normalized_adjacency", "sampled_l2"]
+
+
+def sampled_l2(user_emb: Tensor, item_emb: Tensor, users: Tensor, pos: Tensor,
+               neg: Optional[Tensor]) -> Tensor:
+    """``0.5·(Σ_b‖U[users_b]‖² + Σ_b‖I[pos_b]‖² + Σ_{b,m}‖I[neg_bm]‖²) / B``.
+
+    ``neg`` is ``[B, M]``, ``[M]`` (shared by every row: counted B times) or None
+    (in-batch: the negatives are the positives, which are already counted).
+    Only ``[B, D]`` rows and an ``[N]`` count vector are formed, never ``[B, M, D]``.
+    """
+    batch = users.shape[0]
+    num_items = item_emb.shape[0]
+    counts = torch.bincount(pos.long(), minlength=num_items).to(item_emb.dtype)
+    if neg is not None:
+        neg_counts = torch.bincount(neg.reshape(-1).long(), minlength=num_items).to(item_emb.dtype)
+        if neg.dim() == 1:
+            neg_counts = neg_counts * batch
+        counts = counts + neg_counts
+    user_term = user_emb[users.long()].pow(2).sum()
+    item_term = (item_emb.pow(2).sum(1) * counts).sum()
+    return 0.5 * (user_term + item_term) / batch
+
+
+class MF(nn.Module):
+    """Matrix factorization: one embedding table per side (normal init, std ``init_std``).
+
+    ``dropout`` is the paper's optional dropout on the user rows of a training batch
+    (:meth:`batch_users`); the tables themselves never see dropout.
+    """
+
+    def __init__(self, num_users: int, num_items: int, dim: int = 64, *, dropout: float = 0.0,
+                 init_std: float = 0.1) -> None:
+        super().__init__()
+        self.num_users, self.num_items, self.dim = num_users, num_items, dim
+        self.user = nn.Embedding(num_users, dim)
+        self.item = nn.Embedding(num_items, dim)
+        nn.init.normal_(self.user.weight, std=init_std)
+        nn.init.normal_(self.item.weight, std=init_std)
+        self.dropout = float(dropout)
+
+    def tables(self) -> Tuple[Tensor, Tensor]:
+        return self.user.weight, self.item.weight
+
+    def ego(self) -> Tuple[Tensor, Tensor]:
+        """The layer-0 embeddings (what L2 regularizes)."""
+        return self.user.weight, self.item.weight
+
+    def batch_users(self, user_table: Tensor, users: Tensor) -> Tensor:
+        rows = user_table[users.long()]
+        if self.training and self.dropout > 0:
+            rows = F.dropout(rows, p=self.dropout, training=True)
+        return rows
+
+
+def normalized_adjacency(train: sp.spmatrix, num_users: int, num_items: int,
+                         device="cpu", dtype=torch.float32) -> Tensor:
+    """``D^{-1/2} A D^{-1/2}`` of the user–item bipartite graph, as a sparse CSR tensor of
+    size ``[U + I, U + I]`` (isolated nodes get zero rows)."""
+    r = sp.csr_matrix(train, dtype=np.float64)
+    r.data[:] = 1.0
+    adj = sp.bmat([[None, r], [r.T, None]], format="csr")
+    deg = np.asarray(adj.sum(axis=1)).ravel()
+    inv = np.zeros_like(deg)
+    inv[deg > 0] = deg[deg > 0] ** -0.5
+    norm = sp.diags(inv) @ adj @ sp.diags(inv)
+    norm = norm.tocsr()
+    norm.sort_indices()
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        adj = torch.sparse_csr_tensor(
+            torch.as_tensor(norm.indptr, dtype=torch.int64),
+            torch.as_tensor(norm.indices, dtype=torch.int64),
+            torch.as_tensor(norm.data, dtype=dtype),
+            size=norm.shape, check_invariants=False,
+        )
+    return adj.to(device)
+
+
+class LightGCN(nn.Module):
+    """LightGCN: ``E_{k+1} = Â E_k`` for K layers, final vectors = mean of ``E_0 … E_K``.
+
+    ``Â`` is the symmetric-normalized adjacency (:func:`normalized_adjacency`), held as a
+    non-persistent buffer and rebuilt from the train matrix on load.
+    """
+
+    def __init__(self, num_users: int, num_items: int, train: sp.spmatrix, dim: int = 64, *,
+                 layers: int = 3, init_std: float = 0.1) -> None:
+        super().__init__()
+        self.num_users, self.num_items, self.dim, self.layers = num_users, num_items, dim, int(layers)
+        self.user = nn.Embedding(num_users, dim)
+        self.item = nn.Embedding(num_items, dim)
+        nn.init.normal_(self.user.weight, std=init_std)
+        nn.init.normal_(self.item.weight, std=init_std)
+        self.register_buffer("adj", normalized_adjacency(train, num_users, num_items),
+                             persistent=False)
+        self.dropout = 0.0
+
+    def tables(self) -> Tuple[Tensor, Tensor]:
+        emb = torch.cat([self.user.weight, self.item.weight], 0)
+        total = emb
+        for _ in range(self.layers):
+            emb = torch.sparse.mm(self.adj, emb)
+            total = total + emb
+        final = total / (self.layers + 1)
+        return final[: self.num_users], final[self.num_users:]
+
+    def ego(self) -> Tuple[Tensor, Tensor]:
+        return self.user.weight, self.item.weight
+
+    def batch_users(self, user_table: Tensor, users: Tensor) -> Tensor:
+        return user_table[users.long()]
+
+
+def build_model(name: str, num_users: int, num_items: int, train: sp.spmatrix, *, dim: int = 64,
+                dropout: float = 0.0, layers: int = 3, init_std: float = 0.1) -> nn.Module:
+    if name == "mf":
+        return MF(num_users, num_items, dim, dropout=dropout, init_std=init_std)
+    if name == "lightgcn":
+        return LightGCN(num_users, num_items, train, dim, layers=layers, init_std=init_std)
+    raise ValueError(f"model must be 'mf' or 'lightgcn', got {name!r}")

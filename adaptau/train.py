@@ -1,0 +1,675 @@
+"""The trainer: config, the training loop, checkpoints, the run folder.
+
+A run folder (``--out``, default ``runs/<name>``) holds
+
+* ``config.json``   the resolved configuration (plus protocol note, dataset statistics)
+* ``metrics.jsonl`` one JSON object per epoch (loss, w₀, τ range, seconds, metrics when evaluated)
+* ``last.pt``       everything needed to resume: model, optimizer, controller, RNG states
+* ``best.pt``       the model and controller of the best evaluation so far
+* ``summary.json``  best_epoch, valid and test metrics, seconds_per_epoch, world_size, data, backend
+* ``train.log``     the log lines, ``curves.png``, ``tau_hist.png``, ``tau_activity.png``
+* ``users.tsv`` / ``items.tsv``  the id mapping when the loader remapped ids
+
+Checkpoints are written atomically (temp file in the same folder, fsync, ``os.replace``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import Dataset, Split, csr_pairs, load_dataset, prepare
+from .evaluate import format_metrics, full_ranking, item_popularity
+from .models import build_model, sampled_l2
+from .sampling import SAMPLERS, BatchIterator, NegativeSampler
+
+__all__ = ["TrainConfig", "PRESETS", "Trainer", "train", "evaluate_run", "NonFiniteLossError",
+           "load_config_file", "atomic_save"]
+
+
+# ------------------------------------------------------------------------------- config
+@dataclass
+class TrainConfig:
+    """Every knob of a run. Field names match the CLI flags (``--batch-size`` → batch_size)."""
+
+    data: Optional[str] = None            # path, dataset name, or None = embedded synthetic
+    protocol: str = "clean"               # "clean" | "paper"
+    model: str = "mf"                     # "mf" | "lightgcn"
+    layers: int = 3                       # LightGCN propagation layers
+    dim: int = 64
+    dropout: float = 0.0                  # MF: dropout on the user rows of a batch
+    init_std: float = 0.1
+    tau: str = "adaptive"                 # "adaptive" | "global" | "fixed"
+    tau_value: float = 0.1                # the temperature of --tau fixed
+    normalize: bool = True                # False: inner-product scores (baseline)
+    rank: str = "auto"                    # ranking scores: "cosine" | "dot" | "auto" (= training)
+    negatives: int = 128
+    sampler: str = "uniform"
+    pop_gamma: float = 0.75               # popularity sampler exponent
+    include_pos: bool = False
+    remove_hits: bool = False
+    backend: str = "auto"
+    batch_size: int = 1024
+    lr: float = 5e-3
+    l2: float = 1e-6
+    epochs: int = 30
+    patience: int = 5                     # evaluations without improvement before stopping (0: off)
+    eval_every: int = 1
+    topk: List[int] = field(default_factory=lambda: [20])
+    metric: Optional[str] = None          # selection metric, default recall@<first topk>
+    seed: int = 2023
+    device: str = "auto"
+    warmup: int = 5
+    base: Union[str, float] = "mean"
+    smoothing: float = 1.0
+    active_quantile: float = 0.2
+    valid_fraction: float = 0.1
+    name: Optional[str] = None
+    out: Optional[str] = None
+    progress: str = "auto"                # "auto" | "on" | "off"
+
+    @classmethod
+    def fields(cls) -> List[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def update(self, values: Dict[str, Any], where: str = "config") -> "TrainConfig":
+        known = set(self.fields())
+        for key, value in values.items():
+            k = key.replace("-", "_")
+            if k not in known:
+                raise ValueError(f"{where}: unknown setting {key!r}; known: {sorted(known)}")
+            if k == "topk" and isinstance(value, (int, str)):
+                value = [int(v) for v in str(value).split(",")]
+            if k == "base" and isinstance(value, str) and value != "mean":
+                value = float(value)
+            setattr(self, k, value)
+        return self
+
+    def validate(self) -> None:
+        if self.protocol not in ("clean", "paper"):
+            raise ValueError(f"--protocol must be clean or paper, got {self.protocol!r}")
+        if self.model not in ("mf", "lightgcn"):
+            raise ValueError(f"--model must be mf or lightgcn, got {self.model!r}")
+        if self.tau not in ("adaptive", "global", "fixed"):
+            raise ValueError(f"--tau must be adaptive, global or fixed, got {self.tau!r}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"--sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.rank not in ("auto", "cosine", "dot"):
+            raise ValueError(f"--rank must be auto, cosine or dot, got {self.rank!r}")
+        for name in ("dim", "batch_size", "epochs", "eval_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if self.l2 < 0:
+            raise ValueError(f"--l2 must be >= 0, got {self.l2}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.sampler == "in-batch" and self.batch_size < 2:
+            raise ValueError("--sampler in-batch needs --batch-size >= 2")
+        if not self.topk or min(self.topk) < 1:
+            raise ValueError(f"--topk must be positive, got {self.topk}")
+
+    @property
+    def selection_metric(self) -> str:
+        return self.metric or f"recall@{self.topk[0]}"
+
+    @property
+    def rank_cosine(self) -> bool:
+        return self.normalize if self.rank == "auto" else self.rank == "cosine"
+
+
+#: Hyper-parameters of the paper's Gowalla runs (../shared/data/README.md). The epoch
+#: budget / patience are ours (the paper's logs ran 309–366 epochs for MF, 142–152 for
+#: LightGCN with early stopping).
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "gowalla-mf-paper": dict(
+        data="gowalla", protocol="paper", model="mf", dim=64, batch_size=2048, negatives=1024,
+        sampler="uniform", lr=1e-4, l2=1e-9, dropout=0.1, tau="adaptive", warmup=100, base=0.9,
+        smoothing=0.25, epochs=1000, eval_every=5, patience=10, topk=[20], rank="cosine"),
+    "gowalla-lightgcn-paper": dict(
+        data="gowalla", protocol="paper", model="lightgcn", layers=3, dim=64, batch_size=2048,
+        sampler="in-batch", lr=1e-3, l2=1e-5, tau="adaptive", warmup=100, base="mean",
+        smoothing=0.6, epochs=1000, eval_every=5, patience=10, topk=[20], rank="dot"),
+}
+
+
+def load_config_file(path: str) -> Dict[str, Any]:
+    """A YAML or JSON mapping of config fields."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--config {path}: no such file")
+    text = p.read_text()
+    if p.suffix == ".json":
+        values = json.loads(text)
+    else:
+        import yaml
+
+        values = yaml.safe_load(text)
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path}: expected a mapping of settings, got {type(values).__name__}")
+    return values
+
+
+# ---------------------------------------------------------------------------- utilities
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temp file in the same folder, fsync, then ``os.replace``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    try:
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def _dumps(obj) -> str:
+    return json.dumps(obj, indent=2, default=_json_default)
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but CUDA is not available")
+    return dev
+
+
+def _progress_enabled(mode: str) -> bool:
+    if mode == "on":
+        return True
+    if mode == "off":
+        return False
+    return sys.stderr.isatty() and os.environ.get("CI", "").lower() not in ("true", "1")
+
+
+def _snapshot_epochs(epoch: int) -> bool:
+    """Epochs whose per-user scales are kept for the τ histogram: 0, 1, 2, 4, 8, …"""
+    return epoch == 0 or (epoch & (epoch - 1)) == 0
+
+
+def _dist_info() -> Tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _maybe_init_distributed(device: torch.device) -> None:
+    """Join a process group when launched by torchrun (WORLD_SIZE > 1)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend)
+
+
+# ------------------------------------------------------------------------------ trainer
+class Trainer:
+    """One run. ``Trainer(cfg).fit()`` trains and returns the summary dict.
+
+    ``resume``: a run folder whose ``last.pt`` is continued (same optimizer, RNG and
+    controller state); ``cfg.epochs`` may be raised to train further.
+    """
+
+    def __init__(self, cfg: TrainConfig, *, resume: Optional[str] = None, log=print,
+                 dataset: Optional[Dataset] = None) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.log_fn = log
+        self.device = _resolve_device(cfg.device)
+        _maybe_init_distributed(self.device)
+        self.rank, self.world_size = _dist_info()
+        self.is_main = self.rank == 0
+
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed % (2 ** 32))
+        torch.manual_seed(cfg.seed)
+
+        t0 = time.time()
+        self.dataset = dataset if dataset is not None else load_dataset(cfg.data, seed=cfg.seed)
+        self.split: Split = prepare(self.dataset, cfg.protocol, seed=cfg.seed,
+                                    valid_fraction=cfg.valid_fraction)
+        self.load_seconds = time.time() - t0
+        ds, sp_ = self.dataset, self.split
+        self.num_users, self.num_items = ds.num_users, ds.num_items
+        train_u, train_i = csr_pairs(sp_.train)
+        self.train_users = torch.as_tensor(train_u, device=self.device)
+        self.train_items = torch.as_tensor(train_i, device=self.device)
+        self.activity = np.diff(sp_.train.indptr)
+        self.popularity = item_popularity(sp_.train)
+
+        self.model = build_model(cfg.model, self.num_users, self.num_items, sp_.train, dim=cfg.dim,
+                                 dropout=cfg.dropout, layers=cfg.layers, init_std=cfg.init_std)
+        self.model.to(self.device)
+        if self.world_size > 1:  # same initial weights everywhere
+            for p in self.model.parameters():
+                torch.distributed.broadcast(p.data, 0)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        from .temperature import AdapTau
+
+        self.controller = AdapTau(self.train_users, self.train_items, num_users=self.num_users,
+                                  num_items=self.num_items, mode=cfg.tau, tau=cfg.tau_value,
+                                  base=cfg.base, smoothing=cfg.smoothing, warmup=cfg.warmup,
+                                  active_quantile=cfg.active_quantile)
+        self.sampler = NegativeSampler(cfg.sampler, self.num_items, cfg.negatives, train=sp_.train,
+                                       gamma=cfg.pop_gamma, device=self.device)
+        self.batches = BatchIterator(self.train_users, self.train_items, cfg.batch_size,
+                                     drop_last=cfg.sampler == "in-batch" and
+                                     self.train_users.numel() >= cfg.batch_size,
+                                     rank=self.rank, world_size=self.world_size)
+        gen_device = self.device if self.device.type == "cuda" else "cpu"
+        self.shuffle_gen = torch.Generator(device=gen_device).manual_seed(cfg.seed)
+        self.neg_gen = torch.Generator(device=gen_device).manual_seed(cfg.seed + 7919 * (self.rank + 1))
+
+        self.start_epoch = 0
+        self.history: List[Dict[str, Any]] = []
+        self.best: Optional[Dict[str, Any]] = None
+        self.bad_evals = 0
+        self.train_seconds = 0.0
+        self.tau_snapshots: Dict[int, torch.Tensor] = {}
+        self.backend_used: Optional[str] = None
+        self.status = "running"
+
+        self.out = self._run_folder(resume)
+        if resume:
+            self._load_last()
+        self.metric = cfg.selection_metric
+
+    # -- folders and logging ------------------------------------------------------------
+    def _default_name(self) -> str:
+        cfg = self.cfg
+        base = f"{self.dataset.name}-{cfg.model}-{cfg.tau}"
+        return base if cfg.protocol == "clean" else base + "-paper"
+
+    def _run_folder(self, resume: Optional[str]) -> Path:
+        if resume:
+            out = Path(resume)
+            if not (out / "last.pt").is_file():
+                raise FileNotFoundError(f"--resume {resume}: no last.pt in that folder")
+            return out
+        if self.cfg.out:
+            out = Path(self.cfg.out)
+        else:
+            out = Path("runs") / (self.cfg.name or self._default_name())
+            if (out / "last.pt").exists() or (out / "config.json").exists():
+                k = 1
+                while Path(f"{out}-{k}").exists():
+                    k += 1
+                out = Path(f"{out}-{k}")
+        if self.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+        return out
+
+    def log(self, msg: str) -> None:
+        if not self.is_main:
+            return
+        self.log_fn(msg)
+        with open(self.out / "train.log", "a") as fh:
+            fh.write(msg + "\n")
+
+    # -- state ----------------------------------------------------------------------------
+    def _rng_state(self) -> Dict[str, Any]:
+        state = {
+            "shuffle_gen": self.shuffle_gen.get_state(),
+            "neg_gen": self.neg_gen.get_state(),
+            "torch": torch.get_rng_state(),
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+        }
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def _set_rng_state(self, state: Dict[str, Any]) -> None:
+        self.shuffle_gen.set_state(state["shuffle_gen"])
+        self.neg_gen.set_state(state["neg_gen"])
+        torch.set_rng_state(state["torch"])
+        np.random.set_state(state["numpy"])
+        random.setstate(state["python"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+    def _save_last(self, epoch_done: int) -> None:
+        atomic_save({
+            "epoch": epoch_done,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "controller": self.controller.state_dict(),
+            "rng": self._rng_state(),
+            "history": self.history,
+            "best": self.best,
+            "bad_evals": self.bad_evals,
+            "train_seconds": self.train_seconds,
+            "tau_snapshots": self.tau_snapshots,
+            "config": dataclasses.asdict(self.cfg),
+        }, self.out / "last.pt")
+
+    def _load_last(self) -> None:
+        ckpt = torch.load(self.out / "last.pt", map_location=self.device, weights_only=False)
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.controller.load_state_dict(ckpt["controller"])
+        self._set_rng_state(ckpt["rng"])
+        self.start_epoch = int(ckpt["epoch"])
+        self.history = list(ckpt["history"])
+        self.best = ckpt["best"]
+        self.bad_evals = int(ckpt["bad_evals"])
+        self.train_seconds = float(ckpt["train_seconds"])
+        self.tau_snapshots = dict(ckpt["tau_snapshots"])
+        if self.is_main:  # metrics.jsonl may hold lines past the checkpoint: rewrite it
+            _atomic_write_text(self.out / "metrics.jsonl",
+                               "".join(json.dumps(h, default=_json_default) + "\n" for h in self.history))
+
+    # -- evaluation -----------------------------------------------------------------------
+    @torch.no_grad()
+    def ranking_tables(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        was = self.model.training
+        self.model.eval()
+        users, items = self.model.tables()
+        self.model.train(was)
+        if self.cfg.rank_cosine:
+            users, items = F.normalize(users, dim=-1), F.normalize(items, dim=-1)
+        return users.detach(), items.detach()
+
+    def evaluate(self, which: str = "select") -> Dict[str, float]:
+        users, items = self.ranking_tables()
+        if which == "select":
+            test, exclude = self.split.select, self.split.select_exclude
+        else:
+            test, exclude = self.split.test, self.split.test_exclude
+        return full_ranking(users, items, test, exclude, ks=self.cfg.topk,
+                            item_popularity=self.popularity)
+
+    # -- training -------------------------------------------------------------------------
+    def _train_epoch(self, epoch: int) -> Dict[str, Any]:
+        cfg, model = self.cfg, self.model
+        from . import ops, softmax_loss
+
+        with torch.no_grad():
+            model.eval()
+            user_table, item_table = model.tables()
+            self.controller.begin_epoch(epoch, user_table.detach(), item_table.detach())
+        model.train()
+        if self.backend_used is None:
+            self.backend_used = (ops._resolve_backend(cfg.backend, self.device.type)
+                                 if hasattr(ops, "_resolve_backend") else cfg.backend)
+        total, rows = 0.0, 0
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(self.batches), desc=f"epoch {epoch}", leave=False, unit="batch",
+                   disable=not (self.is_main and _progress_enabled(cfg.progress)))
+        for users, pos in self.batches.epoch(self.shuffle_gen):
+            if users.numel() < 2 and cfg.sampler == "in-batch":
+                continue
+            neg, neg_logq = self.sampler.sample(users, pos, self.neg_gen)
+            user_table, item_table = model.tables()
+            u = model.batch_users(user_table, users)
+            pos_scale, neg_scale = self.controller.scales(users)
+            loss, raw = softmax_loss(u, item_table, pos, neg, pos_scale, neg_scale,
+                                     include_pos=cfg.include_pos, normalize=cfg.normalize,
+                                     neg_logq=neg_logq, remove_accidental_hits=cfg.remove_hits,
+                                     return_raw=True, backend=cfg.backend)
+            if cfg.l2 > 0:
+                ego_u, ego_i = model.ego()
+                loss = loss + cfg.l2 * sampled_l2(ego_u, ego_i, users, pos, neg)
+            if not bool(torch.isfinite(loss.detach())):
+                raise NonFiniteLossError(
+                    f"non-finite training loss ({float(loss)}) at epoch {epoch}, step {bar.n}: "
+                    f"w0={self.controller.w0:.4g}; try a lower --lr or a larger --tau-value / "
+                    f"--smoothing. The last good checkpoint is {self.out / 'last.pt'}")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.world_size > 1:
+                for p in model.parameters():
+                    if p.grad is not None:
+                        torch.distributed.all_reduce(p.grad)
+                        p.grad /= self.world_size
+            self.optimizer.step()
+            self.controller.observe(users, raw)
+            total += float(loss.detach()) * users.numel()
+            rows += users.numel()
+            bar.update(1)
+        bar.close()
+        return {"loss": total / max(rows, 1)}
+
+    def fit(self) -> Dict[str, Any]:
+        cfg = self.cfg
+        if self.is_main:
+            self._write_config()
+        ds_stats = self.dataset.stats()
+        if self.start_epoch == 0:
+            self.log(f"adaptau train: {self.dataset!r}")
+            for note in self.dataset.notes:
+                self.log(f"  note: {note}")
+            self.log(f"  {self.split.note}")
+            self.log(f"  model {cfg.model} dim {cfg.dim}, tau {cfg.tau}, sampler {cfg.sampler}"
+                     f" ({cfg.negatives if cfg.sampler != 'in-batch' else cfg.batch_size - 1} neg),"
+                     f" batch {cfg.batch_size}, lr {cfg.lr}, l2 {cfg.l2}, {len(self.batches)} steps/epoch,"
+                     f" device {self.device}, world size {self.world_size} -> {self.out}")
+        else:
+            self.log(f"resuming {self.out} at epoch {self.start_epoch} (of {cfg.epochs})")
+        stopped = None
+        for epoch in range(self.start_epoch, cfg.epochs):
+            t0 = time.time()
+            try:
+                rec = self._train_epoch(epoch)
+            except NonFiniteLossError as exc:
+                self.status = "diverged"
+                stopped = str(exc)
+                self.log(f"STOPPED: {exc}")
+                break
+            seconds = time.time() - t0
+            self.train_seconds += seconds
+            rec = {"epoch": epoch, **rec, "seconds": round(seconds, 3), **self.controller.summary()}
+            if _snapshot_epochs(epoch):
+                self.tau_snapshots[epoch] = self.controller.user_scale.detach().cpu().clone()
+            last = epoch + 1 == cfg.epochs
+            if (epoch + 1) % cfg.eval_every == 0 or last:
+                if self.is_main:
+                    t1 = time.time()
+                    metrics = self.evaluate("select")
+                    rec["metrics"] = metrics
+                    rec["eval_seconds"] = round(time.time() - t1, 3)
+                    value = metrics[self.metric]
+                    if self.best is None or value > self.best["value"]:
+                        self.best = {"epoch": epoch, "value": value, "metrics": metrics}
+                        self.bad_evals = 0
+                        atomic_save({"epoch": epoch, "model": self.model.state_dict(),
+                                     "controller": self.controller.state_dict(),
+                                     "metrics": metrics, "config": dataclasses.asdict(cfg)},
+                                    self.out / "best.pt")
+                    else:
+                        self.bad_evals += 1
+            self.history.append(rec)
+            if self.is_main:
+                self._save_last(epoch + 1)
+                with open(self.out / "metrics.jsonl", "a") as fh:
+                    fh.write(json.dumps(rec, default=_json_default) + "\n")
+                self.log(self._epoch_line(rec))
+            stop = cfg.patience > 0 and self.bad_evals >= cfg.patience
+            if self.world_size > 1:
+                flag = torch.tensor([int(stop)], device=self.device)
+                torch.distributed.broadcast(flag, 0)
+                stop = bool(flag.item())
+            if stop:
+                self.log(f"early stop: {self.metric} did not improve for {cfg.patience} evaluations "
+                         f"(best {self.best['value']:.4f} at epoch {self.best['epoch']})")
+                self.status = "early-stopped"
+                break
+        else:
+            self.status = "completed"
+        return self._finish(ds_stats, stopped)
+
+    def _epoch_line(self, rec: Dict[str, Any]) -> str:
+        parts = [f"epoch {rec['epoch']:4d}", f"loss {rec['loss']:.4f}", f"w0 {rec['w0']:.3g}",
+                 f"tau {rec['tau_min']:.3g}..{rec['tau_max']:.3g} (med {rec['tau_median']:.3g})"]
+        if "metrics" in rec:
+            m = rec["metrics"]
+            shown = [k for k in m if k.split("@")[0] in ("recall", "ndcg")]
+            parts.append(" ".join(f"{k} {m[k]:.4f}" for k in shown)
+                         + (" *" if self.best and self.best["epoch"] == rec["epoch"] else ""))
+        parts.append(f"{rec['seconds']:.1f}s")
+        return " | ".join(parts)
+
+    def _write_config(self) -> None:
+        cfg = dataclasses.asdict(self.cfg)
+        from . import __version__
+
+        payload = {**cfg, "_protocol_note": self.split.note, "_dataset": self.dataset.stats(),
+                   "_adaptau_version": __version__, "_torch_version": torch.__version__}
+        _atomic_write_text(self.out / "config.json", _dumps(payload))
+        for side, ids in (("users", self.dataset.user_ids), ("items", self.dataset.item_ids)):
+            if ids is not None and not (self.out / f"{side}.tsv").exists():
+                _atomic_write_text(self.out / f"{side}.tsv",
+                                   "index\tid\n" + "".join(f"{k}\t{x}\n" for k, x in enumerate(ids)))
+
+    def _finish(self, ds_stats: Dict[str, Any], stopped: Optional[str]) -> Dict[str, Any]:
+        cfg = self.cfg
+        if not self.is_main:
+            return {}
+        valid = test = None
+        best_epoch = None
+        if self.best is not None:
+            best_epoch = self.best["epoch"]
+            ckpt = torch.load(self.out / "best.pt", map_location=self.device, weights_only=False)
+            current = {k: v.clone() for k, v in self.model.state_dict().items()}
+            self.model.load_state_dict(ckpt["model"])
+            valid = ckpt["metrics"]
+            test = self.evaluate("test") if self.split.select_name != "test" else dict(valid)
+            self.model.load_state_dict(current)
+        epochs_run = len(self.history)
+        summary = {
+            "status": self.status,
+            "message": stopped,
+            "protocol": cfg.protocol,
+            "protocol_note": self.split.note,
+            "selection_split": self.split.select_name,
+            "selection_metric": self.metric,
+            "best_epoch": best_epoch,
+            "valid": valid,
+            "test": test,
+            "epochs_run": epochs_run,
+            "seconds_per_epoch": self.train_seconds / max(1, epochs_run),
+            "train_seconds": self.train_seconds,
+            "world_size": self.world_size,
+            "device": str(self.device),
+            "backend": self.backend_used,
+            "dataset": ds_stats,
+            "final_w0": float(self.controller.w0),
+            "final_tau": self.controller.summary(),
+        }
+        _atomic_write_text(self.out / "summary.json", _dumps(summary))
+        try:
+            self._plots()
+        except Exception as exc:  # plots are a convenience; never lose a run over them
+            self.log(f"warning: plotting failed: {exc!r}")
+        if test is not None:
+            rows = {self.split.select_name: valid}
+            if self.split.select_name != "test":
+                rows["test"] = test
+            self.log(f"best epoch {best_epoch} (selected on {self.split.select_name} by {self.metric}); "
+                     f"{summary['seconds_per_epoch']:.2f} s/epoch, backend {self.backend_used}")
+            self.log(format_metrics(rows, cfg.topk))
+            if cfg.protocol == "paper":
+                self.log("NOTE: paper protocol — the epoch was selected on the test split.")
+        self.log(f"run folder: {self.out}")
+        return summary
+
+    def _plots(self) -> None:
+        from . import plots
+
+        if self.history:
+            plots.training_curves(self.history, self.metric, self.out / "curves.png")
+        snaps = dict(self.tau_snapshots)
+        snaps[self.history[-1]["epoch"] if self.history else 0] = self.controller.user_scale.cpu()
+        plots.tau_histograms({k: v.numpy() for k, v in snaps.items()}, self.out / "tau_hist.png")
+        plots.tau_vs_activity(self.controller.user_scale.cpu().numpy(), self.activity,
+                              self.out / "tau_activity.png",
+                              self.history[-1]["epoch"] if self.history else None)
+
+
+def train(cfg: TrainConfig, *, resume: Optional[str] = None, log=print) -> Dict[str, Any]:
+    """Train a run (or continue ``resume``) and return its summary."""
+    return Trainer(cfg, resume=resume, log=log).fit()
+
+
+def evaluate_run(run: str, *, checkpoint: str = "best", log=print,
+                 data: Optional[str] = None) -> Dict[str, Dict[str, float]]:
+    """Re-evaluate a saved run folder: its ``best.pt`` (or ``last.pt``) on the selection
+    split and on test. Writes ``eval.json`` into the folder and returns the metrics."""
+    run_dir = Path(run)
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"--run {run}: no config.json (is it a run folder?)")
+    values = {k: v for k, v in json.loads(cfg_path.read_text()).items() if not k.startswith("_")}
+    cfg = TrainConfig().update(values)
+    if data is not None:
+        cfg.data = data
+    ckpt_path = run_dir / f"{checkpoint}.pt"
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(f"{ckpt_path} not found")
+    cfg.out = str(run_dir)
+    trainer = Trainer.__new__(Trainer)
+    trainer.cfg = cfg
+    trainer.device = _resolve_device(cfg.device)
+    trainer.dataset = load_dataset(cfg.data, seed=cfg.seed)
+    trainer.split = prepare(trainer.dataset, cfg.protocol, seed=cfg.seed, valid_fraction=cfg.valid_fraction)
+    trainer.popularity = item_popularity(trainer.split.train)
+    trainer.model = build_model(cfg.model, trainer.dataset.num_users, trainer.dataset.num_items,
+                                trainer.split.train, dim=cfg.dim, dropout=cfg.dropout,
+                                layers=cfg.layers, init_std=cfg.init_std).to(trainer.device)
+    ckpt = torch.load(ckpt_path, map_location=trainer.device, weights_only=False)
+    trainer.model.load_state_dict(ckpt["model"])
+    t0 = time.time()
+    rows = {trainer.split.select_name: trainer.evaluate("select")}
+    if trainer.split.select_name != "test":
+        rows["test"] = trainer.evaluate("test")
+    result = {"checkpoint": str(ckpt_path), "epoch": ckpt.get("epoch"), "protocol": cfg.protocol,
+              "metrics": rows, "seconds": time.time() - t0}
+    _atomic_write_text(run_dir / "eval.json", _dumps(result))
+    log(f"{ckpt_path} (epoch {ckpt.get('epoch')}, {cfg.protocol} protocol)")
+    log(format_metrics(rows, cfg.topk))
+    return rows
