@@ -264,14 +264,9 @@ def _bwd_rows_kernel(grad_loss_ptr, user_ptr, items_ptr, pos_ptr, neg_ptr, alpha
         ip = ip * rp
     else:
         uh = u
-    pos_logit = alpha * s_pos
-    if INCLUDE_POS:
-        d_pos_logit = g * (tl.exp(pos_logit - lse) - 1.0)
-    else:
-        d_pos_logit = -g
-    w_pos = d_pos_logit * alpha
     gu2 = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     gb = tl.zeros([BLOCK_M], ACC)
+    mass = tl.zeros([BLOCK_M], ACC)  # Σ_m P_m: 1 - P_pos without cancellation
     for m0 in range(0, M, BLOCK_M):
         mm = m0 + tl.arange(0, BLOCK_M)
         mmask = mm < M
@@ -288,7 +283,9 @@ def _bwd_rows_kernel(grad_loss_ptr, user_ptr, items_ptr, pos_ptr, neg_ptr, alpha
         logit = beta * s
         if HAS_LOGQ:
             logit = logit - tl.load(logq_ptr + idx, mask=mmask, other=0).to(ACC)
-        dl = tl.where(keep, g * tl.exp(logit - lse), 0.0)  # d loss / d logit
+        prob = tl.where(keep, tl.exp(logit - lse), 0.0)
+        mass += prob
+        dl = g * prob  # d loss / d logit
         gb += dl * s
         w = dl * beta  # d loss / d score
         if NORMALIZE:
@@ -300,6 +297,12 @@ def _bwd_rows_kernel(grad_loss_ptr, user_ptr, items_ptr, pos_ptr, neg_ptr, alpha
                           mask=keep[:, None] & dmask[None, :], sem="relaxed")
         else:
             tl.store(w_ptr + b64 * M + mm, w, mask=mmask)
+    # d loss / d pos_logit = g·(P_pos - 1) = -g·Σ_m P_m (include_pos), -g (otherwise)
+    if INCLUDE_POS:
+        d_pos_logit = -g * tl.sum(mass, 0)
+    else:
+        d_pos_logit = -g
+    w_pos = d_pos_logit * alpha
     gu = tl.sum(gu2, 0) + w_pos * ip
     if ATOMIC:
         tl.atomic_add(gi_ptr + p * D + cols, w_pos * uh, mask=dmask, sem="relaxed")
@@ -347,14 +350,9 @@ def _bwd_tiles_rows_kernel(grad_loss_ptr, user_ptr, items_ptr, pos_ptr, cand_ptr
         UH = Ua * ru[:, None]
     else:
         UH = Ua
-    pos_logit = alpha * s_pos
-    if INCLUDE_POS:
-        d_pos_logit = g * (tl.exp(pos_logit - lse) - 1.0)
-    else:
-        d_pos_logit = -g
-    w_pos = d_pos_logit * alpha
-    gu = w_pos[:, None] * IP
+    gu = tl.zeros([BLOCK_B, BLOCK_D], ACC)
     gb = tl.zeros([BLOCK_B], ACC)
+    mass = tl.zeros([BLOCK_B], ACC)  # Σ_m P_m: 1 - P_pos without cancellation
     for n0 in range(0, M, BLOCK_N):
         cn = n0 + tl.arange(0, BLOCK_N)
         cmask = cn < M
@@ -373,12 +371,20 @@ def _bwd_tiles_rows_kernel(grad_loss_ptr, user_ptr, items_ptr, pos_ptr, cand_ptr
         logit = beta[:, None] * S
         if HAS_LOGQ:
             logit = logit - tl.load(logq_ptr + idx, mask=cmask, other=0).to(ACC)[None, :]
-        dl = tl.where(keep, g[:, None] * tl.exp(logit - lse[:, None]), 0.0)
+        prob = tl.where(keep, tl.exp(logit - lse[:, None]), 0.0)
+        mass += tl.sum(prob, 1)
+        dl = g[:, None] * prob
         gb += tl.sum(dl * S, 1)
         W = dl * beta[:, None]
         if NORMALIZE:
             W = W * rc[None, :]
         gu = tl.dot(W.to(C.dtype), C, acc=gu, input_precision=DOT_PRECISION, out_dtype=ACC)
+    if INCLUDE_POS:
+        d_pos_logit = -g * mass
+    else:
+        d_pos_logit = -g
+    w_pos = d_pos_logit * alpha
+    gu += w_pos[:, None] * IP
     if ATOMIC:
         tl.atomic_add(gi_ptr + p[:, None] * D + cols[None, :], w_pos[:, None] * UH,
                       mask=tile_mask, sem="relaxed")
