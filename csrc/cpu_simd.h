@@ -1,0 +1,137 @@
+// Tiny SIMD layer for the adaptau CPU kernels.
+//
+// Vec<T> wraps one machine vector of T: AVX2+FMA (8 floats / 4 doubles) when the
+// compiler targets it (setup.py builds with -march=native), one scalar lane otherwise
+// (or when ADAPTAU_NO_SIMD is defined). Every reduction has a fixed association order,
+// so results do not depend on anything but the inputs.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#if defined(__AVX2__) && defined(__FMA__) && !defined(ADAPTAU_NO_SIMD)
+#include <immintrin.h>
+#define ADAPTAU_AVX2 1
+#endif
+
+namespace adaptau {
+namespace cpu {
+
+// Generic single-lane fallback (any T, any target).
+template <typename T>
+struct Vec {
+  using R = T;
+  static constexpr int W = 1;
+  static inline R load(const T* p) { return *p; }
+  static inline void store(T* p, R v) { *p = v; }
+  static inline R zero() { return T(0); }
+  static inline R set1(T x) { return x; }
+  static inline R fma(R a, R b, R c) { return std::fma(a, b, c); }
+  static inline R add(R a, R b) { return a + b; }
+  static inline R sub(R a, R b) { return a - b; }
+  static inline R mul(R a, R b) { return a * b; }
+  static inline R max(R a, R b) { return a > b ? a : b; }
+  static inline T hsum(R a) { return a; }
+  static inline T hmax(R a) { return a; }
+  static inline void hsum4(R a, R b, R c, R d, T* out) {
+    out[0] = a; out[1] = b; out[2] = c; out[3] = d;
+  }
+  static inline R exp(R x) { return std::exp(x); }
+};
+
+#ifdef ADAPTAU_AVX2
+template <>
+struct Vec<float> {
+  using R = __m256;
+  static constexpr int W = 8;
+  static inline R load(const float* p) { return _mm256_loadu_ps(p); }
+  static inline void store(float* p, R v) { _mm256_storeu_ps(p, v); }
+  static inline R zero() { return _mm256_setzero_ps(); }
+  static inline R set1(float x) { return _mm256_set1_ps(x); }
+  static inline R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
+  static inline R add(R a, R b) { return _mm256_add_ps(a, b); }
+  static inline R sub(R a, R b) { return _mm256_sub_ps(a, b); }
+  static inline R mul(R a, R b) { return _mm256_mul_ps(a, b); }
+  static inline R max(R a, R b) { return _mm256_max_ps(a, b); }
+  static inline float hsum(R a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static inline float hmax(R a) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  // out[0..3] = horizontal sums of a, b, c, d.
+  static inline void hsum4(R a, R b, R c, R d, float* out) {
+    __m256 t0 = _mm256_hadd_ps(a, b);
+    __m256 t1 = _mm256_hadd_ps(c, d);
+    __m256 t2 = _mm256_hadd_ps(t0, t1);
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(t2), _mm256_extractf128_ps(t2, 1)));
+  }
+  // exp with ~1-2 ulp error (Cephes polynomial); exactly 0 below -87 (and for -inf).
+  static inline R exp(R x_in) {
+    const R lo = _mm256_set1_ps(-87.0f);
+    R x = _mm256_min_ps(_mm256_max_ps(x_in, lo), _mm256_set1_ps(88.3762626647949f));
+    R n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+    R y = _mm256_set1_ps(1.9875691500E-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+    R x2 = _mm256_mul_ps(x, x);
+    y = _mm256_fmadd_ps(y, x2, _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+    return _mm256_and_ps(y, _mm256_cmp_ps(x_in, lo, _CMP_GE_OQ));
+  }
+};
+
+template <>
+struct Vec<double> {
+  using R = __m256d;
+  static constexpr int W = 4;
+  static inline R load(const double* p) { return _mm256_loadu_pd(p); }
+  static inline void store(double* p, R v) { _mm256_storeu_pd(p, v); }
+  static inline R zero() { return _mm256_setzero_pd(); }
+  static inline R set1(double x) { return _mm256_set1_pd(x); }
+  static inline R fma(R a, R b, R c) { return _mm256_fmadd_pd(a, b, c); }
+  static inline R add(R a, R b) { return _mm256_add_pd(a, b); }
+  static inline R sub(R a, R b) { return _mm256_sub_pd(a, b); }
+  static inline R mul(R a, R b) { return _mm256_mul_pd(a, b); }
+  static inline R max(R a, R b) { return _mm256_max_pd(a, b); }
+  static inline double hsum(R a) {
+    __m128d s = _mm_add_pd(_mm256_castpd256_pd128(a), _mm256_extractf128_pd(a, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+  }
+  static inline double hmax(R a) {
+    __m128d s = _mm_max_pd(_mm256_castpd256_pd128(a), _mm256_extractf128_pd(a, 1));
+    return _mm_cvtsd_f64(_mm_max_sd(s, _mm_unpackhi_pd(s, s)));
+  }
+  static inline void hsum4(R a, R b, R c, R d, double* out) {
+    __m256d t0 = _mm256_hadd_pd(a, b);  // a01 b01 a23 b23
+    __m256d t1 = _mm256_hadd_pd(c, d);  // c01 d01 c23 d23
+    __m256d lo = _mm256_permute2f128_pd(t0, t1, 0x20);
+    __m256d hi = _mm256_permute2f128_pd(t0, t1, 0x31);
+    _mm256_storeu_pd(out, _mm256_add_pd(lo, hi));
+  }
+  // Float64 needs full accuracy: libm per lane.
+  static inline R exp(R x) {
+    alignas(32) double t[4];
+    _mm256_store_pd(t, x);
+    for (int i = 0; i < 4; ++i) t[i] = std::exp(t[i]);
+    return _mm256_load_pd(t);
+  }
+};
+#endif  // ADAPTAU_AVX2
+
+}  // namespace cpu
+}  // namespace adaptau

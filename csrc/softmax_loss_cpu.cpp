@@ -1,0 +1,1179 @@
+// adaptau fused sampled-softmax loss: the CPU backend (forward and backward).
+//
+// Implements torch.ops.adaptau.fused_forward / fused_backward for CPU tensors with the
+// contract written in adaptau/ops.py. Nothing of size [B, M, D] is ever built.
+//
+// Per-row negatives (neg_mode 0): the B×M (row, item) pairs are counting-sorted by
+// (item chunk, row). A chunk is a power-of-two range of item rows whose normalized
+// copy (and, in backward, its gradient accumulator) fits in L2; each chunk is owned by
+// one thread, which normalizes the rows it references once, walks its pairs row by row
+// ("runs": one user vector in registers against several item rows), and owns the
+// chunk's item gradients outright (no atomics, no per-thread [N, D] copies, no
+// reduction). Per-row quantities that several chunks contribute to (the log-sum-exp
+// partials and the user gradient) are accumulated per *group* of chunks: G groups,
+// G chosen from the problem size only (never from the thread count), merged in a fixed
+// order at the end.
+//
+// Shared (neg_mode 1) and in-batch (neg_mode 2) negatives: every row sees the same
+// candidate list, so scores are blocked matrix products (a register-tiled micro-kernel
+// against the transposed, normalized candidate block) with a flash-style running max;
+// the backward recomputes the score tile, and accumulates candidate gradients per
+// group of row blocks, again merged in a fixed order.
+//
+// Numerics: everything is accumulated in the accumulation dtype (float32 for float16,
+// bfloat16 and float32 inputs, which are upcast on entry; float64 for float64).
+// Determinism: every reduction has a fixed order that depends on the inputs only, so
+// results are bitwise identical run to run and across thread counts.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <tuple>
+#include <vector>
+
+#include "cpu_simd.h"
+
+namespace adaptau {
+namespace cpu {
+namespace {
+
+constexpr int64_t kNegPerRow = 0, kNegShared = 1, kNegInBatch = 2;
+
+// ------------------------------------------------------------------------------ tuning
+int64_t env_int(const char* name, int64_t fallback) {
+  const char* s = std::getenv(name);
+  if (s == nullptr || *s == '\0') return fallback;
+  char* end = nullptr;
+  long long v = std::strtoll(s, &end, 10);
+  return (end != s && v > 0) ? static_cast<int64_t>(v) : fallback;
+}
+
+struct Tuning {
+  int64_t fwd_chunk_bytes;  // normalized item rows per chunk (forward)
+  int64_t bwd_chunk_bytes;  // ... (backward: rows + gradient accumulator, twice this)
+  int64_t max_groups;       // upper bound on G (partial buffers merged in a fixed order)
+  int64_t partial_bytes;    // memory cap for the G partial buffers
+  int64_t row_block;        // GEMM modes: rows per block
+  int64_t col_block;        // GEMM modes: candidates per block
+};
+
+const Tuning& tuning() {
+  static const Tuning t{
+      env_int("ADAPTAU_CPU_FWD_CHUNK_BYTES", 128 << 10),
+      env_int("ADAPTAU_CPU_BWD_CHUNK_BYTES", 128 << 10),
+      env_int("ADAPTAU_CPU_GROUPS", 8),
+      env_int("ADAPTAU_CPU_PARTIAL_BYTES", 32 << 20),
+      env_int("ADAPTAU_CPU_ROW_BLOCK", 64),
+      env_int("ADAPTAU_CPU_COL_BLOCK", 256),
+  };
+  return t;
+}
+
+template <typename T>
+using Buf = std::unique_ptr<T[]>;
+
+template <typename T>
+Buf<T> make_buf(int64_t n) {
+  return Buf<T>(new T[std::max<int64_t>(n, 1)]);
+}
+
+template <typename T>
+Buf<T> make_zero_buf(int64_t n) {
+  Buf<T> b = make_buf<T>(n);
+  std::memset(b.get(), 0, sizeof(T) * std::max<int64_t>(n, 1));
+  return b;
+}
+
+template <typename T>
+constexpr T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
+}
+
+template <typename T>
+constexpr T norm_eps() {
+  return T(1e-12);
+}
+
+// --------------------------------------------------------------------- small vector ops
+// <a, b> over n unpadded elements, fixed association order.
+template <typename T>
+inline T dot_plain(const T* a, const T* b, int64_t n) {
+  using V = Vec<T>;
+  constexpr int W = V::W;
+  typename V::R acc = V::zero();
+  int64_t i = 0;
+  for (; i + W <= n; i += W) acc = V::fma(V::load(a + i), V::load(b + i), acc);
+  T s = V::hsum(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// out[0:D] = x[0:D] * scale, out[D:Dp] = 0. Returns nothing.
+template <typename T>
+inline void scale_pad(T* out, const T* x, T scale, int64_t D, int64_t Dp) {
+  for (int64_t i = 0; i < D; ++i) out[i] = x[i] * scale;
+  for (int64_t i = D; i < Dp; ++i) out[i] = T(0);
+}
+
+// Writes the normalized (or copied) row into out (padded) and returns the raw norm.
+template <typename T>
+inline T load_row(T* out, const T* x, int64_t D, int64_t Dp, bool normalize) {
+  if (!normalize) {
+    scale_pad(out, x, T(1), D, Dp);
+    return T(1);
+  }
+  const T norm = std::sqrt(dot_plain(x, x, D));
+  scale_pad(out, x, T(1) / std::max(norm, norm_eps<T>()), D, Dp);
+  return norm;
+}
+
+// Gradient through x -> x / max(||x||, eps): out = (g - xh <xh, g>) / max(norm, eps)
+// (norm > eps) or g / eps. xh and g are padded (zeros past D); out has D elements.
+template <typename T>
+inline void normalize_backward(T* out, const T* g, const T* xh, T norm, int64_t D, bool normalize) {
+  if (!normalize) {
+    for (int64_t i = 0; i < D; ++i) out[i] = g[i];
+    return;
+  }
+  if (norm > norm_eps<T>()) {
+    const T proj = dot_plain(xh, g, D);
+    const T inv = T(1) / norm;
+    for (int64_t i = 0; i < D; ++i) out[i] = (g[i] - xh[i] * proj) * inv;
+  } else {
+    const T inv = T(1) / norm_eps<T>();
+    for (int64_t i = 0; i < D; ++i) out[i] = g[i] * inv;
+  }
+}
+
+// Online log-sum-exp state update with the logits lg[0:n) (lg padded with -inf up to a
+// multiple of W). (m, s): running max and sum of exp(logit - m).
+template <typename T>
+inline void lse_update(const T* lg, int64_t n, T& m, T& s) {
+  using V = Vec<T>;
+  constexpr int W = V::W;
+  typename V::R vm = V::set1(neg_inf<T>());
+  for (int64_t k = 0; k < n; k += W) vm = V::max(vm, V::load(lg + k));
+  const T mx = V::hmax(vm);
+  if (mx == neg_inf<T>()) return;
+  if (mx > m) {
+    s = (m == neg_inf<T>()) ? T(0) : s * std::exp(m - mx);
+    m = mx;
+  }
+  const typename V::R vmx = V::set1(m);
+  typename V::R acc = V::zero();
+  for (int64_t k = 0; k < n; k += W) acc = V::add(acc, V::exp(V::sub(V::load(lg + k), vmx)));
+  s += V::hsum(acc);
+}
+
+template <typename T>
+inline T lse_finish(T m, T s) {
+  return (m == neg_inf<T>() || !(s > T(0))) ? neg_inf<T>() : m + std::log(s);
+}
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// --------------------------------------------------------- per-row run micro-kernels
+// NV: number of machine vectors per (padded) row, known at compile time; 0 = runtime.
+template <typename T, int NV>
+struct RunOps {
+  using V = Vec<T>;
+  using R = typename V::R;
+  static constexpr int W = V::W;
+
+  // out[k] = <u, rows + idx[k]*Dp>, k < n.
+  static inline void dots(const T* __restrict__ u, const T* __restrict__ rows,
+                          const int32_t* __restrict__ idx, int64_t n, int64_t Dp,
+                          T* __restrict__ out) {
+    if constexpr (NV > 0) {
+      R uu[NV];
+      for (int v = 0; v < NV; ++v) uu[v] = V::load(u + v * W);
+      int64_t k = 0;
+      for (; k + 4 <= n; k += 4) {
+        const T* r0 = rows + int64_t(idx[k]) * Dp;
+        const T* r1 = rows + int64_t(idx[k + 1]) * Dp;
+        const T* r2 = rows + int64_t(idx[k + 2]) * Dp;
+        const T* r3 = rows + int64_t(idx[k + 3]) * Dp;
+        R a0 = V::mul(uu[0], V::load(r0)), a1 = V::mul(uu[0], V::load(r1));
+        R a2 = V::mul(uu[0], V::load(r2)), a3 = V::mul(uu[0], V::load(r3));
+        for (int v = 1; v < NV; ++v) {
+          a0 = V::fma(uu[v], V::load(r0 + v * W), a0);
+          a1 = V::fma(uu[v], V::load(r1 + v * W), a1);
+          a2 = V::fma(uu[v], V::load(r2 + v * W), a2);
+          a3 = V::fma(uu[v], V::load(r3 + v * W), a3);
+        }
+        V::hsum4(a0, a1, a2, a3, out + k);
+      }
+      for (; k < n; ++k) {
+        const T* r0 = rows + int64_t(idx[k]) * Dp;
+        R a0 = V::mul(uu[0], V::load(r0));
+        for (int v = 1; v < NV; ++v) a0 = V::fma(uu[v], V::load(r0 + v * W), a0);
+        out[k] = V::hsum(a0);
+      }
+    } else {
+      const int64_t nv = Dp / W;
+      for (int64_t k = 0; k < n; ++k) {
+        const T* r0 = rows + int64_t(idx[k]) * Dp;
+        R a0 = V::mul(V::load(u), V::load(r0));
+        for (int64_t v = 1; v < nv; ++v) a0 = V::fma(V::load(u + v * W), V::load(r0 + v * W), a0);
+        out[k] = V::hsum(a0);
+      }
+    }
+  }
+
+  // gu += sum_k d[k] * rows[idx[k]];  acc[idx[k]] += d[k] * u.
+  static inline void grads(const T* __restrict__ u, const T* __restrict__ rows,
+                           T* __restrict__ acc, const int32_t* __restrict__ idx,
+                           const T* __restrict__ d, int64_t n, int64_t Dp, T* __restrict__ gu) {
+    if constexpr (NV > 0) {
+      R g[NV];
+      for (int v = 0; v < NV; ++v) g[v] = V::zero();
+      for (int64_t k = 0; k < n; ++k) {
+        const R dk = V::set1(d[k]);
+        const T* r = rows + int64_t(idx[k]) * Dp;
+        T* a = acc + int64_t(idx[k]) * Dp;
+        for (int v = 0; v < NV; ++v) {
+          g[v] = V::fma(dk, V::load(r + v * W), g[v]);
+          V::store(a + v * W, V::fma(dk, V::load(u + v * W), V::load(a + v * W)));
+        }
+      }
+      for (int v = 0; v < NV; ++v) V::store(gu + v * W, V::add(V::load(gu + v * W), g[v]));
+    } else {
+      const int64_t nv = Dp / W;
+      for (int64_t k = 0; k < n; ++k) {
+        const R dk = V::set1(d[k]);
+        const T* r = rows + int64_t(idx[k]) * Dp;
+        T* a = acc + int64_t(idx[k]) * Dp;
+        for (int64_t v = 0; v < nv; ++v) {
+          V::store(gu + v * W, V::fma(dk, V::load(r + v * W), V::load(gu + v * W)));
+          V::store(a + v * W, V::fma(dk, V::load(u + v * W), V::load(a + v * W)));
+        }
+      }
+    }
+  }
+
+  // out += sum_k coef[k] * rows[k*stride]  (k < n), out padded to Dp.
+  static inline void axpy_rows(T* __restrict__ out, const T* __restrict__ coef,
+                               const T* __restrict__ rows, int64_t stride, int64_t n, int64_t Dp) {
+    if constexpr (NV > 0 && NV <= 8) {
+      R g[NV];
+      for (int v = 0; v < NV; ++v) g[v] = V::load(out + v * W);
+      for (int64_t k = 0; k < n; ++k) {
+        const R c = V::set1(coef[k]);
+        const T* r = rows + k * stride;
+        for (int v = 0; v < NV; ++v) g[v] = V::fma(c, V::load(r + v * W), g[v]);
+      }
+      for (int v = 0; v < NV; ++v) V::store(out + v * W, g[v]);
+    } else {
+      const int64_t nv = Dp / W;
+      for (int64_t v0 = 0; v0 < nv; v0 += 8) {  // segments of up to 8 vectors in registers
+        const int64_t nseg = std::min<int64_t>(8, nv - v0);
+        R g[8];
+        for (int64_t v = 0; v < nseg; ++v) g[v] = V::load(out + (v0 + v) * W);
+        for (int64_t k = 0; k < n; ++k) {
+          const R c = V::set1(coef[k]);
+          const T* r = rows + k * stride + v0 * W;
+          for (int64_t v = 0; v < nseg; ++v) g[v] = V::fma(c, V::load(r + v * W), g[v]);
+        }
+        for (int64_t v = 0; v < nseg; ++v) V::store(out + (v0 + v) * W, g[v]);
+      }
+    }
+  }
+};
+
+// -------------------------------------------------------------------- GEMM micro-kernel
+// S[r*lds + c] = sum_d U[r*ldu + d] * CT[d*ldc + c] for r < nr, c < nc (nc multiple of 2W).
+template <typename T>
+void score_tile(const T* __restrict__ U, int64_t ldu, int64_t nr, const T* __restrict__ CT,
+                int64_t ldc, int64_t nc, int64_t D, T* __restrict__ S, int64_t lds) {
+  using V = Vec<T>;
+  using R = typename V::R;
+  constexpr int W = V::W;
+  for (int64_t c = 0; c < nc; c += 2 * W) {
+    for (int64_t r = 0; r < nr; r += 4) {
+      const T* u0 = U + std::min(r, nr - 1) * ldu;
+      const T* u1 = U + std::min(r + 1, nr - 1) * ldu;
+      const T* u2 = U + std::min(r + 2, nr - 1) * ldu;
+      const T* u3 = U + std::min(r + 3, nr - 1) * ldu;
+      R a00 = V::zero(), a01 = V::zero(), a10 = V::zero(), a11 = V::zero();
+      R a20 = V::zero(), a21 = V::zero(), a30 = V::zero(), a31 = V::zero();
+      const T* ct = CT + c;
+      for (int64_t d = 0; d < D; ++d, ct += ldc) {
+        const R b0 = V::load(ct), b1 = V::load(ct + W);
+        R x = V::set1(u0[d]);
+        a00 = V::fma(x, b0, a00); a01 = V::fma(x, b1, a01);
+        x = V::set1(u1[d]);
+        a10 = V::fma(x, b0, a10); a11 = V::fma(x, b1, a11);
+        x = V::set1(u2[d]);
+        a20 = V::fma(x, b0, a20); a21 = V::fma(x, b1, a21);
+        x = V::set1(u3[d]);
+        a30 = V::fma(x, b0, a30); a31 = V::fma(x, b1, a31);
+      }
+      T* s = S + r * lds + c;
+      V::store(s, a00); V::store(s + W, a01);
+      if (r + 1 < nr) { V::store(s + lds, a10); V::store(s + lds + W, a11); }
+      if (r + 2 < nr) { V::store(s + 2 * lds, a20); V::store(s + 2 * lds + W, a21); }
+      if (r + 3 < nr) { V::store(s + 3 * lds, a30); V::store(s + 3 * lds + W, a31); }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------- context
+template <typename T>
+struct Ctx {
+  // shapes and options
+  int64_t B = 0, N = 0, D = 0, Dp = 0, M = 0;
+  int64_t neg_mode = 0;
+  bool include_pos = false, normalize = true, remove_hits = false;
+  // inputs (accumulation dtype, contiguous)
+  const T* user = nullptr;
+  const T* items = nullptr;
+  const T* alpha = nullptr;
+  const T* beta = nullptr;
+  const T* logq = nullptr;  // may be null
+  const void* neg = nullptr;
+  bool neg_is_int64 = true;
+  // derived
+  std::vector<int32_t> pos;  // [B]
+  Buf<T> uhat;               // [B][Dp] normalized user rows, zero padded
+  std::vector<T> unorm;      // [B]
+  std::vector<T> spos;       // [B] positive scores ŝ(b, pos[b])
+};
+
+template <typename I>
+bool copy_indices(const I* src, int64_t n, int64_t N, int32_t* dst) {
+  bool ok = true;
+  for (int64_t i = 0; i < n; ++i) {
+    const I v = src[i];
+    ok &= (v >= 0) & (v < N);
+    dst[i] = static_cast<int32_t>(v);
+  }
+  return ok;
+}
+
+std::vector<int32_t> indices_to_i32(const at::Tensor& t, int64_t N, const char* name) {
+  std::vector<int32_t> out(t.numel());
+  bool ok = t.scalar_type() == at::kLong
+                ? copy_indices(t.data_ptr<int64_t>(), t.numel(), N, out.data())
+                : copy_indices(t.data_ptr<int32_t>(), t.numel(), N, out.data());
+  TORCH_CHECK(ok, "adaptau cpu: an index in ", name, " is outside [0, ", N, ")");
+  return out;
+}
+
+// Normalized user rows and positive scores (both modes).
+template <typename T>
+void prepare_rows(Ctx<T>& cx) {
+  const int64_t B = cx.B, D = cx.D, Dp = cx.Dp;
+  cx.uhat = make_buf<T>(B * Dp);
+  cx.unorm.assign(B, T(0));
+  cx.spos.assign(B, T(0));
+  at::parallel_for(0, B, 256, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      T* uh = cx.uhat.get() + b * Dp;
+      cx.unorm[b] = load_row(uh, cx.user + b * D, D, Dp, cx.normalize);
+      const T* xp = cx.items + int64_t(cx.pos[b]) * D;
+      T s = dot_plain(uh, xp, D);
+      if (cx.normalize) s *= T(1) / std::max(std::sqrt(dot_plain(xp, xp, D)), norm_eps<T>());
+      cx.spos[b] = s;
+    }
+  });
+}
+
+// ======================================================================= per-row mode
+struct RowPlan {
+  int shift = 0;
+  int64_t CI = 0, C = 0, G = 1;
+  std::vector<int32_t> startT;  // [C][B+1]: pairs of (chunk c, row b) are sorted[startT[c][b] : startT[c][b+1]]
+  Buf<int32_t> sorted;          // [B*M] item indices, ordered by (chunk, row, m)
+  std::vector<int64_t> gchunk;  // [G+1] chunk range of each group
+  std::vector<int32_t> pstart;  // [C+1] positives by chunk: rows prow[pstart[c] : pstart[c+1]]
+  std::vector<int32_t> prow;    // [B]
+};
+
+template <typename I>
+bool count_pass(const I* neg, int64_t B, int64_t M, int64_t N, int shift, int64_t C, int32_t* cnt) {
+  std::atomic<bool> any_bad{false};
+  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+    bool ok = true;
+    for (int64_t b = b0; b < b1; ++b) {
+      int32_t* cr = cnt + b * C;
+      std::fill(cr, cr + C, 0);
+      const I* nb = neg + b * M;
+      for (int64_t m = 0; m < M; ++m) {
+        const I v = nb[m];
+        const bool in = (v >= 0) & (v < N);
+        ok &= in;
+        cr[in ? (static_cast<int64_t>(v) >> shift) : 0]++;
+      }
+    }
+    if (!ok) any_bad.store(true);
+  });
+  return !any_bad.load();
+}
+
+template <typename I>
+void scatter_pass(const I* neg, int64_t B, int64_t M, int shift, int64_t C,
+                  const int32_t* startT, int32_t* sorted) {
+  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+    std::vector<int32_t> cur(C);
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t c = 0; c < C; ++c) cur[c] = startT[c * (B + 1) + b];
+      const I* nb = neg + b * M;
+      for (int64_t m = 0; m < M; ++m) {
+        const int32_t v = static_cast<int32_t>(nb[m]);
+        sorted[cur[v >> shift]++] = v;
+      }
+    }
+  });
+}
+
+template <typename T>
+RowPlan build_row_plan(const Ctx<T>& cx, int64_t chunk_bytes, bool for_backward) {
+  const Tuning& tu = tuning();
+  const int64_t B = cx.B, M = cx.M, N = cx.N;
+  RowPlan pl;
+  const int64_t row_bytes = cx.Dp * int64_t(sizeof(T));
+  int shift = 4;
+  while (shift < 30 && (int64_t(2) << shift) * row_bytes <= chunk_bytes) ++shift;
+  // Cap the (chunk, row) bookkeeping at ~2^21 entries.
+  while (shift < 31 && (((N - 1) >> shift) + 1) * (B + 1) > (int64_t(1) << 21)) ++shift;
+  pl.shift = shift;
+  pl.CI = int64_t(1) << shift;
+  pl.C = ((N - 1) >> shift) + 1;
+  const int64_t C = pl.C;
+
+  std::vector<int32_t> cnt(B * C);
+  const bool ok = cx.neg_is_int64
+                      ? count_pass(static_cast<const int64_t*>(cx.neg), B, M, N, shift, C, cnt.data())
+                      : count_pass(static_cast<const int32_t*>(cx.neg), B, M, N, shift, C, cnt.data());
+  TORCH_CHECK(ok, "adaptau cpu: an index in neg is outside [0, ", N, ")");
+
+  // Chunk totals, then the (chunk, row) start offsets in chunk-major order.
+  std::vector<int64_t> tot(C, 0);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t c = 0; c < C; ++c) tot[c] += cnt[b * C + c];
+  std::vector<int64_t> cstart(C + 1, 0);
+  for (int64_t c = 0; c < C; ++c) cstart[c + 1] = cstart[c] + tot[c];
+  pl.startT.resize(C * (B + 1));
+  at::parallel_for(0, C, 8, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      int64_t run = cstart[c];
+      int32_t* st = pl.startT.data() + c * (B + 1);
+      for (int64_t b = 0; b < B; ++b) {
+        st[b] = static_cast<int32_t>(run);
+        run += cnt[b * C + c];
+      }
+      st[B] = static_cast<int32_t>(run);
+    }
+  });
+  pl.sorted = make_buf<int32_t>(B * M);
+  if (cx.neg_is_int64)
+    scatter_pass(static_cast<const int64_t*>(cx.neg), B, M, shift, C, pl.startT.data(), pl.sorted.get());
+  else
+    scatter_pass(static_cast<const int32_t*>(cx.neg), B, M, shift, C, pl.startT.data(), pl.sorted.get());
+
+  // Groups: contiguous chunk ranges with about the same number of pairs. G depends on
+  // the problem only (not on the thread count), so results do not either.
+  int64_t G = std::min<int64_t>(tu.max_groups, C);
+  if (for_backward) {
+    const int64_t per = B * cx.Dp * int64_t(sizeof(T));
+    G = std::min<int64_t>(G, std::max<int64_t>(1, tu.partial_bytes / std::max<int64_t>(per, 1)));
+  }
+  G = std::max<int64_t>(G, 1);
+  pl.G = G;
+  pl.gchunk.assign(G + 1, C);
+  pl.gchunk[0] = 0;
+  const int64_t P = B * M;
+  int64_t c = 0;
+  for (int64_t g = 1; g < G; ++g) {
+    const int64_t target = P * g / G;
+    while (c < C && cstart[c] < target) ++c;
+    pl.gchunk[g] = std::max(c, pl.gchunk[g - 1]);
+  }
+  // Positives by chunk (stable in b).
+  pl.pstart.assign(C + 1, 0);
+  for (int64_t b = 0; b < B; ++b) pl.pstart[(cx.pos[b] >> shift) + 1]++;
+  for (int64_t cc = 0; cc < C; ++cc) pl.pstart[cc + 1] += pl.pstart[cc];
+  pl.prow.resize(B);
+  std::vector<int32_t> pcur(pl.pstart.begin(), pl.pstart.end() - 1);
+  for (int64_t b = 0; b < B; ++b) pl.prow[pcur[cx.pos[b] >> shift]++] = static_cast<int32_t>(b);
+  return pl;
+}
+
+constexpr int64_t kRunBlock = 256;  // pairs of one run processed at a time
+
+template <typename T, int NV>
+void per_row_forward(Ctx<T>& cx, T* loss, T* lse_out, T* raw, bool compute_raw) {
+  using Ops = RunOps<T, NV>;
+  constexpr int W = Vec<T>::W;
+  const int64_t B = cx.B, D = cx.D, Dp = cx.Dp, N = cx.N;
+  RowPlan pl = build_row_plan(cx, tuning().fwd_chunk_bytes, false);
+  const int64_t G = pl.G, CI = pl.CI;
+  std::vector<T> pm(G * B, neg_inf<T>()), ps(G * B, T(0));
+  std::vector<T> rm(compute_raw ? G * B : 0, neg_inf<T>()), rs(compute_raw ? G * B : 0, T(0));
+
+  at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
+    Buf<T> buf = make_buf<T>(CI * Dp);
+    std::vector<int32_t> stamp(CI, -1);
+    alignas(64) int32_t li[kRunBlock];
+    alignas(64) T sc[kRunBlock];
+    alignas(64) T lg[kRunBlock + W];
+    alignas(64) T lr[kRunBlock + W];
+    for (int64_t g = g0; g < g1; ++g) {
+      T* gm = pm.data() + g * B;
+      T* gs = ps.data() + g * B;
+      T* grm = compute_raw ? rm.data() + g * B : nullptr;
+      T* grs = compute_raw ? rs.data() + g * B : nullptr;
+      for (int64_t c = pl.gchunk[g]; c < pl.gchunk[g + 1]; ++c) {
+        const int64_t base = c << pl.shift;
+        const int32_t* st = pl.startT.data() + c * (B + 1);
+        const int32_t* srt = pl.sorted.get();
+        for (int64_t k = st[0]; k < st[B]; ++k) {
+          const int32_t r = srt[k] - static_cast<int32_t>(base);
+          if (stamp[r] != c) {
+            stamp[r] = static_cast<int32_t>(c);
+            load_row(buf.get() + int64_t(r) * Dp, cx.items + (base + r) * D, D, Dp, cx.normalize);
+          }
+        }
+        for (int64_t b = 0; b < B; ++b) {
+          int64_t k0 = st[b];
+          const int64_t k1 = st[b + 1];
+          if (k0 == k1) continue;
+          const T* u = cx.uhat.get() + b * Dp;
+          const T beta = cx.beta[b];
+          const int32_t p = cx.pos[b];
+          for (; k0 < k1; k0 += kRunBlock) {
+            const int64_t n = std::min(kRunBlock, k1 - k0);
+            for (int64_t k = 0; k < n; ++k) li[k] = srt[k0 + k] - static_cast<int32_t>(base);
+            Ops::dots(u, buf.get(), li, n, Dp, sc);
+            const int64_t npad = round_up(n, W);
+            for (int64_t k = 0; k < n; ++k) {
+              const int32_t item = static_cast<int32_t>(base) + li[k];
+              const T q = cx.logq ? cx.logq[item] : T(0);
+              const bool drop = cx.remove_hits && item == p;
+              lg[k] = drop ? neg_inf<T>() : beta * sc[k] - q;
+              if (compute_raw) lr[k] = drop ? neg_inf<T>() : sc[k] - q;
+            }
+            for (int64_t k = n; k < npad; ++k) lg[k] = lr[k] = neg_inf<T>();
+            lse_update(lg, npad, gm[b], gs[b]);
+            if (compute_raw) lse_update(lr, npad, grm[b], grs[b]);
+          }
+        }
+      }
+    }
+  });
+
+  // Merge the group partials per row in group order.
+  at::parallel_for(0, B, 256, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int pass = 0; pass < (compute_raw ? 2 : 1); ++pass) {
+        const T* m_ = pass == 0 ? pm.data() : rm.data();
+        const T* s_ = pass == 0 ? ps.data() : rs.data();
+        const T a = pass == 0 ? cx.alpha[b] : T(1);
+        T m = neg_inf<T>(), s = T(0);
+        for (int64_t g = 0; g < G; ++g) {
+          const T gm = m_[g * B + b], gs = s_[g * B + b];
+          if (gm == neg_inf<T>()) continue;
+          if (gm > m) {
+            s = (m == neg_inf<T>() ? T(0) : s * std::exp(m - gm)) + gs;
+            m = gm;
+          } else {
+            s += gs * std::exp(gm - m);
+          }
+        }
+        const T pl_logit = a * cx.spos[b];
+        if (cx.include_pos) {
+          if (pl_logit > m) {
+            s = (m == neg_inf<T>() ? T(0) : s * std::exp(m - pl_logit)) + T(1);
+            m = pl_logit;
+          } else {
+            s += std::exp(pl_logit - m);
+          }
+        }
+        const T l = lse_finish(m, s);
+        const T out = (l == neg_inf<T>()) ? T(0) : l - pl_logit;
+        if (pass == 0) {
+          lse_out[b] = l;
+          loss[b] = out;
+        } else {
+          raw[b] = out;
+        }
+      }
+    }
+  });
+  (void)N;
+}
+
+// Per-row quantities of the backward: g (0 for an empty row), d(loss)/d(pos score).
+template <typename T>
+struct RowGrad {
+  std::vector<T> g, dpos, p_pos;
+};
+
+template <typename T>
+RowGrad<T> row_grad(const Ctx<T>& cx, const T* grad_loss, const T* lse) {
+  RowGrad<T> rg;
+  rg.g.resize(cx.B);
+  rg.dpos.resize(cx.B);
+  rg.p_pos.resize(cx.B);
+  for (int64_t b = 0; b < cx.B; ++b) {
+    const bool empty = !(lse[b] > neg_inf<T>());
+    const T g = empty ? T(0) : grad_loss[b];
+    const T pp = (cx.include_pos && !empty) ? std::exp(cx.alpha[b] * cx.spos[b] - lse[b]) : T(0);
+    rg.g[b] = g;
+    rg.p_pos[b] = pp;
+    rg.dpos[b] = g * cx.alpha[b] * (pp - T(1));
+  }
+  return rg;
+}
+
+// grad_user rows from the normalized-space gradient gu (+ the positive's term), and the
+// scale gradients.
+template <typename T>
+void finish_rows(const Ctx<T>& cx, const RowGrad<T>& rg, const T* gu_parts, int64_t nparts,
+                 const T* q_parts, T* grad_user, T* grad_alpha, T* grad_beta, bool need_scale) {
+  const int64_t B = cx.B, D = cx.D, Dp = cx.Dp;
+  at::parallel_for(0, B, 64, [&](int64_t b0, int64_t b1) {
+    std::vector<T> gu(Dp), ph(Dp);
+    for (int64_t b = b0; b < b1; ++b) {
+      std::copy(gu_parts + b * Dp, gu_parts + (b + 1) * Dp, gu.begin());
+      for (int64_t g = 1; g < nparts; ++g) {
+        const T* part = gu_parts + (g * B + b) * Dp;
+        for (int64_t i = 0; i < Dp; ++i) gu[i] += part[i];
+      }
+      const T dp = rg.dpos[b];
+      if (dp != T(0)) {
+        load_row(ph.data(), cx.items + int64_t(cx.pos[b]) * D, D, Dp, cx.normalize);
+        for (int64_t i = 0; i < D; ++i) gu[i] += dp * ph[i];
+      }
+      normalize_backward(grad_user + b * D, gu.data(), cx.uhat.get() + b * Dp, cx.unorm[b], D,
+                         cx.normalize);
+      if (need_scale) {
+        T q = T(0);
+        for (int64_t g = 0; g < nparts; ++g) q += q_parts[g * B + b];
+        grad_beta[b] = rg.g[b] * q;
+        grad_alpha[b] = rg.g[b] * cx.spos[b] * (rg.p_pos[b] - T(1));
+      } else {
+        grad_beta[b] = T(0);
+        grad_alpha[b] = T(0);
+      }
+    }
+  });
+}
+
+template <typename T, int NV>
+void per_row_backward(Ctx<T>& cx, const T* grad_loss, const T* lse, T* grad_user, T* grad_items,
+                      T* grad_alpha, T* grad_beta, bool need_scale) {
+  using Ops = RunOps<T, NV>;
+  using V = Vec<T>;
+  constexpr int W = V::W;
+  const int64_t B = cx.B, D = cx.D, Dp = cx.Dp, N = cx.N;
+  RowGrad<T> rg = row_grad(cx, grad_loss, lse);
+  RowPlan pl = build_row_plan(cx, tuning().bwd_chunk_bytes, true);
+  const int64_t G = pl.G, CI = pl.CI;
+  Buf<T> gu_parts = make_buf<T>(G * B * Dp);
+  std::vector<T> q_parts(G * B, T(0));
+
+  at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
+    Buf<T> buf = make_buf<T>(CI * Dp);
+    Buf<T> acc = make_buf<T>(CI * Dp);
+    std::vector<T> nrm(CI);
+    std::vector<int32_t> stamp(CI, -1);
+    alignas(64) int32_t li[kRunBlock];
+    alignas(64) T sc[kRunBlock];
+    alignas(64) T lg[kRunBlock + W];
+    alignas(64) T dd[kRunBlock + W];
+    for (int64_t g = g0; g < g1; ++g) {
+      T* gup = gu_parts.get() + g * B * Dp;
+      std::memset(gup, 0, sizeof(T) * B * Dp);
+      T* gq = q_parts.data() + g * B;
+      for (int64_t c = pl.gchunk[g]; c < pl.gchunk[g + 1]; ++c) {
+        const int64_t base = c << pl.shift;
+        const int64_t nloc = std::min(CI, N - base);
+        const int32_t* st = pl.startT.data() + c * (B + 1);
+        const int32_t* srt = pl.sorted.get();
+        auto touch = [&](int32_t r) {
+          if (stamp[r] != c) {
+            stamp[r] = static_cast<int32_t>(c);
+            nrm[r] = load_row(buf.get() + int64_t(r) * Dp, cx.items + (base + r) * D, D, Dp, cx.normalize);
+            std::memset(acc.get() + int64_t(r) * Dp, 0, sizeof(T) * Dp);
+          }
+        };
+        for (int64_t k = st[0]; k < st[B]; ++k) touch(srt[k] - static_cast<int32_t>(base));
+        for (int64_t j = pl.pstart[c]; j < pl.pstart[c + 1]; ++j)
+          touch(cx.pos[pl.prow[j]] - static_cast<int32_t>(base));
+
+        for (int64_t b = 0; b < B; ++b) {
+          int64_t k0 = st[b];
+          const int64_t k1 = st[b + 1];
+          if (k0 == k1 || rg.g[b] == T(0)) continue;
+          const T* u = cx.uhat.get() + b * Dp;
+          const T beta = cx.beta[b];
+          const T gb = rg.g[b] * beta;
+          const T l_b = lse[b];
+          const int32_t p = cx.pos[b];
+          T qsum = T(0);
+          for (; k0 < k1; k0 += kRunBlock) {
+            const int64_t n = std::min(kRunBlock, k1 - k0);
+            for (int64_t k = 0; k < n; ++k) li[k] = srt[k0 + k] - static_cast<int32_t>(base);
+            Ops::dots(u, buf.get(), li, n, Dp, sc);
+            const int64_t npad = round_up(n, W);
+            for (int64_t k = 0; k < n; ++k) {
+              const int32_t item = static_cast<int32_t>(base) + li[k];
+              const T q = cx.logq ? cx.logq[item] : T(0);
+              const bool drop = cx.remove_hits && item == p;
+              lg[k] = drop ? neg_inf<T>() : beta * sc[k] - q - l_b;
+            }
+            for (int64_t k = n; k < npad; ++k) lg[k] = neg_inf<T>();
+            const typename V::R vg = V::set1(gb);
+            for (int64_t k = 0; k < npad; k += W) {
+              const typename V::R pk = V::exp(V::load(lg + k));
+              V::store(lg + k, pk);
+              V::store(dd + k, V::mul(vg, pk));
+            }
+            if (need_scale)
+              for (int64_t k = 0; k < n; ++k) qsum += lg[k] * sc[k];
+            Ops::grads(u, buf.get(), acc.get(), li, dd, n, Dp, gup + b * Dp);
+          }
+          gq[b] += qsum;
+        }
+        for (int64_t j = pl.pstart[c]; j < pl.pstart[c + 1]; ++j) {
+          const int32_t b = pl.prow[j];
+          const T dp = rg.dpos[b];
+          if (dp == T(0)) continue;
+          T* a = acc.get() + int64_t(cx.pos[b] - base) * Dp;
+          const T* u = cx.uhat.get() + int64_t(b) * Dp;
+          for (int64_t i = 0; i < Dp; ++i) a[i] += dp * u[i];
+        }
+        for (int64_t r = 0; r < nloc; ++r) {
+          T* out = grad_items + (base + r) * D;
+          if (stamp[r] == c)
+            normalize_backward(out, acc.get() + r * Dp, buf.get() + r * Dp, nrm[r], D, cx.normalize);
+          else
+            std::memset(out, 0, sizeof(T) * D);
+        }
+      }
+    }
+  });
+  finish_rows(cx, rg, gu_parts.get(), G, q_parts.data(), grad_user, grad_alpha, grad_beta, need_scale);
+}
+
+// ============================================================ shared / in-batch modes
+template <typename T>
+struct Cands {
+  int64_t Mc = 0, Mp = 0;
+  std::vector<int32_t> idx;  // [Mc] item of each candidate
+  Buf<T> chat;               // [Mc][Dp] normalized candidate rows
+  Buf<T> ct;                 // [D][Mp] transposed, zero padded columns
+  std::vector<T> lq;         // [Mp] logq of each candidate (0 past Mc)
+  std::vector<T> cnorm;      // [Mc]
+};
+
+template <typename T>
+Cands<T> prepare_cands(const Ctx<T>& cx, const at::Tensor& neg) {
+  Cands<T> cd;
+  constexpr int W = Vec<T>::W;
+  cd.idx = cx.neg_mode == kNegShared ? indices_to_i32(neg, cx.N, "neg") : cx.pos;
+  cd.Mc = static_cast<int64_t>(cd.idx.size());
+  cd.Mp = round_up(cd.Mc, 2 * W);
+  const int64_t Mc = cd.Mc, Mp = cd.Mp, D = cx.D, Dp = cx.Dp;
+  cd.chat = make_buf<T>(Mc * Dp);
+  cd.ct = make_zero_buf<T>(D * Mp);
+  cd.lq.assign(Mp, T(0));
+  cd.cnorm.resize(Mc);
+  at::parallel_for(0, Mc, 64, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      T* row = cd.chat.get() + m * Dp;
+      cd.cnorm[m] = load_row(row, cx.items + int64_t(cd.idx[m]) * D, D, Dp, cx.normalize);
+      for (int64_t d = 0; d < D; ++d) cd.ct[d * Mp + m] = row[d];
+      if (cx.logq) cd.lq[m] = cx.logq[cd.idx[m]];
+    }
+  });
+  return cd;
+}
+
+// Logits of one tile row: lg[c] for columns [c0, c0+nc) of row b (padded with -inf to ncp).
+template <typename T>
+inline void tile_logits(const Ctx<T>& cx, const Cands<T>& cd, int64_t b, const T* s, int64_t c0,
+                        int64_t nc, T scale, bool with_logq, T shift, T* lg) {
+  const int32_t p = cx.pos[b];
+  const int64_t cend = std::min(nc, cd.Mc - c0);
+  for (int64_t c = 0; c < cend; ++c)
+    lg[c] = scale * s[c] - (with_logq ? cd.lq[c0 + c] : T(0)) - shift;
+  for (int64_t c = std::max<int64_t>(cend, 0); c < nc; ++c) lg[c] = neg_inf<T>();
+  if (cx.remove_hits)
+    for (int64_t c = 0; c < cend; ++c)
+      if (cd.idx[c0 + c] == p) lg[c] = neg_inf<T>();
+  if (cx.neg_mode == kNegInBatch && b >= c0 && b < c0 + cend) lg[b - c0] = neg_inf<T>();
+}
+
+template <typename T, int NV>
+void gemm_forward(Ctx<T>& cx, const at::Tensor& neg, T* loss, T* lse_out, T* raw, bool compute_raw) {
+  const Tuning& tu = tuning();
+  constexpr int W = Vec<T>::W;
+  Cands<T> cd = prepare_cands(cx, neg);
+  const int64_t B = cx.B, Dp = cx.Dp;
+  const int64_t RB = std::max<int64_t>(4, tu.row_block);
+  const int64_t CB = round_up(std::max<int64_t>(2 * W, tu.col_block), 2 * W);
+  const int64_t nblk = (B + RB - 1) / RB;
+  at::parallel_for(0, nblk, 1, [&](int64_t i0, int64_t i1) {
+    Buf<T> S = make_buf<T>(RB * CB);
+    std::vector<T> lg(CB), m(RB), s(RB), rm(RB), rs(RB);
+    for (int64_t blk = i0; blk < i1; ++blk) {
+      const int64_t r0 = blk * RB, nr = std::min(RB, B - r0);
+      std::fill(m.begin(), m.end(), neg_inf<T>());
+      std::fill(s.begin(), s.end(), T(0));
+      std::fill(rm.begin(), rm.end(), neg_inf<T>());
+      std::fill(rs.begin(), rs.end(), T(0));
+      for (int64_t c0 = 0; c0 < cd.Mp; c0 += CB) {
+        const int64_t nc = std::min(CB, cd.Mp - c0);
+        score_tile(cx.uhat.get() + r0 * Dp, Dp, nr, cd.ct.get() + c0, cd.Mp, nc, cx.D, S.get(), CB);
+        for (int64_t r = 0; r < nr; ++r) {
+          const int64_t b = r0 + r;
+          tile_logits(cx, cd, b, S.get() + r * CB, c0, nc, cx.beta[b], true, T(0), lg.data());
+          lse_update(lg.data(), nc, m[r], s[r]);
+          if (compute_raw) {
+            tile_logits(cx, cd, b, S.get() + r * CB, c0, nc, T(1), true, T(0), lg.data());
+            lse_update(lg.data(), nc, rm[r], rs[r]);
+          }
+        }
+      }
+      for (int64_t r = 0; r < nr; ++r) {
+        const int64_t b = r0 + r;
+        for (int pass = 0; pass < (compute_raw ? 2 : 1); ++pass) {
+          T mm = pass == 0 ? m[r] : rm[r];
+          T ss = pass == 0 ? s[r] : rs[r];
+          const T pl_logit = (pass == 0 ? cx.alpha[b] : T(1)) * cx.spos[b];
+          if (cx.include_pos) {
+            if (pl_logit > mm) {
+              ss = (mm == neg_inf<T>() ? T(0) : ss * std::exp(mm - pl_logit)) + T(1);
+              mm = pl_logit;
+            } else {
+              ss += std::exp(pl_logit - mm);
+            }
+          }
+          const T l = lse_finish(mm, ss);
+          const T out = (l == neg_inf<T>()) ? T(0) : l - pl_logit;
+          if (pass == 0) {
+            lse_out[b] = l;
+            loss[b] = out;
+          } else {
+            raw[b] = out;
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename T, int NV>
+void gemm_backward(Ctx<T>& cx, const at::Tensor& neg, const T* grad_loss, const T* lse,
+                   T* grad_user, T* grad_items, T* grad_alpha, T* grad_beta, bool need_scale) {
+  using Ops = RunOps<T, NV>;
+  using V = Vec<T>;
+  constexpr int W = V::W;
+  const Tuning& tu = tuning();
+  Cands<T> cd = prepare_cands(cx, neg);
+  RowGrad<T> rg = row_grad(cx, grad_loss, lse);
+  const int64_t B = cx.B, D = cx.D, Dp = cx.Dp, N = cx.N, Mc = cd.Mc;
+  const int64_t RB = std::max<int64_t>(4, tu.row_block);
+  const int64_t CB = round_up(std::max<int64_t>(2 * W, tu.col_block), 2 * W);
+  const int64_t nblk = (B + RB - 1) / RB;
+  const int64_t per = Mc * Dp * int64_t(sizeof(T));
+  int64_t G = std::min<int64_t>({tu.max_groups, nblk, std::max<int64_t>(1, tu.partial_bytes / per)});
+  G = std::max<int64_t>(G, 1);
+  Buf<T> gc_parts = make_buf<T>(G * Mc * Dp);
+  Buf<T> gu = make_zero_buf<T>(B * Dp);
+  std::vector<T> q(B, T(0));
+
+  at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
+    Buf<T> S = make_buf<T>(RB * CB);
+    Buf<T> dS = make_buf<T>(RB * CB);
+    Buf<T> dST = make_buf<T>(CB * RB);
+    for (int64_t g = g0; g < g1; ++g) {
+      T* gc = gc_parts.get() + g * Mc * Dp;
+      std::memset(gc, 0, sizeof(T) * Mc * Dp);
+      for (int64_t blk = nblk * g / G; blk < nblk * (g + 1) / G; ++blk) {
+        const int64_t r0 = blk * RB, nr = std::min(RB, B - r0);
+        for (int64_t c0 = 0; c0 < cd.Mp; c0 += CB) {
+          const int64_t nc = std::min(CB, cd.Mp - c0);
+          const int64_t ncv = std::min(nc, Mc - c0);  // valid columns
+          score_tile(cx.uhat.get() + r0 * Dp, Dp, nr, cd.ct.get() + c0, cd.Mp, nc, D, S.get(), CB);
+          for (int64_t r = 0; r < nr; ++r) {
+            const int64_t b = r0 + r;
+            T* d = dS.get() + r * CB;
+            if (rg.g[b] == T(0)) {
+              std::fill(d, d + nc, T(0));
+              continue;
+            }
+            const T* s = S.get() + r * CB;
+            tile_logits(cx, cd, b, s, c0, nc, cx.beta[b], true, lse[b], d);
+            const typename V::R vg = V::set1(rg.g[b] * cx.beta[b]);
+            T qs = T(0);
+            for (int64_t c = 0; c < nc; c += W) {
+              const typename V::R pk = V::exp(V::load(d + c));
+              if (need_scale) {
+                alignas(64) T tmp[W];
+                V::store(tmp, pk);
+                for (int i = 0; i < W; ++i) qs += tmp[i] * s[c + i];
+              }
+              V::store(d + c, V::mul(vg, pk));
+            }
+            q[b] += qs;
+            Ops::axpy_rows(gu.get() + b * Dp, d, cd.chat.get() + c0 * Dp, Dp, ncv, Dp);
+          }
+          for (int64_t r = 0; r < nr; ++r)
+            for (int64_t c = 0; c < ncv; ++c) dST[c * RB + r] = dS[r * CB + c];
+          for (int64_t c = 0; c < ncv; ++c)
+            Ops::axpy_rows(gc + (c0 + c) * Dp, dST.get() + c * RB, cx.uhat.get() + r0 * Dp, Dp, nr, Dp);
+        }
+      }
+    }
+  });
+
+  // Candidate gradients: merge the group partials (group order), scatter to items in
+  // candidate order, add the positives' terms in row order, then the normalization.
+  at::parallel_for(0, Mc, 64, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      T* dst = gc_parts.get() + m * Dp;
+      for (int64_t g = 1; g < G; ++g) {
+        const T* src = gc_parts.get() + (g * Mc + m) * Dp;
+        for (int64_t i = 0; i < Dp; ++i) dst[i] += src[i];
+      }
+    }
+  });
+  std::memset(grad_items, 0, sizeof(T) * N * D);
+  std::vector<int32_t> touched;
+  touched.reserve(Mc + B);
+  std::vector<uint8_t> seen(N, 0);
+  for (int64_t m = 0; m < Mc; ++m) {
+    const int32_t it = cd.idx[m];
+    T* out = grad_items + int64_t(it) * D;
+    const T* src = gc_parts.get() + m * Dp;
+    for (int64_t i = 0; i < D; ++i) out[i] += src[i];
+    if (!seen[it]) { seen[it] = 1; touched.push_back(it); }
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    const int32_t it = cx.pos[b];
+    const T dp = rg.dpos[b];
+    T* out = grad_items + int64_t(it) * D;
+    const T* u = cx.uhat.get() + b * Dp;
+    for (int64_t i = 0; i < D; ++i) out[i] += dp * u[i];
+    if (!seen[it]) { seen[it] = 1; touched.push_back(it); }
+  }
+  if (cx.normalize) {
+    at::parallel_for(0, static_cast<int64_t>(touched.size()), 64, [&](int64_t t0, int64_t t1) {
+      std::vector<T> xh(Dp), gg(Dp, T(0));
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t it = touched[t];
+        const T nrm = load_row(xh.data(), cx.items + it * D, D, Dp, true);
+        T* out = grad_items + it * D;
+        std::copy(out, out + D, gg.begin());
+        normalize_backward(out, gg.data(), xh.data(), nrm, D, true);
+      }
+    });
+  }
+  finish_rows(cx, rg, gu.get(), 1, q.data(), grad_user, grad_alpha, grad_beta, need_scale);
+}
+
+// ================================================================= dispatch and glue
+template <typename T>
+int64_t choose_nv(int64_t D) {
+  constexpr int W = Vec<T>::W;
+  const int64_t need = (D + W - 1) / W;
+  if (W == 1) return 0;
+  for (int64_t nv : {1, 2, 4, 8, 16})
+    if (need <= nv) return nv;
+  return 0;
+}
+
+template <typename T>
+int64_t padded_dim(int64_t D) {
+  constexpr int W = Vec<T>::W;
+  const int64_t nv = choose_nv<T>(D);
+  return nv > 0 ? nv * W : round_up(D, W);
+}
+
+template <typename T, typename F>
+void with_nv(int64_t D, F&& f) {
+  switch (choose_nv<T>(D)) {
+    case 1: f(std::integral_constant<int, 1>()); break;
+    case 2: f(std::integral_constant<int, 2>()); break;
+    case 4: f(std::integral_constant<int, 4>()); break;
+    case 8: f(std::integral_constant<int, 8>()); break;
+    case 16: f(std::integral_constant<int, 16>()); break;
+    default: f(std::integral_constant<int, 0>()); break;
+  }
+}
+
+struct Inputs {
+  at::Tensor user, items, pos, neg, alpha, beta, logq;
+  at::ScalarType in_dtype, acc_dtype;
+  int64_t B, N, D, M;
+};
+
+Inputs check_inputs(const at::Tensor& user, const at::Tensor& items, const at::Tensor& pos,
+                    const at::Tensor& neg, const at::Tensor& pos_scale, const at::Tensor& neg_scale,
+                    const std::optional<at::Tensor>& neg_logq, int64_t neg_mode) {
+  TORCH_CHECK(user.device().is_cpu() && items.device().is_cpu() && pos.device().is_cpu() &&
+                  neg.device().is_cpu() && pos_scale.device().is_cpu() && neg_scale.device().is_cpu(),
+              "adaptau cpu: every tensor must be on the CPU");
+  TORCH_CHECK(user.dim() == 2 && items.dim() == 2, "adaptau cpu: user and items must be 2-D, got ",
+              user.sizes(), " and ", items.sizes());
+  TORCH_CHECK(user.scalar_type() == items.scalar_type(), "adaptau cpu: user is ", user.scalar_type(),
+              " but items is ", items.scalar_type());
+  const auto dt = user.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
+              "adaptau cpu: user/items must be float16, bfloat16, float32 or float64, got ", dt);
+  Inputs in;
+  in.in_dtype = dt;
+  in.acc_dtype = dt == at::kDouble ? at::kDouble : at::kFloat;
+  in.B = user.size(0);
+  in.D = user.size(1);
+  in.N = items.size(0);
+  TORCH_CHECK(in.B >= 1 && in.D >= 1 && in.N >= 1 && items.size(1) == in.D,
+              "adaptau cpu: need user [B>=1, D>=1] and items [N>=1, D], got ", user.sizes(), " and ",
+              items.sizes());
+  TORCH_CHECK(in.N < (int64_t(1) << 31) - 1, "adaptau cpu: the item table has too many rows for int32 indexing");
+  TORCH_CHECK(pos.dim() == 1 && pos.size(0) == in.B, "adaptau cpu: pos must be [B=", in.B, "], got ", pos.sizes());
+  TORCH_CHECK(pos.scalar_type() == at::kLong || pos.scalar_type() == at::kInt,
+              "adaptau cpu: pos must be int32 or int64, got ", pos.scalar_type());
+  TORCH_CHECK(neg.scalar_type() == at::kLong || neg.scalar_type() == at::kInt,
+              "adaptau cpu: neg must be int32 or int64, got ", neg.scalar_type());
+  if (neg_mode == kNegPerRow) {
+    TORCH_CHECK(neg.dim() == 2 && neg.size(0) == in.B && neg.size(1) >= 1,
+                "adaptau cpu: per-row neg must be [B=", in.B, ", M>=1], got ", neg.sizes());
+    in.M = neg.size(1);
+    TORCH_CHECK(in.B * in.M < (int64_t(1) << 31) - 1,
+                "adaptau cpu: B*M = ", in.B * in.M, " pairs is too many for one call; split the batch");
+  } else if (neg_mode == kNegShared) {
+    TORCH_CHECK(neg.dim() == 1 && neg.size(0) >= 1, "adaptau cpu: shared neg must be [M>=1], got ", neg.sizes());
+    in.M = neg.size(0);
+  } else if (neg_mode == kNegInBatch) {
+    TORCH_CHECK(in.B >= 2, "adaptau cpu: in-batch negatives need B >= 2");
+    in.M = in.B - 1;
+  } else {
+    TORCH_CHECK(false, "adaptau cpu: unknown neg_mode ", neg_mode);
+  }
+  TORCH_CHECK(pos_scale.dim() == 1 && pos_scale.size(0) == in.B && neg_scale.dim() == 1 &&
+                  neg_scale.size(0) == in.B,
+              "adaptau cpu: pos_scale and neg_scale must be [B=", in.B, "], got ", pos_scale.sizes(),
+              " and ", neg_scale.sizes());
+  TORCH_CHECK(pos_scale.is_floating_point() && neg_scale.is_floating_point(),
+              "adaptau cpu: scales must be floating tensors");
+  in.user = user.to(in.acc_dtype).contiguous();
+  in.items = items.to(in.acc_dtype).contiguous();
+  in.pos = pos.contiguous();
+  in.neg = neg.contiguous();
+  in.alpha = pos_scale.to(in.acc_dtype).contiguous();
+  in.beta = neg_scale.to(in.acc_dtype).contiguous();
+  if (neg_logq.has_value() && neg_logq->defined()) {
+    const at::Tensor& lq = *neg_logq;
+    TORCH_CHECK(lq.device().is_cpu() && lq.dim() == 1 && lq.size(0) == in.N && lq.is_floating_point(),
+                "adaptau cpu: neg_logq must be a floating [N=", in.N, "] CPU tensor, got ", lq.sizes());
+    in.logq = lq.to(in.acc_dtype).contiguous();
+  }
+  return in;
+}
+
+template <typename T>
+Ctx<T> make_ctx(const Inputs& in, int64_t neg_mode, bool include_pos, bool normalize, bool remove_hits) {
+  Ctx<T> cx;
+  cx.B = in.B;
+  cx.N = in.N;
+  cx.D = in.D;
+  cx.M = in.M;
+  cx.Dp = padded_dim<T>(in.D);
+  cx.neg_mode = neg_mode;
+  cx.include_pos = include_pos;
+  cx.normalize = normalize;
+  cx.remove_hits = remove_hits;
+  cx.user = in.user.data_ptr<T>();
+  cx.items = in.items.data_ptr<T>();
+  cx.alpha = in.alpha.data_ptr<T>();
+  cx.beta = in.beta.data_ptr<T>();
+  cx.logq = in.logq.defined() ? in.logq.data_ptr<T>() : nullptr;
+  cx.neg = in.neg.data_ptr();
+  cx.neg_is_int64 = in.neg.scalar_type() == at::kLong;
+  cx.pos = indices_to_i32(in.pos, in.N, "pos");
+  prepare_rows(cx);
+  return cx;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cpu(
+    const at::Tensor& user, const at::Tensor& items, const at::Tensor& pos, const at::Tensor& neg,
+    const at::Tensor& pos_scale, const at::Tensor& neg_scale, const std::optional<at::Tensor>& neg_logq,
+    int64_t neg_mode, bool include_pos, bool normalize, bool remove_hits, bool compute_raw) {
+  Inputs in = check_inputs(user, items, pos, neg, pos_scale, neg_scale, neg_logq, neg_mode);
+  auto opts = in.user.options();
+  at::Tensor loss = at::empty({in.B}, opts);
+  at::Tensor lse = at::empty({in.B}, opts);
+  at::Tensor raw = at::empty({compute_raw ? in.B : 0}, opts);
+  AT_DISPATCH_FLOATING_TYPES(in.user.scalar_type(), "adaptau_fused_forward_cpu", [&] {
+    using T = scalar_t;
+    Ctx<T> cx = make_ctx<T>(in, neg_mode, include_pos, normalize, remove_hits);
+    T* rawp = compute_raw ? raw.data_ptr<T>() : nullptr;
+    with_nv<T>(in.D, [&](auto nvc) {
+      constexpr int NV = decltype(nvc)::value;
+      if (neg_mode == kNegPerRow)
+        per_row_forward<T, NV>(cx, loss.data_ptr<T>(), lse.data_ptr<T>(), rawp, compute_raw);
+      else
+        gemm_forward<T, NV>(cx, in.neg, loss.data_ptr<T>(), lse.data_ptr<T>(), rawp, compute_raw);
+    });
+  });
+  return {loss, lse, raw};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& user, const at::Tensor& items, const at::Tensor& pos,
+    const at::Tensor& neg, const at::Tensor& pos_scale, const at::Tensor& neg_scale,
+    const std::optional<at::Tensor>& neg_logq, const at::Tensor& lse, int64_t neg_mode, bool include_pos,
+    bool normalize, bool remove_hits, bool need_scale_grads) {
+  Inputs in = check_inputs(user, items, pos, neg, pos_scale, neg_scale, neg_logq, neg_mode);
+  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == in.B && lse.dim() == 1 && lse.size(0) == in.B,
+              "adaptau cpu: grad_loss and lse must be [B=", in.B, "], got ", grad_loss.sizes(), " and ",
+              lse.sizes());
+  at::Tensor gl = grad_loss.to(in.acc_dtype).contiguous();
+  at::Tensor ls = lse.to(in.acc_dtype).contiguous();
+  auto opts = in.user.options();
+  at::Tensor grad_user = at::empty({in.B, in.D}, opts);
+  at::Tensor grad_items = at::empty({in.N, in.D}, opts);
+  at::Tensor grad_alpha = at::empty({in.B}, opts);
+  at::Tensor grad_beta = at::empty({in.B}, opts);
+  AT_DISPATCH_FLOATING_TYPES(in.user.scalar_type(), "adaptau_fused_backward_cpu", [&] {
+    using T = scalar_t;
+    Ctx<T> cx = make_ctx<T>(in, neg_mode, include_pos, normalize, remove_hits);
+    with_nv<T>(in.D, [&](auto nvc) {
+      constexpr int NV = decltype(nvc)::value;
+      if (neg_mode == kNegPerRow)
+        per_row_backward<T, NV>(cx, gl.data_ptr<T>(), ls.data_ptr<T>(), grad_user.data_ptr<T>(),
+                                grad_items.data_ptr<T>(), grad_alpha.data_ptr<T>(), grad_beta.data_ptr<T>(),
+                                need_scale_grads);
+      else
+        gemm_backward<T, NV>(cx, in.neg, gl.data_ptr<T>(), ls.data_ptr<T>(), grad_user.data_ptr<T>(),
+                             grad_items.data_ptr<T>(), grad_alpha.data_ptr<T>(), grad_beta.data_ptr<T>(),
+                             need_scale_grads);
+    });
+  });
+  if (in.in_dtype != in.acc_dtype) {
+    grad_user = grad_user.to(in.in_dtype);
+    grad_items = grad_items.to(in.in_dtype);
+  }
+  return {grad_user, grad_items, grad_alpha, grad_beta};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace adaptau
+
+TORCH_LIBRARY_IMPL(adaptau, CPU, m) {
+  m.impl("fused_forward", &adaptau::cpu::fused_forward_cpu);
+  m.impl("fused_backward", &adaptau::cpu::fused_backward_cpu);
+}
