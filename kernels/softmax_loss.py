@@ -688,7 +688,5 @@ def backward(grad_loss: Tensor, user: Tensor, items: Tensor, pos: Tensor, neg: T
             _item_finalize_kernel[(triton.cdiv(num_items, block_r),)](
                 gi, items, ri, grad_items, num_items, dim, NORMALIZE=bool(normalize),
                 BLOCK_R=block_r, BLOCK_D=block_d, ACC=tl_acc)
-    if not need_scale_grads:
-        galpha.zero_()
-        gbeta.zero_()
+    # need_scale_grads: the scale gradients cost nothing extra, so they are always computed
     return grad_user, grad_items, galpha, gbeta
