@@ -41,6 +41,10 @@
 
 #include "cpu_simd.h"
 
+#include <chrono>
+#include <cstdio>
+#include <ctime>
+
 namespace adaptau {
 namespace cpu {
 namespace {
@@ -68,7 +72,7 @@ struct Tuning {
 const Tuning& tuning() {
   static const Tuning t{
       env_int("ADAPTAU_CPU_FWD_CHUNK_BYTES", 128 << 10),
-      env_int("ADAPTAU_CPU_BWD_CHUNK_BYTES", 128 << 10),
+      env_int("ADAPTAU_CPU_BWD_CHUNK_BYTES", 256 << 10),
       env_int("ADAPTAU_CPU_GROUPS", 8),
       env_int("ADAPTAU_CPU_PARTIAL_BYTES", 32 << 20),
       env_int("ADAPTAU_CPU_ROW_BLOCK", 64),
@@ -76,6 +80,25 @@ const Tuning& tuning() {
   };
   return t;
 }
+
+// ADAPTAU_CPU_PROFILE=1 prints the time of each phase to stderr.
+struct PhaseTimer {
+  bool on;
+  std::chrono::steady_clock::time_point t;
+  std::clock_t c;
+  PhaseTimer()
+      : on(env_int("ADAPTAU_CPU_PROFILE", 0) > 0), t(std::chrono::steady_clock::now()), c(std::clock()) {}
+  void mark(const char* what) {
+    if (!on) return;
+    auto now = std::chrono::steady_clock::now();
+    std::clock_t cn = std::clock();
+    std::fprintf(stderr, "[adaptau cpu] %-16s wall %8.3f ms  cpu %8.3f ms\n", what,
+                 std::chrono::duration<double, std::milli>(now - t).count(),
+                 1000.0 * double(cn - c) / CLOCKS_PER_SEC);
+    t = now;
+    c = cn;
+  }
+};
 
 template <typename T>
 using Buf = std::unique_ptr<T[]>;
@@ -259,6 +282,51 @@ struct RunOps {
     }
   }
 
+  // gu[0:Dp] += sum_k coef[k] * rows[idx[k]*ld].
+  static inline void gather_axpy(T* __restrict__ gu, const T* __restrict__ rows, int64_t ld,
+                                 const int32_t* __restrict__ idx, const T* __restrict__ coef,
+                                 int64_t n) {
+    if constexpr (NV > 0 && NV <= 8) {
+      R g[NV];
+      for (int v = 0; v < NV; ++v) g[v] = V::load(gu + v * W);
+      for (int64_t k = 0; k < n; ++k) {
+        const R c = V::set1(coef[k]);
+        const T* r = rows + int64_t(idx[k]) * ld;
+        for (int v = 0; v < NV; ++v) g[v] = V::fma(c, V::load(r + v * W), g[v]);
+      }
+      for (int v = 0; v < NV; ++v) V::store(gu + v * W, g[v]);
+    } else {
+      const int64_t nv = ld / W;
+      for (int64_t k = 0; k < n; ++k) {
+        const R c = V::set1(coef[k]);
+        const T* r = rows + int64_t(idx[k]) * ld;
+        for (int64_t v = 0; v < nv; ++v) V::store(gu + v * W, V::fma(c, V::load(r + v * W), V::load(gu + v * W)));
+      }
+    }
+  }
+
+  // acc[(idx[k]-base)*ld : +ld] += coef[k] * u   (u padded to ld).
+  static inline void scatter_axpy(const T* __restrict__ u, T* __restrict__ acc, int64_t base,
+                                  const int32_t* __restrict__ idx, const T* __restrict__ coef,
+                                  int64_t n, int64_t ld) {
+    if constexpr (NV > 0 && NV <= 8) {
+      R uu[NV];
+      for (int v = 0; v < NV; ++v) uu[v] = V::load(u + v * W);
+      for (int64_t k = 0; k < n; ++k) {
+        const R c = V::set1(coef[k]);
+        T* a = acc + (int64_t(idx[k]) - base) * ld;
+        for (int v = 0; v < NV; ++v) V::store(a + v * W, V::fma(c, uu[v], V::load(a + v * W)));
+      }
+    } else {
+      const int64_t nv = ld / W;
+      for (int64_t k = 0; k < n; ++k) {
+        const R c = V::set1(coef[k]);
+        T* a = acc + (int64_t(idx[k]) - base) * ld;
+        for (int64_t v = 0; v < nv; ++v) V::store(a + v * W, V::fma(c, V::load(u + v * W), V::load(a + v * W)));
+      }
+    }
+  }
+
   // out += sum_k coef[k] * rows[k*stride]  (k < n), out padded to Dp.
   static inline void axpy_rows(T* __restrict__ out, const T* __restrict__ coef,
                                const T* __restrict__ rows, int64_t stride, int64_t n, int64_t Dp) {
@@ -387,228 +455,128 @@ void prepare_rows(Ctx<T>& cx) {
 }
 
 // ======================================================================= per-row mode
-struct RowPlan {
-  int shift = 0;
-  int64_t CI = 0, C = 0, G = 1;
-  std::vector<int32_t> startT;  // [C][B+1]: pairs of (chunk c, row b) are sorted[startT[c][b] : startT[c][b+1]]
-  Buf<int32_t> sorted;          // [B*M] item indices, ordered by (chunk, row, m)
-  std::vector<int64_t> gchunk;  // [G+1] chunk range of each group
-  std::vector<int32_t> pstart;  // [C+1] positives by chunk: rows prow[pstart[c] : pstart[c+1]]
-  std::vector<int32_t> prow;    // [B]
+// Item rows as the kernels read them: Dp elements per row (the caller's table itself when
+// D == Dp, else a zero-padded copy), and inv[i] = 1/max(||row_i||, eps) when normalizing.
+// Scores are <û, x_i>·inv[i]: no normalized copy of the table is made.
+template <typename T>
+struct Table {
+  const T* rows = nullptr;
+  Buf<T> copy;
+  std::vector<T> inv;  // [N], empty when !normalize
 };
 
-template <typename I>
-bool count_pass(const I* neg, int64_t B, int64_t M, int64_t N, int shift, int64_t C, int32_t* cnt) {
-  std::atomic<bool> any_bad{false};
-  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
-    bool ok = true;
-    for (int64_t b = b0; b < b1; ++b) {
-      int32_t* cr = cnt + b * C;
-      std::fill(cr, cr + C, 0);
-      const I* nb = neg + b * M;
-      for (int64_t m = 0; m < M; ++m) {
-        const I v = nb[m];
-        const bool in = (v >= 0) & (v < N);
-        ok &= in;
-        cr[in ? (static_cast<int64_t>(v) >> shift) : 0]++;
-      }
-    }
-    if (!ok) any_bad.store(true);
-  });
-  return !any_bad.load();
-}
-
-template <typename I>
-void scatter_pass(const I* neg, int64_t B, int64_t M, int shift, int64_t C,
-                  const int32_t* startT, int32_t* sorted) {
-  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
-    std::vector<int32_t> cur(C);
-    for (int64_t b = b0; b < b1; ++b) {
-      for (int64_t c = 0; c < C; ++c) cur[c] = startT[c * (B + 1) + b];
-      const I* nb = neg + b * M;
-      for (int64_t m = 0; m < M; ++m) {
-        const int32_t v = static_cast<int32_t>(nb[m]);
-        sorted[cur[v >> shift]++] = v;
-      }
-    }
-  });
-}
-
 template <typename T>
-RowPlan build_row_plan(const Ctx<T>& cx, int64_t chunk_bytes, bool for_backward) {
-  const Tuning& tu = tuning();
-  const int64_t B = cx.B, M = cx.M, N = cx.N;
-  RowPlan pl;
-  const int64_t row_bytes = cx.Dp * int64_t(sizeof(T));
-  int shift = 4;
-  while (shift < 30 && (int64_t(2) << shift) * row_bytes <= chunk_bytes) ++shift;
-  // Cap the (chunk, row) bookkeeping at ~2^21 entries.
-  while (shift < 31 && (((N - 1) >> shift) + 1) * (B + 1) > (int64_t(1) << 21)) ++shift;
-  pl.shift = shift;
-  pl.CI = int64_t(1) << shift;
-  pl.C = ((N - 1) >> shift) + 1;
-  const int64_t C = pl.C;
-
-  std::vector<int32_t> cnt(B * C);
-  const bool ok = cx.neg_is_int64
-                      ? count_pass(static_cast<const int64_t*>(cx.neg), B, M, N, shift, C, cnt.data())
-                      : count_pass(static_cast<const int32_t*>(cx.neg), B, M, N, shift, C, cnt.data());
-  TORCH_CHECK(ok, "adaptau cpu: an index in neg is outside [0, ", N, ")");
-
-  // Chunk totals, then the (chunk, row) start offsets in chunk-major order.
-  std::vector<int64_t> tot(C, 0);
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t c = 0; c < C; ++c) tot[c] += cnt[b * C + c];
-  std::vector<int64_t> cstart(C + 1, 0);
-  for (int64_t c = 0; c < C; ++c) cstart[c + 1] = cstart[c] + tot[c];
-  pl.startT.resize(C * (B + 1));
-  at::parallel_for(0, C, 8, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      int64_t run = cstart[c];
-      int32_t* st = pl.startT.data() + c * (B + 1);
-      for (int64_t b = 0; b < B; ++b) {
-        st[b] = static_cast<int32_t>(run);
-        run += cnt[b * C + c];
+Table<T> make_table(const Ctx<T>& cx) {
+  Table<T> tb;
+  const int64_t N = cx.N, D = cx.D, Dp = cx.Dp;
+  if (D == Dp) {
+    tb.rows = cx.items;
+  } else {
+    tb.copy = make_buf<T>(N * Dp);
+    tb.rows = tb.copy.get();
+  }
+  if (cx.normalize) tb.inv.resize(N);
+  if (D != Dp || cx.normalize) {
+    at::parallel_for(0, N, 2048, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const T* x = cx.items + i * D;
+        if (D != Dp) scale_pad(tb.copy.get() + i * Dp, x, T(1), D, Dp);
+        if (cx.normalize) tb.inv[i] = T(1) / std::max(std::sqrt(dot_plain(x, x, D)), norm_eps<T>());
       }
-      st[B] = static_cast<int32_t>(run);
-    }
-  });
-  pl.sorted = make_buf<int32_t>(B * M);
-  if (cx.neg_is_int64)
-    scatter_pass(static_cast<const int64_t*>(cx.neg), B, M, shift, C, pl.startT.data(), pl.sorted.get());
-  else
-    scatter_pass(static_cast<const int32_t*>(cx.neg), B, M, shift, C, pl.startT.data(), pl.sorted.get());
-
-  // Groups: contiguous chunk ranges with about the same number of pairs. G depends on
-  // the problem only (not on the thread count), so results do not either.
-  int64_t G = std::min<int64_t>(tu.max_groups, C);
-  if (for_backward) {
-    const int64_t per = B * cx.Dp * int64_t(sizeof(T));
-    G = std::min<int64_t>(G, std::max<int64_t>(1, tu.partial_bytes / std::max<int64_t>(per, 1)));
+    });
   }
-  G = std::max<int64_t>(G, 1);
-  pl.G = G;
-  pl.gchunk.assign(G + 1, C);
-  pl.gchunk[0] = 0;
-  const int64_t P = B * M;
-  int64_t c = 0;
-  for (int64_t g = 1; g < G; ++g) {
-    const int64_t target = P * g / G;
-    while (c < C && cstart[c] < target) ++c;
-    pl.gchunk[g] = std::max(c, pl.gchunk[g - 1]);
-  }
-  // Positives by chunk (stable in b).
-  pl.pstart.assign(C + 1, 0);
-  for (int64_t b = 0; b < B; ++b) pl.pstart[(cx.pos[b] >> shift) + 1]++;
-  for (int64_t cc = 0; cc < C; ++cc) pl.pstart[cc + 1] += pl.pstart[cc];
-  pl.prow.resize(B);
-  std::vector<int32_t> pcur(pl.pstart.begin(), pl.pstart.end() - 1);
-  for (int64_t b = 0; b < B; ++b) pl.prow[pcur[cx.pos[b] >> shift]++] = static_cast<int32_t>(b);
-  return pl;
+  return tb;
 }
 
-constexpr int64_t kRunBlock = 256;  // pairs of one run processed at a time
+// li[k] = neg[off + k] (k < n) as int32; false if one is outside [0, N) (replaced by 0).
+inline bool load_idx(const void* neg, bool is64, int64_t off, int64_t n, int64_t N, int32_t* li) {
+  bool ok = true;
+  if (is64) {
+    const int64_t* p = static_cast<const int64_t*>(neg) + off;
+    for (int64_t k = 0; k < n; ++k) {
+      const int64_t v = p[k];
+      const bool in = (v >= 0) & (v < N);
+      ok &= in;
+      li[k] = in ? static_cast<int32_t>(v) : 0;
+    }
+  } else {
+    const int32_t* p = static_cast<const int32_t*>(neg) + off;
+    for (int64_t k = 0; k < n; ++k) {
+      const int32_t v = p[k];
+      const bool in = (v >= 0) & (v < N);
+      ok &= in;
+      li[k] = in ? v : 0;
+    }
+  }
+  return ok;
+}
 
+// lse and loss of a row from its negatives' (m, s) and the positive logit.
+template <typename T>
+inline void finish_row(bool include_pos, T m, T s, T pos_logit, T& lse, T& loss) {
+  if (include_pos) {
+    if (pos_logit > m) {
+      s = (m == neg_inf<T>() ? T(0) : s * std::exp(m - pos_logit)) + T(1);
+      m = pos_logit;
+    } else {
+      s += std::exp(pos_logit - m);
+    }
+  }
+  lse = lse_finish(m, s);
+  loss = (lse == neg_inf<T>()) ? T(0) : lse - pos_logit;
+}
+
+constexpr int64_t kBlock = 256;  // negatives of one row processed at a time
+
+// Forward: one pass over rows (parallel); each row's user vector stays in registers
+// while its M item rows are gathered (the table is L3-resident at the paper's sizes).
 template <typename T, int NV>
 void per_row_forward(Ctx<T>& cx, T* loss, T* lse_out, T* raw, bool compute_raw) {
   using Ops = RunOps<T, NV>;
   constexpr int W = Vec<T>::W;
-  const int64_t B = cx.B, D = cx.D, Dp = cx.Dp, N = cx.N;
-  RowPlan pl = build_row_plan(cx, tuning().fwd_chunk_bytes, false);
-  const int64_t G = pl.G, CI = pl.CI;
-  std::vector<T> pm(G * B, neg_inf<T>()), ps(G * B, T(0));
-  std::vector<T> rm(compute_raw ? G * B : 0, neg_inf<T>()), rs(compute_raw ? G * B : 0, T(0));
-
-  at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
-    Buf<T> buf = make_buf<T>(CI * Dp);
-    std::vector<int32_t> stamp(CI, -1);
-    alignas(64) int32_t li[kRunBlock];
-    alignas(64) T sc[kRunBlock];
-    alignas(64) T lg[kRunBlock + W];
-    alignas(64) T lr[kRunBlock + W];
-    for (int64_t g = g0; g < g1; ++g) {
-      T* gm = pm.data() + g * B;
-      T* gs = ps.data() + g * B;
-      T* grm = compute_raw ? rm.data() + g * B : nullptr;
-      T* grs = compute_raw ? rs.data() + g * B : nullptr;
-      for (int64_t c = pl.gchunk[g]; c < pl.gchunk[g + 1]; ++c) {
-        const int64_t base = c << pl.shift;
-        const int32_t* st = pl.startT.data() + c * (B + 1);
-        const int32_t* srt = pl.sorted.get();
-        for (int64_t k = st[0]; k < st[B]; ++k) {
-          const int32_t r = srt[k] - static_cast<int32_t>(base);
-          if (stamp[r] != c) {
-            stamp[r] = static_cast<int32_t>(c);
-            load_row(buf.get() + int64_t(r) * Dp, cx.items + (base + r) * D, D, Dp, cx.normalize);
-          }
-        }
-        for (int64_t b = 0; b < B; ++b) {
-          int64_t k0 = st[b];
-          const int64_t k1 = st[b + 1];
-          if (k0 == k1) continue;
-          const T* u = cx.uhat.get() + b * Dp;
-          const T beta = cx.beta[b];
-          const int32_t p = cx.pos[b];
-          for (; k0 < k1; k0 += kRunBlock) {
-            const int64_t n = std::min(kRunBlock, k1 - k0);
-            for (int64_t k = 0; k < n; ++k) li[k] = srt[k0 + k] - static_cast<int32_t>(base);
-            Ops::dots(u, buf.get(), li, n, Dp, sc);
-            const int64_t npad = round_up(n, W);
-            for (int64_t k = 0; k < n; ++k) {
-              const int32_t item = static_cast<int32_t>(base) + li[k];
-              const T q = cx.logq ? cx.logq[item] : T(0);
-              const bool drop = cx.remove_hits && item == p;
-              lg[k] = drop ? neg_inf<T>() : beta * sc[k] - q;
-              if (compute_raw) lr[k] = drop ? neg_inf<T>() : sc[k] - q;
-            }
-            for (int64_t k = n; k < npad; ++k) lg[k] = lr[k] = neg_inf<T>();
-            lse_update(lg, npad, gm[b], gs[b]);
-            if (compute_raw) lse_update(lr, npad, grm[b], grs[b]);
-          }
-        }
-      }
-    }
-  });
-
-  // Merge the group partials per row in group order.
-  at::parallel_for(0, B, 256, [&](int64_t b0, int64_t b1) {
+  const int64_t B = cx.B, M = cx.M, Dp = cx.Dp, N = cx.N;
+  PhaseTimer pt;
+  Table<T> tb = make_table(cx);
+  pt.mark("fwd table");
+  std::atomic<bool> bad{false};
+  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+    alignas(64) int32_t li[kBlock];
+    alignas(64) T sc[kBlock];
+    alignas(64) T lg[kBlock + W];
+    alignas(64) T lr[kBlock + W];
+    bool ok = true;
     for (int64_t b = b0; b < b1; ++b) {
-      for (int pass = 0; pass < (compute_raw ? 2 : 1); ++pass) {
-        const T* m_ = pass == 0 ? pm.data() : rm.data();
-        const T* s_ = pass == 0 ? ps.data() : rs.data();
-        const T a = pass == 0 ? cx.alpha[b] : T(1);
-        T m = neg_inf<T>(), s = T(0);
-        for (int64_t g = 0; g < G; ++g) {
-          const T gm = m_[g * B + b], gs = s_[g * B + b];
-          if (gm == neg_inf<T>()) continue;
-          if (gm > m) {
-            s = (m == neg_inf<T>() ? T(0) : s * std::exp(m - gm)) + gs;
-            m = gm;
-          } else {
-            s += gs * std::exp(gm - m);
-          }
+      const T* u = cx.uhat.get() + b * Dp;
+      const T beta = cx.beta[b];
+      const int32_t p = cx.pos[b];
+      T m = neg_inf<T>(), s = T(0), rm = neg_inf<T>(), rs = T(0);
+      for (int64_t m0 = 0; m0 < M; m0 += kBlock) {
+        const int64_t n = std::min(kBlock, M - m0);
+        ok &= load_idx(cx.neg, cx.neg_is_int64, b * M + m0, n, N, li);
+        Ops::dots(u, tb.rows, li, n, Dp, sc);
+        const int64_t npad = round_up(n, W);
+        for (int64_t k = 0; k < n; ++k) {
+          const int32_t item = li[k];
+          const T sv = cx.normalize ? sc[k] * tb.inv[item] : sc[k];
+          const T q = cx.logq ? cx.logq[item] : T(0);
+          const bool drop = cx.remove_hits && item == p;
+          lg[k] = drop ? neg_inf<T>() : beta * sv - q;
+          lr[k] = drop ? neg_inf<T>() : sv - q;
         }
-        const T pl_logit = a * cx.spos[b];
-        if (cx.include_pos) {
-          if (pl_logit > m) {
-            s = (m == neg_inf<T>() ? T(0) : s * std::exp(m - pl_logit)) + T(1);
-            m = pl_logit;
-          } else {
-            s += std::exp(pl_logit - m);
-          }
-        }
-        const T l = lse_finish(m, s);
-        const T out = (l == neg_inf<T>()) ? T(0) : l - pl_logit;
-        if (pass == 0) {
-          lse_out[b] = l;
-          loss[b] = out;
-        } else {
-          raw[b] = out;
-        }
+        for (int64_t k = n; k < npad; ++k) lg[k] = lr[k] = neg_inf<T>();
+        lse_update(lg, npad, m, s);
+        if (compute_raw) lse_update(lr, npad, rm, rs);
+      }
+      finish_row(cx.include_pos, m, s, cx.alpha[b] * cx.spos[b], lse_out[b], loss[b]);
+      if (compute_raw) {
+        T unused;
+        finish_row(cx.include_pos, rm, rs, cx.spos[b], unused, raw[b]);
       }
     }
+    if (!ok) bad.store(true);
   });
-  (void)N;
+  TORCH_CHECK(!bad.load(), "adaptau cpu: an index in neg is outside [0, ", N, ")");
+  pt.mark("fwd rows");
 }
 
 // Per-row quantities of the backward: g (0 for an empty row), d(loss)/d(pos score).
@@ -668,71 +636,129 @@ void finish_rows(const Ctx<T>& cx, const RowGrad<T>& rg, const T* gu_parts, int6
   });
 }
 
+// Backward, per block of rows (all rows at the paper's sizes):
+//  1. count each row's pairs per item chunk, prefix-sum into (chunk, row) slots;
+//  2. row pass (parallel over rows): recompute scores, P = exp(logit - lse),
+//     d = g·β·P; the user gradient Σ d·î (row-owned, no conflicts) and Σ P·ŝ; scatter
+//     (item, d) into the chunk-sorted slots;
+//  3. chunk pass (parallel over chunks): the thread owning a chunk adds d·û_b to the
+//     chunk's item-gradient rows in (row, m) order, adds the positives' terms, and on
+//     the last block applies the normalization's Jacobian.
+// Every sum has a fixed order, whatever the number of threads.
 template <typename T, int NV>
 void per_row_backward(Ctx<T>& cx, const T* grad_loss, const T* lse, T* grad_user, T* grad_items,
                       T* grad_alpha, T* grad_beta, bool need_scale) {
   using Ops = RunOps<T, NV>;
   using V = Vec<T>;
   constexpr int W = V::W;
-  const int64_t B = cx.B, D = cx.D, Dp = cx.Dp, N = cx.N;
+  const int64_t B = cx.B, M = cx.M, D = cx.D, Dp = cx.Dp, N = cx.N;
+  PhaseTimer pt;
+  Table<T> tb = make_table(cx);
   RowGrad<T> rg = row_grad(cx, grad_loss, lse);
-  RowPlan pl = build_row_plan(cx, tuning().bwd_chunk_bytes, true);
-  const int64_t G = pl.G, CI = pl.CI;
-  Buf<T> gu_parts = make_buf<T>(G * B * Dp);
-  std::vector<T> q_parts(G * B, T(0));
+  pt.mark("bwd table");
 
-  at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
-    Buf<T> buf = make_buf<T>(CI * Dp);
-    Buf<T> acc = make_buf<T>(CI * Dp);
-    std::vector<T> nrm(CI);
-    std::vector<int32_t> stamp(CI, -1);
-    alignas(64) int32_t li[kRunBlock];
-    alignas(64) T sc[kRunBlock];
-    alignas(64) T lg[kRunBlock + W];
-    alignas(64) T dd[kRunBlock + W];
-    for (int64_t g = g0; g < g1; ++g) {
-      T* gup = gu_parts.get() + g * B * Dp;
-      std::memset(gup, 0, sizeof(T) * B * Dp);
-      T* gq = q_parts.data() + g * B;
-      for (int64_t c = pl.gchunk[g]; c < pl.gchunk[g + 1]; ++c) {
-        const int64_t base = c << pl.shift;
-        const int64_t nloc = std::min(CI, N - base);
-        const int32_t* st = pl.startT.data() + c * (B + 1);
-        const int32_t* srt = pl.sorted.get();
-        auto touch = [&](int32_t r) {
-          if (stamp[r] != c) {
-            stamp[r] = static_cast<int32_t>(c);
-            nrm[r] = load_row(buf.get() + int64_t(r) * Dp, cx.items + (base + r) * D, D, Dp, cx.normalize);
-            std::memset(acc.get() + int64_t(r) * Dp, 0, sizeof(T) * Dp);
-          }
-        };
-        for (int64_t k = st[0]; k < st[B]; ++k) touch(srt[k] - static_cast<int32_t>(base));
-        for (int64_t j = pl.pstart[c]; j < pl.pstart[c + 1]; ++j)
-          touch(cx.pos[pl.prow[j]] - static_cast<int32_t>(base));
+  const int64_t max_pairs = int64_t(1) << 21;
+  const int64_t Bb = std::max<int64_t>(1, std::min<int64_t>(B, max_pairs / M));
+  const int64_t row_bytes = Dp * int64_t(sizeof(T));
+  int shift = 4;
+  while (shift < 30 && (int64_t(2) << shift) * row_bytes <= tuning().bwd_chunk_bytes) ++shift;
+  while (shift < 31 && (((N - 1) >> shift) + 1) * (Bb + 1) > max_pairs) ++shift;
+  const int64_t CI = int64_t(1) << shift;
+  const int64_t C = ((N - 1) >> shift) + 1;
 
-        for (int64_t b = 0; b < B; ++b) {
-          int64_t k0 = st[b];
-          const int64_t k1 = st[b + 1];
-          if (k0 == k1 || rg.g[b] == T(0)) continue;
+  // Positives by chunk (stable in b).
+  std::vector<int32_t> pstart(C + 1, 0), prow(B);
+  for (int64_t b = 0; b < B; ++b) pstart[(cx.pos[b] >> shift) + 1]++;
+  for (int64_t c = 0; c < C; ++c) pstart[c + 1] += pstart[c];
+  {
+    std::vector<int32_t> pcur(pstart.begin(), pstart.end() - 1);
+    for (int64_t b = 0; b < B; ++b) prow[pcur[cx.pos[b] >> shift]++] = static_cast<int32_t>(b);
+  }
+
+  Buf<int32_t> isorted = make_buf<int32_t>(Bb * M);
+  Buf<T> dsorted = make_buf<T>(Bb * M);
+  std::vector<int32_t> cnt(Bb * C), start(Bb * C), startT(C * (Bb + 1));
+  std::vector<int64_t> cstart(C + 1);
+  std::atomic<bool> bad{false};
+
+  for (int64_t r0 = 0; r0 < B; r0 += Bb) {
+    const int64_t nb = std::min(Bb, B - r0);
+    const bool first = r0 == 0, last = r0 + nb == B;
+    // 1. counts and slots
+    at::parallel_for(0, nb, 16, [&](int64_t b0, int64_t b1) {
+      alignas(64) int32_t li[kBlock];
+      bool ok = true;
+      for (int64_t bl = b0; bl < b1; ++bl) {
+        int32_t* cr = cnt.data() + bl * C;
+        std::fill(cr, cr + C, 0);
+        if (rg.g[r0 + bl] == T(0)) continue;
+        for (int64_t m0 = 0; m0 < M; m0 += kBlock) {
+          const int64_t n = std::min(kBlock, M - m0);
+          ok &= load_idx(cx.neg, cx.neg_is_int64, (r0 + bl) * M + m0, n, N, li);
+          for (int64_t k = 0; k < n; ++k) cr[li[k] >> shift]++;
+        }
+      }
+      if (!ok) bad.store(true);
+    });
+    TORCH_CHECK(!bad.load(), "adaptau cpu: an index in neg is outside [0, ", N, ")");
+    {
+      std::vector<int64_t> run(C, 0);
+      for (int64_t bl = 0; bl < nb; ++bl)
+        for (int64_t c = 0; c < C; ++c) run[c] += cnt[bl * C + c];
+      cstart[0] = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        cstart[c + 1] = cstart[c] + run[c];
+        run[c] = cstart[c];
+      }
+      for (int64_t bl = 0; bl < nb; ++bl)
+        for (int64_t c = 0; c < C; ++c) {
+          start[bl * C + c] = static_cast<int32_t>(run[c]);
+          run[c] += cnt[bl * C + c];
+        }
+      constexpr int64_t TB = 16;  // blocked transpose into chunk-major order
+      for (int64_t bb = 0; bb < nb; bb += TB)
+        for (int64_t cc = 0; cc < C; cc += TB)
+          for (int64_t c = cc; c < std::min(C, cc + TB); ++c)
+            for (int64_t bl = bb; bl < std::min(nb, bb + TB); ++bl)
+              startT[c * (nb + 1) + bl] = start[bl * C + c];
+      for (int64_t c = 0; c < C; ++c) startT[c * (nb + 1) + nb] = static_cast<int32_t>(cstart[c + 1]);
+    }
+    pt.mark("bwd slots");
+
+    // 2. row pass
+    at::parallel_for(0, nb, 16, [&](int64_t b0, int64_t b1) {
+      alignas(64) int32_t li[kBlock];
+      alignas(64) T sc[kBlock];
+      alignas(64) T lg[kBlock + W];
+      alignas(64) T dd[kBlock + W];
+      alignas(64) T coef[kBlock];
+      std::vector<T> gu(Dp), ph(Dp);
+      for (int64_t bl = b0; bl < b1; ++bl) {
+        const int64_t b = r0 + bl;
+        std::fill(gu.begin(), gu.end(), T(0));
+        const T g = rg.g[b];
+        T qsum = T(0);
+        if (g != T(0)) {
+          int32_t* cur = start.data() + bl * C;  // this row's slots, used as cursors
           const T* u = cx.uhat.get() + b * Dp;
           const T beta = cx.beta[b];
-          const T gb = rg.g[b] * beta;
           const T l_b = lse[b];
           const int32_t p = cx.pos[b];
-          T qsum = T(0);
-          for (; k0 < k1; k0 += kRunBlock) {
-            const int64_t n = std::min(kRunBlock, k1 - k0);
-            for (int64_t k = 0; k < n; ++k) li[k] = srt[k0 + k] - static_cast<int32_t>(base);
-            Ops::dots(u, buf.get(), li, n, Dp, sc);
+          const typename V::R vg = V::set1(g * beta);
+          for (int64_t m0 = 0; m0 < M; m0 += kBlock) {
+            const int64_t n = std::min(kBlock, M - m0);
+            load_idx(cx.neg, cx.neg_is_int64, b * M + m0, n, N, li);
+            Ops::dots(u, tb.rows, li, n, Dp, sc);
             const int64_t npad = round_up(n, W);
             for (int64_t k = 0; k < n; ++k) {
-              const int32_t item = static_cast<int32_t>(base) + li[k];
+              const int32_t item = li[k];
+              const T sv = cx.normalize ? sc[k] * tb.inv[item] : sc[k];
+              sc[k] = sv;
               const T q = cx.logq ? cx.logq[item] : T(0);
               const bool drop = cx.remove_hits && item == p;
-              lg[k] = drop ? neg_inf<T>() : beta * sc[k] - q - l_b;
+              lg[k] = drop ? neg_inf<T>() : beta * sv - q - l_b;
             }
             for (int64_t k = n; k < npad; ++k) lg[k] = neg_inf<T>();
-            const typename V::R vg = V::set1(gb);
             for (int64_t k = 0; k < npad; k += W) {
               const typename V::R pk = V::exp(V::load(lg + k));
               V::store(lg + k, pk);
@@ -740,29 +766,80 @@ void per_row_backward(Ctx<T>& cx, const T* grad_loss, const T* lse, T* grad_user
             }
             if (need_scale)
               for (int64_t k = 0; k < n; ++k) qsum += lg[k] * sc[k];
-            Ops::grads(u, buf.get(), acc.get(), li, dd, n, Dp, gup + b * Dp);
+            if (cx.normalize)
+              for (int64_t k = 0; k < n; ++k) coef[k] = dd[k] * tb.inv[li[k]];
+            else
+              for (int64_t k = 0; k < n; ++k) coef[k] = dd[k];
+            Ops::gather_axpy(gu.data(), tb.rows, Dp, li, coef, n);
+            for (int64_t k = 0; k < n; ++k) {
+              const int32_t j = cur[li[k] >> shift]++;
+              isorted[j] = li[k];
+              dsorted[j] = dd[k];
+            }
           }
-          gq[b] += qsum;
         }
-        for (int64_t j = pl.pstart[c]; j < pl.pstart[c + 1]; ++j) {
-          const int32_t b = pl.prow[j];
+        const T dp = rg.dpos[b];
+        if (dp != T(0)) {
+          load_row(ph.data(), cx.items + int64_t(cx.pos[b]) * D, D, Dp, cx.normalize);
+          for (int64_t i = 0; i < D; ++i) gu[i] += dp * ph[i];
+        }
+        normalize_backward(grad_user + b * D, gu.data(), cx.uhat.get() + b * Dp, cx.unorm[b], D,
+                           cx.normalize);
+        if (need_scale) {
+          grad_beta[b] = g * qsum;
+          grad_alpha[b] = g * cx.spos[b] * (rg.p_pos[b] - T(1));
+        } else {
+          grad_beta[b] = T(0);
+          grad_alpha[b] = T(0);
+        }
+      }
+    });
+    pt.mark("bwd rows");
+
+    // 3. chunk pass
+    at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+      Buf<T> acc = make_buf<T>(CI * Dp);
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t base = c << shift;
+        const int64_t nloc = std::min(CI, N - base);
+        std::memset(acc.get(), 0, sizeof(T) * nloc * Dp);
+        const int32_t* st = startT.data() + c * (nb + 1);
+        for (int64_t bl = 0; bl < nb; ++bl) {
+          const int64_t k0 = st[bl], k1 = st[bl + 1];
+          if (k0 == k1) continue;
+          Ops::scatter_axpy(cx.uhat.get() + (r0 + bl) * Dp, acc.get(), base, isorted.get() + k0,
+                            dsorted.get() + k0, k1 - k0, Dp);
+        }
+        for (int64_t j = pstart[c]; j < pstart[c + 1]; ++j) {
+          const int64_t b = prow[j];
           const T dp = rg.dpos[b];
-          if (dp == T(0)) continue;
-          T* a = acc.get() + int64_t(cx.pos[b] - base) * Dp;
-          const T* u = cx.uhat.get() + int64_t(b) * Dp;
+          if (b < r0 || b >= r0 + nb || dp == T(0)) continue;
+          T* a = acc.get() + (cx.pos[b] - base) * Dp;
+          const T* u = cx.uhat.get() + b * Dp;
           for (int64_t i = 0; i < Dp; ++i) a[i] += dp * u[i];
         }
         for (int64_t r = 0; r < nloc; ++r) {
           T* out = grad_items + (base + r) * D;
-          if (stamp[r] == c)
-            normalize_backward(out, acc.get() + r * Dp, buf.get() + r * Dp, nrm[r], D, cx.normalize);
+          const T* a = acc.get() + r * Dp;
+          if (first)
+            std::memcpy(out, a, sizeof(T) * D);
           else
-            std::memset(out, 0, sizeof(T) * D);
+            for (int64_t i = 0; i < D; ++i) out[i] += a[i];
+          if (last && cx.normalize) {
+            const T inv = tb.inv[base + r];
+            const T* x = cx.items + (base + r) * D;
+            if (inv < T(1) / norm_eps<T>()) {
+              const T proj = inv * inv * dot_plain(x, out, D);
+              for (int64_t i = 0; i < D; ++i) out[i] = (out[i] - x[i] * proj) * inv;
+            } else {
+              for (int64_t i = 0; i < D; ++i) out[i] *= inv;
+            }
+          }
         }
       }
-    }
-  });
-  finish_rows(cx, rg, gu_parts.get(), G, q_parts.data(), grad_user, grad_alpha, grad_beta, need_scale);
+    });
+    pt.mark("bwd chunks");
+  }
 }
 
 // ============================================================ shared / in-batch modes
@@ -1118,7 +1195,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cpu(
   at::Tensor raw = at::empty({compute_raw ? in.B : 0}, opts);
   AT_DISPATCH_FLOATING_TYPES(in.user.scalar_type(), "adaptau_fused_forward_cpu", [&] {
     using T = scalar_t;
+    PhaseTimer pt;
     Ctx<T> cx = make_ctx<T>(in, neg_mode, include_pos, normalize, remove_hits);
+    pt.mark("prepare rows");
     T* rawp = compute_raw ? raw.data_ptr<T>() : nullptr;
     with_nv<T>(in.D, [&](auto nvc) {
       constexpr int NV = decltype(nvc)::value;
@@ -1149,7 +1228,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
   at::Tensor grad_beta = at::empty({in.B}, opts);
   AT_DISPATCH_FLOATING_TYPES(in.user.scalar_type(), "adaptau_fused_backward_cpu", [&] {
     using T = scalar_t;
+    PhaseTimer pt;
     Ctx<T> cx = make_ctx<T>(in, neg_mode, include_pos, normalize, remove_hits);
+    pt.mark("prepare rows");
     with_nv<T>(in.D, [&](auto nvc) {
       constexpr int NV = decltype(nvc)::value;
       if (neg_mode == kNegPerRow)
