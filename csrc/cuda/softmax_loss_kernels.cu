@@ -33,7 +33,10 @@ namespace {
 
 constexpr int kWarp = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
-constexpr int kThreads = 256;  // 8 warps per block
+#ifndef ADAPTAU_CUDA_THREADS
+#define ADAPTAU_CUDA_THREADS 256  // 8 warps per block
+#endif
+constexpr int kThreads = ADAPTAU_CUDA_THREADS;
 constexpr size_t kDefaultSmem = 48 * 1024;
 
 template <typename T> struct AccOf { using type = float; };
