@@ -15,9 +15,9 @@ from .data import Dataset, _assemble, carve_split
 __all__ = ["make_synthetic"]
 
 
-def make_synthetic(num_users: int = 5000, num_items: int = 3000, *, factors: int = 16,
+def make_synthetic(num_users: int = 5000, num_items: int = 3000, *, factors: int = 8,
                    mean_activity: int = 24, min_activity: int = 5, zipf: float = 1.0,
-                   popularity_weight: float = 0.6, sharpness: float = 4.0,
+                   popularity_weight: float = 0.5, sharpness: float = 8.0,
                    seed: int = 2023) -> Dataset:
     """Generate the dataset (about 5k users × 3k items, ~120k interactions by default).
 

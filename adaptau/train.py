@@ -287,7 +287,8 @@ class Trainer:
         if self.world_size > 1:  # same initial weights everywhere
             for p in self.model.parameters():
                 torch.distributed.broadcast(p.data, 0)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr,
+                                          **({"fused": True} if self.device.type in ("cpu", "cuda") else {}))
         from .temperature import AdapTau
 
         self.controller = AdapTau(self.train_users, self.train_items, num_users=self.num_users,

@@ -1,0 +1,119 @@
+"""Negative samplers: shapes, distributions, exclusion, determinism; the batch iterator."""
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from adaptau.sampling import BatchIterator, NegativeSampler
+
+
+def train_matrix():
+    # 4 users, 10 items; item popularity 0..3 (items 0,1,2 popular)
+    rows = [0, 0, 0, 1, 1, 2, 2, 2, 3, 3]
+    cols = [0, 1, 2, 0, 1, 0, 2, 5, 0, 9]
+    return sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(4, 10))
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_uniform_shape_range_and_distribution():
+    s = NegativeSampler("uniform", 10, 64)
+    users = torch.arange(4).repeat(500)
+    neg, logq = s.sample(users, users, gen())
+    assert neg.shape == (2000, 64) and logq is None
+    counts = torch.bincount(neg.flatten(), minlength=10).double()
+    expected = neg.numel() / 10
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 40  # 9 dof; p ~ 1e-5
+    # with replacement: some rows repeat an item
+    assert any(len(set(r.tolist())) < 64 for r in neg[:10])
+
+
+def test_exclude_never_returns_train_items():
+    m = train_matrix()
+    s = NegativeSampler("exclude", 10, 50, train=m)
+    users = torch.tensor([0, 1, 2, 3] * 50)
+    neg, _ = s.sample(users, users, gen(1))
+    dense = torch.as_tensor(m.toarray(), dtype=torch.bool)
+    assert not dense[users.unsqueeze(1).expand_as(neg), neg].any()
+    # user 0 excludes {0,1,2}: the other 7 items are uniform
+    c = torch.bincount(neg[users == 0].flatten(), minlength=10)
+    assert (c[:3] == 0).all()
+    frac = c[3:].double() / c.sum()
+    assert torch.allclose(frac, torch.full_like(frac, 1 / 7), atol=0.03)
+
+
+def test_exclude_user_with_every_item():
+    m = sp.csr_matrix(np.ones((2, 3)))
+    s = NegativeSampler("exclude", 3, 4, train=m)
+    with pytest.raises(ValueError, match="every item"):
+        s.sample(torch.tensor([0]), torch.tensor([0]), gen())
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.5])
+def test_popularity_distribution_and_logq(gamma):
+    m = train_matrix()
+    s = NegativeSampler("popularity", 10, 1000, train=m, gamma=gamma)
+    neg, logq = s.sample(torch.zeros(200, dtype=torch.long), torch.zeros(200, dtype=torch.long), gen(2))
+    counts = np.asarray(m.sum(0)).ravel()
+    w = counts ** gamma
+    w[counts == 0] = w[counts > 0].min()  # unseen items get the smallest weight
+    q = w / w.sum()
+    freq = torch.bincount(neg.flatten(), minlength=10).double().numpy() / neg.numel()
+    assert np.allclose(freq, q, atol=0.004)
+    assert logq.shape == (10,)
+    assert np.allclose(logq.numpy(), np.log(10 * q), atol=1e-5)
+
+
+def test_uniform_popularity_logq_is_zero():
+    m = sp.csr_matrix(np.ones((3, 5)))
+    s = NegativeSampler("popularity", 5, 3, train=m)
+    _, logq = s.sample(torch.tensor([0, 1]), torch.tensor([0, 1]), gen())
+    assert torch.allclose(logq, torch.zeros(5), atol=1e-6)
+
+
+def test_shared_and_in_batch():
+    s = NegativeSampler("shared", 10, 7)
+    neg, logq = s.sample(torch.arange(4), torch.arange(4), gen())
+    assert neg.shape == (7,) and logq is None
+    s = NegativeSampler("in-batch", 10, 0)
+    assert s.sample(torch.arange(4), torch.arange(4), gen()) == (None, None)
+
+
+def test_generator_determinism():
+    s = NegativeSampler("uniform", 100, 16)
+    g = gen(5)
+    state = g.get_state()
+    a, _ = s.sample(torch.arange(8), torch.arange(8), g)
+    g.set_state(state)
+    b, _ = s.sample(torch.arange(8), torch.arange(8), g)
+    assert torch.equal(a, b)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        NegativeSampler("nope", 10, 4)
+    with pytest.raises(ValueError, match="--negatives"):
+        NegativeSampler("uniform", 10, 0)
+    with pytest.raises(ValueError, match="needs the train matrix"):
+        NegativeSampler("popularity", 10, 4)
+
+
+def test_batch_iterator_covers_each_pair_once():
+    users = torch.arange(103)
+    items = users * 2
+    it = BatchIterator(users, items, 10)
+    assert len(it) == 11
+    seen = []
+    for u, i in it.epoch(gen(3)):
+        assert torch.equal(i, u * 2)
+        seen += u.tolist()
+    assert sorted(seen) == list(range(103))
+    it = BatchIterator(users, items, 10, drop_last=True)
+    assert len(it) == 10 and sum(u.numel() for u, _ in it.epoch(gen())) == 100
+    # sharded: two ranks split every batch
+    parts = [BatchIterator(users, items, 10, rank=r, world_size=2) for r in (0, 1)]
+    got = [sorted(sum((u.tolist() for u, _ in p.epoch(gen(4))), [])) for p in parts]
+    assert sorted(got[0] + got[1]) == list(range(103)) and not set(got[0]) & set(got[1])
