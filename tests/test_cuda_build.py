@@ -1,4 +1,10 @@
-"""Every ``csrc/cuda/*.cu`` compiles for sm_90 with nvcc (no GPU needed).
+"""The CUDA sources without a GPU: they compile for sm_90, and the kernels compute the right thing.
+
+1. Every ``csrc/cuda/*.cu`` compiles for sm_90 with nvcc (skipped when nvcc is absent).
+2. The .cu includes only CUDA/C++ headers (the kernels stay torch-free).
+3. The kernels *run* on the host: softmax_loss_kernels.cu is compiled with g++ against tiny
+   shim headers (see the emulation section below) and checked against the float64
+   reference with the Triton test's cases and tolerances (fp32 + bf16/fp16 samples).
 
 Uses the flags setup.py gives nvcc (``-O3 -std=c++17 --use_fast_math``) and
 ``-Werror all-warnings`` so a warning fails too. Skipped when nvcc is absent. nvcc is looked
