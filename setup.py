@@ -43,7 +43,7 @@ def _extensions():
                 sources,
                 extra_compile_args={
                     "cxx": cxx_flags + ["-DADAPTAU_WITH_CUDA"],
-                    "nvcc": ["-O3", "-std=c++17", "-DADAPTAU_WITH_CUDA", "--use_fast_math"],
+                    "nvcc": ["-O3", "-std=c++17", "-DADAPTAU_WITH_CUDA"],
                 },
                 extra_link_args=extra_link,
             )
