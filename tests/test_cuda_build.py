@@ -6,7 +6,7 @@
    shim headers (see the emulation section below) and checked against the float64
    reference with the Triton test's cases and tolerances (fp32 + bf16/fp16 samples).
 
-Uses the flags setup.py gives nvcc (``-O3 -std=c++17 --use_fast_math``) and
+Uses the flags setup.py gives nvcc (``-O3 -std=c++17``) and
 ``-Werror all-warnings`` so a warning fails too. Skipped when nvcc is absent. nvcc is looked
 up as ``$NVCC``, on ``PATH``, then under ``$CUDA_HOME``/``/usr/local/cuda``.
 """
@@ -22,7 +22,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CU_FILES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
-NVCC_FLAGS = ["-arch=sm_90", "-O3", "-std=c++17", "--use_fast_math", "-DADAPTAU_WITH_CUDA",
+NVCC_FLAGS = ["-arch=sm_90", "-O3", "-std=c++17", "-DADAPTAU_WITH_CUDA",
               "-Werror", "all-warnings"]
 
 
