@@ -67,6 +67,7 @@ struct Tuning {
   int64_t partial_bytes;    // memory cap for the G partial buffers
   int64_t row_block;        // GEMM modes: rows per block
   int64_t col_block;        // GEMM modes: candidates per block
+  int64_t max_pairs;        // per-row backward: (row, negative) pairs per row block
 };
 
 const Tuning& tuning() {
@@ -77,6 +78,7 @@ const Tuning& tuning() {
       env_int("ADAPTAU_CPU_PARTIAL_BYTES", 32 << 20),
       env_int("ADAPTAU_CPU_ROW_BLOCK", 64),
       env_int("ADAPTAU_CPU_COL_BLOCK", 256),
+      env_int("ADAPTAU_CPU_MAX_PAIRS", int64_t(1) << 21),
   };
   return t;
 }
@@ -657,7 +659,7 @@ void per_row_backward(Ctx<T>& cx, const T* grad_loss, const T* lse, T* grad_user
   RowGrad<T> rg = row_grad(cx, grad_loss, lse);
   pt.mark("bwd table");
 
-  const int64_t max_pairs = int64_t(1) << 21;
+  const int64_t max_pairs = tuning().max_pairs;
   const int64_t Bb = std::max<int64_t>(1, std::min<int64_t>(B, max_pairs / M));
   const int64_t row_bytes = Dp * int64_t(sizeof(T));
   int shift = 4;
