@@ -61,9 +61,9 @@ class TrainConfig:
     remove_hits: bool = False
     backend: str = "auto"
     batch_size: int = 1024
-    lr: float = 5e-3
+    lr: float = 1e-2
     l2: float = 1e-6
-    epochs: int = 30
+    epochs: int = 20
     patience: int = 5                     # evaluations without improvement before stopping (0: off)
     eval_every: int = 1
     topk: List[int] = field(default_factory=lambda: [20])
@@ -458,7 +458,7 @@ class Trainer:
                 loss = loss + cfg.l2 * sampled_l2(ego_u, ego_i, users, pos, neg)
             if not bool(torch.isfinite(loss.detach())):
                 raise NonFiniteLossError(
-                    f"non-finite training loss ({float(loss)}) at epoch {epoch}, step {bar.n}: "
+                    f"non-finite training loss ({float(loss.detach())}) at epoch {epoch}, step {bar.n}: "
                     f"w0={self.controller.w0:.4g}; try a lower --lr or a larger --tau-value / "
                     f"--smoothing. The last good checkpoint is {self.out / 'last.pt'}")
             self.optimizer.zero_grad(set_to_none=True)
