@@ -35,10 +35,15 @@ def quiet(msg):
 
 
 @pytest.fixture(autouse=True)
-def _no_fallback_warning():
+def _quiet_single_thread():
+    """No fallback warnings; one thread (tiny shapes: thread start-up and barriers dominate,
+    and a loaded 2-core CI box makes multi-threaded scatter ops 100x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         yield
+    torch.set_num_threads(threads)
 
 
 def test_run_folder_contents(tmp_path):
@@ -191,9 +196,26 @@ def test_lastfm_beats_popularity(tmp_path):
         pytest.skip(f"real data not found at {folder} (set ADAPTAU_DATA)")
     if "cpu" not in adaptau.available_backends("cpu"):
         pytest.skip("no fused CPU backend built: the reference backend needs several minutes here")
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
     t0 = time.time()
     cfg = TrainConfig(data=str(folder), out=str(tmp_path / "lastfm"), epochs=5, warmup=2, lr=0.01,
                       negatives=128, batch_size=1024, progress="off", patience=0)
     summary = Trainer(cfg, log=quiet).fit()
-    assert summary["test"]["recall@20"] > 0.15, summary["test"]
+    assert summary["test"]["recall@20"] > 0.18, summary["test"]  # popularity: 0.1077
     assert time.time() - t0 < 240
+
+
+@pytest.mark.parametrize("sampler", ["popularity", "shared"])
+def test_csv_data_other_samplers_and_id_maps(tmp_path, sampler):
+    rng = torch.Generator().manual_seed(0)
+    lines = ["user_id,item_id"]
+    for u in range(60):
+        for i in torch.randperm(40, generator=rng)[:10].tolist():
+            lines.append(f"u{u},i{i}")
+    f = tmp_path / "inter.csv"
+    f.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    summary = Trainer(tiny_cfg(out, data=str(f), sampler=sampler, epochs=1), log=quiet).fit()
+    assert summary["status"] == "completed"
+    assert (out / "users.tsv").read_text().splitlines()[:2] == ["index\tid", "0\tu0"]
+    assert (out / "items.tsv").is_file()
