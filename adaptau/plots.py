@@ -53,10 +53,20 @@ def tau_histograms(snapshots: Dict[int, np.ndarray], path: Path, max_panels: int
     if len(epochs) > max_panels:
         pick = np.unique(np.linspace(0, len(epochs) - 1, max_panels).round().astype(int))
         epochs = [epochs[i] for i in pick]
+    taus = {e: 1.0 / np.asarray(snapshots[e], dtype=np.float64) for e in epochs}
+    lo = min(float(t.min()) for t in taus.values())
+    hi = max(float(t.max()) for t in taus.values())
+    if not hi > lo:
+        lo, hi = lo * 0.95, hi * 1.05 + 1e-12
+    bins = np.linspace(lo, hi, 61)
     fig, ax = plt.subplots(figsize=(6, 4))
     for e in epochs:
-        tau = 1.0 / np.asarray(snapshots[e], dtype=np.float64)
-        ax.hist(tau, bins=60, histtype="step", label=f"epoch {e}")
+        tau = taus[e]
+        if float(tau.max() - tau.min()) <= 1e-9 * max(abs(float(tau.max())), 1.0):
+            ax.axvline(float(tau[0]), linestyle="--", color=f"C{epochs.index(e)}",
+                       label=f"epoch {e} (every user τ={float(tau[0]):.3g})")
+        else:
+            ax.hist(tau, bins=bins, histtype="step", color=f"C{epochs.index(e)}", label=f"epoch {e}")
     ax.set_xlabel("per-user temperature τ")
     ax.set_ylabel("users")
     ax.legend(fontsize=8)

@@ -490,6 +490,9 @@ class Trainer:
                      f" ({cfg.negatives if cfg.sampler != 'in-batch' else cfg.batch_size - 1} neg),"
                      f" batch {cfg.batch_size}, lr {cfg.lr}, l2 {cfg.l2}, {len(self.batches)} steps/epoch,"
                      f" device {self.device}, world size {self.world_size} -> {self.out}")
+            if not cfg.normalize and cfg.tau != "fixed":
+                self.log("  note: --no-normalize with --tau adaptive/global multiplies raw dot products "
+                         "by w0; the usual inner-product baseline is --tau fixed --tau-value 1")
         else:
             self.log(f"resuming {self.out} at epoch {self.start_epoch} (of {cfg.epochs})")
         stopped = None
@@ -671,6 +674,9 @@ def evaluate_run(run: str, *, checkpoint: str = "best", log=print,
     result = {"checkpoint": str(ckpt_path), "epoch": ckpt.get("epoch"), "protocol": cfg.protocol,
               "metrics": rows, "seconds": time.time() - t0}
     _atomic_write_text(run_dir / "eval.json", _dumps(result))
-    log(f"{ckpt_path} (epoch {ckpt.get('epoch')}, {cfg.protocol} protocol)")
+    when = (f"after {ckpt.get('epoch')} epochs" if checkpoint == "last"
+            else f"best epoch {ckpt.get('epoch')}")
+    log(f"{ckpt_path} ({when}, {cfg.protocol} protocol, ranked by "
+        f"{'cosine' if cfg.rank_cosine else 'dot product'})")
     log(format_metrics(rows, cfg.topk))
     return rows
