@@ -35,6 +35,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <map>
+#include <mutex>
+#include <string>
 #include <memory>
 #include <tuple>
 #include <vector>
@@ -61,8 +64,7 @@ int64_t env_int(const char* name, int64_t fallback) {
 }
 
 struct Tuning {
-  int64_t fwd_chunk_bytes;  // normalized item rows per chunk (forward)
-  int64_t bwd_chunk_bytes;  // ... (backward: rows + gradient accumulator, twice this)
+  int64_t chunk_bytes;      // normalized item rows per chunk (backward: + an accumulator as big)
   int64_t max_groups;       // upper bound on G (partial buffers merged in a fixed order)
   int64_t partial_bytes;    // memory cap for the G partial buffers
   int64_t row_block;        // GEMM modes: rows per block
@@ -72,8 +74,7 @@ struct Tuning {
 
 const Tuning& tuning() {
   static const Tuning t{
-      env_int("ADAPTAU_CPU_FWD_CHUNK_BYTES", 128 << 10),
-      env_int("ADAPTAU_CPU_BWD_CHUNK_BYTES", 256 << 10),
+      env_int("ADAPTAU_CPU_CHUNK_BYTES", 128 << 10),
       env_int("ADAPTAU_CPU_GROUPS", 8),
       env_int("ADAPTAU_CPU_PARTIAL_BYTES", 32 << 20),
       env_int("ADAPTAU_CPU_ROW_BLOCK", 64),
@@ -102,12 +103,93 @@ struct PhaseTimer {
   }
 };
 
+// Scratch memory. Large blocks are kept in a small process-wide pool between calls:
+// fresh multi-megabyte allocations are page-faulted (and zeroed by the kernel) on first
+// touch, which cost more than the kernels themselves at the paper's sizes. The pool
+// holds at most kPoolCap bytes of idle blocks; ADAPTAU_CPU_POOL=0 disables it.
+class Pool {
+ public:
+  static Pool& get() {
+    static Pool* pool = new Pool();  // never destroyed (may be used at exit)
+    return *pool;
+  }
+  void* acquire(size_t bytes, size_t& got) {
+    if (enabled_ && bytes >= kMinPooled) {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = free_.lower_bound(bytes);
+      if (it != free_.end() && it->first <= 2 * bytes) {
+        got = it->first;
+        void* p = it->second;
+        idle_ -= got;
+        free_.erase(it);
+        return p;
+      }
+    }
+    got = bytes;
+    void* p = std::aligned_alloc(64, round_up64(bytes));
+    TORCH_CHECK(p != nullptr, "adaptau cpu: out of memory allocating ", bytes, " bytes of scratch");
+    return p;
+  }
+  void release(void* p, size_t bytes) {
+    if (p == nullptr) return;
+    if (enabled_ && bytes >= kMinPooled) {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (idle_ + bytes <= kPoolCap) {
+        free_.emplace(bytes, p);
+        idle_ += bytes;
+        return;
+      }
+    }
+    std::free(p);
+  }
+
+ private:
+  Pool() {
+    const char* e = std::getenv("ADAPTAU_CPU_POOL");
+    enabled_ = !(e != nullptr && std::string(e) == "0");
+  }
+  static size_t round_up64(size_t b) { return (std::max<size_t>(b, 1) + 63) / 64 * 64; }
+  static constexpr size_t kMinPooled = size_t(1) << 16;
+  static constexpr size_t kPoolCap = size_t(256) << 20;
+  bool enabled_ = true;
+  std::mutex mu_;
+  std::multimap<size_t, void*> free_;
+  size_t idle_ = 0;
+};
+
 template <typename T>
-using Buf = std::unique_ptr<T[]>;
+class Buf {
+ public:
+  Buf() = default;
+  explicit Buf(int64_t n) {
+    size_t got = 0;
+    p_ = static_cast<T*>(Pool::get().acquire(sizeof(T) * static_cast<size_t>(std::max<int64_t>(n, 1)), got));
+    bytes_ = got;
+  }
+  Buf(Buf&& o) noexcept : p_(o.p_), bytes_(o.bytes_) { o.p_ = nullptr; }
+  Buf& operator=(Buf&& o) noexcept {
+    if (this != &o) {
+      Pool::get().release(p_, bytes_);
+      p_ = o.p_;
+      bytes_ = o.bytes_;
+      o.p_ = nullptr;
+    }
+    return *this;
+  }
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+  ~Buf() { Pool::get().release(p_, bytes_); }
+  T* get() const { return p_; }
+  T& operator[](int64_t i) const { return p_[i]; }
+
+ private:
+  T* p_ = nullptr;
+  size_t bytes_ = 0;
+};
 
 template <typename T>
 Buf<T> make_buf(int64_t n) {
-  return Buf<T>(new T[std::max<int64_t>(n, 1)]);
+  return Buf<T>(n);
 }
 
 template <typename T>
@@ -115,6 +197,15 @@ Buf<T> make_zero_buf(int64_t n) {
   Buf<T> b = make_buf<T>(n);
   std::memset(b.get(), 0, sizeof(T) * std::max<int64_t>(n, 1));
   return b;
+}
+
+// Grain size for at::parallel_for: items that together do at least ~kMinWork units of
+// work (multiply-adds, roughly). Small problems then run inline on the calling thread:
+// an OpenMP region costs microseconds on an idle machine and milliseconds when the
+// cores are shared with other busy processes.
+constexpr int64_t kMinWork = int64_t(1) << 18;
+inline int64_t grain(int64_t work_per_item) {
+  return std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, work_per_item));
 }
 
 template <typename T>
@@ -206,6 +297,15 @@ inline T lse_finish(T m, T s) {
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // --------------------------------------------------------- per-row run micro-kernels
+// Gathered item rows come from L3 (or DRAM): fetch the rows a few pairs ahead.
+constexpr int64_t kPrefetch = 16;
+
+template <typename T>
+inline void prefetch_row(const T* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < n * int64_t(sizeof(T)); off += 64) __builtin_prefetch(c + off, 0, 3);
+}
+
 // NV: number of machine vectors per (padded) row, known at compile time; 0 = runtime.
 template <typename T, int NV>
 struct RunOps {
@@ -215,17 +315,17 @@ struct RunOps {
 
   // out[k] = <u, rows + idx[k]*Dp>, k < n.
   static inline void dots(const T* __restrict__ u, const T* __restrict__ rows,
-                          const int32_t* __restrict__ idx, int64_t n, int64_t Dp,
-                          T* __restrict__ out) {
+                          const int32_t* __restrict__ idx, int64_t base, int64_t n,
+                          int64_t Dp, T* __restrict__ out) {
     if constexpr (NV > 0) {
       R uu[NV];
       for (int v = 0; v < NV; ++v) uu[v] = V::load(u + v * W);
       int64_t k = 0;
       for (; k + 4 <= n; k += 4) {
-        const T* r0 = rows + int64_t(idx[k]) * Dp;
-        const T* r1 = rows + int64_t(idx[k + 1]) * Dp;
-        const T* r2 = rows + int64_t(idx[k + 2]) * Dp;
-        const T* r3 = rows + int64_t(idx[k + 3]) * Dp;
+        const T* r0 = rows + (int64_t(idx[k]) - base) * Dp;
+        const T* r1 = rows + (int64_t(idx[k + 1]) - base) * Dp;
+        const T* r2 = rows + (int64_t(idx[k + 2]) - base) * Dp;
+        const T* r3 = rows + (int64_t(idx[k + 3]) - base) * Dp;
         R a0 = V::mul(uu[0], V::load(r0)), a1 = V::mul(uu[0], V::load(r1));
         R a2 = V::mul(uu[0], V::load(r2)), a3 = V::mul(uu[0], V::load(r3));
         for (int v = 1; v < NV; ++v) {
@@ -237,7 +337,7 @@ struct RunOps {
         V::hsum4(a0, a1, a2, a3, out + k);
       }
       for (; k < n; ++k) {
-        const T* r0 = rows + int64_t(idx[k]) * Dp;
+        const T* r0 = rows + (int64_t(idx[k]) - base) * Dp;
         R a0 = V::mul(uu[0], V::load(r0));
         for (int v = 1; v < NV; ++v) a0 = V::fma(uu[v], V::load(r0 + v * W), a0);
         out[k] = V::hsum(a0);
@@ -245,7 +345,7 @@ struct RunOps {
     } else {
       const int64_t nv = Dp / W;
       for (int64_t k = 0; k < n; ++k) {
-        const T* r0 = rows + int64_t(idx[k]) * Dp;
+        const T* r0 = rows + (int64_t(idx[k]) - base) * Dp;
         R a0 = V::mul(V::load(u), V::load(r0));
         for (int64_t v = 1; v < nv; ++v) a0 = V::fma(V::load(u + v * W), V::load(r0 + v * W), a0);
         out[k] = V::hsum(a0);
@@ -253,29 +353,33 @@ struct RunOps {
     }
   }
 
-  // gu += sum_k d[k] * rows[idx[k]];  acc[idx[k]] += d[k] * u.
+  // gu += sum_k d[k] * rows[idx[k]];  acc[idx[k]] += d[k] * u.  (Two loops: each keeps its
+  // running vector in registers.)
   static inline void grads(const T* __restrict__ u, const T* __restrict__ rows,
-                           T* __restrict__ acc, const int32_t* __restrict__ idx,
+                           T* __restrict__ acc, const int32_t* __restrict__ idx, int64_t base,
                            const T* __restrict__ d, int64_t n, int64_t Dp, T* __restrict__ gu) {
-    if constexpr (NV > 0) {
+    if constexpr (NV > 0 && NV <= 8) {
       R g[NV];
-      for (int v = 0; v < NV; ++v) g[v] = V::zero();
+      for (int v = 0; v < NV; ++v) g[v] = V::load(gu + v * W);
       for (int64_t k = 0; k < n; ++k) {
         const R dk = V::set1(d[k]);
-        const T* r = rows + int64_t(idx[k]) * Dp;
-        T* a = acc + int64_t(idx[k]) * Dp;
-        for (int v = 0; v < NV; ++v) {
-          g[v] = V::fma(dk, V::load(r + v * W), g[v]);
-          V::store(a + v * W, V::fma(dk, V::load(u + v * W), V::load(a + v * W)));
-        }
+        const T* r = rows + (int64_t(idx[k]) - base) * Dp;
+        for (int v = 0; v < NV; ++v) g[v] = V::fma(dk, V::load(r + v * W), g[v]);
       }
-      for (int v = 0; v < NV; ++v) V::store(gu + v * W, V::add(V::load(gu + v * W), g[v]));
+      for (int v = 0; v < NV; ++v) V::store(gu + v * W, g[v]);
+      R uu[NV];
+      for (int v = 0; v < NV; ++v) uu[v] = V::load(u + v * W);
+      for (int64_t k = 0; k < n; ++k) {
+        const R dk = V::set1(d[k]);
+        T* a = acc + (int64_t(idx[k]) - base) * Dp;
+        for (int v = 0; v < NV; ++v) V::store(a + v * W, V::fma(dk, uu[v], V::load(a + v * W)));
+      }
     } else {
       const int64_t nv = Dp / W;
       for (int64_t k = 0; k < n; ++k) {
         const R dk = V::set1(d[k]);
-        const T* r = rows + int64_t(idx[k]) * Dp;
-        T* a = acc + int64_t(idx[k]) * Dp;
+        const T* r = rows + (int64_t(idx[k]) - base) * Dp;
+        T* a = acc + (int64_t(idx[k]) - base) * Dp;
         for (int64_t v = 0; v < nv; ++v) {
           V::store(gu + v * W, V::fma(dk, V::load(r + v * W), V::load(gu + v * W)));
           V::store(a + v * W, V::fma(dk, V::load(u + v * W), V::load(a + v * W)));
@@ -410,6 +514,7 @@ struct Ctx {
   const T* logq = nullptr;  // may be null
   const void* neg = nullptr;
   bool neg_is_int64 = true;
+  int64_t neg_version = -1;
   // derived
   std::vector<int32_t> pos;  // [B]
   Buf<T> uhat;               // [B][Dp] normalized user rows, zero padded
@@ -444,7 +549,7 @@ void prepare_rows(Ctx<T>& cx) {
   cx.uhat = make_buf<T>(B * Dp);
   cx.unorm.assign(B, T(0));
   cx.spos.assign(B, T(0));
-  at::parallel_for(0, B, 256, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, B, grain(4 * cx.D), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       T* uh = cx.uhat.get() + b * Dp;
       cx.unorm[b] = load_row(uh, cx.user + b * D, D, Dp, cx.normalize);
@@ -457,38 +562,10 @@ void prepare_rows(Ctx<T>& cx) {
 }
 
 // ======================================================================= per-row mode
-// Item rows as the kernels read them: Dp elements per row (the caller's table itself when
-// D == Dp, else a zero-padded copy), and inv[i] = 1/max(||row_i||, eps) when normalizing.
-// Scores are <û, x_i>·inv[i]: no normalized copy of the table is made.
-template <typename T>
-struct Table {
-  const T* rows = nullptr;
-  Buf<T> copy;
-  std::vector<T> inv;  // [N], empty when !normalize
-};
-
-template <typename T>
-Table<T> make_table(const Ctx<T>& cx) {
-  Table<T> tb;
-  const int64_t N = cx.N, D = cx.D, Dp = cx.Dp;
-  if (D == Dp) {
-    tb.rows = cx.items;
-  } else {
-    tb.copy = make_buf<T>(N * Dp);
-    tb.rows = tb.copy.get();
-  }
-  if (cx.normalize) tb.inv.resize(N);
-  if (D != Dp || cx.normalize) {
-    at::parallel_for(0, N, 2048, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const T* x = cx.items + i * D;
-        if (D != Dp) scale_pad(tb.copy.get() + i * Dp, x, T(1), D, Dp);
-        if (cx.normalize) tb.inv[i] = T(1) / std::max(std::sqrt(dot_plain(x, x, D)), norm_eps<T>());
-      }
-    });
-  }
-  return tb;
-}
+// The B×M (row, item) pairs are counting-sorted by (item chunk, row): a chunk is a
+// power-of-two range of item rows whose normalized copy (and, in backward, gradient
+// accumulator) fits in L2. Gathering 256-byte rows from L2 is ~4x cheaper than from L3
+// on the machines measured, and it lets one thread own each chunk's item gradients.
 
 // li[k] = neg[off + k] (k < n) as int32; false if one is outside [0, N) (replaced by 0).
 inline bool load_idx(const void* neg, bool is64, int64_t off, int64_t n, int64_t N, int32_t* li) {
@@ -513,6 +590,8 @@ inline bool load_idx(const void* neg, bool is64, int64_t off, int64_t n, int64_t
   return ok;
 }
 
+constexpr int64_t kBlock = 256;  // pairs processed at a time
+
 // lse and loss of a row from its negatives' (m, s) and the positive logit.
 template <typename T>
 inline void finish_row(bool include_pos, T m, T s, T pos_logit, T& lse, T& loss) {
@@ -528,57 +607,254 @@ inline void finish_row(bool include_pos, T m, T s, T pos_logit, T& lse, T& loss)
   loss = (lse == neg_inf<T>()) ? T(0) : lse - pos_logit;
 }
 
-constexpr int64_t kBlock = 256;  // negatives of one row processed at a time
+// The sort of the pairs of rows [r0, r0+nb): slots of (chunk c, row b) are
+// sorted[startT[c][b] : startT[c][b+1]] (items in m order) and, row-major,
+// sorted[start[b][c] : start[b][c] + cnt[b][c]]. Rows with skip[b] get no pairs.
+struct Plan {
+  int shift = 4;
+  int64_t CI = 16, C = 1, r0 = 0, nb = 0;
+  std::vector<int32_t> cnt, start, startT;
+  Buf<int32_t> sorted;
+  int64_t capacity = 0;
+};
 
-// Forward: one pass over rows (parallel); each row's user vector stays in registers
-// while its M item rows are gathered (the table is L3-resident at the paper's sizes).
-template <typename T, int NV>
-void per_row_forward(Ctx<T>& cx, T* loss, T* lse_out, T* raw, bool compute_raw) {
-  using Ops = RunOps<T, NV>;
-  constexpr int W = Vec<T>::W;
-  const int64_t B = cx.B, M = cx.M, Dp = cx.Dp, N = cx.N;
+int chunk_shift(int64_t row_bytes, int64_t chunk_bytes, int64_t N, int64_t nb, int64_t max_entries) {
+  int shift = 4;
+  while (shift < 30 && (int64_t(2) << shift) * row_bytes <= chunk_bytes) ++shift;
+  while (shift < 31 && (((N - 1) >> shift) + 1) * (nb + 1) > max_entries) ++shift;
+  return shift;
+}
+
+template <typename T>
+void build_plan(const Ctx<T>& cx, Plan& pl, int64_t r0, int64_t nb, const std::vector<T>* row_g) {
+  const int64_t M = cx.M, N = cx.N, C = pl.C;
+  const int shift = pl.shift;
+  pl.r0 = r0;
+  pl.nb = nb;
+  pl.cnt.resize(nb * C);
+  pl.start.resize(nb * C);
+  pl.startT.resize(C * (nb + 1));
+  if (pl.capacity < nb * M) {
+    pl.sorted = make_buf<int32_t>(nb * M);
+    pl.capacity = nb * M;
+  }
   PhaseTimer pt;
-  Table<T> tb = make_table(cx);
-  pt.mark("fwd table");
   std::atomic<bool> bad{false};
-  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, nb, grain(2 * M), [&](int64_t b0, int64_t b1) {
     alignas(64) int32_t li[kBlock];
-    alignas(64) T sc[kBlock];
-    alignas(64) T lg[kBlock + W];
-    alignas(64) T lr[kBlock + W];
     bool ok = true;
-    for (int64_t b = b0; b < b1; ++b) {
-      const T* u = cx.uhat.get() + b * Dp;
-      const T beta = cx.beta[b];
-      const int32_t p = cx.pos[b];
-      T m = neg_inf<T>(), s = T(0), rm = neg_inf<T>(), rs = T(0);
+    for (int64_t bl = b0; bl < b1; ++bl) {
+      int32_t* cr = pl.cnt.data() + bl * C;
+      std::fill(cr, cr + C, 0);
+      if (row_g && (*row_g)[r0 + bl] == T(0)) continue;
       for (int64_t m0 = 0; m0 < M; m0 += kBlock) {
         const int64_t n = std::min(kBlock, M - m0);
-        ok &= load_idx(cx.neg, cx.neg_is_int64, b * M + m0, n, N, li);
-        Ops::dots(u, tb.rows, li, n, Dp, sc);
-        const int64_t npad = round_up(n, W);
-        for (int64_t k = 0; k < n; ++k) {
-          const int32_t item = li[k];
-          const T sv = cx.normalize ? sc[k] * tb.inv[item] : sc[k];
-          const T q = cx.logq ? cx.logq[item] : T(0);
-          const bool drop = cx.remove_hits && item == p;
-          lg[k] = drop ? neg_inf<T>() : beta * sv - q;
-          lr[k] = drop ? neg_inf<T>() : sv - q;
-        }
-        for (int64_t k = n; k < npad; ++k) lg[k] = lr[k] = neg_inf<T>();
-        lse_update(lg, npad, m, s);
-        if (compute_raw) lse_update(lr, npad, rm, rs);
-      }
-      finish_row(cx.include_pos, m, s, cx.alpha[b] * cx.spos[b], lse_out[b], loss[b]);
-      if (compute_raw) {
-        T unused;
-        finish_row(cx.include_pos, rm, rs, cx.spos[b], unused, raw[b]);
+        ok &= load_idx(cx.neg, cx.neg_is_int64, (r0 + bl) * M + m0, n, N, li);
+        for (int64_t k = 0; k < n; ++k) cr[li[k] >> shift]++;
       }
     }
     if (!ok) bad.store(true);
   });
   TORCH_CHECK(!bad.load(), "adaptau cpu: an index in neg is outside [0, ", N, ")");
-  pt.mark("fwd rows");
+  pt.mark(" plan count");
+  std::vector<int64_t> run(C, 0), cstart(C + 1, 0);
+  for (int64_t bl = 0; bl < nb; ++bl)
+    for (int64_t c = 0; c < C; ++c) run[c] += pl.cnt[bl * C + c];
+  for (int64_t c = 0; c < C; ++c) {
+    cstart[c + 1] = cstart[c] + run[c];
+    run[c] = cstart[c];
+  }
+  for (int64_t bl = 0; bl < nb; ++bl)
+    for (int64_t c = 0; c < C; ++c) {
+      pl.start[bl * C + c] = static_cast<int32_t>(run[c]);
+      run[c] += pl.cnt[bl * C + c];
+    }
+  constexpr int64_t TB = 16;  // blocked transpose into chunk-major order
+  for (int64_t bb = 0; bb < nb; bb += TB)
+    for (int64_t cc = 0; cc < C; cc += TB)
+      for (int64_t c = cc; c < std::min(C, cc + TB); ++c)
+        for (int64_t bl = bb; bl < std::min(nb, bb + TB); ++bl)
+          pl.startT[c * (nb + 1) + bl] = pl.start[bl * C + c];
+  for (int64_t c = 0; c < C; ++c) pl.startT[c * (nb + 1) + nb] = static_cast<int32_t>(cstart[c + 1]);
+  pt.mark(" plan prefix");
+  at::parallel_for(0, nb, grain(3 * M), [&](int64_t b0, int64_t b1) {
+    alignas(64) int32_t li[kBlock];
+    std::vector<int32_t> cur(C);
+    for (int64_t bl = b0; bl < b1; ++bl) {
+      if (row_g && (*row_g)[r0 + bl] == T(0)) continue;
+      std::copy(pl.start.begin() + bl * C, pl.start.begin() + (bl + 1) * C, cur.begin());
+      for (int64_t m0 = 0; m0 < M; m0 += kBlock) {
+        const int64_t n = std::min(kBlock, M - m0);
+        load_idx(cx.neg, cx.neg_is_int64, (r0 + bl) * M + m0, n, N, li);
+        for (int64_t k = 0; k < n; ++k) pl.sorted[cur[li[k] >> shift]++] = li[k];
+      }
+    }
+  });
+  pt.mark(" plan scatter");
+}
+
+// The forward's sort of the pairs, kept for the backward of the same call: keyed by the
+// neg tensor (data pointer, version counter, shape, dtype) and the plan's parameters. At
+// most two plans are kept (4 bytes per pair each); ADAPTAU_CPU_PLAN_CACHE=0 disables it.
+struct PlanKey {
+  const void* data = nullptr;
+  int64_t version = -1, B = 0, M = 0, N = 0, shift = 0, dtype = 0;
+  bool operator==(const PlanKey& o) const {
+    return data == o.data && version == o.version && B == o.B && M == o.M && N == o.N &&
+           shift == o.shift && dtype == o.dtype;
+  }
+};
+
+class PlanCache {
+ public:
+  static PlanCache& get() {
+    static PlanCache* cache = new PlanCache();
+    return *cache;
+  }
+  void put(const PlanKey& key, std::shared_ptr<Plan> plan) {
+    if (!enabled_) return;
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& e : entries_)
+      if (e.first == key) {
+        e.second = std::move(plan);
+        return;
+      }
+    entries_.emplace_back(key, std::move(plan));
+    while (entries_.size() > 2) entries_.erase(entries_.begin());
+  }
+  std::shared_ptr<Plan> take(const PlanKey& key) {
+    if (!enabled_) return nullptr;
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto it = entries_.begin(); it != entries_.end(); ++it)
+      if (it->first == key) {
+        std::shared_ptr<Plan> p = std::move(it->second);
+        entries_.erase(it);
+        return p;
+      }
+    return nullptr;
+  }
+
+ private:
+  PlanCache() : enabled_(env_int("ADAPTAU_CPU_PLAN_CACHE", 1) != 0 &&
+                         !(std::getenv("ADAPTAU_CPU_PLAN_CACHE") &&
+                           std::string(std::getenv("ADAPTAU_CPU_PLAN_CACHE")) == "0")) {}
+  bool enabled_;
+  std::mutex mu_;
+  std::vector<std::pair<PlanKey, std::shared_ptr<Plan>>> entries_;
+};
+
+template <typename T>
+PlanKey plan_key(const Ctx<T>& cx, int shift) {
+  PlanKey k;
+  k.data = cx.neg;
+  k.version = cx.neg_version;
+  k.B = cx.B;
+  k.M = cx.M;
+  k.N = cx.N;
+  k.shift = shift;
+  k.dtype = (cx.neg_is_int64 ? 1 : 0) + 2 * int64_t(cx.Dp) + 4096 * int64_t(sizeof(T));
+  return k;
+}
+
+// Normalizes (or copies) the rows of chunk [base, base+nloc) referenced by its pairs into
+// buf (padded rows; norms in nrm when given): all rows sequentially when the chunk is
+// dense, else only the referenced ones. Returns true when every row was loaded.
+template <typename T>
+bool load_chunk(const Ctx<T>& cx, const Plan& pl, int64_t c, int64_t base, int64_t nloc, T* buf,
+                T* nrm, std::vector<int64_t>& stamp, int64_t stamp_id) {
+  const int64_t D = cx.D, Dp = cx.Dp;
+  const int32_t* st = pl.startT.data() + c * (pl.nb + 1);
+  const int64_t k0 = st[0], k1 = st[pl.nb];
+  if (k1 - k0 >= nloc / 2) {
+    for (int64_t r = 0; r < nloc; ++r) {
+      const T n = load_row(buf + r * Dp, cx.items + (base + r) * D, D, Dp, cx.normalize);
+      if (nrm) nrm[r] = n;
+    }
+    return true;
+  }
+  for (int64_t k = k0; k < k1; ++k) {
+    const int64_t r = pl.sorted[k] - base;
+    if (stamp[r] != stamp_id) {
+      stamp[r] = stamp_id;
+      const T n = load_row(buf + r * Dp, cx.items + (base + r) * D, D, Dp, cx.normalize);
+      if (nrm) nrm[r] = n;
+    }
+  }
+  return false;
+}
+
+// Forward: (1) sort; (2) chunk pass: scores of every pair into its slot; (3) row pass:
+// logits and log-sum-exp of each row over its slots.
+template <typename T, int NV>
+void per_row_forward(Ctx<T>& cx, T* loss, T* lse_out, T* raw, bool compute_raw) {
+  using Ops = RunOps<T, NV>;
+  constexpr int W = Vec<T>::W;
+  const Tuning& tu = tuning();
+  const int64_t B = cx.B, M = cx.M, D = cx.D, Dp = cx.Dp, N = cx.N;
+  PhaseTimer pt;
+  const int64_t Bb = std::max<int64_t>(1, std::min<int64_t>(B, tu.max_pairs / M));
+  auto plp = std::make_shared<Plan>();
+  Plan& pl = *plp;
+  pl.shift = chunk_shift(Dp * int64_t(sizeof(T)), tu.chunk_bytes, N, Bb, tu.max_pairs);
+  pl.CI = int64_t(1) << pl.shift;
+  pl.C = ((N - 1) >> pl.shift) + 1;
+  Buf<T> score = make_buf<T>(Bb * M);
+  for (int64_t r0 = 0; r0 < B; r0 += Bb) {
+    const int64_t nb = std::min(Bb, B - r0);
+    build_plan(cx, pl, r0, nb, static_cast<const std::vector<T>*>(nullptr));
+    pt.mark("fwd plan");
+    at::parallel_for(0, pl.C, grain(nb * M * Dp / pl.C), [&](int64_t c0, int64_t c1) {
+      Buf<T> buf = make_buf<T>(pl.CI * Dp);
+      std::vector<int64_t> stamp(pl.CI, -1);
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t base = c << pl.shift;
+        const int64_t nloc = std::min(pl.CI, N - base);
+        const int32_t* st = pl.startT.data() + c * (nb + 1);
+        if (st[0] == st[nb]) continue;
+        load_chunk(cx, pl, c, base, nloc, buf.get(), static_cast<T*>(nullptr), stamp, c + r0 * pl.C);
+        for (int64_t bl = 0; bl < nb; ++bl) {
+          const int64_t k0 = st[bl], k1 = st[bl + 1];
+          if (k0 == k1) continue;
+          Ops::dots(cx.uhat.get() + (r0 + bl) * Dp, buf.get(), pl.sorted.get() + k0, base, k1 - k0,
+                    Dp, score.get() + k0);
+        }
+      }
+    });
+    pt.mark("fwd chunks");
+    at::parallel_for(0, nb, grain(8 * M), [&](int64_t b0, int64_t b1) {
+      std::vector<T> lg(M + W), lr(M + W);
+      for (int64_t bl = b0; bl < b1; ++bl) {
+        const int64_t b = r0 + bl;
+        const T beta = cx.beta[b];
+        const int32_t p = cx.pos[b];
+        int64_t n = 0;
+        for (int64_t c = 0; c < pl.C; ++c) {
+          const int64_t k0 = pl.start[bl * pl.C + c], len = pl.cnt[bl * pl.C + c];
+          for (int64_t k = k0; k < k0 + len; ++k, ++n) {
+            const int32_t item = pl.sorted[k];
+            const T sv = score[k];
+            const T q = cx.logq ? cx.logq[item] : T(0);
+            const bool drop = cx.remove_hits && item == p;
+            lg[n] = drop ? neg_inf<T>() : beta * sv - q;
+            lr[n] = drop ? neg_inf<T>() : sv - q;
+          }
+        }
+        const int64_t npad = round_up(M, W);
+        for (int64_t k = M; k < npad; ++k) lg[k] = lr[k] = neg_inf<T>();
+        T m = neg_inf<T>(), s = T(0);
+        lse_update(lg.data(), npad, m, s);
+        finish_row(cx.include_pos, m, s, cx.alpha[b] * cx.spos[b], lse_out[b], loss[b]);
+        if (compute_raw) {
+          T rm = neg_inf<T>(), rs = T(0), unused;
+          lse_update(lr.data(), npad, rm, rs);
+          finish_row(cx.include_pos, rm, rs, cx.spos[b], unused, raw[b]);
+        }
+      }
+    });
+    pt.mark("fwd rows");
+  }
+  if (Bb >= B) PlanCache::get().put(plan_key(cx, pl.shift), plp);
+  (void)D;
 }
 
 // Per-row quantities of the backward: g (0 for an empty row), d(loss)/d(pos score).
@@ -604,18 +880,20 @@ RowGrad<T> row_grad(const Ctx<T>& cx, const T* grad_loss, const T* lse) {
   return rg;
 }
 
-// grad_user rows from the normalized-space gradient gu (+ the positive's term), and the
-// scale gradients.
+// grad_user rows [r0, r0+nb) from the normalized-space gradient (the sum of nparts
+// partials [nparts][nb][Dp] in order, plus the positive's term), and the scale gradients.
 template <typename T>
-void finish_rows(const Ctx<T>& cx, const RowGrad<T>& rg, const T* gu_parts, int64_t nparts,
-                 const T* q_parts, T* grad_user, T* grad_alpha, T* grad_beta, bool need_scale) {
-  const int64_t B = cx.B, D = cx.D, Dp = cx.Dp;
-  at::parallel_for(0, B, 64, [&](int64_t b0, int64_t b1) {
+void finish_rows(const Ctx<T>& cx, const RowGrad<T>& rg, int64_t r0, int64_t nb, const T* gu_parts,
+                 int64_t nparts, const T* q_parts, T* grad_user, T* grad_alpha, T* grad_beta,
+                 bool need_scale) {
+  const int64_t D = cx.D, Dp = cx.Dp;
+  at::parallel_for(0, nb, grain(4 * (nparts + 2) * Dp), [&](int64_t b0, int64_t b1) {
     std::vector<T> gu(Dp), ph(Dp);
-    for (int64_t b = b0; b < b1; ++b) {
-      std::copy(gu_parts + b * Dp, gu_parts + (b + 1) * Dp, gu.begin());
+    for (int64_t bl = b0; bl < b1; ++bl) {
+      const int64_t b = r0 + bl;
+      std::copy(gu_parts + bl * Dp, gu_parts + (bl + 1) * Dp, gu.begin());
       for (int64_t g = 1; g < nparts; ++g) {
-        const T* part = gu_parts + (g * B + b) * Dp;
+        const T* part = gu_parts + (g * nb + bl) * Dp;
         for (int64_t i = 0; i < Dp; ++i) gu[i] += part[i];
       }
       const T dp = rg.dpos[b];
@@ -627,7 +905,7 @@ void finish_rows(const Ctx<T>& cx, const RowGrad<T>& rg, const T* gu_parts, int6
                          cx.normalize);
       if (need_scale) {
         T q = T(0);
-        for (int64_t g = 0; g < nparts; ++g) q += q_parts[g * B + b];
+        for (int64_t g = 0; g < nparts; ++g) q += q_parts[g * nb + bl];
         grad_beta[b] = rg.g[b] * q;
         grad_alpha[b] = rg.g[b] * cx.spos[b] * (rg.p_pos[b] - T(1));
       } else {
@@ -638,35 +916,38 @@ void finish_rows(const Ctx<T>& cx, const RowGrad<T>& rg, const T* gu_parts, int6
   });
 }
 
-// Backward, per block of rows (all rows at the paper's sizes):
-//  1. count each row's pairs per item chunk, prefix-sum into (chunk, row) slots;
-//  2. row pass (parallel over rows): recompute scores, P = exp(logit - lse),
-//     d = g·β·P; the user gradient Σ d·î (row-owned, no conflicts) and Σ P·ŝ; scatter
-//     (item, d) into the chunk-sorted slots;
-//  3. chunk pass (parallel over chunks): the thread owning a chunk adds d·û_b to the
-//     chunk's item-gradient rows in (row, m) order, adds the positives' terms, and on
-//     the last block applies the normalization's Jacobian.
-// Every sum has a fixed order, whatever the number of threads.
+// Backward, per block of rows (all rows at the paper's sizes): sort (rows with no
+// gradient left out), then a chunk pass: the thread owning a chunk recomputes each pair's
+// score from the chunk's normalized rows, P = exp(logit - lse), d = g·β·P, and adds
+// d·û_b to the chunk's item-gradient rows and d·î to the user-gradient partial of its
+// group (G groups of chunks, G from the problem size only, merged in group order), then
+// applies the normalization's Jacobian to the chunk's item rows.
 template <typename T, int NV>
 void per_row_backward(Ctx<T>& cx, const T* grad_loss, const T* lse, T* grad_user, T* grad_items,
                       T* grad_alpha, T* grad_beta, bool need_scale) {
   using Ops = RunOps<T, NV>;
   using V = Vec<T>;
   constexpr int W = V::W;
+  const Tuning& tu = tuning();
   const int64_t B = cx.B, M = cx.M, D = cx.D, Dp = cx.Dp, N = cx.N;
   PhaseTimer pt;
-  Table<T> tb = make_table(cx);
   RowGrad<T> rg = row_grad(cx, grad_loss, lse);
-  pt.mark("bwd table");
-
-  const int64_t max_pairs = tuning().max_pairs;
-  const int64_t Bb = std::max<int64_t>(1, std::min<int64_t>(B, max_pairs / M));
-  const int64_t row_bytes = Dp * int64_t(sizeof(T));
-  int shift = 4;
-  while (shift < 30 && (int64_t(2) << shift) * row_bytes <= tuning().bwd_chunk_bytes) ++shift;
-  while (shift < 31 && (((N - 1) >> shift) + 1) * (Bb + 1) > max_pairs) ++shift;
-  const int64_t CI = int64_t(1) << shift;
-  const int64_t C = ((N - 1) >> shift) + 1;
+  const int64_t Gmax = std::max<int64_t>(1, tu.max_groups);
+  int64_t Bb = std::max<int64_t>(1, std::min<int64_t>(B, tu.max_pairs / M));
+  Bb = std::max<int64_t>(1, std::min<int64_t>(Bb, tu.partial_bytes / (Gmax * Dp * int64_t(sizeof(T)))));
+  const bool single = Bb >= B;
+  const int shift0 = chunk_shift(Dp * int64_t(sizeof(T)), tu.chunk_bytes, N, Bb, tu.max_pairs);
+  std::shared_ptr<Plan> cached = single ? PlanCache::get().take(plan_key(cx, shift0)) : nullptr;
+  std::shared_ptr<Plan> plp = cached ? cached : std::make_shared<Plan>();
+  Plan& pl = *plp;
+  if (!cached) {
+    pl.shift = shift0;
+    pl.CI = int64_t(1) << pl.shift;
+    pl.C = ((N - 1) >> pl.shift) + 1;
+  }
+  const int64_t C = pl.C, CI = pl.CI;
+  const int64_t G = std::min(Gmax, C);
+  const int shift = pl.shift;
 
   // Positives by chunk (stable in b).
   std::vector<int32_t> pstart(C + 1, 0), prow(B);
@@ -676,171 +957,134 @@ void per_row_backward(Ctx<T>& cx, const T* grad_loss, const T* lse, T* grad_user
     std::vector<int32_t> pcur(pstart.begin(), pstart.end() - 1);
     for (int64_t b = 0; b < B; ++b) prow[pcur[cx.pos[b] >> shift]++] = static_cast<int32_t>(b);
   }
-
-  Buf<int32_t> isorted = make_buf<int32_t>(Bb * M);
-  Buf<T> dsorted = make_buf<T>(Bb * M);
-  std::vector<int32_t> cnt(Bb * C), start(Bb * C), startT(C * (Bb + 1));
-  std::vector<int64_t> cstart(C + 1);
-  std::atomic<bool> bad{false};
+  Buf<T> gu_parts = make_buf<T>(G * Bb * Dp);
+  std::vector<T> q_parts(G * Bb);
+  pt.mark("bwd setup");
 
   for (int64_t r0 = 0; r0 < B; r0 += Bb) {
     const int64_t nb = std::min(Bb, B - r0);
     const bool first = r0 == 0, last = r0 + nb == B;
-    // 1. counts and slots
-    at::parallel_for(0, nb, 16, [&](int64_t b0, int64_t b1) {
-      alignas(64) int32_t li[kBlock];
-      bool ok = true;
-      for (int64_t bl = b0; bl < b1; ++bl) {
-        int32_t* cr = cnt.data() + bl * C;
-        std::fill(cr, cr + C, 0);
-        if (rg.g[r0 + bl] == T(0)) continue;
-        for (int64_t m0 = 0; m0 < M; m0 += kBlock) {
-          const int64_t n = std::min(kBlock, M - m0);
-          ok &= load_idx(cx.neg, cx.neg_is_int64, (r0 + bl) * M + m0, n, N, li);
-          for (int64_t k = 0; k < n; ++k) cr[li[k] >> shift]++;
-        }
-      }
-      if (!ok) bad.store(true);
-    });
-    TORCH_CHECK(!bad.load(), "adaptau cpu: an index in neg is outside [0, ", N, ")");
+    if (!cached) build_plan(cx, pl, r0, nb, &rg.g);
+    // Groups: contiguous chunk ranges with about the same number of pairs.
+    std::vector<int64_t> gchunk(G + 1, C);
+    gchunk[0] = 0;
     {
-      std::vector<int64_t> run(C, 0);
-      for (int64_t bl = 0; bl < nb; ++bl)
-        for (int64_t c = 0; c < C; ++c) run[c] += cnt[bl * C + c];
-      cstart[0] = 0;
-      for (int64_t c = 0; c < C; ++c) {
-        cstart[c + 1] = cstart[c] + run[c];
-        run[c] = cstart[c];
+      const int64_t P = pl.startT[(C - 1) * (nb + 1) + nb];
+      int64_t c = 0;
+      for (int64_t g = 1; g < G; ++g) {
+        const int64_t target = P * g / G;
+        while (c < C && pl.startT[c * (nb + 1)] < target) ++c;
+        gchunk[g] = std::max(c, gchunk[g - 1]);
       }
-      for (int64_t bl = 0; bl < nb; ++bl)
-        for (int64_t c = 0; c < C; ++c) {
-          start[bl * C + c] = static_cast<int32_t>(run[c]);
-          run[c] += cnt[bl * C + c];
-        }
-      constexpr int64_t TB = 16;  // blocked transpose into chunk-major order
-      for (int64_t bb = 0; bb < nb; bb += TB)
-        for (int64_t cc = 0; cc < C; cc += TB)
-          for (int64_t c = cc; c < std::min(C, cc + TB); ++c)
-            for (int64_t bl = bb; bl < std::min(nb, bb + TB); ++bl)
-              startT[c * (nb + 1) + bl] = start[bl * C + c];
-      for (int64_t c = 0; c < C; ++c) startT[c * (nb + 1) + nb] = static_cast<int32_t>(cstart[c + 1]);
     }
-    pt.mark("bwd slots");
+    pt.mark("bwd plan");
 
-    // 2. row pass
-    at::parallel_for(0, nb, 16, [&](int64_t b0, int64_t b1) {
-      alignas(64) int32_t li[kBlock];
+    at::parallel_for(0, G, grain(3 * nb * M * Dp / G), [&](int64_t g0, int64_t g1) {
+      Buf<T> buf = make_buf<T>(CI * Dp);
+      Buf<T> acc = make_buf<T>(CI * Dp);
+      std::vector<T> nrm(CI);
+      std::vector<int64_t> stamp(CI, -1);
       alignas(64) T sc[kBlock];
       alignas(64) T lg[kBlock + W];
       alignas(64) T dd[kBlock + W];
-      alignas(64) T coef[kBlock];
-      std::vector<T> gu(Dp), ph(Dp);
-      for (int64_t bl = b0; bl < b1; ++bl) {
-        const int64_t b = r0 + bl;
-        std::fill(gu.begin(), gu.end(), T(0));
-        const T g = rg.g[b];
-        T qsum = T(0);
-        if (g != T(0)) {
-          int32_t* cur = start.data() + bl * C;  // this row's slots, used as cursors
-          const T* u = cx.uhat.get() + b * Dp;
-          const T beta = cx.beta[b];
-          const T l_b = lse[b];
-          const int32_t p = cx.pos[b];
-          const typename V::R vg = V::set1(g * beta);
-          for (int64_t m0 = 0; m0 < M; m0 += kBlock) {
-            const int64_t n = std::min(kBlock, M - m0);
-            load_idx(cx.neg, cx.neg_is_int64, b * M + m0, n, N, li);
-            Ops::dots(u, tb.rows, li, n, Dp, sc);
-            const int64_t npad = round_up(n, W);
-            for (int64_t k = 0; k < n; ++k) {
-              const int32_t item = li[k];
-              const T sv = cx.normalize ? sc[k] * tb.inv[item] : sc[k];
-              sc[k] = sv;
-              const T q = cx.logq ? cx.logq[item] : T(0);
-              const bool drop = cx.remove_hits && item == p;
-              lg[k] = drop ? neg_inf<T>() : beta * sv - q - l_b;
+      for (int64_t g = g0; g < g1; ++g) {
+        T* gup = gu_parts.get() + g * nb * Dp;
+        std::memset(gup, 0, sizeof(T) * nb * Dp);
+        T* gq = q_parts.data() + g * nb;
+        std::fill(gq, gq + nb, T(0));
+        for (int64_t c = gchunk[g]; c < gchunk[g + 1]; ++c) {
+          const int64_t base = c << shift;
+          const int64_t nloc = std::min(CI, N - base);
+          const int32_t* st = pl.startT.data() + c * (nb + 1);
+          const bool dense = load_chunk(cx, pl, c, base, nloc, buf.get(), nrm.data(), stamp,
+                                        (c + r0 * C));
+          std::memset(acc.get(), 0, sizeof(T) * nloc * Dp);
+          for (int64_t bl = 0; bl < nb; ++bl) {
+            int64_t k0 = st[bl];
+            const int64_t k1 = st[bl + 1];
+            const int64_t b = r0 + bl;
+            if (k0 == k1 || rg.g[b] == T(0)) continue;
+            const T* u = cx.uhat.get() + b * Dp;
+            const T beta = cx.beta[b];
+            const T l_b = lse[b];
+            const int32_t p = cx.pos[b];
+            const typename V::R vg = V::set1(rg.g[b] * beta);
+            T qsum = T(0);
+            for (; k0 < k1; k0 += kBlock) {
+              const int64_t n = std::min(kBlock, k1 - k0);
+              const int32_t* idx = pl.sorted.get() + k0;
+              Ops::dots(u, buf.get(), idx, base, n, Dp, sc);
+              const int64_t npad = round_up(n, W);
+              for (int64_t k = 0; k < n; ++k) {
+                const int32_t item = idx[k];
+                const T q = cx.logq ? cx.logq[item] : T(0);
+                const bool drop = cx.remove_hits && item == p;
+                lg[k] = drop ? neg_inf<T>() : beta * sc[k] - q - l_b;
+              }
+              for (int64_t k = n; k < npad; ++k) lg[k] = neg_inf<T>();
+              for (int64_t k = 0; k < npad; k += W) {
+                const typename V::R pk = V::exp(V::load(lg + k));
+                V::store(lg + k, pk);
+                V::store(dd + k, V::mul(vg, pk));
+              }
+              if (need_scale)
+                for (int64_t k = 0; k < n; ++k) qsum += lg[k] * sc[k];
+              Ops::grads(u, buf.get(), acc.get(), idx, base, dd, n, Dp, gup + bl * Dp);
             }
-            for (int64_t k = n; k < npad; ++k) lg[k] = neg_inf<T>();
-            for (int64_t k = 0; k < npad; k += W) {
-              const typename V::R pk = V::exp(V::load(lg + k));
-              V::store(lg + k, pk);
-              V::store(dd + k, V::mul(vg, pk));
-            }
-            if (need_scale)
-              for (int64_t k = 0; k < n; ++k) qsum += lg[k] * sc[k];
-            if (cx.normalize)
-              for (int64_t k = 0; k < n; ++k) coef[k] = dd[k] * tb.inv[li[k]];
-            else
-              for (int64_t k = 0; k < n; ++k) coef[k] = dd[k];
-            Ops::gather_axpy(gu.data(), tb.rows, Dp, li, coef, n);
-            for (int64_t k = 0; k < n; ++k) {
-              const int32_t j = cur[li[k] >> shift]++;
-              isorted[j] = li[k];
-              dsorted[j] = dd[k];
-            }
+            gq[bl] += qsum;
           }
-        }
-        const T dp = rg.dpos[b];
-        if (dp != T(0)) {
-          load_row(ph.data(), cx.items + int64_t(cx.pos[b]) * D, D, Dp, cx.normalize);
-          for (int64_t i = 0; i < D; ++i) gu[i] += dp * ph[i];
-        }
-        normalize_backward(grad_user + b * D, gu.data(), cx.uhat.get() + b * Dp, cx.unorm[b], D,
-                           cx.normalize);
-        if (need_scale) {
-          grad_beta[b] = g * qsum;
-          grad_alpha[b] = g * cx.spos[b] * (rg.p_pos[b] - T(1));
-        } else {
-          grad_beta[b] = T(0);
-          grad_alpha[b] = T(0);
-        }
-      }
-    });
-    pt.mark("bwd rows");
-
-    // 3. chunk pass
-    at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
-      Buf<T> acc = make_buf<T>(CI * Dp);
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t base = c << shift;
-        const int64_t nloc = std::min(CI, N - base);
-        std::memset(acc.get(), 0, sizeof(T) * nloc * Dp);
-        const int32_t* st = startT.data() + c * (nb + 1);
-        for (int64_t bl = 0; bl < nb; ++bl) {
-          const int64_t k0 = st[bl], k1 = st[bl + 1];
-          if (k0 == k1) continue;
-          Ops::scatter_axpy(cx.uhat.get() + (r0 + bl) * Dp, acc.get(), base, isorted.get() + k0,
-                            dsorted.get() + k0, k1 - k0, Dp);
-        }
-        for (int64_t j = pstart[c]; j < pstart[c + 1]; ++j) {
-          const int64_t b = prow[j];
-          const T dp = rg.dpos[b];
-          if (b < r0 || b >= r0 + nb || dp == T(0)) continue;
-          T* a = acc.get() + (cx.pos[b] - base) * Dp;
-          const T* u = cx.uhat.get() + b * Dp;
-          for (int64_t i = 0; i < Dp; ++i) a[i] += dp * u[i];
-        }
-        for (int64_t r = 0; r < nloc; ++r) {
-          T* out = grad_items + (base + r) * D;
-          const T* a = acc.get() + r * Dp;
-          if (first)
-            std::memcpy(out, a, sizeof(T) * D);
-          else
-            for (int64_t i = 0; i < D; ++i) out[i] += a[i];
-          if (last && cx.normalize) {
-            const T inv = tb.inv[base + r];
-            const T* x = cx.items + (base + r) * D;
-            if (inv < T(1) / norm_eps<T>()) {
-              const T proj = inv * inv * dot_plain(x, out, D);
-              for (int64_t i = 0; i < D; ++i) out[i] = (out[i] - x[i] * proj) * inv;
-            } else {
-              for (int64_t i = 0; i < D; ++i) out[i] *= inv;
+          // Positives of this chunk (rows of this block).
+          bool any_pos = false;
+          for (int64_t j = pstart[c]; j < pstart[c + 1]; ++j) {
+            const int64_t b = prow[j];
+            const T dp = rg.dpos[b];
+            if (b < r0 || b >= r0 + nb || dp == T(0)) continue;
+            const int64_t r = cx.pos[b] - base;
+            if (!dense && stamp[r] != (c + r0 * C)) {
+              stamp[r] = (c + r0 * C);
+              nrm[r] = load_row(buf.get() + r * Dp, cx.items + (base + r) * D, D, Dp, cx.normalize);
+            }
+            any_pos = true;
+            T* a = acc.get() + r * Dp;
+            const T* u = cx.uhat.get() + b * Dp;
+            for (int64_t i = 0; i < Dp; ++i) a[i] += dp * u[i];
+          }
+          (void)any_pos;
+          // Item-gradient rows of the chunk.
+          for (int64_t r = 0; r < nloc; ++r) {
+            T* out = grad_items + (base + r) * D;
+            const T* a = acc.get() + r * Dp;
+            const bool loaded = dense || stamp[r] == (c + r0 * C);
+            if (single) {
+              if (loaded)
+                normalize_backward(out, a, buf.get() + r * Dp, nrm[r], D, cx.normalize);
+              else
+                std::memset(out, 0, sizeof(T) * D);
+              continue;
+            }
+            if (first)
+              std::memcpy(out, a, sizeof(T) * D);
+            else
+              for (int64_t i = 0; i < D; ++i) out[i] += a[i];
+            if (last && cx.normalize) {
+              const T* x = cx.items + (base + r) * D;
+              const T n = std::sqrt(dot_plain(x, x, D));
+              if (n > norm_eps<T>()) {
+                const T inv = T(1) / n;
+                const T proj = inv * inv * dot_plain(x, out, D);
+                for (int64_t i = 0; i < D; ++i) out[i] = (out[i] - x[i] * proj) * inv;
+              } else {
+                for (int64_t i = 0; i < D; ++i) out[i] *= T(1) / norm_eps<T>();
+              }
             }
           }
         }
       }
     });
     pt.mark("bwd chunks");
+    finish_rows(cx, rg, r0, nb, gu_parts.get(), G, q_parts.data(), grad_user, grad_alpha, grad_beta,
+                need_scale);
+    pt.mark("bwd rows");
   }
 }
 
@@ -867,7 +1111,7 @@ Cands<T> prepare_cands(const Ctx<T>& cx, const at::Tensor& neg) {
   cd.ct = make_zero_buf<T>(D * Mp);
   cd.lq.assign(Mp, T(0));
   cd.cnorm.resize(Mc);
-  at::parallel_for(0, Mc, 64, [&](int64_t m0, int64_t m1) {
+  at::parallel_for(0, Mc, grain(4 * D), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       T* row = cd.chat.get() + m * Dp;
       cd.cnorm[m] = load_row(row, cx.items + int64_t(cd.idx[m]) * D, D, Dp, cx.normalize);
@@ -902,7 +1146,7 @@ void gemm_forward(Ctx<T>& cx, const at::Tensor& neg, T* loss, T* lse_out, T* raw
   const int64_t RB = std::max<int64_t>(4, tu.row_block);
   const int64_t CB = round_up(std::max<int64_t>(2 * W, tu.col_block), 2 * W);
   const int64_t nblk = (B + RB - 1) / RB;
-  at::parallel_for(0, nblk, 1, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, nblk, grain(RB * cd.Mp * cx.D), [&](int64_t i0, int64_t i1) {
     Buf<T> S = make_buf<T>(RB * CB);
     std::vector<T> lg(CB), m(RB), s(RB), rm(RB), rs(RB);
     for (int64_t blk = i0; blk < i1; ++blk) {
@@ -972,7 +1216,7 @@ void gemm_backward(Ctx<T>& cx, const at::Tensor& neg, const T* grad_loss, const 
   Buf<T> gu = make_zero_buf<T>(B * Dp);
   std::vector<T> q(B, T(0));
 
-  at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
+  at::parallel_for(0, G, grain(3 * B * cd.Mp * Dp / G), [&](int64_t g0, int64_t g1) {
     Buf<T> S = make_buf<T>(RB * CB);
     Buf<T> dS = make_buf<T>(RB * CB);
     Buf<T> dST = make_buf<T>(CB * RB);
@@ -1019,7 +1263,7 @@ void gemm_backward(Ctx<T>& cx, const at::Tensor& neg, const T* grad_loss, const 
 
   // Candidate gradients: merge the group partials (group order), scatter to items in
   // candidate order, add the positives' terms in row order, then the normalization.
-  at::parallel_for(0, Mc, 64, [&](int64_t m0, int64_t m1) {
+  at::parallel_for(0, Mc, grain(G * Dp), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       T* dst = gc_parts.get() + m * Dp;
       for (int64_t g = 1; g < G; ++g) {
@@ -1048,7 +1292,7 @@ void gemm_backward(Ctx<T>& cx, const at::Tensor& neg, const T* grad_loss, const 
     if (!seen[it]) { seen[it] = 1; touched.push_back(it); }
   }
   if (cx.normalize) {
-    at::parallel_for(0, static_cast<int64_t>(touched.size()), 64, [&](int64_t t0, int64_t t1) {
+    at::parallel_for(0, static_cast<int64_t>(touched.size()), grain(4 * D), [&](int64_t t0, int64_t t1) {
       std::vector<T> xh(Dp), gg(Dp, T(0));
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t it = touched[t];
@@ -1059,7 +1303,7 @@ void gemm_backward(Ctx<T>& cx, const at::Tensor& neg, const T* grad_loss, const 
       }
     });
   }
-  finish_rows(cx, rg, gu.get(), 1, q.data(), grad_user, grad_alpha, grad_beta, need_scale);
+  finish_rows(cx, rg, 0, B, gu.get(), 1, q.data(), grad_user, grad_alpha, grad_beta, need_scale);
 }
 
 // ================================================================= dispatch and glue
@@ -1181,6 +1425,7 @@ Ctx<T> make_ctx(const Inputs& in, int64_t neg_mode, bool include_pos, bool norma
   cx.logq = in.logq.defined() ? in.logq.data_ptr<T>() : nullptr;
   cx.neg = in.neg.data_ptr();
   cx.neg_is_int64 = in.neg.scalar_type() == at::kLong;
+  cx.neg_version = in.neg._version();
   cx.pos = indices_to_i32(in.pos, in.N, "pos");
   prepare_rows(cx);
   return cx;

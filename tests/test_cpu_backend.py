@@ -334,7 +334,7 @@ def test_small_tuning_exercises_every_blocking_path():
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
         print("ok")
     """)
-    env = dict(os.environ, ADAPTAU_CPU_BWD_CHUNK_BYTES="1", ADAPTAU_CPU_MAX_PAIRS="100",
+    env = dict(os.environ, ADAPTAU_CPU_CHUNK_BYTES="1", ADAPTAU_CPU_MAX_PAIRS="100",
                ADAPTAU_CPU_ROW_BLOCK="4", ADAPTAU_CPU_COL_BLOCK="16", ADAPTAU_CPU_GROUPS="3")
     res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                          timeout=120)

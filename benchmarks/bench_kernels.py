@@ -1,0 +1,436 @@
+"""Kernel microbenchmarks: adaptau.softmax_loss backends vs eager PyTorch and torch.compile.
+
+For every negative mode (per-row [B, M], shared [M], in-batch) and a few shapes, times the
+eager PyTorch formulation (gather + normalize + bmm/matmul + logsumexp + .backward()), the
+same function under torch.compile, and every adaptau backend usable on the device
+('reference' only at small shapes, 'triton' never on CPU): forward, backward and
+forward+backward, medians of --repeats runs after --warmup runs, all side by side in one
+process. Also the peak extra memory of one forward+backward step.
+
+Memory, CPU: peak resident-set growth of the process during one step, measured as VmHWM
+(peak RSS, reset through /proc/self/clear_refs) minus the RSS at the start of the step,
+after glibc's malloc_trim so freed heap memory is returned first. For adaptau the scratch
+it keeps between calls (its buffer pool and the forward's pair sort kept for the backward)
+is resident before the step, so it is measured separately (RSS growth over its warm-up
+calls) and added: the reported figure is step peak + retained workspace.
+Memory, CUDA: torch.cuda.max_memory_allocated() growth over the step.
+
+Shapes eager cannot run (estimated peak > 70% of available memory) are reported as
+'OOM/skipped (needs ~X GiB)' without running them.
+
+Writes benchmarks/results/kernels_<device>.md, .csv and .png (time against M, log scale).
+
+    python benchmarks/bench_kernels.py                 # full CPU suite
+    python benchmarks/bench_kernels.py --quick         # paper shape + small shape only
+    python benchmarks/bench_kernels.py --device cuda   # triton / cuda backends
+    python benchmarks/bench_kernels.py --shapes paper_mf,d128 --repeats 5
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import ctypes
+import gc
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import adaptau  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+@dataclass
+class Shape:
+    name: str
+    mode: str  # per_row | shared | in_batch
+    B: int
+    M: int  # negatives per row (in-batch: B - 1)
+    D: int
+    N: int = 40981
+
+
+def all_shapes() -> List[Shape]:
+    shapes = []
+    for mode in ("per_row", "shared"):
+        shapes += [
+            Shape("small", mode, 256, 128, 32, 5000),
+            Shape("paper_mf", mode, 2048, 1024, 64),
+            Shape("d128", mode, 2048, 1024, 128),
+            Shape("m4096", mode, 2048, 4096, 64),
+            Shape("b8192", mode, 8192, 1024, 64),
+        ]
+    shapes += [Shape("m128", "per_row", 2048, 128, 64), Shape("m512", "per_row", 2048, 512, 64),
+               Shape("m16384", "per_row", 2048, 16384, 64)]
+    shapes += [Shape("small", "in_batch", 256, 255, 32, 5000),
+               Shape("inbatch_2048", "in_batch", 2048, 2047, 64),
+               Shape("inbatch_4096", "in_batch", 4096, 4095, 64)]
+    return shapes
+
+
+# ------------------------------------------------------------------------ the baseline
+def eager_loss(user, items, pos, neg, alpha: float, beta: float, mode: str):
+    """Plain PyTorch: gather the candidates, normalize, score, logsumexp (include_pos=False)."""
+    u = F.normalize(user, dim=-1)
+    if mode == "per_row":
+        idx = torch.cat([pos[:, None], neg], 1)                  # [B, M+1]
+        it = F.normalize(items[idx], dim=-1)                      # [B, M+1, D]
+        s = torch.bmm(it, u[:, :, None]).squeeze(-1)              # [B, M+1]
+        pos_s, neg_s = s[:, 0], s[:, 1:]
+    else:
+        ip = F.normalize(items[pos], dim=-1)
+        pos_s = (u * ip).sum(-1)
+        if mode == "shared":
+            neg_s = u @ F.normalize(items[neg], dim=-1).T          # [B, M]
+        else:
+            neg_s = (u @ ip.T).masked_fill(torch.eye(u.shape[0], dtype=torch.bool,
+                                                     device=u.device), float("-inf"))
+    lse = torch.logsumexp(beta * neg_s, dim=1)
+    return (lse - alpha * pos_s).mean()
+
+
+def eager_bytes(s: Shape) -> float:
+    """Rough peak of the eager formulation: ~6 live copies of the gathered block."""
+    if s.mode == "per_row":
+        return 6.0 * s.B * (s.M + 1) * s.D * 4
+    return 6.0 * s.B * (s.M + 1) * 4 + 3.0 * (s.M + s.B) * s.D * 4
+
+
+def compile_bytes(s: Shape) -> float:
+    return 1.2 * s.B * (s.M + 1) * s.D * 4 if s.mode == "per_row" else eager_bytes(s)
+
+
+def available_bytes() -> float:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 2**30
+
+
+# ---------------------------------------------------------------------------- memory
+_libc = None
+
+
+def _trim():
+    global _libc
+    gc.collect()
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL("libc.so.6")
+        _libc.malloc_trim(0)
+    except OSError:
+        pass
+
+
+def _rss_and_hwm():
+    rss = hwm = 0
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) * 1024
+            elif line.startswith("VmHWM:"):
+                hwm = int(line.split()[1]) * 1024
+    return rss, hwm
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure_peak(step: Callable[[], None], device: str) -> Optional[float]:
+    """Extra bytes at the peak of one call of step()."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return float(torch.cuda.max_memory_allocated() - base)
+    _trim()
+    if not _reset_hwm():
+        return None
+    rss0, _ = _rss_and_hwm()
+    step()
+    _, hwm = _rss_and_hwm()
+    return float(max(0, hwm - rss0))
+
+
+# ---------------------------------------------------------------------------- timing
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_method(fwd: Callable, params, device: str, warmup: int, repeats: int):
+    """Medians (seconds) of forward, backward, forward+backward."""
+    tf, tb, tt = [], [], []
+    for i in range(warmup + repeats):
+        for p in params:
+            p.grad = None
+        _sync(device)
+        t0 = time.perf_counter()
+        loss = fwd()
+        _sync(device)
+        t1 = time.perf_counter()
+        loss.backward()
+        _sync(device)
+        t2 = time.perf_counter()
+        if i >= warmup:
+            tf.append(t1 - t0)
+            tb.append(t2 - t1)
+            tt.append(t2 - t0)
+    return statistics.median(tf), statistics.median(tb), statistics.median(tt)
+
+
+def make_inputs(s: Shape, device: str, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    user = torch.randn(s.B, s.D, generator=gen).to(device).requires_grad_()
+    items = torch.randn(s.N, s.D, generator=gen).to(device).requires_grad_()
+    pos = torch.randint(0, s.N, (s.B,), generator=gen).to(device)
+    if s.mode == "per_row":
+        neg = torch.randint(0, s.N, (s.B, s.M), generator=gen).to(device)
+    elif s.mode == "shared":
+        neg = torch.randint(0, s.N, (s.M,), generator=gen).to(device)
+    else:
+        neg = None
+    return user, items, pos, neg
+
+
+def run_shape(s: Shape, args, rows: List[Dict]):
+    device = args.device
+    user, items, pos, neg = make_inputs(s, device)
+    alpha, beta = 5.0, 5.0
+    params = (user, items)
+    methods: Dict[str, Callable] = {}
+    notes: Dict[str, str] = {}
+    avail = available_bytes() if device == "cpu" else float(
+        torch.cuda.mem_get_info()[0])
+
+    if eager_bytes(s) > 0.7 * avail:
+        notes["eager"] = f"OOM/skipped (needs ~{eager_bytes(s) / 2**30:.1f} GiB)"
+    else:
+        methods["eager"] = lambda: eager_loss(user, items, pos, neg, alpha, beta, s.mode)
+    if args.no_compile:
+        notes["compile"] = "skipped (--no-compile)"
+    elif compile_bytes(s) > 0.7 * avail:
+        notes["compile"] = f"OOM/skipped (needs ~{compile_bytes(s) / 2**30:.1f} GiB)"
+    else:
+        torch._dynamo.reset()
+        compiled = torch.compile(eager_loss)
+        methods["compile"] = lambda: compiled(user, items, pos, neg, alpha, beta, s.mode)
+    small = s.B * (s.M + 1) * s.D <= 2**22
+    for backend in adaptau.available_backends(device):
+        if backend == "reference" and not small:
+            continue
+        if backend == "triton" and device == "cpu":
+            continue
+        methods[backend] = (lambda b=backend: adaptau.softmax_loss(
+            user, items, pos, neg, alpha, beta, backend=b))
+
+    threads = torch.get_num_threads()
+    for name, fwd in methods.items():
+        warmup = args.warmup + (2 if name == "compile" else 0)
+        repeats = args.repeats
+        if name in ("eager", "compile", "reference") and s.B * s.M * s.D > 2**26:
+            repeats = max(3, min(repeats, args.slow_repeats))
+        retained = 0.0
+        if device == "cpu" and name not in ("eager", "compile", "reference"):
+            _trim()
+            before, _ = _rss_and_hwm()
+        tf, tb, tt = time_method(fwd, params, device, warmup, repeats)
+        if device == "cpu" and name not in ("eager", "compile", "reference"):
+            _trim()
+            after, _ = _rss_and_hwm()
+            retained = max(0.0, float(after - before))
+
+        def step():
+            for p in params:
+                p.grad = None
+            fwd().backward()
+
+        peak = measure_peak(step, device)
+        peak = None if peak is None else peak + retained
+        rows.append(dict(mode=s.mode, shape=s.name, B=s.B, M=s.M, D=s.D, N=s.N, method=name,
+                         threads=threads if device == "cpu" else "",
+                         fwd_ms=tf * 1e3, bwd_ms=tb * 1e3, total_ms=tt * 1e3,
+                         peak_mib=None if peak is None else peak / 2**20, note=""))
+        print(f"  {s.mode:8s} {s.name:13s} {name:9s} fwd {tf*1e3:9.2f} ms  bwd {tb*1e3:9.2f} ms  "
+              f"total {tt*1e3:9.2f} ms  peak +{(peak or 0)/2**20:8.1f} MiB", flush=True)
+    for name, note in notes.items():
+        rows.append(dict(mode=s.mode, shape=s.name, B=s.B, M=s.M, D=s.D, N=s.N, method=name,
+                         threads=threads if device == "cpu" else "", fwd_ms=None, bwd_ms=None,
+                         total_ms=None, peak_mib=None, note=note))
+        print(f"  {s.mode:8s} {s.name:13s} {name:9s} {note}", flush=True)
+    del user, items, pos, neg, methods
+    _trim()
+
+
+# ------------------------------------------------------------------------- reporting
+def machine_info(device: str) -> List[str]:
+    lines = []
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+        flags = open("/proc/cpuinfo").read()
+        isa = "avx512f" if " avx512f" in flags else ("avx2" if " avx2" in flags else "baseline")
+    except OSError:
+        isa = "?"
+    lines.append(f"CPU: {cpu} ({os.cpu_count()} logical cores, widest SIMD: {isa}); "
+                 f"torch threads: {torch.get_num_threads()}")
+    try:
+        load = os.getloadavg()
+        lines.append(f"Load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
+                     "(other processes share these cores; ratios are measured side by side)")
+    except OSError:
+        pass
+    if device == "cuda":
+        lines.append(f"GPU: {torch.cuda.get_device_name()}; CUDA {torch.version.cuda}")
+    lines.append(f"torch {torch.__version__}, adaptau {adaptau.__version__}, python "
+                 f"{platform.python_version()}, backends here: {adaptau.available_backends(device)}")
+    return lines
+
+
+def fmt(v, digits=2):
+    return "" if v is None else f"{v:.{digits}f}"
+
+
+def write_results(rows: List[Dict], info: List[str], args, extra: List[str]):
+    os.makedirs(args.out_dir, exist_ok=True)
+    prefix = os.path.join(args.out_dir, f"kernels_{args.device}")
+    keys = ["mode", "shape", "B", "M", "D", "N", "method", "threads", "fwd_ms", "bwd_ms",
+            "total_ms", "peak_mib", "note"]
+    with open(prefix + ".csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (fmt(r[k], 3) if isinstance(r[k], float) else r[k]) for k in keys})
+    fused = [m for m in ("cpu", "cuda", "triton")]
+    with open(prefix + ".md", "w") as f:
+        f.write(f"# Kernel microbenchmarks ({args.device})\n\n")
+        for line in info + extra:
+            f.write(f"- {line}\n")
+        f.write(f"- Command: `{' '.join(sys.argv)}`\n")
+        f.write(f"- Medians of {args.repeats} runs after {args.warmup} warm-up runs "
+                f"(eager/compile/reference at big shapes: {args.slow_repeats}); loss = mean, "
+                "include_pos=False, normalize=True, alpha = beta = 5.\n\n")
+        f.write("| mode | shape | B | M | D | method | fwd ms | bwd ms | fwd+bwd ms | "
+                "vs eager | vs compile | peak extra MiB |\n")
+        f.write("|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+        for r in rows:
+            base = {m: x for x in rows if x["mode"] == r["mode"] and x["shape"] == r["shape"]
+                    and x["threads"] == r["threads"] for m in [x["method"]]}
+            ratio = {}
+            for ref in ("eager", "compile"):
+                b = base.get(ref)
+                ratio[ref] = ("" if (r["total_ms"] is None or b is None or b["total_ms"] is None
+                                     or r["method"] == ref)
+                              else f"{b['total_ms'] / r['total_ms']:.1f}x")
+            if r["note"]:
+                f.write(f"| {r['mode']} | {r['shape']} | {r['B']} | {r['M']} | {r['D']} | "
+                        f"{r['method']} | {r['note']} | | | | | |\n")
+                continue
+            name = r["method"] + (f" ({r['threads']}T)" if r["threads"] != "" else "")
+            f.write(f"| {r['mode']} | {r['shape']} | {r['B']} | {r['M']} | {r['D']} | {name} | "
+                    f"{fmt(r['fwd_ms'])} | {fmt(r['bwd_ms'])} | {fmt(r['total_ms'])} | "
+                    f"{ratio['eager']} | {ratio['compile']} | {fmt(r['peak_mib'], 1)} |\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        sel = [r for r in rows if r["mode"] == "per_row" and r["B"] == 2048 and r["D"] == 64
+               and r["total_ms"] is not None]
+        for method in sorted({r["method"] for r in sel}):
+            pts = sorted((r["M"], r["total_ms"]) for r in sel if r["method"] == method
+                         and (r["threads"] in ("", torch.get_num_threads())))
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("negatives per row M (per-row mode, B=2048, D=64)")
+        ax.set_ylabel("forward+backward time (ms)")
+        ax.set_title(f"adaptau softmax_loss vs PyTorch ({args.device})")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(prefix + ".png", dpi=120)
+    except Exception as exc:  # plotting is optional
+        print(f"plot skipped: {exc}")
+    print(f"wrote {prefix}.md, .csv, .png")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--quick", action="store_true", help="paper shape and the small shape only")
+    ap.add_argument("--shapes", default="", help="comma list of shape names (see all_shapes)")
+    ap.add_argument("--modes", default="per_row,shared,in_batch")
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--slow-repeats", type=int, default=3,
+                    help="repeats for eager/compile/reference at large shapes")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", default="", help="CPU thread counts, e.g. '2,1' (default: torch's)")
+    ap.add_argument("--scaling-shape", default="paper_mf",
+                    help="shape at which every --threads value is timed (others: first value)")
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--out-dir", default=RESULTS)
+    args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device")
+    modes = args.modes.split(",")
+    shapes = [s for s in all_shapes() if s.mode in modes]
+    if args.quick:
+        shapes = [s for s in shapes if s.name in ("paper_mf", "small", "inbatch_2048")]
+    if args.shapes:
+        wanted = args.shapes.split(",")
+        shapes = [s for s in shapes if s.name in wanted]
+    threads = [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
+    torch._dynamo.config.cache_size_limit = 64
+    info = machine_info(args.device)
+    print("\n".join(info), flush=True)
+    rows: List[Dict] = []
+    t_start = time.time()
+    for s in shapes:
+        for i, nt in enumerate(threads):
+            if i > 0 and s.name != args.scaling_shape:
+                continue
+            if args.device == "cpu":
+                torch.set_num_threads(nt)
+            run_shape(s, args, rows)
+    torch.set_num_threads(threads[0])
+    extra = [f"Suite wall time {time.time() - t_start:.0f} s"]
+    try:
+        load = os.getloadavg()
+        extra.append(f"Load average at end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    except OSError:
+        pass
+    write_results(rows, info, args, extra)
+
+
+if __name__ == "__main__":
+    main()
