@@ -298,8 +298,10 @@ class AdapTau:
             self._loss_sum = self._loss_sum.to(raw.device)
             self._loss_count = self._loss_count.to(raw.device)
         index = users.long().to(raw.device)
-        self._loss_sum.index_add_(0, index, raw.detach().to(torch.float64))
-        self._loss_count.index_add_(0, index, torch.ones_like(raw, dtype=torch.float64))
+        # bincount: one pass, no per-thread scatter buffers (index_add_ is slow on a busy CPU)
+        self._loss_sum += torch.bincount(index, weights=raw.detach().to(torch.float64),
+                                         minlength=self.num_users)
+        self._loss_count += torch.bincount(index, minlength=self.num_users).to(torch.float64)
 
     # -- reporting and state ------------------------------------------------------------
     def summary(self) -> Dict[str, float]:
