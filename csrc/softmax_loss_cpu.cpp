@@ -463,10 +463,12 @@ struct RunOps {
 };
 
 // -------------------------------------------------------------------- GEMM micro-kernel
-// S[r*lds + c] = sum_d U[r*ldu + d] * CT[d*ldc + c] for r < nr, c < nc (nc multiple of 2W).
+// S[r*lds + c] = sum_d U[r*ldu + d] * C[c][d] for r < nr, c < nc (nc multiple of 2W), with
+// the candidates packed in panels of 2W columns: C[c][d] = CT[(c/2W)*D*2W + d*2W + c%2W]
+// (contiguous per panel: no cache-set aliasing however many candidates there are).
 template <typename T>
 void score_tile(const T* __restrict__ U, int64_t ldu, int64_t nr, const T* __restrict__ CT,
-                int64_t ldc, int64_t nc, int64_t D, T* __restrict__ S, int64_t lds) {
+                int64_t nc, int64_t D, T* __restrict__ S, int64_t lds) {
   using V = Vec<T>;
   using R = typename V::R;
   constexpr int W = V::W;
@@ -478,8 +480,8 @@ void score_tile(const T* __restrict__ U, int64_t ldu, int64_t nr, const T* __res
       const T* u3 = U + std::min(r + 3, nr - 1) * ldu;
       R a00 = V::zero(), a01 = V::zero(), a10 = V::zero(), a11 = V::zero();
       R a20 = V::zero(), a21 = V::zero(), a30 = V::zero(), a31 = V::zero();
-      const T* ct = CT + c;
-      for (int64_t d = 0; d < D; ++d, ct += ldc) {
+      const T* ct = CT + (c / (2 * W)) * D * 2 * W;
+      for (int64_t d = 0; d < D; ++d, ct += 2 * W) {
         const R b0 = V::load(ct), b1 = V::load(ct + W);
         R x = V::set1(u0[d]);
         a00 = V::fma(x, b0, a00); a01 = V::fma(x, b1, a01);
@@ -1094,7 +1096,7 @@ struct Cands {
   int64_t Mc = 0, Mp = 0;
   std::vector<int32_t> idx;  // [Mc] item of each candidate
   Buf<T> chat;               // [Mc][Dp] normalized candidate rows
-  Buf<T> ct;                 // [D][Mp] transposed, zero padded columns
+  Buf<T> ct;                 // candidates in panels of 2W columns (see score_tile), zero padded
   std::vector<T> lq;         // [Mp] logq of each candidate (0 past Mc)
   std::vector<T> cnorm;      // [Mc]
 };
@@ -1115,7 +1117,8 @@ Cands<T> prepare_cands(const Ctx<T>& cx, const at::Tensor& neg) {
     for (int64_t m = m0; m < m1; ++m) {
       T* row = cd.chat.get() + m * Dp;
       cd.cnorm[m] = load_row(row, cx.items + int64_t(cd.idx[m]) * D, D, Dp, cx.normalize);
-      for (int64_t d = 0; d < D; ++d) cd.ct[d * Mp + m] = row[d];
+      T* panel = cd.ct.get() + (m / (2 * W)) * D * 2 * W + (m % (2 * W));
+      for (int64_t d = 0; d < D; ++d) panel[d * 2 * W] = row[d];
       if (cx.logq) cd.lq[m] = cx.logq[cd.idx[m]];
     }
   });
@@ -1157,7 +1160,7 @@ void gemm_forward(Ctx<T>& cx, const at::Tensor& neg, T* loss, T* lse_out, T* raw
       std::fill(rs.begin(), rs.end(), T(0));
       for (int64_t c0 = 0; c0 < cd.Mp; c0 += CB) {
         const int64_t nc = std::min(CB, cd.Mp - c0);
-        score_tile(cx.uhat.get() + r0 * Dp, Dp, nr, cd.ct.get() + c0, cd.Mp, nc, cx.D, S.get(), CB);
+        score_tile(cx.uhat.get() + r0 * Dp, Dp, nr, cd.ct.get() + c0 * cx.D, nc, cx.D, S.get(), CB);
         for (int64_t r = 0; r < nr; ++r) {
           const int64_t b = r0 + r;
           tile_logits(cx, cd, b, S.get() + r * CB, c0, nc, cx.beta[b], true, T(0), lg.data());
@@ -1228,7 +1231,7 @@ void gemm_backward(Ctx<T>& cx, const at::Tensor& neg, const T* grad_loss, const 
         for (int64_t c0 = 0; c0 < cd.Mp; c0 += CB) {
           const int64_t nc = std::min(CB, cd.Mp - c0);
           const int64_t ncv = std::min(nc, Mc - c0);  // valid columns
-          score_tile(cx.uhat.get() + r0 * Dp, Dp, nr, cd.ct.get() + c0, cd.Mp, nc, D, S.get(), CB);
+          score_tile(cx.uhat.get() + r0 * Dp, Dp, nr, cd.ct.get() + c0 * cx.D, nc, D, S.get(), CB);
           for (int64_t r = 0; r < nr; ++r) {
             const int64_t b = r0 + r;
             T* d = dS.get() + r * CB;
