@@ -203,7 +203,7 @@ Buf<T> make_zero_buf(int64_t n) {
 // work (multiply-adds, roughly). Small problems then run inline on the calling thread:
 // an OpenMP region costs microseconds on an idle machine and milliseconds when the
 // cores are shared with other busy processes.
-constexpr int64_t kMinWork = int64_t(1) << 18;
+constexpr int64_t kMinWork = int64_t(1) << 20;
 inline int64_t grain(int64_t work_per_item) {
   return std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, work_per_item));
 }
