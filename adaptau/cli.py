@@ -80,6 +80,11 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--out", default=S, help="run folder (default runs/<name>)")
     g.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last.pt")
     g.add_argument("--progress", choices=["auto", "on", "off"], default=S)
+    g = p.add_argument_group("distributed")
+    g.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="train with N local worker processes (torch.distributed.run; gloo on CPU, "
+                   "NCCL on GPU); --batch-size stays the global batch. Several machines: "
+                   "torchrun --nnodes … -m adaptau train …")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,7 +118,7 @@ def resolve_config(ns: argparse.Namespace):
         cfg.update(PRESETS[preset], where=f"preset {preset}")
     if file_values:
         cfg.update(file_values, where=f"--config {ns.config}")
-    skip = {"command", "config", "preset", "resume"}
+    skip = {"command", "config", "preset", "resume", "nproc", "_argv"}
     flags = {k: v for k, v in vars(ns).items() if k not in skip and v is not None}
     cfg.update(flags, where="flags")
     return cfg
@@ -129,7 +134,32 @@ def find_bench_script() -> Optional[Path]:
     return None
 
 
+def _strip_nproc(argv: List[str]) -> List[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
 def _cmd_train(ns: argparse.Namespace) -> int:
+    from . import distributed as dist
+
+    if ns.nproc is not None and ns.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {ns.nproc}")
+    if ns.nproc and ns.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        return dist.launch(_strip_nproc(ns._argv), ns.nproc)
+    try:
+        return _train_worker(ns)
+    finally:
+        dist.shutdown()
+
+
+def _train_worker(ns: argparse.Namespace) -> int:
     from .train import NonFiniteLossError, TrainConfig, train
 
     if ns.resume:
@@ -139,7 +169,7 @@ def _cmd_train(ns: argparse.Namespace) -> int:
             return 2
         saved = {k: v for k, v in json.loads(cfg_path.read_text()).items() if not k.startswith("_")}
         cfg = TrainConfig().update(saved)
-        skip = {"command", "config", "preset", "resume"}
+        skip = {"command", "config", "preset", "resume", "nproc", "_argv"}
         cfg.update({k: v for k, v in vars(ns).items() if k not in skip and v is not None}, where="flags")
         cfg.out = ns.resume
     else:
@@ -183,6 +213,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         ns = argparse.Namespace(command="bench", args=args[1:])
     else:
         ns = parser.parse_args(args)
+        ns._argv = args[1:]
     if ns.command is None:
         parser.print_help()
         return 2

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import distributed as dist
 from .data import Dataset, Split, csr_pairs, load_dataset, prepare
 from .evaluate import format_metrics, full_ranking, item_popularity
 from .models import build_model, sampled_l2
@@ -234,16 +235,7 @@ def _snapshot_epochs(epoch: int) -> bool:
 
 
 def _dist_info() -> Tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _maybe_init_distributed(device: torch.device) -> None:
-    """Join a process group when launched by torchrun (WORLD_SIZE > 1)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend)
+    return dist.rank_and_world()
 
 
 # ------------------------------------------------------------------------------ trainer
@@ -259,8 +251,8 @@ class Trainer:
         cfg.validate()
         self.cfg = cfg
         self.log_fn = log
-        self.device = _resolve_device(cfg.device)
-        _maybe_init_distributed(self.device)
+        # torchrun workers (WORLD_SIZE > 1) join the group here: gloo on CPU, NCCL on CUDA
+        self.device = dist.init_from_env(_resolve_device(cfg.device))
         self.rank, self.world_size = _dist_info()
         self.is_main = self.rank == 0
 
@@ -284,9 +276,9 @@ class Trainer:
         self.model = build_model(cfg.model, self.num_users, self.num_items, sp_.train, dim=cfg.dim,
                                  dropout=cfg.dropout, layers=cfg.layers, init_std=cfg.init_std)
         self.model.to(self.device)
-        if self.world_size > 1:  # same initial weights everywhere
-            for p in self.model.parameters():
-                torch.distributed.broadcast(p.data, 0)
+        # the backbone's part of a step; DistributedDataParallel when world_size > 1
+        # (which also broadcasts rank 0's initial weights)
+        self.step_module = dist.wrap_model(dist.StepModule(self.model), self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr,
                                           **({"fused": True} if self.device.type in ("cpu", "cuda") else {}))
         from .temperature import AdapTau
@@ -297,13 +289,15 @@ class Trainer:
                                   active_quantile=cfg.active_quantile)
         self.sampler = NegativeSampler(cfg.sampler, self.num_items, cfg.negatives, train=sp_.train,
                                        gamma=cfg.pop_gamma, device=self.device)
+        # global batches of cfg.batch_size rows, the same on every rank (shared seed); each
+        # rank keeps rows rank, rank + world_size, … of each (see _train_epoch)
         self.batches = BatchIterator(self.train_users, self.train_items, cfg.batch_size,
                                      drop_last=cfg.sampler == "in-batch" and
-                                     self.train_users.numel() >= cfg.batch_size,
-                                     rank=self.rank, world_size=self.world_size)
+                                     self.train_users.numel() >= cfg.batch_size)
         gen_device = self.device if self.device.type == "cuda" else "cpu"
         self.shuffle_gen = torch.Generator(device=gen_device).manual_seed(cfg.seed)
-        self.neg_gen = torch.Generator(device=gen_device).manual_seed(cfg.seed + 7919 * (self.rank + 1))
+        # negatives are drawn for the whole global batch from one stream shared by all ranks
+        self.neg_gen = torch.Generator(device=gen_device).manual_seed(cfg.seed + 7919)
 
         self.start_epoch = 0
         self.history: List[Dict[str, Any]] = []
@@ -331,6 +325,16 @@ class Trainer:
             if not (out / "last.pt").is_file():
                 raise FileNotFoundError(f"--resume {resume}: no last.pt in that folder")
             return out
+        if self.world_size > 1:  # rank 0 picks the folder (the default name probes the disk)
+            out = Path(dist.broadcast_object(str(self._new_run_folder()) if self.is_main else None))
+            if self.is_main:
+                out.mkdir(parents=True, exist_ok=True)
+            return out
+        out = self._new_run_folder()
+        out.mkdir(parents=True, exist_ok=True)
+        return out
+
+    def _new_run_folder(self) -> Path:
         if self.cfg.out:
             out = Path(self.cfg.out)
         else:
@@ -340,8 +344,6 @@ class Trainer:
                 while Path(f"{out}-{k}").exists():
                     k += 1
                 out = Path(f"{out}-{k}")
-        if self.is_main:
-            out.mkdir(parents=True, exist_ok=True)
         return out
 
     def log(self, msg: str) -> None:
@@ -374,12 +376,21 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["cuda"])
 
     def _save_last(self, epoch_done: int) -> None:
+        """Write last.pt on rank 0. Collective when world_size > 1: call it on every rank."""
+        controller = self.controller.state_dict()
+        if self.world_size > 1:  # the epoch's per-user loss sums of every rank, reduced
+            for key in ("loss_sum", "loss_count"):
+                controller[key] = dist.all_reduce_sum(
+                    getattr(self.controller, "_" + key)).detach().cpu()
+        if not self.is_main:
+            return
         atomic_save({
             "epoch": epoch_done,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "controller": self.controller.state_dict(),
+            "controller": controller,
             "rng": self._rng_state(),
+            "world_size": self.world_size,
             "history": self.history,
             "best": self.best,
             "bad_evals": self.bad_evals,
@@ -393,6 +404,9 @@ class Trainer:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.controller.load_state_dict(ckpt["controller"])
+        if self.rank != 0:  # rank 0 holds the saved (already reduced) sums; the next
+            self.controller._loss_sum.zero_()    # begin_epoch all-reduces them
+            self.controller._loss_count.zero_()
         self._set_rng_state(ckpt["rng"])
         self.start_epoch = int(ckpt["epoch"])
         self.history = list(ckpt["history"])
@@ -442,32 +456,35 @@ class Trainer:
 
         bar = tqdm(total=len(self.batches), desc=f"epoch {epoch}", leave=False, unit="batch",
                    disable=not (self.is_main and _progress_enabled(cfg.progress)))
+        world, rank = self.world_size, self.rank
         for users, pos in self.batches.epoch(self.shuffle_gen):
-            if users.numel() < 2 and cfg.sampler == "in-batch":
-                continue
+            # (users, pos) is the global batch, identical on every rank
+            if users.numel() < (2 if cfg.sampler == "in-batch" else 1) * world:
+                continue  # too small to give every rank its rows (all ranks skip it alike)
             neg, neg_logq = self.sampler.sample(users, pos, self.neg_gen)
-            user_table, item_table = model.tables()
-            u = model.batch_users(user_table, users)
+            if world > 1:  # this rank's rows: rank, rank + world, …
+                mine = torch.arange(rank, users.numel(), world, device=users.device)
+                if cfg.sampler == "in-batch":  # the other rows of the *global* batch
+                    neg = dist.global_in_batch_negatives(pos, mine)
+                elif neg is not None and neg.dim() == 2:
+                    neg = neg[mine]
+                users, pos = users[mine], pos[mine]
+            u, item_table, ego_u, ego_i = self.step_module(users)
             pos_scale, neg_scale = self.controller.scales(users)
             loss, raw = softmax_loss(u, item_table, pos, neg, pos_scale, neg_scale,
                                      include_pos=cfg.include_pos, normalize=cfg.normalize,
                                      neg_logq=neg_logq, remove_accidental_hits=cfg.remove_hits,
                                      return_raw=True, backend=cfg.backend)
-            if cfg.l2 > 0:
-                ego_u, ego_i = model.ego()
-                loss = loss + cfg.l2 * sampled_l2(ego_u, ego_i, users, pos, neg)
+            if cfg.l2 > 0:  # (in-batch: the negatives are positives, already counted)
+                loss = loss + cfg.l2 * sampled_l2(ego_u, ego_i, users, pos,
+                                                  None if cfg.sampler == "in-batch" else neg)
             if not bool(torch.isfinite(loss.detach())):
                 raise NonFiniteLossError(
                     f"non-finite training loss ({float(loss.detach())}) at epoch {epoch}, step {bar.n}: "
                     f"w0={self.controller.w0:.4g}; try a lower --lr or a larger --tau-value / "
                     f"--smoothing. The last good checkpoint is {self.out / 'last.pt'}")
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.world_size > 1:
-                for p in model.parameters():
-                    if p.grad is not None:
-                        torch.distributed.all_reduce(p.grad)
-                        p.grad /= self.world_size
+            loss.backward()  # DDP averages the gradients over ranks here
             self.optimizer.step()
             self.controller.observe(users, raw)
             total += float(loss.detach()) * users.numel()
@@ -528,8 +545,8 @@ class Trainer:
                     else:
                         self.bad_evals += 1
             self.history.append(rec)
+            self._save_last(epoch + 1)  # collective; rank 0 writes
             if self.is_main:
-                self._save_last(epoch + 1)
                 with open(self.out / "metrics.jsonl", "a") as fh:
                     fh.write(json.dumps(rec, default=_json_default) + "\n")
                 self.log(self._epoch_line(rec))
@@ -599,6 +616,8 @@ class Trainer:
             "seconds_per_epoch": self.train_seconds / max(1, epochs_run),
             "train_seconds": self.train_seconds,
             "world_size": self.world_size,
+            "global_batch": cfg.batch_size,
+            "rows_per_rank": -(-cfg.batch_size // self.world_size),
             "device": str(self.device),
             "backend": self.backend_used,
             "dataset": ds_stats,
