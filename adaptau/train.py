@@ -457,11 +457,13 @@ class Trainer:
         bar = tqdm(total=len(self.batches), desc=f"epoch {epoch}", leave=False, unit="batch",
                    disable=not (self.is_main and _progress_enabled(cfg.progress)))
         world, rank = self.world_size, self.rank
+        direct_l2 = cfg.l2 > 0 and self._l2_on_leaves()
         for users, pos in self.batches.epoch(self.shuffle_gen):
             # (users, pos) is the global batch, identical on every rank
             if users.numel() < (2 if cfg.sampler == "in-batch" else 1) * world:
                 continue  # too small to give every rank its rows (all ranks skip it alike)
             neg, neg_logq = self.sampler.sample(users, pos, self.neg_gen)
+            batch_g = (users, pos, None if cfg.sampler == "in-batch" else neg)
             if world > 1:  # this rank's rows: rank, rank + world, …
                 mine = torch.arange(rank, users.numel(), world, device=users.device)
                 if cfg.sampler == "in-batch":  # the other rows of the *global* batch
@@ -475,7 +477,7 @@ class Trainer:
                                      include_pos=cfg.include_pos, normalize=cfg.normalize,
                                      neg_logq=neg_logq, remove_accidental_hits=cfg.remove_hits,
                                      return_raw=True, backend=cfg.backend)
-            if cfg.l2 > 0:  # (in-batch: the negatives are positives, already counted)
+            if cfg.l2 > 0 and not direct_l2:  # (in-batch: negatives are positives, already counted)
                 loss = loss + cfg.l2 * sampled_l2(ego_u, ego_i, users, pos,
                                                   None if cfg.sampler == "in-batch" else neg)
             if not bool(torch.isfinite(loss.detach())):
@@ -485,13 +487,51 @@ class Trainer:
                     f"--smoothing. The last good checkpoint is {self.out / 'last.pt'}")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()  # DDP averages the gradients over ranks here
+            l2_value = self._add_l2_grad(*batch_g, ego_u, ego_i) if direct_l2 else 0.0
             self.optimizer.step()
             self.controller.observe(users, raw)
-            total += float(loss.detach()) * users.numel()
+            total += (float(loss.detach()) + l2_value) * users.numel()
             rows += users.numel()
             bar.update(1)
         bar.close()
         return {"loss": total / max(rows, 1)}
+
+    def _l2_on_leaves(self) -> bool:
+        """True when the L2 tables (layer-0 embeddings) are parameters, so the L2 gradient
+        can be added to their ``.grad`` directly (MF and LightGCN)."""
+        ego_u, ego_i = self.model.ego()
+        params = {id(p) for p in self.model.parameters()}
+        return id(ego_u) in params and id(ego_i) in params and ego_u is not ego_i
+
+    @torch.no_grad()
+    def _add_l2_grad(self, users: torch.Tensor, pos: torch.Tensor, neg: Optional[torch.Tensor],
+                     user_w: torch.Tensor, item_w: torch.Tensor) -> float:
+        """Add the gradient of ``l2 · sampled_l2(...)`` of the *global* batch to the tables'
+        ``.grad`` (after backward, so after DDP's all-reduce: every rank adds the same) and
+        return its value. Same formula as :func:`adaptau.models.sampled_l2`, without the
+        autograd graph: ``0.5·(Σ‖U[u]‖² + Σ_items count·‖I‖²)/B`` with the item counts from
+        one bincount (numpy's on CPU, several times faster than torch's there)."""
+        batch, n = users.numel(), item_w.shape[0]
+        c = self.cfg.l2 / batch
+        if users.device.type == "cpu":
+            counts = np.bincount(pos.numpy(), minlength=n).astype(np.float32)
+            if neg is not None:
+                nc = np.bincount(neg.reshape(-1).numpy(), minlength=n).astype(np.float32)
+                counts += nc * batch if neg.dim() == 1 else nc
+            counts = torch.from_numpy(counts).to(item_w.dtype)
+        else:
+            counts = torch.bincount(pos.long(), minlength=n).to(item_w.dtype)
+            if neg is not None:
+                nc = torch.bincount(neg.reshape(-1).long(), minlength=n).to(item_w.dtype)
+                counts += nc * batch if neg.dim() == 1 else nc
+        idx = users.long()
+        u_rows = user_w[idx]
+        for w in (user_w, item_w):
+            if w.grad is None:
+                w.grad = torch.zeros_like(w)
+        item_w.grad.addcmul_(item_w, counts.unsqueeze(1), value=c)
+        user_w.grad.index_add_(0, idx, u_rows, alpha=c)
+        return 0.5 * c * float(u_rows.pow(2).sum() + (item_w.pow(2).sum(1) * counts).sum())
 
     def fit(self) -> Dict[str, Any]:
         cfg = self.cfg

@@ -132,6 +132,7 @@ class Stepper:
 
     def __init__(self, trainer: Trainer, loss_fn, negatives: int) -> None:
         self.t, self.loss_fn = trainer, loss_fn
+        self.direct_l2 = hasattr(trainer, "_add_l2_grad") and trainer._l2_on_leaves()
         self.sampler = adaptau.sampling.NegativeSampler(
             "uniform", trainer.num_items, negatives, device=trainer.device)
         self.gen = torch.Generator().manual_seed(1)
@@ -157,13 +158,15 @@ class Stepper:
         u = model.batch_users(user_table, users)
         pos_scale, neg_scale = t.controller.scales(users)
         loss, raw = self.loss_fn(u, item_table, pos, neg, pos_scale, neg_scale)
-        if cfg.l2 > 0:
-            ego_u, ego_i = model.ego()
+        ego_u, ego_i = model.ego()
+        if cfg.l2 > 0 and not self.direct_l2:  # the L2 term through autograd (before the fix)
             loss = loss + cfg.l2 * sampled_l2(ego_u, ego_i, users, pos, neg)
         float(loss.detach())
         marks.append(time.perf_counter())
         t.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if cfg.l2 > 0 and self.direct_l2:  # as the trainer does: L2 gradient added directly
+            t._add_l2_grad(users, pos, neg, ego_u, ego_i)
         marks.append(time.perf_counter())
         t.optimizer.step()
         marks.append(time.perf_counter())

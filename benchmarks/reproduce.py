@@ -85,14 +85,23 @@ def parse_value(text: str) -> Any:
     return {"true": True, "false": False}.get(text.lower(), text)
 
 
+def epochs_for(dataset: str, args) -> int:
+    return args.epochs_for.get(dataset, args.epochs)
+
+
+def warmup_for(dataset: str, args) -> int:
+    return args.warmup if args.warmup is not None else min(100, max(1, epochs_for(dataset, args) // 4))
+
+
 def cell_config(dataset: str, model: str, protocol: str, rule: str, args) -> TrainConfig:
     cfg = TrainConfig().update(PRESETS[f"gowalla-{model}-paper"])
-    warmup = args.warmup if args.warmup is not None else min(100, max(1, args.epochs // 4))
-    cfg.update(dict(data=dataset, protocol=protocol, epochs=args.epochs, warmup=warmup,
+    warmup = warmup_for(dataset, args)
+    cfg.update(dict(data=dataset, protocol=protocol, epochs=epochs_for(dataset, args), warmup=warmup,
                     eval_every=args.eval_every, patience=args.patience, progress="off",
                     seed=args.seed))
     cfg.update(rule_settings(rule))
-    cfg.update(args.overrides)
+    cfg.update({k: v for k, v in args.overrides.items() if "." not in k})
+    cfg.update({k.split(".", 1)[1]: v for k, v in args.overrides.items() if k.startswith(model + ".")})
     return cfg
 
 
@@ -163,9 +172,10 @@ def write_report(results: List[Dict[str, Any]], args, wall: float, argv: str, ou
         for r in results:
             w.writerow({k: r.get(k) for k in keys})
     load = " ".join(open("/proc/loadavg").read().split()[:3]) if os.path.exists("/proc/loadavg") else "?"
-    budget = (f"**Budget: {args.epochs} epochs per configuration** (warm-up "
-              f"{args.warmup if args.warmup is not None else min(100, max(1, args.epochs // 4))}, "
-              f"evaluation every {args.eval_every}, patience {args.patience})")
+    per = sorted({r["dataset"] for r in results})
+    budget = ("**Budget: " + ", ".join(f"{d} {epochs_for(d, args)} epochs (warm-up {warmup_for(d, args)})"
+                                      for d in per) + " per configuration**"
+              f" (evaluation every {args.eval_every}, patience {args.patience})")
     if args.overrides:
         budget += ", overrides for every run: " + ", ".join(f"{k}={v}" for k, v in args.overrides.items())
     lines = [
@@ -236,12 +246,15 @@ def main() -> int:
     ap.add_argument("--only", default="", help="comma list of glob patterns on cell names "
                     "<dataset>-<model>-<protocol>-<rule> (applied after the lists above)")
     ap.add_argument("--epochs", type=int, default=1000, help="epoch budget per configuration")
+    ap.add_argument("--epochs-for", action="append", default=[], metavar="DATASET=E",
+                    help="a different epoch budget for one dataset; repeatable")
     ap.add_argument("--warmup", type=int, default=None, help="Adap-τ warm-up (default min(100, epochs // 4))")
     ap.add_argument("--eval-every", type=int, default=5)
     ap.add_argument("--patience", type=int, default=10)
     ap.add_argument("--seed", type=int, default=2023)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a setting in every run (e.g. --set lr=1e-3); repeatable")
+                    help="override a setting in every run (e.g. --set lr=1e-3), or in one model's runs "
+                    "(--set mf.lr=1e-2); repeatable")
     ap.add_argument("--runs", default="runs/reproduce", help="folder of the run folders")
     ap.add_argument("--fresh", action="store_true", help="start every selected cell over")
     ap.add_argument("--resume", dest="fresh", action="store_false", help="continue/reuse run folders (default)")
@@ -250,6 +263,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(RESULTS / "reproduction.md"))
     ap.add_argument("--dry-run", action="store_true", help="list the selected cells and exit")
     args = ap.parse_args()
+    args.epochs_for = {k: int(v) for k, _, v in (x.partition("=") for x in args.epochs_for)}
     args.overrides = {}
     for kv in args.set:
         k, _, v = kv.partition("=")
