@@ -11,8 +11,9 @@ Memory, CPU: peak resident-set growth of the process during one step, measured a
 (peak RSS, reset through /proc/self/clear_refs) minus the RSS at the start of the step,
 after glibc's malloc_trim so freed heap memory is returned first. For adaptau the scratch
 it keeps between calls (its buffer pool and the forward's pair sort kept for the backward)
-is resident before the step, so it is measured separately (RSS growth over its warm-up
-calls) and added: the reported figure is step peak + retained workspace.
+would be resident before the step, so the fused backends are measured in a fresh process
+instead: peak RSS growth over three forward+backward steps (outputs, scratch, pool and
+cached sort included).
 Memory, CUDA: torch.cuda.max_memory_allocated() growth over the step.
 
 Shapes eager cannot run (estimated peak > 60% of available memory) are reported as
@@ -174,6 +175,43 @@ def measure_peak(step: Callable[[], None], device: str) -> Optional[float]:
     return float(max(0, hwm - rss0))
 
 
+def probe_fused_memory(s: Shape, backend: str, threads: int) -> Optional[float]:
+    """Peak RSS growth of 3 fused forward+backward steps in a fresh process.
+
+    Includes everything adaptau allocates: outputs, per-call scratch, the scratch pool it
+    keeps between calls and the forward's pair sort kept for the backward (a warm
+    in-process measurement would miss whatever earlier shapes left in the pool).
+    """
+    cmd = [sys.executable, os.path.abspath(__file__), "--probe-memory",
+           f"{s.mode},{s.B},{s.M},{s.D},{s.N},{backend},{threads}"]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        return float(out.stdout.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+def _probe_memory_main(spec: str) -> None:
+    mode, B, M, D, N, backend, threads = spec.split(",")
+    torch.set_num_threads(int(threads))
+    s = Shape("probe", mode, int(B), int(M), int(D), int(N))
+    # one tiny call first: one-time costs (imports, op registration) are not the kernel's
+    tiny = Shape("tiny", mode, 4, 3 if mode != "in_batch" else 3, int(D), 50)
+    tu, ti, tp, tn = make_inputs(tiny, "cpu")
+    adaptau.softmax_loss(tu, ti, tp, tn, 5.0, 5.0, backend=backend).backward()
+    user, items, pos, neg = make_inputs(s, "cpu")
+    _trim()
+    if not _reset_hwm():
+        print("nan")
+        return
+    rss0, _ = _rss_and_hwm()
+    for _ in range(3):
+        user.grad = items.grad = None
+        adaptau.softmax_loss(user, items, pos, neg, 5.0, 5.0, backend=backend).backward()
+    _, hwm = _rss_and_hwm()
+    print(float(hwm - rss0))
+
+
 # ---------------------------------------------------------------------------- timing
 def _sync(device):
     if device == "cuda":
@@ -251,25 +289,19 @@ def run_shape(s: Shape, args, rows: List[Dict]):
         warmup = args.warmup + (1 if name == "compile" else 0)
         repeats = args.repeats
         if name in ("eager", "compile", "reference") and s.B * s.M * s.D > 2**26:
-            repeats = max(3, min(repeats, args.slow_repeats))
+            repeats = max(2, min(repeats, args.slow_repeats))
             warmup = 2 if name == "compile" else 1
-        retained = 0.0
-        if device == "cpu" and name not in ("eager", "compile", "reference"):
-            _trim()
-            before, _ = _rss_and_hwm()
         tf, tb, tt = time_method(fwd, params, device, warmup, repeats)
-        if device == "cpu" and name not in ("eager", "compile", "reference"):
-            _trim()
-            after, _ = _rss_and_hwm()
-            retained = max(0.0, float(after - before))
 
         def step():
             for p in params:
                 p.grad = None
             fwd().backward()
 
-        peak = measure_peak(step, device)
-        peak = None if peak is None else peak + retained
+        if device == "cpu" and name not in ("eager", "compile", "reference"):
+            peak = probe_fused_memory(s, name, torch.get_num_threads())
+        else:
+            peak = measure_peak(step, device)
         rows.append(dict(mode=s.mode, shape=s.name, B=s.B, M=s.M, D=s.D, N=s.N, method=name,
                          threads=threads if device == "cpu" else "",
                          fwd_ms=tf * 1e3, bwd_ms=tb * 1e3, total_ms=tt * 1e3,
@@ -400,7 +432,11 @@ def main():
                     help="shape at which every --threads value is timed (others: first value)")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--out-dir", default=RESULTS)
+    ap.add_argument("--probe-memory", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.probe_memory:
+        _probe_memory_main(args.probe_memory)
+        return
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device")
     modes = args.modes.split(",")
