@@ -98,6 +98,24 @@ def normalized_adjacency(train: sp.spmatrix, num_users: int, num_items: int,
     return adj.to(device)
 
 
+class _SymmetricSpMM(torch.autograd.Function):
+    """``adj @ x`` for a *symmetric* sparse ``adj``: the backward is ``adj @ grad`` too.
+
+    torch's own backward of ``torch.sparse.mm`` w.r.t. the dense side transposes the CSR
+    matrix on every call, which made LightGCN's propagation backward 3–4× its forward
+    (profiled on Gowalla / Last.fm, CPU); Â = D^{-1/2} A D^{-1/2} is symmetric, so reuse it.
+    """
+
+    @staticmethod
+    def forward(ctx, adj: Tensor, x: Tensor) -> Tensor:
+        ctx.adj = adj
+        return torch.sparse.mm(adj, x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return None, torch.sparse.mm(ctx.adj, grad.contiguous())
+
+
 class LightGCN(nn.Module):
     """LightGCN: ``E_{k+1} = Â E_k`` for K layers, final vectors = mean of ``E_0 … E_K``.
 
@@ -121,7 +139,7 @@ class LightGCN(nn.Module):
         emb = torch.cat([self.user.weight, self.item.weight], 0)
         total = emb
         for _ in range(self.layers):
-            emb = torch.sparse.mm(self.adj, emb)
+            emb = _SymmetricSpMM.apply(self.adj, emb)
             total = total + emb
         final = total / (self.layers + 1)
         return final[: self.num_users], final[self.num_users:]
