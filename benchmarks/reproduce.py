@@ -183,7 +183,10 @@ def write_report(results: List[Dict[str, Any]], args, wall: float, argv: str, ou
         budget + ". The paper ran 142–366 epochs per configuration with a 100-epoch warm-up; "
         "figures from a short budget are **not** converged and only show the trend.", "",
         f"Command: `python benchmarks/reproduce.py {argv}`  ",
-        f"Wall time: {wall / 60:.1f} min (this invocation; reused runs cost nothing).  ",
+        f"Wall time: {wall / 60:.1f} min (this invocation; reused runs cost nothing); training time of "
+        f"the cells shown, summed over all invocations: "
+        f"{sum((r['s_per_epoch'] or 0) * (r['epochs_run'] or 0) for r in results) / 60:.1f} min "
+        "(evaluation not included).  ",
         f"Machine: {machine()}; load average at the end {load} (shared CPU).  ",
         "Full run: `python benchmarks/reproduce.py --epochs 1000 --warmup 100 --eval-every 5 --patience 10` "
         "(resumable: rerun the same command after an interruption).", "",
