@@ -235,7 +235,7 @@ EOF
 # -------------------------------------------------------------- 6. the benchmark suite
 if [[ -f benchmarks/bench_kernels.py ]]; then
   # shellcheck disable=SC2086
-  run_step bench_kernels 150 "$PY" benchmarks/bench_kernels.py --device cuda ${BENCH_ARGS:-}
+  run_step bench_kernels 150 "$PY" benchmarks/bench_kernels.py --device cuda ${BENCH_ARGS:---quick}
   mkdir -p "$OUT/bench_results"
   cp -r benchmarks/results/. "$OUT/bench_results/" 2>/dev/null || true
 else
