@@ -177,7 +177,9 @@ def write_report(results: List[Dict[str, Any]], args, wall: float, argv: str, ou
                                       for d in per) + " per configuration**"
               f" (evaluation every {args.eval_every}, patience {args.patience})")
     if args.overrides:
-        budget += ", overrides for every run: " + ", ".join(f"{k}={v}" for k, v in args.overrides.items())
+        budget += ", overrides: " + ", ".join(
+            (f"{k.split('.', 1)[1]}={v} for {k.split('.', 1)[0]} runs" if "." in k else f"{k}={v} for every run")
+            for k, v in args.overrides.items())
     lines = [
         "# Adap-τ reproduction", "",
         budget + ". The paper ran 142–366 epochs per configuration with a 100-epoch warm-up; "
@@ -198,6 +200,7 @@ def write_report(results: List[Dict[str, Any]], args, wall: float, argv: str, ou
         "Paper protocol = train on train ∪ valid and select the epoch on **test** (as the paper's code; "
         "optimistic); clean = train on train, select on valid, report test once. "
         "Metrics: Recall@20 / NDCG@20 on test, full ranking with train (and valid) items masked.", ""]
+    lines += [f"Note: {n}" for n in args.note] + ([""] if args.note else [])
     groups: Dict[tuple, List[Dict[str, Any]]] = {}
     for r in results:
         groups.setdefault((r["dataset"], r["protocol"]), []).append(r)
@@ -264,6 +267,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--verbose", action="store_true", help="print every epoch line")
     ap.add_argument("--out", default=str(RESULTS / "reproduction.md"))
+    ap.add_argument("--note", action="append", default=[], help="a line of context for the report")
     ap.add_argument("--dry-run", action="store_true", help="list the selected cells and exit")
     args = ap.parse_args()
     args.epochs_for = {k: int(v) for k, _, v in (x.partition("=") for x in args.epochs_for)}
@@ -273,7 +277,15 @@ def main() -> int:
         args.overrides[k.replace("-", "_")] = parse_value(v)
     if args.threads:
         torch.set_num_threads(args.threads)
-    argv = " ".join(sys.argv[1:])
+    argv, skip = [], False  # the command line for the report, without the --note texts
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif a == "--note":
+            skip = True
+        elif not a.startswith("--note="):
+            argv.append(f"'{a}'" if any(ch in a for ch in "*, ") else a)
+    argv = " ".join(argv)
     cells = [(d, m, p, r) for d in args.datasets.split(",") for m in args.models.split(",")
              for p in args.protocols.split(",") for r in args.rules.split(",")]
     if args.only:
