@@ -81,6 +81,60 @@ def _normalize_bwd(x, gh, r):
 
 
 @triton.jit
+def _lse_fold(m_run, s_run, logit):
+    """Online log-sum-exp, elementwise: fold ``logit`` (−inf = absent) into (max, scaled sum)."""
+    m_new = tl.maximum(m_run, logit)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, s_run * tl.exp(m_run - m_safe) + tl.exp(logit - m_safe)
+
+
+@triton.jit
+def _lse_fold_tile(m_run, s_run, logit):
+    """Online log-sum-exp over the columns of a ``[rows, cols]`` tile of logits."""
+    m_new = tl.maximum(m_run, tl.max(logit, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, s_run * tl.exp(m_run - m_safe) + tl.sum(tl.exp(logit - m_safe[:, None]), 1)
+
+
+@triton.jit
+def _with_positive(lse, pos_logit, INCLUDE_POS: tl.constexpr):
+    """log(exp(lse) + exp(pos_logit)) when the positive is in the denominator."""
+    if INCLUDE_POS:
+        top = tl.maximum(lse, pos_logit)
+        lse = top + tl.log(tl.exp(lse - top) + tl.exp(pos_logit - top))
+    return lse
+
+
+@triton.jit
+def _tile_scores(U, items_ptr, cand_ptr, ri_ptr, ru, rows, rmask, p, n0, M, D, cols, dmask,
+                 IN_BATCH: tl.constexpr, NORMALIZE: tl.constexpr, REMOVE_HITS: tl.constexpr,
+                 BLOCK_N: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Scores of a ``[BLOCK_B, BLOCK_N]`` tile of shared/in-batch candidates starting at ``n0``.
+
+    Returns ``(idx, cmask, C, S, rc, keep)``: candidate item ids, their mask, the gathered raw
+    rows, the (normalized) scores, the candidates' inverse norms (1 without ``NORMALIZE``)
+    and which (row, candidate) pairs count.
+    """
+    cn = n0 + tl.arange(0, BLOCK_N)
+    cmask = cn < M
+    idx = tl.load(cand_ptr + cn, mask=cmask, other=0).to(tl.int64)
+    C = tl.load(items_ptr + idx[:, None] * D + cols[None, :],
+                mask=cmask[:, None] & dmask[None, :], other=0)
+    S = tl.dot(U, tl.trans(C), input_precision=DOT_PRECISION, out_dtype=ACC)
+    if NORMALIZE:
+        rc = tl.load(ri_ptr + idx, mask=cmask, other=0)
+        S = S * ru[:, None] * rc[None, :]
+    else:
+        rc = tl.full([BLOCK_N], 1.0, ACC)
+    keep = rmask[:, None] & cmask[None, :]
+    if IN_BATCH:
+        keep = keep & (rows[:, None] != cn[None, :])
+    if REMOVE_HITS:
+        keep = keep & (p[:, None] != idx[None, :])
+    return idx, cmask, C, S, rc, keep
+
+
+@triton.jit
 def _fwd_rows_kernel(user_ptr, items_ptr, pos_ptr, neg_ptr, alpha_ptr, beta_ptr, logq_ptr,
                      ru_ptr, ri_ptr, loss_ptr, lse_ptr, raw_ptr, M, D,
                      HAS_LOGQ: tl.constexpr, INCLUDE_POS: tl.constexpr,
@@ -121,28 +175,18 @@ def _fwd_rows_kernel(user_ptr, items_ptr, pos_ptr, neg_ptr, alpha_ptr, beta_ptr,
         if HAS_LOGQ:
             lq = tl.load(logq_ptr + idx, mask=mmask, other=0).to(ACC)
             logit = logit - lq
-        logit = tl.where(keep, logit, float("-inf"))
-        m_new = tl.maximum(m_run, logit)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s_run = s_run * tl.exp(m_run - m_safe) + tl.exp(logit - m_safe)
-        m_run = m_new
+        m_run, s_run = _lse_fold(m_run, s_run, tl.where(keep, logit, float("-inf")))
         if COMPUTE_RAW:
             logit_r = s
             if HAS_LOGQ:
                 logit_r = logit_r - lq
-            logit_r = tl.where(keep, logit_r, float("-inf"))
-            m_new_r = tl.maximum(m_raw, logit_r)
-            m_safe_r = tl.where(m_new_r == float("-inf"), 0.0, m_new_r)
-            s_raw = s_raw * tl.exp(m_raw - m_safe_r) + tl.exp(logit_r - m_safe_r)
-            m_raw = m_new_r
+            m_raw, s_raw = _lse_fold(m_raw, s_raw, tl.where(keep, logit_r, float("-inf")))
 
     mx = tl.max(m_run, 0)
     mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
     lse = mx_safe + tl.log(tl.sum(s_run * tl.exp(m_run - mx_safe), 0))
     pos_logit = alpha * s_pos
-    if INCLUDE_POS:
-        top = tl.maximum(lse, pos_logit)
-        lse = top + tl.log(tl.exp(lse - top) + tl.exp(pos_logit - top))
+    lse = _with_positive(lse, pos_logit, INCLUDE_POS)
     loss = tl.where(lse == float("-inf"), 0.0, lse - pos_logit)
     tl.store(lse_ptr + b, lse)
     tl.store(loss_ptr + b, loss)
@@ -150,9 +194,7 @@ def _fwd_rows_kernel(user_ptr, items_ptr, pos_ptr, neg_ptr, alpha_ptr, beta_ptr,
         mx = tl.max(m_raw, 0)
         mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
         lse_r = mx_safe + tl.log(tl.sum(s_raw * tl.exp(m_raw - mx_safe), 0))
-        if INCLUDE_POS:
-            top = tl.maximum(lse_r, s_pos)
-            lse_r = top + tl.log(tl.exp(lse_r - top) + tl.exp(s_pos - top))
+        lse_r = _with_positive(lse_r, s_pos, INCLUDE_POS)
         tl.store(raw_ptr + b, tl.where(lse_r == float("-inf"), 0.0, lse_r - s_pos))
 
 
@@ -179,59 +221,37 @@ def _fwd_tiles_kernel(user_ptr, items_ptr, pos_ptr, cand_ptr, alpha_ptr, beta_pt
     if NORMALIZE:
         ru = tl.load(ru_ptr + rows, mask=rmask, other=0)
         s_pos = s_pos * ru * tl.load(ri_ptr + p, mask=rmask, other=0)
+    else:
+        ru = tl.full([BLOCK_B], 1.0, ACC)
 
     m_run = tl.full([BLOCK_B], float("-inf"), ACC)
     s_run = tl.zeros([BLOCK_B], ACC)
     m_raw = tl.full([BLOCK_B], float("-inf"), ACC)
     s_raw = tl.zeros([BLOCK_B], ACC)
     for n0 in range(0, M, BLOCK_N):
-        cn = n0 + tl.arange(0, BLOCK_N)
-        cmask = cn < M
-        idx = tl.load(cand_ptr + cn, mask=cmask, other=0).to(tl.int64)
-        C = tl.load(items_ptr + idx[:, None] * D + cols[None, :],
-                    mask=cmask[:, None] & dmask[None, :], other=0)
-        S = tl.dot(U, tl.trans(C), input_precision=DOT_PRECISION, out_dtype=ACC)
-        if NORMALIZE:
-            rc = tl.load(ri_ptr + idx, mask=cmask, other=0)
-            S = S * ru[:, None] * rc[None, :]
-        keep = rmask[:, None] & cmask[None, :]
-        if IN_BATCH:
-            keep = keep & (rows[:, None] != cn[None, :])
-        if REMOVE_HITS:
-            keep = keep & (p[:, None] != idx[None, :])
+        idx, cmask, C, S, rc, keep = _tile_scores(
+            U, items_ptr, cand_ptr, ri_ptr, ru, rows, rmask, p, n0, M, D, cols, dmask,
+            IN_BATCH, NORMALIZE, REMOVE_HITS, BLOCK_N, ACC, DOT_PRECISION)
         logit = beta[:, None] * S
         if HAS_LOGQ:
             lq = tl.load(logq_ptr + idx, mask=cmask, other=0).to(ACC)
             logit = logit - lq[None, :]
-        logit = tl.where(keep, logit, float("-inf"))
-        m_new = tl.maximum(m_run, tl.max(logit, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s_run = s_run * tl.exp(m_run - m_safe) + tl.sum(tl.exp(logit - m_safe[:, None]), 1)
-        m_run = m_new
+        m_run, s_run = _lse_fold_tile(m_run, s_run, tl.where(keep, logit, float("-inf")))
         if COMPUTE_RAW:
             logit_r = S
             if HAS_LOGQ:
                 logit_r = logit_r - lq[None, :]
-            logit_r = tl.where(keep, logit_r, float("-inf"))
-            m_new_r = tl.maximum(m_raw, tl.max(logit_r, 1))
-            m_safe_r = tl.where(m_new_r == float("-inf"), 0.0, m_new_r)
-            s_raw = s_raw * tl.exp(m_raw - m_safe_r) + tl.sum(tl.exp(logit_r - m_safe_r[:, None]), 1)
-            m_raw = m_new_r
+            m_raw, s_raw = _lse_fold_tile(m_raw, s_raw, tl.where(keep, logit_r, float("-inf")))
 
     m_safe = tl.where(m_run == float("-inf"), 0.0, m_run)
     lse = m_safe + tl.log(s_run)
     pos_logit = alpha * s_pos
-    if INCLUDE_POS:
-        top = tl.maximum(lse, pos_logit)
-        lse = top + tl.log(tl.exp(lse - top) + tl.exp(pos_logit - top))
+    lse = _with_positive(lse, pos_logit, INCLUDE_POS)
     tl.store(lse_ptr + rows, lse, mask=rmask)
     tl.store(loss_ptr + rows, tl.where(lse == float("-inf"), 0.0, lse - pos_logit), mask=rmask)
     if COMPUTE_RAW:
         m_safe_r = tl.where(m_raw == float("-inf"), 0.0, m_raw)
-        lse_r = m_safe_r + tl.log(s_raw)
-        if INCLUDE_POS:
-            top = tl.maximum(lse_r, s_pos)
-            lse_r = top + tl.log(tl.exp(lse_r - top) + tl.exp(s_pos - top))
+        lse_r = _with_positive(m_safe_r + tl.log(s_raw), s_pos, INCLUDE_POS)
         tl.store(raw_ptr + rows, tl.where(lse_r == float("-inf"), 0.0, lse_r - s_pos), mask=rmask)
 
 
@@ -349,25 +369,15 @@ def _bwd_tiles_rows_kernel(grad_loss_ptr, user_ptr, items_ptr, pos_ptr, cand_ptr
         IP = IP * rp[:, None]
         UH = Ua * ru[:, None]
     else:
+        ru = tl.full([BLOCK_B], 1.0, ACC)
         UH = Ua
     gu = tl.zeros([BLOCK_B, BLOCK_D], ACC)
     gb = tl.zeros([BLOCK_B], ACC)
     mass = tl.zeros([BLOCK_B], ACC)  # Σ_m P_m: 1 - P_pos without cancellation
     for n0 in range(0, M, BLOCK_N):
-        cn = n0 + tl.arange(0, BLOCK_N)
-        cmask = cn < M
-        idx = tl.load(cand_ptr + cn, mask=cmask, other=0).to(tl.int64)
-        C = tl.load(items_ptr + idx[:, None] * D + cols[None, :],
-                    mask=cmask[:, None] & dmask[None, :], other=0)
-        S = tl.dot(U, tl.trans(C), input_precision=DOT_PRECISION, out_dtype=ACC)
-        if NORMALIZE:
-            rc = tl.load(ri_ptr + idx, mask=cmask, other=0)
-            S = S * ru[:, None] * rc[None, :]
-        keep = rmask[:, None] & cmask[None, :]
-        if IN_BATCH:
-            keep = keep & (rows[:, None] != cn[None, :])
-        if REMOVE_HITS:
-            keep = keep & (p[:, None] != idx[None, :])
+        idx, cmask, C, S, rc, keep = _tile_scores(
+            U, items_ptr, cand_ptr, ri_ptr, ru, rows, rmask, p, n0, M, D, cols, dmask,
+            IN_BATCH, NORMALIZE, REMOVE_HITS, BLOCK_N, ACC, DOT_PRECISION)
         logit = beta[:, None] * S
         if HAS_LOGQ:
             logit = logit - tl.load(logq_ptr + idx, mask=cmask, other=0).to(ACC)[None, :]
