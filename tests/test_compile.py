@@ -6,9 +6,17 @@ import adaptau
 
 pytestmark = pytest.mark.filterwarnings("ignore:adaptau. no fused backend")
 
+# Every CPU backend this build has (the fused C++ kernel only when it was compiled).
+BACKENDS = [pytest.param("reference"),
+            pytest.param("cpu", marks=pytest.mark.skipif(
+                "cpu" not in adaptau.available_backends("cpu"),
+                reason="the C++ extension adaptau._C is not built"))]
 
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("include_pos", [False, True])
 @pytest.mark.parametrize("neg_mode", ["per_row", "shared", "in_batch"])
-def test_compile_fullgraph_matches_eager(seed, neg_mode):
+def test_compile_fullgraph_matches_eager(seed, neg_mode, include_pos, backend):
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(seed)
     B, N, D, M = 6, 11, 8, 5
@@ -22,7 +30,8 @@ def test_compile_fullgraph_matches_eager(seed, neg_mode):
 
     def f(u, it, a):
         loss, raw = adaptau.softmax_loss(u, it, pos, neg, a, 4.0, neg_logq=logq,
-                                         return_raw=True, backend="reference")
+                                         include_pos=include_pos, return_raw=True,
+                                         backend=backend)
         return loss * 2.0, raw
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
@@ -40,14 +49,15 @@ def test_compile_fullgraph_matches_eager(seed, neg_mode):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-def test_compile_inductor_fullgraph(seed):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_inductor_fullgraph(seed, backend):
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(seed)
     user, items = torch.randn(4, 8, generator=gen), torch.randn(9, 8, generator=gen)
     pos, neg = torch.randint(0, 9, (4,), generator=gen), torch.randint(0, 9, (4, 3), generator=gen)
 
     def f(u, it):
-        return adaptau.softmax_loss(u, it, pos, neg, 5.0, 5.0, backend="reference")
+        return adaptau.softmax_loss(u, it, pos, neg, 5.0, 5.0, backend=backend)
 
     compiled = torch.compile(f, fullgraph=True)
     u1, i1 = user.clone().requires_grad_(), items.clone().requires_grad_()
