@@ -135,6 +135,41 @@ def _tile_scores(U, items_ptr, cand_ptr, ri_ptr, ru, rows, rmask, p, n0, M, D, c
 
 
 @triton.jit
+def _lse_finish(m_run, s_run):
+    """Log-sum-exp of the per-lane running (max, scaled sum) pairs (−inf when all absent)."""
+    mx = tl.max(m_run, 0)
+    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+    return mx_safe + tl.log(tl.sum(s_run * tl.exp(m_run - mx_safe), 0))
+
+
+@triton.jit
+def _row_block_scores(u, items_ptr, neg_ptr, ri_ptr, ru, p, b64, m0, M, D, cols, dmask,
+                      NORMALIZE: tl.constexpr, REMOVE_HITS: tl.constexpr,
+                      BLOCK_M: tl.constexpr, ACC: tl.constexpr):
+    """Scores of row ``b``'s per-row negatives ``m0 … m0+BLOCK_M`` (gathered by index).
+
+    Returns ``(mm, mmask, idx, c, s, rc, keep)``: positions, their mask, item ids, the
+    gathered raw rows, the (normalized) scores, the items' inverse norms (1 without
+    ``NORMALIZE``) and which negatives count.
+    """
+    mm = m0 + tl.arange(0, BLOCK_M)
+    mmask = mm < M
+    idx = tl.load(neg_ptr + b64 * M + mm, mask=mmask, other=0).to(tl.int64)
+    c = tl.load(items_ptr + idx[:, None] * D + cols[None, :],
+                mask=mmask[:, None] & dmask[None, :], other=0).to(ACC)
+    s = tl.sum(c * u[None, :], 1)
+    if NORMALIZE:
+        rc = tl.load(ri_ptr + idx, mask=mmask, other=0)
+        s = s * (ru * rc)
+    else:
+        rc = tl.full([BLOCK_M], 1.0, ACC)
+    keep = mmask
+    if REMOVE_HITS:
+        keep = keep & (idx != p)
+    return mm, mmask, idx, c, s, rc, keep
+
+
+@triton.jit
 def _fwd_rows_kernel(user_ptr, items_ptr, pos_ptr, neg_ptr, alpha_ptr, beta_ptr, logq_ptr,
                      ru_ptr, ri_ptr, loss_ptr, lse_ptr, raw_ptr, M, D,
                      HAS_LOGQ: tl.constexpr, INCLUDE_POS: tl.constexpr,
@@ -154,23 +189,17 @@ def _fwd_rows_kernel(user_ptr, items_ptr, pos_ptr, neg_ptr, alpha_ptr, beta_ptr,
     if NORMALIZE:
         ru = tl.load(ru_ptr + b)
         s_pos = s_pos * (ru * tl.load(ri_ptr + p))
+    else:
+        ru = tl.full([], 1.0, ACC)
 
     m_run = tl.full([BLOCK_M], float("-inf"), ACC)
     s_run = tl.zeros([BLOCK_M], ACC)
     m_raw = tl.full([BLOCK_M], float("-inf"), ACC)
     s_raw = tl.zeros([BLOCK_M], ACC)
     for m0 in range(0, M, BLOCK_M):
-        mm = m0 + tl.arange(0, BLOCK_M)
-        mmask = mm < M
-        idx = tl.load(neg_ptr + b64 * M + mm, mask=mmask, other=0).to(tl.int64)
-        c = tl.load(items_ptr + idx[:, None] * D + cols[None, :],
-                    mask=mmask[:, None] & dmask[None, :], other=0).to(ACC)
-        s = tl.sum(c * u[None, :], 1)
-        if NORMALIZE:
-            s = s * (ru * tl.load(ri_ptr + idx, mask=mmask, other=0))
-        keep = mmask
-        if REMOVE_HITS:
-            keep = keep & (idx != p)
+        mm, mmask, idx, c, s, rc, keep = _row_block_scores(
+            u, items_ptr, neg_ptr, ri_ptr, ru, p, b64, m0, M, D, cols, dmask,
+            NORMALIZE, REMOVE_HITS, BLOCK_M, ACC)
         logit = beta * s
         if HAS_LOGQ:
             lq = tl.load(logq_ptr + idx, mask=mmask, other=0).to(ACC)
@@ -182,19 +211,14 @@ def _fwd_rows_kernel(user_ptr, items_ptr, pos_ptr, neg_ptr, alpha_ptr, beta_ptr,
                 logit_r = logit_r - lq
             m_raw, s_raw = _lse_fold(m_raw, s_raw, tl.where(keep, logit_r, float("-inf")))
 
-    mx = tl.max(m_run, 0)
-    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
-    lse = mx_safe + tl.log(tl.sum(s_run * tl.exp(m_run - mx_safe), 0))
+    lse = _lse_finish(m_run, s_run)
     pos_logit = alpha * s_pos
     lse = _with_positive(lse, pos_logit, INCLUDE_POS)
     loss = tl.where(lse == float("-inf"), 0.0, lse - pos_logit)
     tl.store(lse_ptr + b, lse)
     tl.store(loss_ptr + b, loss)
     if COMPUTE_RAW:
-        mx = tl.max(m_raw, 0)
-        mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
-        lse_r = mx_safe + tl.log(tl.sum(s_raw * tl.exp(m_raw - mx_safe), 0))
-        lse_r = _with_positive(lse_r, s_pos, INCLUDE_POS)
+        lse_r = _with_positive(_lse_finish(m_raw, s_raw), s_pos, INCLUDE_POS)
         tl.store(raw_ptr + b, tl.where(lse_r == float("-inf"), 0.0, lse_r - s_pos))
 
 
@@ -283,23 +307,15 @@ def _bwd_rows_kernel(grad_loss_ptr, user_ptr, items_ptr, pos_ptr, neg_ptr, alpha
         uh = u * ru
         ip = ip * rp
     else:
+        ru = tl.full([], 1.0, ACC)
         uh = u
     gu2 = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     gb = tl.zeros([BLOCK_M], ACC)
     mass = tl.zeros([BLOCK_M], ACC)  # Σ_m P_m: 1 - P_pos without cancellation
     for m0 in range(0, M, BLOCK_M):
-        mm = m0 + tl.arange(0, BLOCK_M)
-        mmask = mm < M
-        idx = tl.load(neg_ptr + b64 * M + mm, mask=mmask, other=0).to(tl.int64)
-        c = tl.load(items_ptr + idx[:, None] * D + cols[None, :],
-                    mask=mmask[:, None] & dmask[None, :], other=0).to(ACC)
-        s = tl.sum(c * u[None, :], 1)
-        if NORMALIZE:
-            rc = tl.load(ri_ptr + idx, mask=mmask, other=0)
-            s = s * (ru * rc)
-        keep = mmask
-        if REMOVE_HITS:
-            keep = keep & (idx != p)
+        mm, mmask, idx, c, s, rc, keep = _row_block_scores(
+            u, items_ptr, neg_ptr, ri_ptr, ru, p, b64, m0, M, D, cols, dmask,
+            NORMALIZE, REMOVE_HITS, BLOCK_M, ACC)
         logit = beta * s
         if HAS_LOGQ:
             logit = logit - tl.load(logq_ptr + idx, mask=mmask, other=0).to(ACC)
