@@ -30,9 +30,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import ctypes
-import gc
-import math
 import os
 import platform
 import statistics
@@ -46,7 +43,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also under runpy (adaptau bench)
 import adaptau  # noqa: E402
+from host_memory import available_bytes, peak_rss_growth, trim  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -111,52 +110,7 @@ def compile_bytes(s: Shape) -> float:
     return 1.2 * s.B * (s.M + 1) * s.D * 4 if s.mode == "per_row" else eager_bytes(s)
 
 
-def available_bytes() -> float:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return float(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 * 2**30
-
-
 # ---------------------------------------------------------------------------- memory
-_libc = None
-
-
-def _trim():
-    global _libc
-    gc.collect()
-    try:
-        if _libc is None:
-            _libc = ctypes.CDLL("libc.so.6")
-        _libc.malloc_trim(0)
-    except OSError:
-        pass
-
-
-def _rss_and_hwm():
-    rss = hwm = 0
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                rss = int(line.split()[1]) * 1024
-            elif line.startswith("VmHWM:"):
-                hwm = int(line.split()[1]) * 1024
-    return rss, hwm
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def measure_peak(step: Callable[[], None], device: str) -> Optional[float]:
     """Extra bytes at the peak of one call of step()."""
     if device == "cuda":
@@ -166,13 +120,7 @@ def measure_peak(step: Callable[[], None], device: str) -> Optional[float]:
         step()
         torch.cuda.synchronize()
         return float(torch.cuda.max_memory_allocated() - base)
-    _trim()
-    if not _reset_hwm():
-        return None
-    rss0, _ = _rss_and_hwm()
-    step()
-    _, hwm = _rss_and_hwm()
-    return float(max(0, hwm - rss0))
+    return peak_rss_growth(step)
 
 
 def probe_fused_memory(s: Shape, backend: str, threads: int) -> Optional[float]:
@@ -200,16 +148,14 @@ def _probe_memory_main(spec: str) -> None:
     tu, ti, tp, tn = make_inputs(tiny, "cpu")
     adaptau.softmax_loss(tu, ti, tp, tn, 5.0, 5.0, backend=backend).backward()
     user, items, pos, neg = make_inputs(s, "cpu")
-    _trim()
-    if not _reset_hwm():
-        print("nan")
-        return
-    rss0, _ = _rss_and_hwm()
-    for _ in range(3):
-        user.grad = items.grad = None
-        adaptau.softmax_loss(user, items, pos, neg, 5.0, 5.0, backend=backend).backward()
-    _, hwm = _rss_and_hwm()
-    print(float(hwm - rss0))
+
+    def three_steps():
+        for _ in range(3):
+            user.grad = items.grad = None
+            adaptau.softmax_loss(user, items, pos, neg, 5.0, 5.0, backend=backend).backward()
+
+    peak = peak_rss_growth(three_steps)
+    print("nan" if peak is None else peak)
 
 
 # ---------------------------------------------------------------------------- timing
@@ -314,7 +260,7 @@ def run_shape(s: Shape, args, rows: List[Dict]):
                          total_ms=None, peak_mib=None, note=note))
         print(f"  {s.mode:8s} {s.name:13s} {name:9s} {note}", flush=True)
     del user, items, pos, neg, methods
-    _trim()
+    trim()
 
 
 # ------------------------------------------------------------------------- reporting
@@ -360,7 +306,6 @@ def write_results(rows: List[Dict], info: List[str], args, extra: List[str]):
         w.writeheader()
         for r in rows:
             w.writerow({k: (fmt(r[k], 3) if isinstance(r[k], float) else r[k]) for k in keys})
-    fused = [m for m in ("cpu", "cuda", "triton")]
     with open(prefix + ".md", "w") as f:
         f.write(f"# Kernel microbenchmarks ({args.device})\n\n")
         for line in info + extra:

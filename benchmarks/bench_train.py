@@ -32,21 +32,21 @@ from __future__ import annotations
 
 import argparse
 import csv
-import ctypes
-import gc
 import os
 import platform
 import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import adaptau  # noqa: E402
+from host_memory import available_bytes, peak_rss_growth  # noqa: E402
 from adaptau.models import sampled_l2  # noqa: E402
 from adaptau.train import PRESETS, Trainer, TrainConfig  # noqa: E402
 
@@ -74,53 +74,6 @@ def fused_loss(user, items, pos, neg, pos_scale, neg_scale):
 
 
 # ------------------------------------------------------------------------------ memory
-_libc = None
-
-
-def _trim() -> None:
-    global _libc
-    gc.collect()
-    try:
-        if _libc is None:
-            _libc = ctypes.CDLL("libc.so.6")
-        _libc.malloc_trim(0)
-    except OSError:
-        pass
-
-
-def _status_bytes(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def peak_growth(fn: Callable[[], None]) -> Optional[float]:
-    """Bytes by which the process's peak RSS exceeds its RSS at the start of ``fn()``."""
-    _trim()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
-    except OSError:
-        return None
-    rss0 = _status_bytes("VmRSS:")
-    fn()
-    return float(max(0, _status_bytes("VmHWM:") - rss0))
-
-
-def available_bytes() -> float:
-    return float(_status_bytes_meminfo("MemAvailable:"))
-
-
-def _status_bytes_meminfo(key: str) -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    return 8 << 30
-
-
 # ------------------------------------------------------------------------------ stepping
 class Stepper:
     """One training step of the trainer, with the loss function swapped in.
@@ -281,7 +234,7 @@ def main() -> int:
         if v == "compile":
             compile_s = time.time() - t0
             print(f"compile warm-up ({args.warmup} steps incl. compilation): {compile_s:.1f}s", flush=True)
-        peak[v] = peak_growth(steppers[v])
+        peak[v] = peak_rss_growth(steppers[v])
         print(f"{v}: peak RSS growth over one step {peak[v] / 2**20:.0f} MiB", flush=True)
     max_steps = max(args.steps if v == "fused" else args.slow_steps for v in variants)
     for i in range(max_steps):
@@ -313,7 +266,7 @@ def main() -> int:
         M = args.long_negatives
         st = Stepper(trainer, fused_loss, M)
         st()
-        pk = peak_growth(st)
+        pk = peak_rss_growth(st)
         ts, ph = [], {}
         for _ in range(args.long_steps):
             t0 = time.perf_counter()

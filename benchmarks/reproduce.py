@@ -39,7 +39,6 @@ import fnmatch
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
