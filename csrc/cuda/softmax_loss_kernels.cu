@@ -184,6 +184,20 @@ __device__ __forceinline__ void warp_dot(const A* u_s, const T* row, int64_t D, 
   sumsq = q;
 }
 
+// Copies user row b into shared u_s (accumulation dtype) and returns its squared norm.
+// Ends with block_sum's barriers: u_s (and whatever the block wrote to shared memory
+// before the call) is visible to every thread afterwards.
+template <typename T, typename I, typename A>
+__device__ A stage_user_row(const Params<T, I>& p, int64_t b, A* u_s, A* red) {
+  A part = 0;
+  for (int64_t k = threadIdx.x; k < p.D; k += blockDim.x) {
+    const A x = to_acc(p.user[b * p.D + k]);
+    u_s[k] = x;
+    part += x * x;
+  }
+  return block_sum(part, red);
+}
+
 // ------------------------------------------------------------------------------ forward
 template <typename T, typename I>
 __global__ void __launch_bounds__(kThreads)
@@ -201,13 +215,7 @@ fwd_kernel(Params<T, I> p, bool compute_raw, typename AccOf<T>::type* __restrict
   const int nwarps = blockDim.x / kWarp;
   const int64_t D = p.D;
 
-  A part = 0;
-  for (int64_t k = threadIdx.x; k < D; k += blockDim.x) {
-    const A x = to_acc(p.user[b * D + k]);
-    u_s[k] = x;
-    part += x * x;
-  }
-  const A usq = block_sum(part, red);  // barriers: u_s is ready after this
+  const A usq = stage_user_row(p, b, u_s, red);  // u_s is ready after this
   const A ru = p.normalize ? inv_norm(usq) : A(1);
 
   const int64_t pidx = static_cast<int64_t>(p.pos[b]);
@@ -269,14 +277,8 @@ bwd_kernel(Params<T, I> p, const typename AccOf<T>::type* __restrict__ grad_loss
   __shared__ A red[kWarp];
 
   const int64_t b = blockIdx.x;
-  A part = 0;
-  for (int64_t k = threadIdx.x; k < D; k += blockDim.x) {
-    const A x = to_acc(p.user[b * D + k]);
-    u_s[k] = x;
-    part += x * x;
-  }
   for (int64_t k = threadIdx.x; k < nwarps * D; k += blockDim.x) gu_s[k] = A(0);
-  const A usq = block_sum(part, red);  // barriers: u_s and gu_s are ready after this
+  const A usq = stage_user_row(p, b, u_s, red);  // u_s and gu_s are ready after this
   const A ru = p.normalize ? inv_norm(usq) : A(1);
 
   A lse = lse_in[b];
