@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import random
 import sys
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 from . import distributed as dist
 from .data import Dataset, Split, csr_pairs, load_dataset, prepare
 from .evaluate import format_metrics, full_ranking, item_popularity
-from .models import build_model, sampled_l2
+from .models import build_model, sampled_item_counts, sampled_l2
 from .sampling import SAMPLERS, BatchIterator, NegativeSampler
 
 __all__ = ["TrainConfig", "PRESETS", "Trainer", "train", "evaluate_run", "NonFiniteLossError",
@@ -449,8 +448,7 @@ class Trainer:
             self.controller.begin_epoch(epoch, user_table.detach(), item_table.detach())
         model.train()
         if self.backend_used is None:
-            self.backend_used = (ops._resolve_backend(cfg.backend, self.device.type)
-                                 if hasattr(ops, "_resolve_backend") else cfg.backend)
+            self.backend_used = ops._resolve_backend(cfg.backend, self.device.type)
         total, rows = 0.0, 0
         from tqdm.auto import tqdm
 
@@ -509,21 +507,10 @@ class Trainer:
         """Add the gradient of ``l2 · sampled_l2(...)`` of the *global* batch to the tables'
         ``.grad`` (after backward, so after DDP's all-reduce: every rank adds the same) and
         return its value. Same formula as :func:`adaptau.models.sampled_l2`, without the
-        autograd graph: ``0.5·(Σ‖U[u]‖² + Σ_items count·‖I‖²)/B`` with the item counts from
-        one bincount (numpy's on CPU, several times faster than torch's there)."""
-        batch, n = users.numel(), item_w.shape[0]
-        c = self.cfg.l2 / batch
-        if users.device.type == "cpu":
-            counts = np.bincount(pos.numpy(), minlength=n).astype(np.float32)
-            if neg is not None:
-                nc = np.bincount(neg.reshape(-1).numpy(), minlength=n).astype(np.float32)
-                counts += nc * batch if neg.dim() == 1 else nc
-            counts = torch.from_numpy(counts).to(item_w.dtype)
-        else:
-            counts = torch.bincount(pos.long(), minlength=n).to(item_w.dtype)
-            if neg is not None:
-                nc = torch.bincount(neg.reshape(-1).long(), minlength=n).to(item_w.dtype)
-                counts += nc * batch if neg.dim() == 1 else nc
+        autograd graph: ``0.5·(Σ‖U[u]‖² + Σ_items count·‖I‖²)/B`` with the item counts of
+        :func:`adaptau.models.sampled_item_counts`."""
+        c = self.cfg.l2 / users.numel()
+        counts = sampled_item_counts(pos, neg, item_w.shape[0], item_w.dtype)
         idx = users.long()
         u_rows = user_w[idx]
         for w in (user_w, item_w):
