@@ -10,7 +10,6 @@ import json
 import os
 import runpy
 import sys
-import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -160,7 +159,7 @@ def _cmd_train(ns: argparse.Namespace) -> int:
 
 
 def _train_worker(ns: argparse.Namespace) -> int:
-    from .train import NonFiniteLossError, TrainConfig, train
+    from .train import TrainConfig, train
 
     if ns.resume:
         cfg_path = Path(ns.resume) / "config.json"

@@ -1,9 +1,8 @@
 """``AdapTauLoss``: the fused loss and an Adap-τ controller as one drop-in ``nn.Module``."""
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional
 
-import torch
 from torch import Tensor, nn
 
 from .ops import softmax_loss
