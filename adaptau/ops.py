@@ -227,14 +227,10 @@ def _backward_op(
     need_scale_grads: bool, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     _, backward = _implementation(_resolve_backend(backend, user.device.type))
-    grads = backward(grad_loss, user, items, pos, neg, pos_scale, neg_scale, neg_logq, lse,
-                     neg_mode, include_pos, normalize, remove_hits, need_scale_grads)
-    return tuple(g.clone() if _aliases_input(g, (user, items, pos_scale, neg_scale)) else g
-                 for g in grads)
-
-
-def _aliases_input(out: Tensor, inputs) -> bool:
-    return any(out.data_ptr() == t.data_ptr() and out.numel() and t.numel() for t in inputs)
+    grad_user, grad_items, grad_pos_scale, grad_neg_scale = backward(
+        grad_loss, user, items, pos, neg, pos_scale, neg_scale, neg_logq, lse,
+        neg_mode, include_pos, normalize, remove_hits, need_scale_grads)
+    return grad_user, grad_items, grad_pos_scale, grad_neg_scale
 
 
 @_backward_op.register_fake
