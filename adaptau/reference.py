@@ -76,15 +76,6 @@ def _logits(pos, pos_score, neg_index, neg_score, keep, pos_scale, neg_scale, ne
     return keep, pos_logit, neg_logit, lse, loss, empty
 
 
-def _loss(user, items, pos, neg, pos_scale, neg_scale, neg_logq, neg_mode, include_pos,
-          normalize, remove_hits):
-    pos, _, _, pos_score, neg_index, neg_score, keep = _prepare(
-        user, items, pos, neg, neg_mode, normalize)
-    _, _, _, lse, loss, _ = _logits(pos, pos_score, neg_index, neg_score, keep, pos_scale,
-                                    neg_scale, neg_logq, include_pos, remove_hits)
-    return loss, lse
-
-
 def forward(
     user: Tensor,
     items: Tensor,
@@ -101,14 +92,19 @@ def forward(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Backend forward (contract in :mod:`adaptau.ops`): ``(loss [B], lse [B], raw [B] or [0])``."""
     acc = accumulation_dtype(user.dtype)
-    u, it = user.to(acc), items.to(acc)
     logq = None if neg_logq is None else neg_logq.to(acc)
-    loss, lse = _loss(u, it, pos, neg, pos_scale.to(acc), neg_scale.to(acc), logq,
-                      neg_mode, include_pos, normalize, remove_hits)
-    if compute_raw:
+    pos, _, _, pos_score, neg_index, neg_score, keep = _prepare(
+        user.to(acc), items.to(acc), pos, neg, neg_mode, normalize)
+
+    def loss_with(alpha, beta):
+        _, _, _, lse, loss, _ = _logits(pos, pos_score, neg_index, neg_score, keep, alpha,
+                                        beta, logq, include_pos, remove_hits)
+        return loss, lse
+
+    loss, lse = loss_with(pos_scale.to(acc), neg_scale.to(acc))
+    if compute_raw:  # the same scores with α = β = 1
         ones = torch.ones_like(loss)
-        raw, _ = _loss(u, it, pos, neg, ones, ones, logq, neg_mode, include_pos, normalize,
-                       remove_hits)
+        raw, _ = loss_with(ones, ones)
     else:
         raw = loss.new_empty(0)
     return loss, lse, raw

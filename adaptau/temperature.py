@@ -286,8 +286,7 @@ class AdapTau:
         scale = self.user_scale
         if scale.device != users.device:
             scale = self.user_scale = scale.to(users.device)
-        pos = 1.0 / self.tau if self.mode == "fixed" else self.w0
-        return pos, scale[users.long()]
+        return self.w0, scale[users.long()]  # w0 is 1/tau in mode "fixed"
 
     @torch.no_grad()
     def observe(self, users: Tensor, raw: Tensor) -> None:
