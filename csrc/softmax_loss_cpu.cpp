@@ -48,6 +48,8 @@
 #include <tuple>
 #include <vector>
 
+#include <sys/mman.h>
+
 #include "cpu_simd.h"
 
 #include <chrono>
@@ -70,7 +72,8 @@ int64_t env_int(const char* name, int64_t fallback) {
 }
 
 struct Tuning {
-  int64_t chunk_bytes;      // normalized item rows per chunk (backward: + an accumulator as big)
+  int64_t chunk_bytes;      // normalized item rows (or item-gradient accumulator) per chunk
+  int64_t sort_rows;        // per-row mode: rows per sort block
   int64_t max_groups;       // upper bound on G (partial buffers merged in a fixed order)
   int64_t partial_bytes;    // memory cap for the G partial buffers
   int64_t row_block;        // GEMM modes: rows per block
@@ -81,6 +84,7 @@ struct Tuning {
 const Tuning& tuning() {
   static const Tuning t{
       env_int("ADAPTAU_CPU_CHUNK_BYTES", 128 << 10),
+      env_int("ADAPTAU_CPU_SORT_ROWS", 64),
       env_int("ADAPTAU_CPU_GROUPS", 8),
       env_int("ADAPTAU_CPU_PARTIAL_BYTES", 32 << 20),
       env_int("ADAPTAU_CPU_ROW_BLOCK", 64),
@@ -120,10 +124,15 @@ class Pool {
     return *pool;
   }
   void* acquire(size_t bytes, size_t& got) {
-    if (enabled_ && bytes >= kMinPooled) {
+    // Blocks of at least kHugeMin bytes are whole 2 MiB transparent huge pages: the
+    // per-row passes touch every row's slots, 4·M bytes apart, and with 4 KiB pages each
+    // run would cost a TLB miss.
+    const bool huge = bytes >= kHugeMin;
+    const size_t size = huge ? (bytes + kHuge - 1) / kHuge * kHuge : round_up64(bytes);
+    if (enabled_ && size >= kMinPooled) {
       std::lock_guard<std::mutex> lock(mu_);
-      auto it = free_.lower_bound(bytes);
-      if (it != free_.end() && it->first <= 2 * bytes) {
+      auto it = free_.lower_bound(size);
+      if (it != free_.end() && it->first <= 2 * size) {
         got = it->first;
         void* p = it->second;
         idle_ -= got;
@@ -131,9 +140,12 @@ class Pool {
         return p;
       }
     }
-    got = bytes;
-    void* p = std::aligned_alloc(64, round_up64(bytes));
+    got = size;
+    void* p = std::aligned_alloc(huge ? kHuge : 64, size);
     TORCH_CHECK(p != nullptr, "adaptau cpu: out of memory allocating ", bytes, " bytes of scratch");
+#ifdef MADV_HUGEPAGE
+    if (huge) madvise(p, size, MADV_HUGEPAGE);
+#endif
     return p;
   }
   void release(void* p, size_t bytes) {
@@ -156,6 +168,8 @@ class Pool {
   }
   static size_t round_up64(size_t b) { return (std::max<size_t>(b, 1) + 63) / 64 * 64; }
   static constexpr size_t kMinPooled = size_t(1) << 16;
+  static constexpr size_t kHugeMin = size_t(1) << 19;
+  static constexpr size_t kHuge = size_t(1) << 21;
   static constexpr size_t kPoolCap = size_t(256) << 20;
   bool enabled_ = true;
   std::mutex mu_;
@@ -349,37 +363,57 @@ struct RunOps {
     }
   }
 
-  // gu += sum_k d[k] * rows[idx[k]];  acc[idx[k]] += d[k] * u.  (Two loops: each keeps its
-  // running vector in registers.)
-  static inline void grads(const T* __restrict__ u, const T* __restrict__ rows,
-                           T* __restrict__ acc, const int32_t* __restrict__ idx, int64_t base,
-                           const T* __restrict__ d, int64_t n, int64_t Dp, T* __restrict__ gu) {
+  // v = (fresh ? 0 : v * keep) + sum_k coef[k] * rows[idx[k] - base]   (k < n; v padded to Dp).
+  static inline void gather_axpy(T* __restrict__ v, bool fresh, T keep, const T* __restrict__ coef,
+                                 const T* __restrict__ rows, const int32_t* __restrict__ idx,
+                                 int64_t base, int64_t n, int64_t Dp) {
     if constexpr (NV > 0 && NV <= 8) {
+      // Accumulate from zero and fold the old value in at the end: the (likely cache-
+      // missing) load of v is then off the FMA chains' critical path.
       R g[NV];
-      for (int v = 0; v < NV; ++v) g[v] = V::load(gu + v * W);
+      for (int v_ = 0; v_ < NV; ++v_) g[v_] = V::zero();
       for (int64_t k = 0; k < n; ++k) {
-        const R dk = V::set1(d[k]);
+        const R c = V::set1(coef[k]);
         const T* r = rows + (int64_t(idx[k]) - base) * Dp;
-        for (int v = 0; v < NV; ++v) g[v] = V::fma(dk, V::load(r + v * W), g[v]);
+        for (int v_ = 0; v_ < NV; ++v_) g[v_] = V::fma(c, V::load(r + v_ * W), g[v_]);
       }
-      for (int v = 0; v < NV; ++v) V::store(gu + v * W, g[v]);
-      R uu[NV];
-      for (int v = 0; v < NV; ++v) uu[v] = V::load(u + v * W);
+      if (fresh) {
+        for (int v_ = 0; v_ < NV; ++v_) V::store(v + v_ * W, g[v_]);
+      } else {
+        const R kv = V::set1(keep);
+        for (int v_ = 0; v_ < NV; ++v_) V::store(v + v_ * W, V::fma(kv, V::load(v + v_ * W), g[v_]));
+      }
+    } else {
+      const int64_t nv = Dp / W;
+      const R kv = V::set1(keep);
+      for (int64_t i = 0; i < nv; ++i)
+        V::store(v + i * W, fresh ? V::zero() : V::mul(kv, V::load(v + i * W)));
       for (int64_t k = 0; k < n; ++k) {
-        const R dk = V::set1(d[k]);
+        const R c = V::set1(coef[k]);
+        const T* r = rows + (int64_t(idx[k]) - base) * Dp;
+        for (int64_t i = 0; i < nv; ++i) V::store(v + i * W, V::fma(c, V::load(r + i * W), V::load(v + i * W)));
+      }
+    }
+  }
+
+  // acc[idx[k] - base] += coef[k] * u   (k < n; rows of acc padded to Dp).
+  static inline void scatter_axpy(T* __restrict__ acc, const int32_t* __restrict__ idx, int64_t base,
+                                  const T* __restrict__ coef, const T* __restrict__ u, int64_t n,
+                                  int64_t Dp) {
+    if constexpr (NV > 0 && NV <= 8) {
+      R uu[NV];
+      for (int v_ = 0; v_ < NV; ++v_) uu[v_] = V::load(u + v_ * W);
+      for (int64_t k = 0; k < n; ++k) {
+        const R c = V::set1(coef[k]);
         T* a = acc + (int64_t(idx[k]) - base) * Dp;
-        for (int v = 0; v < NV; ++v) V::store(a + v * W, V::fma(dk, uu[v], V::load(a + v * W)));
+        for (int v_ = 0; v_ < NV; ++v_) V::store(a + v_ * W, V::fma(c, uu[v_], V::load(a + v_ * W)));
       }
     } else {
       const int64_t nv = Dp / W;
       for (int64_t k = 0; k < n; ++k) {
-        const R dk = V::set1(d[k]);
-        const T* r = rows + (int64_t(idx[k]) - base) * Dp;
+        const R c = V::set1(coef[k]);
         T* a = acc + (int64_t(idx[k]) - base) * Dp;
-        for (int64_t v = 0; v < nv; ++v) {
-          V::store(gu + v * W, V::fma(dk, V::load(r + v * W), V::load(gu + v * W)));
-          V::store(a + v * W, V::fma(dk, V::load(u + v * W), V::load(a + v * W)));
-        }
+        for (int64_t i = 0; i < nv; ++i) V::store(a + i * W, V::fma(c, V::load(u + i * W), V::load(a + i * W)));
       }
     }
   }
@@ -453,6 +487,15 @@ void score_tile(const T* __restrict__ U, int64_t ldu, int64_t nr, const T* __res
 }
 
 // ------------------------------------------------------------------------- context
+// Identity of every input of a call: the saved state is reused only by the backward of the
+// call that made it (same tensors, same version counters, same options).
+struct SavedKey {
+  std::vector<std::pair<const void*, int64_t>> ids;
+  std::vector<int64_t> opts;
+  bool valid = true;
+  bool operator==(const SavedKey& o) const { return valid && o.valid && ids == o.ids && opts == o.opts; }
+};
+
 template <typename T>
 struct Ctx {
   // shapes and options
@@ -467,7 +510,7 @@ struct Ctx {
   const T* logq = nullptr;  // may be null
   const void* neg = nullptr;
   bool neg_is_int64 = true;
-  int64_t neg_version = -1;
+  SavedKey key;  // identity of the call's inputs (per-row mode's saved state)
   // derived
   std::vector<int32_t> pos;  // [B]
   Buf<T> uhat;               // [B][Dp] normalized user rows, zero padded
@@ -515,10 +558,25 @@ void prepare_rows(Ctx<T>& cx) {
 }
 
 // ======================================================================= per-row mode
-// The B×M (row, item) pairs are counting-sorted by (item chunk, row): a chunk is a
-// power-of-two range of item rows whose normalized copy (and, in backward, gradient
-// accumulator) fits in L2. Gathering 256-byte rows from L2 is ~4x cheaper than from L3
-// on the machines measured, and it lets one thread own each chunk's item gradients.
+// Rows are processed in blocks of at most ADAPTAU_CPU_MAX_PAIRS pairs (all rows at the
+// paper's sizes). Per block:
+//   sort      each row's M items are counting-sorted by item chunk (a power-of-two range
+//             of table rows whose normalized copy fits in L2), inside the row's own slots:
+//             the row's pairs of chunk c are sorted[bl*M + off[bl][c] .. off[bl][c+1]).
+//   score     G groups of contiguous chunks (about equal pair counts; G from the problem
+//             only) run in parallel; the thread owning a chunk normalizes its referenced
+//             table rows once into an L2 buffer, then for every row's run in the chunk:
+//             ŝ = <û, r̂> (user vector in registers), logits l = β·ŝ - logq, and a
+//             flash-style running state per (group, row): max m, Σe^{l-m}, Σe^{l-m}·ŝ and
+//             the vector Σe^{l-m}·r̂. The states are merged per row in group order.
+//   forward   lse from the merged state and the positive.
+//   backward  g·β·e^{m-lse}·Σe^{l-m}r̂ is the user gradient of the negatives and
+//             g·e^{m-lse}·Σe^{l-m}ŝ the gradient of β, so only the item gradients need a
+//             second pass over the pairs: d = g·β·e^{ŝβ - logq - lse} from the stored ŝ,
+//             acc[item] += d·û in the chunk's accumulator, owned by its thread (no atomics,
+//             no per-thread [N, D] copies), then the normalization's Jacobian per chunk row.
+// The forward keeps its sort, scores and states for the backward of the same call
+// (SavedCache); on a miss the backward recomputes them.
 
 // li[k] = neg[off + k] (k < n) as int32; false if one is outside [0, N) (replaced by 0).
 inline bool load_idx(const void* neg, bool is64, int64_t off, int64_t n, int64_t N, int32_t* li) {
@@ -560,127 +618,130 @@ inline void finish_row(bool include_pos, T m, T s, T pos_logit, T& lse, T& loss)
   loss = (lse == neg_inf<T>()) ? T(0) : lse - pos_logit;
 }
 
-// The sort of the pairs of rows [r0, r0+nb): slots of (chunk c, row b) are
-// sorted[startT[c][b] : startT[c][b+1]] (items in m order) and, row-major,
-// sorted[start[b][c] : start[b][c] + cnt[b][c]]. Rows with skip[b] get no pairs.
 struct Plan {
   int shift = 4;
-  int64_t CI = 16, C = 1, r0 = 0, nb = 0;
-  std::vector<int32_t> cnt, start, startT;
-  Buf<int32_t> sorted;
+  int64_t CI = 16, C = 1, r0 = 0, nb = 0, M = 0;
+  int64_t RB = 64;              // rows per sort block
+  std::vector<int32_t> off;     // [nblocks][C*RB + 1] run starts inside each block's slots
+  Buf<int32_t> sorted;          // [nb*M] items; per block of RB rows ordered by (chunk, row, m)
+  std::vector<int64_t> ctot;    // [C] pairs per chunk
+  std::vector<int64_t> gchunk;  // [G+1] chunk ranges of the groups
   int64_t capacity = 0;
+  // Slots of the run of row bl (block-relative row index r) in chunk c.
+  int64_t seg_begin(int64_t bl, int64_t c) const {
+    const int64_t j = bl / RB, r = bl - j * RB;
+    return j * RB * M + off[j * (C * RB + 1) + c * RB + r];
+  }
+  int64_t seg_end(int64_t bl, int64_t c) const {
+    const int64_t j = bl / RB, r = bl - j * RB;
+    return j * RB * M + off[j * (C * RB + 1) + c * RB + r + 1];
+  }
 };
 
 int chunk_shift(int64_t row_bytes, int64_t chunk_bytes, int64_t N, int64_t nb, int64_t max_entries) {
   int shift = 4;
   while (shift < 30 && (int64_t(2) << shift) * row_bytes <= chunk_bytes) ++shift;
-  while (shift < 31 && (((N - 1) >> shift) + 1) * (nb + 1) > max_entries) ++shift;
+  while (shift < 31 && (((N - 1) >> shift) + 2) * nb > max_entries) ++shift;
   return shift;
 }
 
 template <typename T>
-void build_plan(const Ctx<T>& cx, Plan& pl, int64_t r0, int64_t nb, const std::vector<T>* row_g) {
-  const int64_t M = cx.M, N = cx.N, C = pl.C;
+void build_plan(const Ctx<T>& cx, Plan& pl, int64_t r0, int64_t nb) {
+  const int64_t M = cx.M, N = cx.N, C = pl.C, RB = pl.RB, E = C * RB + 1;
   const int shift = pl.shift;
+  const int64_t nblk = (nb + RB - 1) / RB;
   pl.r0 = r0;
   pl.nb = nb;
-  pl.cnt.resize(nb * C);
-  pl.start.resize(nb * C);
-  pl.startT.resize(C * (nb + 1));
+  pl.M = M;
+  pl.off.resize(nblk * E);
   if (pl.capacity < nb * M) {
     pl.sorted = make_buf<int32_t>(nb * M);
     pl.capacity = nb * M;
   }
-  PhaseTimer pt;
   std::atomic<bool> bad{false};
-  at::parallel_for(0, nb, grain(2 * M), [&](int64_t b0, int64_t b1) {
-    alignas(64) int32_t li[kBlock];
+  at::parallel_for(0, nblk, grain(4 * RB * M + E), [&](int64_t j0, int64_t j1) {
+    std::vector<int32_t> li(RB * M), cur(E);
     bool ok = true;
-    for (int64_t bl = b0; bl < b1; ++bl) {
-      int32_t* cr = pl.cnt.data() + bl * C;
-      std::fill(cr, cr + C, 0);
-      if (row_g && (*row_g)[r0 + bl] == T(0)) continue;
-      for (int64_t m0 = 0; m0 < M; m0 += kBlock) {
-        const int64_t n = std::min(kBlock, M - m0);
-        ok &= load_idx(cx.neg, cx.neg_is_int64, (r0 + bl) * M + m0, n, N, li);
-        for (int64_t k = 0; k < n; ++k) cr[li[k] >> shift]++;
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t rows = std::min(RB, nb - j * RB);
+      ok &= load_idx(cx.neg, cx.neg_is_int64, (r0 + j * RB) * M, rows * M, N, li.data());
+      int32_t* o = pl.off.data() + j * E;
+      std::fill(o, o + E, 0);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int32_t* l = li.data() + r * M;
+        for (int64_t k = 0; k < M; ++k) o[(l[k] >> shift) * RB + r + 1]++;
+      }
+      for (int64_t e = 1; e < E; ++e) o[e] += o[e - 1];
+      std::copy(o, o + E - 1, cur.begin());
+      int32_t* dst = pl.sorted.get() + j * RB * M;
+      for (int64_t r = 0; r < rows; ++r) {
+        const int32_t* l = li.data() + r * M;
+        for (int64_t k = 0; k < M; ++k) dst[cur[(l[k] >> shift) * RB + r]++] = l[k];
       }
     }
     if (!ok) bad.store(true);
   });
   TORCH_CHECK(!bad.load(), "adaptau cpu: an index in neg is outside [0, ", N, ")");
-  pt.mark(" plan count");
-  std::vector<int64_t> run(C, 0), cstart(C + 1, 0);
-  for (int64_t bl = 0; bl < nb; ++bl)
-    for (int64_t c = 0; c < C; ++c) run[c] += pl.cnt[bl * C + c];
-  for (int64_t c = 0; c < C; ++c) {
-    cstart[c + 1] = cstart[c] + run[c];
-    run[c] = cstart[c];
+  pl.ctot.assign(C, 0);
+  for (int64_t j = 0; j < nblk; ++j) {
+    const int32_t* o = pl.off.data() + j * E;
+    for (int64_t c = 0; c < C; ++c) pl.ctot[c] += o[(c + 1) * RB] - o[c * RB];
   }
-  for (int64_t bl = 0; bl < nb; ++bl)
-    for (int64_t c = 0; c < C; ++c) {
-      pl.start[bl * C + c] = static_cast<int32_t>(run[c]);
-      run[c] += pl.cnt[bl * C + c];
-    }
-  constexpr int64_t TB = 16;  // blocked transpose into chunk-major order
-  for (int64_t bb = 0; bb < nb; bb += TB)
-    for (int64_t cc = 0; cc < C; cc += TB)
-      for (int64_t c = cc; c < std::min(C, cc + TB); ++c)
-        for (int64_t bl = bb; bl < std::min(nb, bb + TB); ++bl)
-          pl.startT[c * (nb + 1) + bl] = pl.start[bl * C + c];
-  for (int64_t c = 0; c < C; ++c) pl.startT[c * (nb + 1) + nb] = static_cast<int32_t>(cstart[c + 1]);
-  pt.mark(" plan prefix");
-  at::parallel_for(0, nb, grain(3 * M), [&](int64_t b0, int64_t b1) {
-    alignas(64) int32_t li[kBlock];
-    std::vector<int32_t> cur(C);
-    for (int64_t bl = b0; bl < b1; ++bl) {
-      if (row_g && (*row_g)[r0 + bl] == T(0)) continue;
-      std::copy(pl.start.begin() + bl * C, pl.start.begin() + (bl + 1) * C, cur.begin());
-      for (int64_t m0 = 0; m0 < M; m0 += kBlock) {
-        const int64_t n = std::min(kBlock, M - m0);
-        load_idx(cx.neg, cx.neg_is_int64, (r0 + bl) * M + m0, n, N, li);
-        for (int64_t k = 0; k < n; ++k) pl.sorted[cur[li[k] >> shift]++] = li[k];
-      }
-    }
-  });
-  pt.mark(" plan scatter");
+  // Groups: contiguous chunk ranges with about the same number of pairs.
+  const int64_t G = std::max<int64_t>(1, std::min<int64_t>(tuning().max_groups, C));
+  pl.gchunk.assign(G + 1, C);
+  pl.gchunk[0] = 0;
+  const int64_t P = nb * M;
+  int64_t c = 0, acc = 0;
+  for (int64_t g = 1; g < G; ++g) {
+    const int64_t target = P * g / G;
+    while (c < C && acc < target) acc += pl.ctot[c++];
+    pl.gchunk[g] = std::max(c, pl.gchunk[g - 1]);
+  }
 }
 
-// The forward's sort of the pairs, kept for the backward of the same call: keyed by the
-// neg tensor (data pointer, version counter, shape, dtype) and the plan's parameters. At
-// most two plans are kept (4 bytes per pair each); ADAPTAU_CPU_PLAN_CACHE=0 disables it.
-struct PlanKey {
-  const void* data = nullptr;
-  int64_t version = -1, B = 0, M = 0, N = 0, shift = 0, dtype = 0;
-  bool operator==(const PlanKey& o) const {
-    return data == o.data && version == o.version && B == o.B && M == o.M && N == o.N &&
-           shift == o.shift && dtype == o.dtype;
-  }
+// What the score pass leaves for the rest (one block of rows): the scores of the pairs in
+// the plan's order and the merged running state of each row's negatives.
+template <typename T>
+struct PairState {
+  Buf<T> score;            // [nb*M] ŝ of each pair
+  std::vector<T> m, s, w;  // [nb] max logit, Σe^{l-m}, Σe^{l-m}·ŝ
+  Buf<T> v;                // [nb][Dp] Σe^{l-m}·r̂
+  std::vector<T> rm, rs;   // [nb] max and Σe^{l'-m'} of the raw logits l' = ŝ - logq (compute_raw)
 };
 
-class PlanCache {
+
+template <typename T>
+struct Saved {
+  Plan plan;
+  PairState<T> state;
+};
+
+// The forward's plan and state, kept for the backward of the same call. At most two are
+// kept (about 8 bytes per pair each); ADAPTAU_CPU_PLAN_CACHE=0 disables it.
+class SavedCache {
  public:
-  static PlanCache& get() {
-    static PlanCache* cache = new PlanCache();
+  static SavedCache& get() {
+    static SavedCache* cache = new SavedCache();
     return *cache;
   }
-  void put(const PlanKey& key, std::shared_ptr<Plan> plan) {
-    if (!enabled_) return;
-    std::lock_guard<std::mutex> lock(mu_);
-    for (auto& e : entries_)
-      if (e.first == key) {
-        e.second = std::move(plan);
-        return;
-      }
-    entries_.emplace_back(key, std::move(plan));
-    while (entries_.size() > 2) entries_.erase(entries_.begin());
-  }
-  std::shared_ptr<Plan> take(const PlanKey& key) {
-    if (!enabled_) return nullptr;
+  void put(const SavedKey& key, std::shared_ptr<void> value) {
+    if (!enabled_ || !key.valid) return;
     std::lock_guard<std::mutex> lock(mu_);
     for (auto it = entries_.begin(); it != entries_.end(); ++it)
       if (it->first == key) {
-        std::shared_ptr<Plan> p = std::move(it->second);
+        entries_.erase(it);
+        break;
+      }
+    entries_.emplace_back(key, std::move(value));
+    while (entries_.size() > 2) entries_.erase(entries_.begin());
+  }
+  std::shared_ptr<void> take(const SavedKey& key) {
+    if (!enabled_ || !key.valid) return nullptr;
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto it = entries_.begin(); it != entries_.end(); ++it)
+      if (it->first == key) {
+        std::shared_ptr<void> p = std::move(it->second);
         entries_.erase(it);
         return p;
       }
@@ -688,126 +749,206 @@ class PlanCache {
   }
 
  private:
-  PlanCache() : enabled_(env_int("ADAPTAU_CPU_PLAN_CACHE", 1) != 0 &&
-                         !(std::getenv("ADAPTAU_CPU_PLAN_CACHE") &&
-                           std::string(std::getenv("ADAPTAU_CPU_PLAN_CACHE")) == "0")) {}
+  SavedCache() {
+    const char* e = std::getenv("ADAPTAU_CPU_PLAN_CACHE");
+    enabled_ = !(e != nullptr && std::string(e) == "0");
+  }
   bool enabled_;
   std::mutex mu_;
-  std::vector<std::pair<PlanKey, std::shared_ptr<Plan>>> entries_;
+  std::vector<std::pair<SavedKey, std::shared_ptr<void>>> entries_;
 };
 
+// Normalizes (or copies) the rows of chunk c that its pairs reference into buf (padded):
+// all rows when the chunk is dense, else only the referenced ones (stamped with id).
 template <typename T>
-PlanKey plan_key(const Ctx<T>& cx, int shift) {
-  PlanKey k;
-  k.data = cx.neg;
-  k.version = cx.neg_version;
-  k.B = cx.B;
-  k.M = cx.M;
-  k.N = cx.N;
-  k.shift = shift;
-  k.dtype = (cx.neg_is_int64 ? 1 : 0) + 2 * int64_t(cx.Dp) + 4096 * int64_t(sizeof(T));
-  return k;
-}
-
-// Normalizes (or copies) the rows of chunk [base, base+nloc) referenced by its pairs into
-// buf (padded rows; norms in nrm when given): all rows sequentially when the chunk is
-// dense, else only the referenced ones. Returns true when every row was loaded.
-template <typename T>
-bool load_chunk(const Ctx<T>& cx, const Plan& pl, int64_t c, int64_t base, int64_t nloc, T* buf,
-                T* nrm, std::vector<int64_t>& stamp, int64_t stamp_id) {
+void load_chunk(const Ctx<T>& cx, const Plan& pl, int64_t c, int64_t base, int64_t nloc, T* buf,
+                std::vector<int64_t>& stamp, int64_t id) {
   const int64_t D = cx.D, Dp = cx.Dp;
-  const int32_t* st = pl.startT.data() + c * (pl.nb + 1);
-  const int64_t k0 = st[0], k1 = st[pl.nb];
-  if (k1 - k0 >= nloc / 2) {
-    for (int64_t r = 0; r < nloc; ++r) {
-      const T n = load_row(buf + r * Dp, cx.items + (base + r) * D, D, Dp, cx.normalize);
-      if (nrm) nrm[r] = n;
-    }
-    return true;
+  if (pl.ctot[c] >= nloc / 2) {
+    for (int64_t r = 0; r < nloc; ++r) load_row(buf + r * Dp, cx.items + (base + r) * D, D, Dp, cx.normalize);
+    return;
   }
-  for (int64_t k = k0; k < k1; ++k) {
-    const int64_t r = pl.sorted[k] - base;
-    if (stamp[r] != stamp_id) {
-      stamp[r] = stamp_id;
-      const T n = load_row(buf + r * Dp, cx.items + (base + r) * D, D, Dp, cx.normalize);
-      if (nrm) nrm[r] = n;
+  for (int64_t bl = 0; bl < pl.nb; ++bl)
+    for (int64_t k = pl.seg_begin(bl, c), k1 = pl.seg_end(bl, c); k < k1; ++k) {
+      const int64_t r = pl.sorted[k] - base;
+      if (stamp[r] != id) {
+        stamp[r] = id;
+        load_row(buf + r * Dp, cx.items + (base + r) * D, D, Dp, cx.normalize);
+      }
     }
-  }
-  return false;
 }
 
-// Forward: (1) sort; (2) chunk pass: scores of every pair into its slot; (3) row pass:
-// logits and log-sum-exp of each row over its slots.
+// Running (max, Σe^{x-max}) update with x[0:n) (x padded with -inf to a multiple of W).
+template <typename T>
+inline void running_lse(const T* x, int64_t n, T& m, T& s) {
+  T mx = neg_inf<T>();
+  for (int64_t k = 0; k < n; ++k) mx = std::max(mx, x[k]);
+  if (mx == neg_inf<T>()) return;
+  lse_update(x, round_up(n, Vec<T>::W), m, s);
+}
+
+// Score pass over one block of rows (see the section comment): fills st.
 template <typename T, int NV>
-void per_row_forward(Ctx<T>& cx, T* loss, T* lse_out, T* raw, bool compute_raw) {
+void score_pass(const Ctx<T>& cx, const Plan& pl, PairState<T>& st, bool compute_raw) {
   using Ops = RunOps<T, NV>;
-  constexpr int W = Vec<T>::W;
-  const Tuning& tu = tuning();
-  const int64_t B = cx.B, M = cx.M, D = cx.D, Dp = cx.Dp, N = cx.N;
-  PhaseTimer pt;
-  const int64_t Bb = std::max<int64_t>(1, std::min<int64_t>(B, tu.max_pairs / M));
-  auto plp = std::make_shared<Plan>();
-  Plan& pl = *plp;
-  pl.shift = chunk_shift(Dp * int64_t(sizeof(T)), tu.chunk_bytes, N, Bb, tu.max_pairs);
-  pl.CI = int64_t(1) << pl.shift;
-  pl.C = ((N - 1) >> pl.shift) + 1;
-  Buf<T> score = make_buf<T>(Bb * M);
-  for (int64_t r0 = 0; r0 < B; r0 += Bb) {
-    const int64_t nb = std::min(Bb, B - r0);
-    build_plan(cx, pl, r0, nb, static_cast<const std::vector<T>*>(nullptr));
-    pt.mark("fwd plan");
-    at::parallel_for(0, pl.C, grain(nb * M * Dp / pl.C), [&](int64_t c0, int64_t c1) {
-      Buf<T> buf = make_buf<T>(pl.CI * Dp);
-      std::vector<int64_t> stamp(pl.CI, -1);
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t base = c << pl.shift;
-        const int64_t nloc = std::min(pl.CI, N - base);
-        const int32_t* st = pl.startT.data() + c * (nb + 1);
-        if (st[0] == st[nb]) continue;
-        load_chunk(cx, pl, c, base, nloc, buf.get(), static_cast<T*>(nullptr), stamp, c + r0 * pl.C);
+  using V = Vec<T>;
+  constexpr int W = V::W;
+  const int64_t nb = pl.nb, M = pl.M, Dp = cx.Dp, N = cx.N, CI = pl.CI, r0 = pl.r0;
+  const int shift = pl.shift;
+  const int64_t G = static_cast<int64_t>(pl.gchunk.size()) - 1;
+  if (st.score.get() == nullptr) st.score = make_buf<T>(nb * M);
+  std::vector<T> gm(G * nb, neg_inf<T>()), gs(G * nb, T(0)), gw(G * nb, T(0));
+  std::vector<T> grm(compute_raw ? G * nb : 0, neg_inf<T>()), grs(compute_raw ? G * nb : 0, T(0));
+  Buf<T> gv = make_buf<T>(G * nb * Dp);
+  at::parallel_for(0, G, grain(3 * nb * M * Dp / G), [&](int64_t g0, int64_t g1) {
+    Buf<T> buf = make_buf<T>(CI * Dp);
+    std::vector<int64_t> stamp(CI, -1);
+    alignas(64) T lg[kBlock + W];
+    alignas(64) T ex[kBlock + W];
+    for (int64_t g = g0; g < g1; ++g) {
+      for (int64_t c = pl.gchunk[g]; c < pl.gchunk[g + 1]; ++c) {
+        if (pl.ctot[c] == 0) continue;
+        const int64_t base = c << shift;
+        const int64_t nloc = std::min(CI, N - base);
+        load_chunk(cx, pl, c, base, nloc, buf.get(), stamp, c + r0 * pl.C);
         for (int64_t bl = 0; bl < nb; ++bl) {
-          const int64_t k0 = st[bl], k1 = st[bl + 1];
+          const int64_t k0 = pl.seg_begin(bl, c), k1 = pl.seg_end(bl, c);
           if (k0 == k1) continue;
-          Ops::dots(cx.uhat.get() + (r0 + bl) * Dp, buf.get(), pl.sorted.get() + k0, base, k1 - k0,
-                    Dp, score.get() + k0);
-        }
-      }
-    });
-    pt.mark("fwd chunks");
-    at::parallel_for(0, nb, grain(8 * M), [&](int64_t b0, int64_t b1) {
-      std::vector<T> lg(M + W), lr(M + W);
-      for (int64_t bl = b0; bl < b1; ++bl) {
-        const int64_t b = r0 + bl;
-        const T beta = cx.beta[b];
-        const int32_t p = cx.pos[b];
-        int64_t n = 0;
-        for (int64_t c = 0; c < pl.C; ++c) {
-          const int64_t k0 = pl.start[bl * pl.C + c], len = pl.cnt[bl * pl.C + c];
-          for (int64_t k = k0; k < k0 + len; ++k, ++n) {
-            const int32_t item = pl.sorted[k];
-            const T sv = score[k];
-            const T q = cx.logq ? cx.logq[item] : T(0);
-            const bool drop = cx.remove_hits && item == p;
-            lg[n] = drop ? neg_inf<T>() : beta * sv - q;
-            lr[n] = drop ? neg_inf<T>() : sv - q;
+          const int64_t b = r0 + bl, gb = g * nb + bl;
+          const T* u = cx.uhat.get() + b * Dp;
+          const T beta = cx.beta[b];
+          const int32_t p = cx.pos[b];
+          for (int64_t kk = k0; kk < k1; kk += kBlock) {
+            const int64_t n = std::min(kBlock, k1 - kk);
+            const int64_t npad = round_up(n, W);
+            const int32_t* idx = pl.sorted.get() + kk;
+            T* sc = st.score.get() + kk;
+            Ops::dots(u, buf.get(), idx, base, n, Dp, sc);
+            if (compute_raw) {
+              for (int64_t k = 0; k < n; ++k) {
+                const bool drop = cx.remove_hits && idx[k] == p;
+                lg[k] = drop ? neg_inf<T>() : sc[k] - (cx.logq ? cx.logq[idx[k]] : T(0));
+              }
+              for (int64_t k = n; k < npad; ++k) lg[k] = neg_inf<T>();
+              running_lse(lg, n, grm[gb], grs[gb]);
+            }
+            T mx = neg_inf<T>();
+            for (int64_t k = 0; k < n; ++k) {
+              const bool drop = cx.remove_hits && idx[k] == p;
+              const T l = drop ? neg_inf<T>() : beta * sc[k] - (cx.logq ? cx.logq[idx[k]] : T(0));
+              lg[k] = l;
+              mx = std::max(mx, l);
+            }
+            if (mx == neg_inf<T>()) continue;
+            for (int64_t k = n; k < npad; ++k) lg[k] = neg_inf<T>();
+            T& m = gm[gb];
+            const bool fresh = m == neg_inf<T>();
+            const T mn = fresh ? mx : std::max(m, mx);
+            const T keep = fresh ? T(0) : (mn == m ? T(1) : std::exp(m - mn));
+            const typename V::R vmn = V::set1(mn);
+            typename V::R es = V::zero();
+            for (int64_t k = 0; k < npad; k += W) {
+              const typename V::R e = V::exp(V::sub(V::load(lg + k), vmn));
+              V::store(ex + k, e);
+              es = V::add(es, e);
+            }
+            T ws = T(0);
+            for (int64_t k = 0; k < n; ++k) ws += ex[k] * sc[k];
+            gs[gb] = gs[gb] * keep + V::hsum(es);
+            gw[gb] = gw[gb] * keep + ws;
+            m = mn;
+            static const bool novv = env_int("ADAPTAU_EXP_NOV", 0) > 0;
+            if (!novv) Ops::gather_axpy(gv.get() + gb * Dp, fresh, keep, ex, buf.get(), idx, base, n, Dp);
           }
         }
-        const int64_t npad = round_up(M, W);
-        for (int64_t k = M; k < npad; ++k) lg[k] = lr[k] = neg_inf<T>();
-        T m = neg_inf<T>(), s = T(0);
-        lse_update(lg.data(), npad, m, s);
-        finish_row(cx.include_pos, m, s, cx.alpha[b] * cx.spos[b], lse_out[b], loss[b]);
-        if (compute_raw) {
-          T rm = neg_inf<T>(), rs = T(0), unused;
-          lse_update(lr.data(), npad, rm, rs);
-          finish_row(cx.include_pos, rm, rs, cx.spos[b], unused, raw[b]);
+      }
+    }
+  });
+  // Merge the groups of each row, in group order.
+  st.m.assign(nb, neg_inf<T>());
+  st.s.assign(nb, T(0));
+  st.w.assign(nb, T(0));
+  if (st.v.get() == nullptr) st.v = make_buf<T>(nb * Dp);
+  if (compute_raw) {
+    st.rm.assign(nb, neg_inf<T>());
+    st.rs.assign(nb, T(0));
+  }
+  at::parallel_for(0, nb, grain(4 * G * Dp), [&](int64_t b0, int64_t b1) {
+    for (int64_t bl = b0; bl < b1; ++bl) {
+      T m = neg_inf<T>();
+      for (int64_t g = 0; g < G; ++g) m = std::max(m, gm[g * nb + bl]);
+      T s = T(0), w = T(0);
+      T* v = st.v.get() + bl * Dp;
+      std::fill(v, v + Dp, T(0));
+      if (m != neg_inf<T>()) {
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t gb = g * nb + bl;
+          if (gm[gb] == neg_inf<T>()) continue;
+          const T f = std::exp(gm[gb] - m);
+          s += f * gs[gb];
+          w += f * gw[gb];
+          const T* gvr = gv.get() + gb * Dp;
+          for (int64_t i = 0; i < Dp; ++i) v[i] += f * gvr[i];
         }
       }
-    });
+      st.m[bl] = m;
+      st.s[bl] = s;
+      st.w[bl] = w;
+      if (compute_raw) {
+        T rm = neg_inf<T>(), rs = T(0);
+        for (int64_t g = 0; g < G; ++g) rm = std::max(rm, grm[g * nb + bl]);
+        if (rm != neg_inf<T>())
+          for (int64_t g = 0; g < G; ++g)
+            if (grm[g * nb + bl] != neg_inf<T>()) rs += std::exp(grm[g * nb + bl] - rm) * grs[g * nb + bl];
+        st.rm[bl] = rm;
+        st.rs[bl] = rs;
+      }
+    }
+  });
+}
+
+template <typename T>
+std::pair<int64_t, int> per_row_blocking(const Ctx<T>& cx) {
+  const Tuning& tu = tuning();
+  const int64_t Bb = std::max<int64_t>(1, std::min<int64_t>(cx.B, tu.max_pairs / cx.M));
+  const int shift = chunk_shift(cx.Dp * int64_t(sizeof(T)), tu.chunk_bytes, cx.N, Bb, tu.max_pairs);
+  return {Bb, shift};
+}
+
+template <typename T>
+void init_plan(const Ctx<T>& cx, Plan& pl, int shift) {
+  pl.shift = shift;
+  pl.CI = int64_t(1) << shift;
+  pl.C = ((cx.N - 1) >> shift) + 1;
+  pl.RB = std::max<int64_t>(1, std::min(tuning().sort_rows, (int64_t(1) << 18) / cx.M));
+}
+
+template <typename T, int NV>
+void per_row_forward(Ctx<T>& cx, T* loss, T* lse_out, T* raw, bool compute_raw) {
+  const int64_t B = cx.B;
+  PhaseTimer pt;
+  const auto [Bb, shift] = per_row_blocking(cx);
+  auto saved = std::make_shared<Saved<T>>();
+  Plan& pl = saved->plan;
+  PairState<T>& st = saved->state;
+  init_plan(cx, pl, shift);
+  for (int64_t r0 = 0; r0 < B; r0 += Bb) {
+    const int64_t nb = std::min(Bb, B - r0);
+    build_plan(cx, pl, r0, nb);
+    pt.mark("fwd sort");
+    score_pass<T, NV>(cx, pl, st, compute_raw);
+    pt.mark("fwd scores");
+    for (int64_t bl = 0; bl < nb; ++bl) {
+      const int64_t b = r0 + bl;
+      finish_row(cx.include_pos, st.m[bl], st.s[bl], cx.alpha[b] * cx.spos[b], lse_out[b], loss[b]);
+      if (compute_raw) {
+        T unused;
+        finish_row(cx.include_pos, st.rm[bl], st.rs[bl], cx.spos[b], unused, raw[b]);
+      }
+    }
     pt.mark("fwd rows");
   }
-  if (Bb >= B) PlanCache::get().put(plan_key(cx, pl.shift), plp);
-  (void)D;
+  if (Bb >= B) SavedCache::get().put(cx.key, saved);
 }
 
 // Per-row quantities of the backward: g (0 for an empty row), d(loss)/d(pos score).
@@ -834,7 +975,8 @@ RowGrad<T> row_grad(const Ctx<T>& cx, const T* grad_loss, const T* lse) {
 }
 
 // grad_user rows [r0, r0+nb) from the normalized-space gradient (the sum of nparts
-// partials [nparts][nb][Dp] in order, plus the positive's term), and the scale gradients.
+// partials [nparts][nb][Dp] in order, plus the positive's term), and the scale gradients
+// (q: Σ_k P_k ŝ_k per row, in nparts partials).
 template <typename T>
 void finish_rows(const Ctx<T>& cx, const RowGrad<T>& rg, int64_t r0, int64_t nb, const T* gu_parts,
                  int64_t nparts, const T* q_parts, T* grad_user, T* grad_alpha, T* grad_beta,
@@ -869,92 +1011,32 @@ void finish_rows(const Ctx<T>& cx, const RowGrad<T>& rg, int64_t r0, int64_t nb,
   });
 }
 
-// Backward, per block of rows (all rows at the paper's sizes): sort (rows with no
-// gradient left out), then a chunk pass: the thread owning a chunk recomputes each pair's
-// score from the chunk's normalized rows, P = exp(logit - lse), d = g·β·P, and adds
-// d·û_b to the chunk's item-gradient rows and d·î to the user-gradient partial of its
-// group (G groups of chunks, G from the problem size only, merged in group order), then
-// applies the normalization's Jacobian to the chunk's item rows.
+// Item-gradient pass over one block of rows: per chunk (G groups in parallel), d = g·β·P
+// of every pair from its stored score, acc[item] += d·û (and the positives' d·û), then
+// the chunk's rows of grad_items: written (single block), or summed over the blocks with
+// the normalization's Jacobian applied after the last one.
 template <typename T, int NV>
-void per_row_backward(Ctx<T>& cx, const T* grad_loss, const T* lse, T* grad_user, T* grad_items,
-                      T* grad_alpha, T* grad_beta, bool need_scale) {
+void item_grad_pass(const Ctx<T>& cx, const Plan& pl, const PairState<T>& st, const RowGrad<T>& rg,
+                    const T* lse, const std::vector<int32_t>& pstart, const std::vector<int32_t>& prow,
+                    T* grad_items, bool first, bool last, bool single) {
   using Ops = RunOps<T, NV>;
   using V = Vec<T>;
   constexpr int W = V::W;
-  const Tuning& tu = tuning();
-  const int64_t B = cx.B, M = cx.M, D = cx.D, Dp = cx.Dp, N = cx.N;
-  PhaseTimer pt;
-  RowGrad<T> rg = row_grad(cx, grad_loss, lse);
-  const int64_t Gmax = std::max<int64_t>(1, tu.max_groups);
-  int64_t Bb = std::max<int64_t>(1, std::min<int64_t>(B, tu.max_pairs / M));
-  Bb = std::max<int64_t>(1, std::min<int64_t>(Bb, tu.partial_bytes / (Gmax * Dp * int64_t(sizeof(T)))));
-  const bool single = Bb >= B;
-  const int shift0 = chunk_shift(Dp * int64_t(sizeof(T)), tu.chunk_bytes, N, Bb, tu.max_pairs);
-  std::shared_ptr<Plan> cached = single ? PlanCache::get().take(plan_key(cx, shift0)) : nullptr;
-  std::shared_ptr<Plan> plp = cached ? cached : std::make_shared<Plan>();
-  Plan& pl = *plp;
-  if (!cached) {
-    pl.shift = shift0;
-    pl.CI = int64_t(1) << pl.shift;
-    pl.C = ((N - 1) >> pl.shift) + 1;
-  }
-  const int64_t C = pl.C, CI = pl.CI;
-  const int64_t G = std::min(Gmax, C);
+  const int64_t nb = pl.nb, Dp = cx.Dp, D = cx.D, N = cx.N, CI = pl.CI, r0 = pl.r0;
   const int shift = pl.shift;
-
-  // Positives by chunk (stable in b).
-  std::vector<int32_t> pstart(C + 1, 0), prow(B);
-  for (int64_t b = 0; b < B; ++b) pstart[(cx.pos[b] >> shift) + 1]++;
-  for (int64_t c = 0; c < C; ++c) pstart[c + 1] += pstart[c];
-  {
-    std::vector<int32_t> pcur(pstart.begin(), pstart.end() - 1);
-    for (int64_t b = 0; b < B; ++b) prow[pcur[cx.pos[b] >> shift]++] = static_cast<int32_t>(b);
-  }
-  Buf<T> gu_parts = make_buf<T>(G * Bb * Dp);
-  std::vector<T> q_parts(G * Bb);
-  pt.mark("bwd setup");
-
-  for (int64_t r0 = 0; r0 < B; r0 += Bb) {
-    const int64_t nb = std::min(Bb, B - r0);
-    const bool first = r0 == 0, last = r0 + nb == B;
-    if (!cached) build_plan(cx, pl, r0, nb, &rg.g);
-    // Groups: contiguous chunk ranges with about the same number of pairs.
-    std::vector<int64_t> gchunk(G + 1, C);
-    gchunk[0] = 0;
-    {
-      const int64_t P = pl.startT[(C - 1) * (nb + 1) + nb];
-      int64_t c = 0;
-      for (int64_t g = 1; g < G; ++g) {
-        const int64_t target = P * g / G;
-        while (c < C && pl.startT[c * (nb + 1)] < target) ++c;
-        gchunk[g] = std::max(c, gchunk[g - 1]);
-      }
-    }
-    pt.mark("bwd plan");
-
-    at::parallel_for(0, G, grain(3 * nb * M * Dp / G), [&](int64_t g0, int64_t g1) {
-      Buf<T> buf = make_buf<T>(CI * Dp);
-      Buf<T> acc = make_buf<T>(CI * Dp);
-      std::vector<T> nrm(CI);
-      std::vector<int64_t> stamp(CI, -1);
-      alignas(64) T sc[kBlock];
-      alignas(64) T lg[kBlock + W];
-      alignas(64) T dd[kBlock + W];
-      for (int64_t g = g0; g < g1; ++g) {
-        T* gup = gu_parts.get() + g * nb * Dp;
-        std::memset(gup, 0, sizeof(T) * nb * Dp);
-        T* gq = q_parts.data() + g * nb;
-        std::fill(gq, gq + nb, T(0));
-        for (int64_t c = gchunk[g]; c < gchunk[g + 1]; ++c) {
-          const int64_t base = c << shift;
-          const int64_t nloc = std::min(CI, N - base);
-          const int32_t* st = pl.startT.data() + c * (nb + 1);
-          const bool dense = load_chunk(cx, pl, c, base, nloc, buf.get(), nrm.data(), stamp,
-                                        (c + r0 * C));
-          std::memset(acc.get(), 0, sizeof(T) * nloc * Dp);
+  const int64_t G = static_cast<int64_t>(pl.gchunk.size()) - 1;
+  at::parallel_for(0, G, grain(2 * nb * pl.M * Dp / G), [&](int64_t g0, int64_t g1) {
+    Buf<T> acc = make_buf<T>(CI * Dp);
+    std::vector<T> xh(Dp);
+    alignas(64) T lg[kBlock + W];
+    for (int64_t g = g0; g < g1; ++g) {
+      for (int64_t c = pl.gchunk[g]; c < pl.gchunk[g + 1]; ++c) {
+        const int64_t base = c << shift;
+        const int64_t nloc = std::min(CI, N - base);
+        std::memset(acc.get(), 0, sizeof(T) * nloc * Dp);
+        if (pl.ctot[c] > 0) {
           for (int64_t bl = 0; bl < nb; ++bl) {
-            int64_t k0 = st[bl];
-            const int64_t k1 = st[bl + 1];
+            const int64_t k0 = pl.seg_begin(bl, c), k1 = pl.seg_end(bl, c);
             const int64_t b = r0 + bl;
             if (k0 == k1 || rg.g[b] == T(0)) continue;
             const T* u = cx.uhat.get() + b * Dp;
@@ -962,81 +1044,113 @@ void per_row_backward(Ctx<T>& cx, const T* grad_loss, const T* lse, T* grad_user
             const T l_b = lse[b];
             const int32_t p = cx.pos[b];
             const typename V::R vg = V::set1(rg.g[b] * beta);
-            T qsum = T(0);
-            for (; k0 < k1; k0 += kBlock) {
-              const int64_t n = std::min(kBlock, k1 - k0);
-              const int32_t* idx = pl.sorted.get() + k0;
-              Ops::dots(u, buf.get(), idx, base, n, Dp, sc);
+            for (int64_t kk = k0; kk < k1; kk += kBlock) {
+              const int64_t n = std::min(kBlock, k1 - kk);
               const int64_t npad = round_up(n, W);
+              const int32_t* idx = pl.sorted.get() + kk;
+              const T* sc = st.score.get() + kk;
               for (int64_t k = 0; k < n; ++k) {
-                const int32_t item = idx[k];
-                const T q = cx.logq ? cx.logq[item] : T(0);
-                const bool drop = cx.remove_hits && item == p;
-                lg[k] = drop ? neg_inf<T>() : beta * sc[k] - q - l_b;
+                const bool drop = cx.remove_hits && idx[k] == p;
+                lg[k] = drop ? neg_inf<T>() : beta * sc[k] - (cx.logq ? cx.logq[idx[k]] : T(0)) - l_b;
               }
               for (int64_t k = n; k < npad; ++k) lg[k] = neg_inf<T>();
-              for (int64_t k = 0; k < npad; k += W) {
-                const typename V::R pk = V::exp(V::load(lg + k));
-                V::store(lg + k, pk);
-                V::store(dd + k, V::mul(vg, pk));
-              }
-              if (need_scale)
-                for (int64_t k = 0; k < n; ++k) qsum += lg[k] * sc[k];
-              Ops::grads(u, buf.get(), acc.get(), idx, base, dd, n, Dp, gup + bl * Dp);
+              for (int64_t k = 0; k < npad; k += W) V::store(lg + k, V::mul(vg, V::exp(V::load(lg + k))));
+              Ops::scatter_axpy(acc.get(), idx, base, lg, u, n, Dp);
             }
-            gq[bl] += qsum;
           }
-          // Positives of this chunk (rows of this block).
-          bool any_pos = false;
-          for (int64_t j = pstart[c]; j < pstart[c + 1]; ++j) {
-            const int64_t b = prow[j];
-            const T dp = rg.dpos[b];
-            if (b < r0 || b >= r0 + nb || dp == T(0)) continue;
-            const int64_t r = cx.pos[b] - base;
-            if (!dense && stamp[r] != (c + r0 * C)) {
-              stamp[r] = (c + r0 * C);
-              nrm[r] = load_row(buf.get() + r * Dp, cx.items + (base + r) * D, D, Dp, cx.normalize);
-            }
-            any_pos = true;
-            T* a = acc.get() + r * Dp;
-            const T* u = cx.uhat.get() + b * Dp;
-            for (int64_t i = 0; i < Dp; ++i) a[i] += dp * u[i];
+        }
+        // Positives of this chunk (rows of this block).
+        for (int64_t j = pstart[c]; j < pstart[c + 1]; ++j) {
+          const int64_t b = prow[j];
+          const T dp = rg.dpos[b];
+          if (b < r0 || b >= r0 + nb || dp == T(0)) continue;
+          T* a = acc.get() + (cx.pos[b] - base) * Dp;
+          const T* u = cx.uhat.get() + b * Dp;
+          for (int64_t i = 0; i < Dp; ++i) a[i] += dp * u[i];
+        }
+        // Item-gradient rows of the chunk.
+        for (int64_t r = 0; r < nloc; ++r) {
+          T* out = grad_items + (base + r) * D;
+          const T* a = acc.get() + r * Dp;
+          const T* x = cx.items + (base + r) * D;
+          if (single) {
+            const T nrm = load_row(xh.data(), x, D, Dp, cx.normalize);
+            normalize_backward(out, a, xh.data(), nrm, D, cx.normalize);
+            continue;
           }
-          (void)any_pos;
-          // Item-gradient rows of the chunk.
-          for (int64_t r = 0; r < nloc; ++r) {
-            T* out = grad_items + (base + r) * D;
-            const T* a = acc.get() + r * Dp;
-            const bool loaded = dense || stamp[r] == (c + r0 * C);
-            if (single) {
-              if (loaded)
-                normalize_backward(out, a, buf.get() + r * Dp, nrm[r], D, cx.normalize);
-              else
-                std::memset(out, 0, sizeof(T) * D);
-              continue;
-            }
-            if (first)
-              std::memcpy(out, a, sizeof(T) * D);
-            else
-              for (int64_t i = 0; i < D; ++i) out[i] += a[i];
-            if (last && cx.normalize) {
-              const T* x = cx.items + (base + r) * D;
-              const T n = std::sqrt(dot_plain(x, x, D));
-              if (n > norm_eps<T>()) {
-                const T inv = T(1) / n;
-                const T proj = inv * inv * dot_plain(x, out, D);
-                for (int64_t i = 0; i < D; ++i) out[i] = (out[i] - x[i] * proj) * inv;
-              } else {
-                for (int64_t i = 0; i < D; ++i) out[i] *= T(1) / norm_eps<T>();
-              }
+          if (first)
+            std::memcpy(out, a, sizeof(T) * D);
+          else
+            for (int64_t i = 0; i < D; ++i) out[i] += a[i];
+          if (last && cx.normalize) {
+            const T n = std::sqrt(dot_plain(x, x, D));
+            if (n > norm_eps<T>()) {
+              const T inv = T(1) / n;
+              const T proj = inv * inv * dot_plain(x, out, D);
+              for (int64_t i = 0; i < D; ++i) out[i] = (out[i] - x[i] * proj) * inv;
+            } else {
+              for (int64_t i = 0; i < D; ++i) out[i] *= T(1) / norm_eps<T>();
             }
           }
         }
       }
+    }
+  });
+}
+
+// Backward, per block of rows: the forward's plan and state when the cache has them (one
+// block), else the sort and score pass again; then the item-gradient pass and the rows.
+template <typename T, int NV>
+void per_row_backward(Ctx<T>& cx, const T* grad_loss, const T* lse, T* grad_user, T* grad_items,
+                      T* grad_alpha, T* grad_beta, bool need_scale) {
+  const int64_t B = cx.B, Dp = cx.Dp;
+  PhaseTimer pt;
+  RowGrad<T> rg = row_grad(cx, grad_loss, lse);
+  const auto [Bb, shift] = per_row_blocking(cx);
+  const bool single = Bb >= B;
+  std::shared_ptr<Saved<T>> saved;
+  if (single) saved = std::static_pointer_cast<Saved<T>>(SavedCache::get().take(cx.key));
+  const bool cached = saved != nullptr;
+  if (!cached) {
+    saved = std::make_shared<Saved<T>>();
+    init_plan(cx, saved->plan, shift);
+  }
+  Plan& pl = saved->plan;
+  PairState<T>& st = saved->state;
+  const int64_t C = pl.C;
+  // Positives by chunk (stable in b).
+  std::vector<int32_t> pstart(C + 1, 0), prow(B);
+  for (int64_t b = 0; b < B; ++b) pstart[(cx.pos[b] >> pl.shift) + 1]++;
+  for (int64_t c = 0; c < C; ++c) pstart[c + 1] += pstart[c];
+  {
+    std::vector<int32_t> pcur(pstart.begin(), pstart.end() - 1);
+    for (int64_t b = 0; b < B; ++b) prow[pcur[cx.pos[b] >> pl.shift]++] = static_cast<int32_t>(b);
+  }
+  pt.mark(cached ? "bwd setup (saved)" : "bwd setup");
+  Buf<T> gu = make_buf<T>(Bb * Dp);
+  std::vector<T> q(Bb);
+  for (int64_t r0 = 0; r0 < B; r0 += Bb) {
+    const int64_t nb = std::min(Bb, B - r0);
+    if (!cached) {
+      build_plan(cx, pl, r0, nb);
+      score_pass<T, NV>(cx, pl, st, false);
+      pt.mark("bwd recompute");
+    }
+    item_grad_pass<T, NV>(cx, pl, st, rg, lse, pstart, prow, grad_items, r0 == 0, r0 + nb == B, single);
+    pt.mark("bwd items");
+    // Negatives' user gradient (normalized space) and Σ_k P_k ŝ_k from the state.
+    at::parallel_for(0, nb, grain(2 * Dp), [&](int64_t b0, int64_t b1) {
+      for (int64_t bl = b0; bl < b1; ++bl) {
+        const int64_t b = r0 + bl;
+        const T f = (rg.g[b] == T(0) || st.m[bl] == neg_inf<T>()) ? T(0) : std::exp(st.m[bl] - lse[b]);
+        const T cu = rg.g[b] * cx.beta[b] * f;
+        const T* v = st.v.get() + bl * Dp;
+        T* o = gu.get() + bl * Dp;
+        for (int64_t i = 0; i < Dp; ++i) o[i] = cu * v[i];
+        q[bl] = f * st.w[bl];
+      }
     });
-    pt.mark("bwd chunks");
-    finish_rows(cx, rg, r0, nb, gu_parts.get(), G, q_parts.data(), grad_user, grad_alpha, grad_beta,
-                need_scale);
+    finish_rows(cx, rg, r0, nb, gu.get(), 1, q.data(), grad_user, grad_alpha, grad_beta, need_scale);
     pt.mark("bwd rows");
   }
 }
@@ -1360,6 +1474,25 @@ Inputs check_inputs(const at::Tensor& user, const at::Tensor& items, const at::T
   return in;
 }
 
+// The key of a call: its input tensors as the op received them (data pointer and version
+// counter; inference tensors have no version counter, so their calls are not cached) and
+// the options.
+SavedKey call_key(std::initializer_list<const at::Tensor*> tensors, std::vector<int64_t> opts) {
+  SavedKey k;
+  for (const at::Tensor* t : tensors) {
+    if (t == nullptr || !t->defined()) {
+      k.ids.emplace_back(nullptr, -1);
+      continue;
+    }
+    if (t->is_inference()) k.valid = false;
+    k.ids.emplace_back(t->data_ptr(), k.valid ? int64_t(t->_version()) : int64_t(-1));
+    for (int64_t d = 0; d < t->dim(); ++d) opts.push_back(t->size(d));
+    opts.push_back(static_cast<int64_t>(t->scalar_type()));
+  }
+  k.opts = std::move(opts);
+  return k;
+}
+
 template <typename T>
 Ctx<T> make_ctx(const Inputs& in, int64_t neg_mode, bool include_pos, bool normalize, bool remove_hits) {
   Ctx<T> cx;
@@ -1379,7 +1512,6 @@ Ctx<T> make_ctx(const Inputs& in, int64_t neg_mode, bool include_pos, bool norma
   cx.logq = in.logq.defined() ? in.logq.data_ptr<T>() : nullptr;
   cx.neg = in.neg.data_ptr();
   cx.neg_is_int64 = in.neg.scalar_type() == at::kLong;
-  cx.neg_version = in.neg._version();
   cx.pos = indices_to_i32(in.pos, in.N, "pos");
   prepare_rows(cx);
   return cx;
@@ -1398,6 +1530,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cpu(
     using T = scalar_t;
     PhaseTimer pt;
     Ctx<T> cx = make_ctx<T>(in, neg_mode, include_pos, normalize, remove_hits);
+    if (neg_mode == kNegPerRow)
+      cx.key = call_key({&user, &items, &pos, &neg, &pos_scale, &neg_scale, neg_logq ? &*neg_logq : nullptr},
+                        {neg_mode, include_pos, normalize, remove_hits});
     pt.mark("prepare rows");
     T* rawp = compute_raw ? raw.data_ptr<T>() : nullptr;
     with_nv<T>(in.D, [&](auto nvc) {
@@ -1431,6 +1566,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
     using T = scalar_t;
     PhaseTimer pt;
     Ctx<T> cx = make_ctx<T>(in, neg_mode, include_pos, normalize, remove_hits);
+    if (neg_mode == kNegPerRow)
+      cx.key = call_key({&user, &items, &pos, &neg, &pos_scale, &neg_scale, neg_logq ? &*neg_logq : nullptr},
+                        {neg_mode, include_pos, normalize, remove_hits});
     pt.mark("prepare rows");
     with_nv<T>(in.D, [&](auto nvc) {
       constexpr int NV = decltype(nvc)::value;

@@ -296,27 +296,42 @@ def test_op_level_checks():
                                         None, 1, False, True, False, False)
 
 
-def test_small_tuning_exercises_every_blocking_path():
-    """Tiny chunks, row blocks, tiles and groups (set before the library reads them)."""
+SMALL_TUNING = dict(ADAPTAU_CPU_CHUNK_BYTES="1", ADAPTAU_CPU_MAX_PAIRS="100",
+                    ADAPTAU_CPU_ROW_BLOCK="4", ADAPTAU_CPU_COL_BLOCK="16", ADAPTAU_CPU_GROUPS="3",
+                    ADAPTAU_CPU_SORT_ROWS="3")
+
+
+@pytest.mark.parametrize("tuning", [SMALL_TUNING, dict(ADAPTAU_CPU_PLAN_CACHE="0"),
+                                    dict(ADAPTAU_CPU_SORT_ROWS="1", ADAPTAU_CPU_GROUPS="1")],
+                         ids=["small-blocks", "no-saved-state", "one-row-sort-one-group"])
+def test_tuning_paths_match_reference(tuning):
+    """Tiny chunks, row blocks, sort blocks, tiles and groups; and the backward without the
+    forward's saved state (recomputed). Set before the library reads them."""
     script = textwrap.dedent("""
         import torch, adaptau
         torch.manual_seed(0)
         for neg in (torch.randint(0, 300, (40, 25)), torch.randint(0, 300, (25,)), None):
             user = torch.randn(40, 24); items = torch.randn(300, 24)
             pos = torch.randint(0, 300, (40,))
+            logq = torch.randn(300) * 0.5
+            beta = torch.rand(40) * 4 + 1
+            if neg is not None and neg.dim() == 2:
+                neg[:, :3] = pos[:, None]  # accidental hits to remove
             out = []
             for backend, dt in (("cpu", torch.float32), ("reference", torch.float64)):
                 u = user.to(dt).clone().requires_grad_(); it = items.to(dt).clone().requires_grad_()
-                loss = adaptau.softmax_loss(u, it, pos, neg, 4.0, 3.0, include_pos=True,
-                                            backend=backend, reduction="sum")
+                b = beta.to(dt).clone().requires_grad_()
+                loss, raw = adaptau.softmax_loss(u, it, pos, neg, 4.0, b, include_pos=True,
+                                                 neg_logq=logq.to(dt), remove_accidental_hits=True,
+                                                 backend=backend, reduction="sum", return_raw=True)
                 loss.backward()
-                out.append((loss.detach().double(), u.grad.double(), it.grad.double()))
+                out.append((loss.detach().double(), raw.detach().double(), u.grad.double(),
+                            it.grad.double(), b.grad.double()))
             for a, b in zip(*out):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
         print("ok")
     """)
-    env = dict(os.environ, ADAPTAU_CPU_CHUNK_BYTES="1", ADAPTAU_CPU_MAX_PAIRS="100",
-               ADAPTAU_CPU_ROW_BLOCK="4", ADAPTAU_CPU_COL_BLOCK="16", ADAPTAU_CPU_GROUPS="3")
+    env = dict(os.environ, **tuning)
     res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
