@@ -83,7 +83,7 @@ struct Tuning {
 
 const Tuning& tuning() {
   static const Tuning t{
-      env_int("ADAPTAU_CPU_CHUNK_BYTES", 128 << 10),
+      env_int("ADAPTAU_CPU_CHUNK_BYTES", 256 << 10),
       env_int("ADAPTAU_CPU_SORT_ROWS", 64),
       env_int("ADAPTAU_CPU_GROUPS", 8),
       env_int("ADAPTAU_CPU_PARTIAL_BYTES", 32 << 20),
@@ -217,6 +217,16 @@ Buf<T> make_zero_buf(int64_t n) {
   Buf<T> b = make_buf<T>(n);
   std::memset(b.get(), 0, sizeof(T) * std::max<int64_t>(n, 1));
   return b;
+}
+
+// A [rows, cols] tensor whose memory comes from the pool (and goes back to it when the
+// tensor dies): the item gradient is as big as the table, and a fresh allocation of it
+// is page-faulted and zeroed by the OS on every call.
+at::Tensor pooled_empty(int64_t rows, int64_t cols, const at::TensorOptions& opts) {
+  const size_t bytes = static_cast<size_t>(std::max<int64_t>(rows * cols, 1)) * opts.dtype().itemsize();
+  size_t got = 0;
+  void* p = Pool::get().acquire(bytes, got);
+  return at::from_blob(p, {rows, cols}, [got](void* q) { Pool::get().release(q, got); }, opts);
 }
 
 // Grain size for at::parallel_for: items that together do at least ~kMinWork units of
@@ -665,18 +675,20 @@ void build_plan(const Ctx<T>& cx, Plan& pl, int64_t r0, int64_t nb) {
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t rows = std::min(RB, nb - j * RB);
       ok &= load_idx(cx.neg, cx.neg_is_int64, (r0 + j * RB) * M, rows * M, N, li.data());
-      int32_t* o = pl.off.data() + j * E;
+      int32_t* __restrict__ o = pl.off.data() + j * E;
       std::fill(o, o + E, 0);
       for (int64_t r = 0; r < rows; ++r) {
-        const int32_t* l = li.data() + r * M;
-        for (int64_t k = 0; k < M; ++k) o[(l[k] >> shift) * RB + r + 1]++;
+        const int32_t* __restrict__ l = li.data() + r * M;
+        int32_t* __restrict__ orow = o + r + 1;
+        for (int64_t k = 0; k < M; ++k) orow[(l[k] >> shift) * RB]++;
       }
       for (int64_t e = 1; e < E; ++e) o[e] += o[e - 1];
       std::copy(o, o + E - 1, cur.begin());
-      int32_t* dst = pl.sorted.get() + j * RB * M;
+      int32_t* __restrict__ dst = pl.sorted.get() + j * RB * M;
       for (int64_t r = 0; r < rows; ++r) {
-        const int32_t* l = li.data() + r * M;
-        for (int64_t k = 0; k < M; ++k) dst[cur[(l[k] >> shift) * RB + r]++] = l[k];
+        const int32_t* __restrict__ l = li.data() + r * M;
+        int32_t* __restrict__ crow = cur.data() + r;
+        for (int64_t k = 0; k < M; ++k) dst[crow[(l[k] >> shift) * RB]++] = l[k];
       }
     }
     if (!ok) bad.store(true);
@@ -778,6 +790,41 @@ void load_chunk(const Ctx<T>& cx, const Plan& pl, int64_t c, int64_t base, int64
     }
 }
 
+// Logits of a run: lg[k] = scale·sc[k] - logq[idx[k]] - shift (-inf for an accidental hit
+// when remove_hits), padded with -inf to a multiple of W. Returns their max.
+template <typename T>
+inline T run_logits(const Ctx<T>& cx, const int32_t* __restrict__ idx, const T* __restrict__ sc, int64_t n,
+                    T scale, T shift, int32_t p, T* __restrict__ lg) {
+  using V = Vec<T>;
+  constexpr int W = V::W;
+  const int64_t npad = round_up(n, W);
+  T mx = neg_inf<T>();
+  if (cx.logq == nullptr && !cx.remove_hits) {
+    const typename V::R vs = V::set1(scale), vsh = V::set1(shift);
+    typename V::R vm = V::set1(neg_inf<T>());
+    int64_t k = 0;
+    for (; k + W <= n; k += W) {
+      const typename V::R l = V::sub(V::mul(vs, V::load(sc + k)), vsh);
+      V::store(lg + k, l);
+      vm = V::max(vm, l);
+    }
+    mx = V::hmax(vm);
+    for (; k < n; ++k) {
+      lg[k] = scale * sc[k] - shift;
+      mx = std::max(mx, lg[k]);
+    }
+  } else {
+    for (int64_t k = 0; k < n; ++k) {
+      const bool drop = cx.remove_hits && idx[k] == p;
+      const T l = drop ? neg_inf<T>() : scale * sc[k] - (cx.logq ? cx.logq[idx[k]] : T(0)) - shift;
+      lg[k] = l;
+      mx = std::max(mx, l);
+    }
+  }
+  for (int64_t k = n; k < npad; ++k) lg[k] = neg_inf<T>();
+  return mx;
+}
+
 // Running (max, Σe^{x-max}) update with x[0:n) (x padded with -inf to a multiple of W).
 template <typename T>
 inline void running_lse(const T* x, int64_t n, T& m, T& s) {
@@ -825,22 +872,11 @@ void score_pass(const Ctx<T>& cx, const Plan& pl, PairState<T>& st, bool compute
             T* sc = st.score.get() + kk;
             Ops::dots(u, buf.get(), idx, base, n, Dp, sc);
             if (compute_raw) {
-              for (int64_t k = 0; k < n; ++k) {
-                const bool drop = cx.remove_hits && idx[k] == p;
-                lg[k] = drop ? neg_inf<T>() : sc[k] - (cx.logq ? cx.logq[idx[k]] : T(0));
-              }
-              for (int64_t k = n; k < npad; ++k) lg[k] = neg_inf<T>();
+              run_logits(cx, idx, sc, n, T(1), T(0), p, lg);
               running_lse(lg, n, grm[gb], grs[gb]);
             }
-            T mx = neg_inf<T>();
-            for (int64_t k = 0; k < n; ++k) {
-              const bool drop = cx.remove_hits && idx[k] == p;
-              const T l = drop ? neg_inf<T>() : beta * sc[k] - (cx.logq ? cx.logq[idx[k]] : T(0));
-              lg[k] = l;
-              mx = std::max(mx, l);
-            }
+            const T mx = run_logits(cx, idx, sc, n, beta, T(0), p, lg);
             if (mx == neg_inf<T>()) continue;
-            for (int64_t k = n; k < npad; ++k) lg[k] = neg_inf<T>();
             T& m = gm[gb];
             const bool fresh = m == neg_inf<T>();
             const T mn = fresh ? mx : std::max(m, mx);
@@ -1026,14 +1062,13 @@ void item_grad_pass(const Ctx<T>& cx, const Plan& pl, const PairState<T>& st, co
   const int shift = pl.shift;
   const int64_t G = static_cast<int64_t>(pl.gchunk.size()) - 1;
   at::parallel_for(0, G, grain(2 * nb * pl.M * Dp / G), [&](int64_t g0, int64_t g1) {
-    Buf<T> acc = make_buf<T>(CI * Dp);
+    Buf<T> acc = make_zero_buf<T>(CI * Dp);  // zero between chunks: rows are cleared as written
     std::vector<T> xh(Dp);
     alignas(64) T lg[kBlock + W];
     for (int64_t g = g0; g < g1; ++g) {
       for (int64_t c = pl.gchunk[g]; c < pl.gchunk[g + 1]; ++c) {
         const int64_t base = c << shift;
         const int64_t nloc = std::min(CI, N - base);
-        std::memset(acc.get(), 0, sizeof(T) * nloc * Dp);
         if (pl.ctot[c] > 0) {
           for (int64_t bl = 0; bl < nb; ++bl) {
             const int64_t k0 = pl.seg_begin(bl, c), k1 = pl.seg_end(bl, c);
@@ -1049,11 +1084,7 @@ void item_grad_pass(const Ctx<T>& cx, const Plan& pl, const PairState<T>& st, co
               const int64_t npad = round_up(n, W);
               const int32_t* idx = pl.sorted.get() + kk;
               const T* sc = st.score.get() + kk;
-              for (int64_t k = 0; k < n; ++k) {
-                const bool drop = cx.remove_hits && idx[k] == p;
-                lg[k] = drop ? neg_inf<T>() : beta * sc[k] - (cx.logq ? cx.logq[idx[k]] : T(0)) - l_b;
-              }
-              for (int64_t k = n; k < npad; ++k) lg[k] = neg_inf<T>();
+              run_logits(cx, idx, sc, n, beta, l_b, p, lg);
               for (int64_t k = 0; k < npad; k += W) V::store(lg + k, V::mul(vg, V::exp(V::load(lg + k))));
               Ops::scatter_axpy(acc.get(), idx, base, lg, u, n, Dp);
             }
@@ -1071,17 +1102,19 @@ void item_grad_pass(const Ctx<T>& cx, const Plan& pl, const PairState<T>& st, co
         // Item-gradient rows of the chunk.
         for (int64_t r = 0; r < nloc; ++r) {
           T* out = grad_items + (base + r) * D;
-          const T* a = acc.get() + r * Dp;
+          T* a = acc.get() + r * Dp;
           const T* x = cx.items + (base + r) * D;
           if (single) {
             const T nrm = load_row(xh.data(), x, D, Dp, cx.normalize);
             normalize_backward(out, a, xh.data(), nrm, D, cx.normalize);
+            std::memset(a, 0, sizeof(T) * Dp);
             continue;
           }
           if (first)
             std::memcpy(out, a, sizeof(T) * D);
           else
             for (int64_t i = 0; i < D; ++i) out[i] += a[i];
+          std::memset(a, 0, sizeof(T) * Dp);
           if (last && cx.normalize) {
             const T n = std::sqrt(dot_plain(x, x, D));
             if (n > norm_eps<T>()) {
@@ -1559,7 +1592,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
   at::Tensor ls = lse.to(in.acc_dtype).contiguous();
   auto opts = in.user.options();
   at::Tensor grad_user = at::empty({in.B, in.D}, opts);
-  at::Tensor grad_items = at::empty({in.N, in.D}, opts);
+  at::Tensor grad_items = pooled_empty(in.N, in.D, opts);
   at::Tensor grad_alpha = at::empty({in.B}, opts);
   at::Tensor grad_beta = at::empty({in.B}, opts);
   AT_DISPATCH_FLOATING_TYPES(in.user.scalar_type(), "adaptau_fused_backward_cpu", [&] {
