@@ -374,34 +374,40 @@ struct RunOps {
   }
 
   // v = (fresh ? 0 : v * keep) + sum_k coef[k] * rows[idx[k] - base]   (k < n; v padded to Dp).
+  // Accumulates from zero and folds the old v in at the end, so the (likely cache-missing)
+  // load of v is off the FMA chains' critical path; rows are taken four vectors at a time
+  // with separate accumulators for even and odd k, so two FMA chains run per register.
   static inline void gather_axpy(T* __restrict__ v, bool fresh, T keep, const T* __restrict__ coef,
                                  const T* __restrict__ rows, const int32_t* __restrict__ idx,
                                  int64_t base, int64_t n, int64_t Dp) {
-    if constexpr (NV > 0 && NV <= 8) {
-      // Accumulate from zero and fold the old value in at the end: the (likely cache-
-      // missing) load of v is then off the FMA chains' critical path.
-      R g[NV];
-      for (int v_ = 0; v_ < NV; ++v_) g[v_] = V::zero();
-      for (int64_t k = 0; k < n; ++k) {
-        const R c = V::set1(coef[k]);
-        const T* r = rows + (int64_t(idx[k]) - base) * Dp;
-        for (int v_ = 0; v_ < NV; ++v_) g[v_] = V::fma(c, V::load(r + v_ * W), g[v_]);
+    const int64_t nv = NV > 0 ? NV : Dp / W;
+    const R kv = V::set1(keep);
+    for (int64_t v0 = 0; v0 < nv; v0 += 4) {
+      const int64_t nseg = std::min<int64_t>(4, nv - v0);
+      R e[4], o[4];
+      for (int j = 0; j < 4; ++j) e[j] = o[j] = V::zero();
+      const T* rb = rows + v0 * W;
+      int64_t k = 0;
+      if (nseg == 4) {
+        for (; k + 2 <= n; k += 2) {
+          const R c0 = V::set1(coef[k]), c1 = V::set1(coef[k + 1]);
+          const T* r0 = rb + (int64_t(idx[k]) - base) * Dp;
+          const T* r1 = rb + (int64_t(idx[k + 1]) - base) * Dp;
+          for (int j = 0; j < 4; ++j) {
+            e[j] = V::fma(c0, V::load(r0 + j * W), e[j]);
+            o[j] = V::fma(c1, V::load(r1 + j * W), o[j]);
+          }
+        }
       }
-      if (fresh) {
-        for (int v_ = 0; v_ < NV; ++v_) V::store(v + v_ * W, g[v_]);
-      } else {
-        const R kv = V::set1(keep);
-        for (int v_ = 0; v_ < NV; ++v_) V::store(v + v_ * W, V::fma(kv, V::load(v + v_ * W), g[v_]));
+      for (; k < n; ++k) {
+        const R c0 = V::set1(coef[k]);
+        const T* r0 = rb + (int64_t(idx[k]) - base) * Dp;
+        for (int64_t j = 0; j < nseg; ++j) e[j] = V::fma(c0, V::load(r0 + j * W), e[j]);
       }
-    } else {
-      const int64_t nv = Dp / W;
-      const R kv = V::set1(keep);
-      for (int64_t i = 0; i < nv; ++i)
-        V::store(v + i * W, fresh ? V::zero() : V::mul(kv, V::load(v + i * W)));
-      for (int64_t k = 0; k < n; ++k) {
-        const R c = V::set1(coef[k]);
-        const T* r = rows + (int64_t(idx[k]) - base) * Dp;
-        for (int64_t i = 0; i < nv; ++i) V::store(v + i * W, V::fma(c, V::load(r + i * W), V::load(v + i * W)));
+      T* out = v + v0 * W;
+      for (int64_t j = 0; j < nseg; ++j) {
+        const R sum = V::add(e[j], o[j]);
+        V::store(out + j * W, fresh ? sum : V::fma(kv, V::load(out + j * W), sum));
       }
     }
   }
@@ -852,6 +858,7 @@ void score_pass(const Ctx<T>& cx, const Plan& pl, PairState<T>& st, bool compute
     std::vector<int64_t> stamp(CI, -1);
     alignas(64) T lg[kBlock + W];
     alignas(64) T ex[kBlock + W];
+    alignas(64) T sc[kBlock + W];
     for (int64_t g = g0; g < g1; ++g) {
       for (int64_t c = pl.gchunk[g]; c < pl.gchunk[g + 1]; ++c) {
         if (pl.ctot[c] == 0) continue;
@@ -869,8 +876,9 @@ void score_pass(const Ctx<T>& cx, const Plan& pl, PairState<T>& st, bool compute
             const int64_t n = std::min(kBlock, k1 - kk);
             const int64_t npad = round_up(n, W);
             const int32_t* idx = pl.sorted.get() + kk;
-            T* sc = st.score.get() + kk;
             Ops::dots(u, buf.get(), idx, base, n, Dp, sc);
+            for (int64_t k = n; k < npad; ++k) sc[k] = T(0);
+            std::memcpy(st.score.get() + kk, sc, sizeof(T) * n);
             if (compute_raw) {
               run_logits(cx, idx, sc, n, T(1), T(0), p, lg);
               running_lse(lg, n, grm[gb], grs[gb]);
@@ -882,16 +890,15 @@ void score_pass(const Ctx<T>& cx, const Plan& pl, PairState<T>& st, bool compute
             const T mn = fresh ? mx : std::max(m, mx);
             const T keep = fresh ? T(0) : (mn == m ? T(1) : std::exp(m - mn));
             const typename V::R vmn = V::set1(mn);
-            typename V::R es = V::zero();
+            typename V::R es = V::zero(), ews = V::zero();
             for (int64_t k = 0; k < npad; k += W) {
               const typename V::R e = V::exp(V::sub(V::load(lg + k), vmn));
               V::store(ex + k, e);
               es = V::add(es, e);
+              ews = V::fma(e, V::load(sc + k), ews);
             }
-            T ws = T(0);
-            for (int64_t k = 0; k < n; ++k) ws += ex[k] * sc[k];
             gs[gb] = gs[gb] * keep + V::hsum(es);
-            gw[gb] = gw[gb] * keep + ws;
+            gw[gb] = gw[gb] * keep + V::hsum(ews);
             m = mn;
             static const bool novv = env_int("ADAPTAU_EXP_NOV", 0) > 0;
             if (!novv) Ops::gather_axpy(gv.get() + gb * Dp, fresh, keep, ex, buf.get(), idx, base, n, Dp);
