@@ -4,7 +4,9 @@ Every sampler draws from an explicit :class:`torch.Generator` (the trainer saves
 in checkpoints, so a resumed run draws the same negatives) and returns
 ``(neg, neg_logq)`` ready for :func:`adaptau.softmax_loss`:
 
-* ``uniform``    — ``[B, M]`` uniform with replacement (the paper's MF sampler).
+* ``uniform``    — ``[B, M]`` uniform with replacement (the paper's MF sampler); on the CPU
+  int32 from the parallel counter-based ``torch.ops.adaptau.uniform_negatives``, seeded by
+  one draw from the generator.
 * ``exclude``    — ``[B, M]`` uniform over the items the row's user has not interacted
   with in train (rejection sampling over the whole batch at once).
 * ``popularity`` — ``[B, M]`` drawn ∝ count(item)^γ, with ``neg_logq = log(N·q)`` (zero
@@ -24,6 +26,12 @@ from torch import Tensor
 __all__ = ["SAMPLERS", "NegativeSampler", "make_sampler", "BatchIterator"]
 
 SAMPLERS = ("uniform", "exclude", "popularity", "shared", "in-batch")
+
+try:  # registers torch.ops.adaptau.uniform_negatives
+    from . import _C  # noqa: F401
+    _HAS_PARALLEL_UNIFORM = hasattr(torch.ops.adaptau, "uniform_negatives")
+except ImportError:  # pragma: no cover - the extension is part of every install
+    _HAS_PARALLEL_UNIFORM = False
 
 
 class NegativeSampler:
@@ -63,6 +71,13 @@ class NegativeSampler:
             self._full_users = set(full.tolist())
 
     def _uniform(self, shape, generator: torch.Generator) -> Tensor:
+        if self.device.type == "cpu" and _HAS_PARALLEL_UNIFORM:
+            # one draw from the (checkpointed) generator seeds the parallel counter-based
+            # sampler of csrc/sampling_cpu.cpp: int32, ~3x faster than torch.randint here
+            seed = int(torch.randint(-2**63, 2**63 - 1, (), generator=generator))
+            rows, cols = (1, shape[0]) if len(shape) == 1 else shape
+            out = torch.ops.adaptau.uniform_negatives(rows, cols, self.num_items, seed)
+            return out.view(shape)
         return torch.randint(self.num_items, shape, generator=generator, device=self.device)
 
     def _is_seen(self, users: Tensor, items: Tensor) -> Tensor:

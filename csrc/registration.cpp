@@ -2,6 +2,7 @@
 // Implementations register per dispatch key elsewhere:
 //   csrc/softmax_loss_cpu.cpp      TORCH_LIBRARY_IMPL(adaptau, CPU, ...)
 //   csrc/cuda/softmax_loss_cuda.cpp TORCH_LIBRARY_IMPL(adaptau, CUDA, ...)  (CUDA builds only)
+//   csrc/sampling_cpu.cpp          uniform_negatives (the trainer's parallel uniform sampler)
 // The contract (shapes, dtypes, meaning of outputs) is documented in adaptau/ops.py.
 #include <Python.h>
 #include <torch/library.h>
@@ -24,4 +25,5 @@ TORCH_LIBRARY(adaptau, m) {
       "Tensor pos_scale, Tensor neg_scale, Tensor? neg_logq, Tensor lse, int neg_mode, "
       "bool include_pos, bool normalize, bool remove_hits, bool need_scale_grads) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("uniform_negatives(int rows, int cols, int num_items, int seed) -> Tensor");
 }

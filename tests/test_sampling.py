@@ -117,3 +117,50 @@ def test_batch_iterator_covers_each_pair_once():
     parts = [BatchIterator(users, items, 10, rank=r, world_size=2) for r in (0, 1)]
     got = [sorted(sum((u.tolist() for u, _ in p.epoch(gen(4))), [])) for p in parts]
     assert sorted(got[0] + got[1]) == list(range(103)) and not set(got[0]) & set(got[1])
+
+
+def test_parallel_uniform_negatives_op():
+    """torch.ops.adaptau.uniform_negatives: int32 in range, uniform (chi-square over a
+    non-power-of-two catalog), a pure function of the seed (thread count does not matter),
+    different seeds give different draws, clear errors on bad sizes."""
+    import subprocess
+    import sys
+    import textwrap
+    from scipy import stats
+
+    op = torch.ops.adaptau.uniform_negatives
+    out = op(300, 257, 1009, 42)
+    assert out.dtype == torch.int32 and out.shape == (300, 257)
+    assert int(out.min()) >= 0 and int(out.max()) < 1009
+    counts = torch.bincount(out.flatten().long(), minlength=1009).double().numpy()
+    assert stats.chisquare(counts).pvalue > 1e-4
+    assert torch.equal(out, op(300, 257, 1009, 42))
+    assert not torch.equal(out, op(300, 257, 1009, 43))
+    one = op(1, 5, 1, -7)
+    assert torch.equal(one, torch.zeros(1, 5, dtype=torch.int32))
+    script = textwrap.dedent("""
+        import torch, adaptau.sampling
+        torch.set_num_threads(1)
+        print(int(torch.ops.adaptau.uniform_negatives(300, 257, 1009, 42).long().sum()))
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert int(res.stdout.strip()) == int(out.long().sum())
+    with pytest.raises(RuntimeError, match="num_items"):
+        op(2, 2, 0, 1)
+    with pytest.raises(RuntimeError, match="rows and cols"):
+        op(-1, 2, 5, 1)
+
+
+def test_uniform_sampler_is_reproducible_from_the_generator_state():
+    s = NegativeSampler("uniform", 1000, 16)
+    users = torch.arange(8)
+    g = gen(3)
+    state = g.get_state()
+    a, _ = s.sample(users, users, g)
+    b, _ = s.sample(users, users, g)
+    g.set_state(state)
+    a2, _ = s.sample(users, users, g)
+    assert torch.equal(a, a2) and not torch.equal(a, b)
+    shared, _ = NegativeSampler("shared", 1000, 16).sample(users, users, gen(3))
+    assert shared.shape == (16,) and int(shared.max()) < 1000
