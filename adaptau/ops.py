@@ -331,7 +331,8 @@ def softmax_loss(
     Args:
         user: ``[B, D]`` float tensor of query vectors.
         items: ``[N, D]`` item table, same dtype and device as ``user``.
-        pos: ``[B]`` int32/int64, each row's positive item index.
+        pos: ``[B]`` int32/int64, each row's positive item index (taken to ``neg``'s
+            dtype when they differ).
         neg: ``[B, M]`` per-row negatives, ``[M]`` negatives shared by every row, or
             ``None`` for in-batch negatives (row b uses the other rows' positives; B ≥ 2).
         pos_scale: float, scalar tensor or ``[B]`` tensor: α (may require grad).
@@ -400,7 +401,11 @@ def softmax_loss(
         if neg.shape[-1] == 0:
             raise ValueError("the negative set is empty (M = 0)")
     if pos.dtype != neg.dtype:
-        pos, neg = pos.long(), neg.long()
+        # pos ([B]) takes neg's dtype: neg is the big one, and int32 negatives (the CPU
+        # trainer's sampler) stay int32. Narrowing is safe once pos is known to be in range.
+        if neg.dtype == torch.int32:
+            _check_index_range("pos", pos, num_items)
+        pos = pos.to(neg.dtype)
 
     acc = accumulation_dtype(user.dtype)
     alpha = _as_scale("pos_scale", pos_scale, batch, user, acc)

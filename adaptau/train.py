@@ -471,8 +471,7 @@ class Trainer:
                 users, pos = users[mine], pos[mine]
             u, item_table, ego_u, ego_i = self.step_module(users)
             pos_scale, neg_scale = self.controller.scales(users)
-            pos_idx = pos.int() if neg is not None and neg.dtype == torch.int32 else pos
-            loss, raw = softmax_loss(u, item_table, pos_idx, neg, pos_scale, neg_scale,
+            loss, raw = softmax_loss(u, item_table, pos, neg, pos_scale, neg_scale,
                                      include_pos=cfg.include_pos, normalize=cfg.normalize,
                                      neg_logq=neg_logq, remove_accidental_hits=cfg.remove_hits,
                                      return_raw=True, backend=cfg.backend)

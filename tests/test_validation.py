@@ -97,3 +97,19 @@ def test_device_mismatch_meta():
         adaptau.softmax_loss(args["user"], args["items"].to("meta"), args["pos"], args["neg"], 1.0, 1.0)
     with pytest.raises(ValueError, match="pos is on meta"):
         adaptau.softmax_loss(args["user"], args["items"], args["pos"].to("meta"), args["neg"], 1.0, 1.0)
+
+
+def test_mixed_index_dtypes_take_the_negatives_dtype():
+    """int64 positives with int32 negatives (the CPU sampler) narrow pos, after its range
+    check; a too-large int64 positive is an IndexError, never a wrapped-around index."""
+    import adaptau
+    torch.manual_seed(0)
+    user, items = torch.randn(3, 4), torch.randn(7, 4)
+    neg = torch.randint(0, 7, (3, 5))
+    pos = torch.tensor([1, 2, 6])
+    ref = adaptau.softmax_loss(user, items, pos, neg, 2.0, 2.0, backend="reference")
+    for p, n in ((pos, neg.int()), (pos.int(), neg)):
+        got = adaptau.softmax_loss(user, items, p, n, 2.0, 2.0, backend="reference")
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    with pytest.raises(IndexError, match="pos"):
+        adaptau.softmax_loss(user, items, torch.tensor([1, 2, 2**32 + 1]), neg.int(), 2.0, 2.0)
