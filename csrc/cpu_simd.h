@@ -38,6 +38,8 @@ struct Vec {
     out[0] = a; out[1] = b; out[2] = c; out[3] = d;
   }
   static inline R exp(R x) { return std::exp(x); }
+  // Every lane set to lane i of v (i < W).
+  static inline R lane(R v, int) { return v; }
 };
 
 #ifdef ADAPTAU_AVX2
@@ -73,6 +75,9 @@ struct Vec<float> {
     __m256 t2 = _mm256_hadd_ps(t0, t1);
     _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(t2), _mm256_extractf128_ps(t2, 1)));
   }
+  // Every lane set to lane i of v (i < 8). A broadcast from a register: loading one float
+  // of a vector just stored stalls on store-to-load forwarding.
+  static inline R lane(R v, int i) { return _mm256_permutevar8x32_ps(v, _mm256_set1_epi32(i)); }
   // exp with ~1-2 ulp error (Cephes polynomial); exactly 0 below -87 (and for -inf).
   static inline R exp(R x_in) {
     const R lo = _mm256_set1_ps(-87.0f);
@@ -122,6 +127,10 @@ struct Vec<double> {
     __m256d lo = _mm256_permute2f128_pd(t0, t1, 0x20);
     __m256d hi = _mm256_permute2f128_pd(t0, t1, 0x31);
     _mm256_storeu_pd(out, _mm256_add_pd(lo, hi));
+  }
+  static inline R lane(R v, int i) {
+    const __m256i ix = _mm256_setr_epi32(2 * i, 2 * i + 1, 2 * i, 2 * i + 1, 2 * i, 2 * i + 1, 2 * i, 2 * i + 1);
+    return _mm256_castps_pd(_mm256_permutevar8x32_ps(_mm256_castpd_ps(v), ix));
   }
   // Float64 needs full accuracy: libm per lane.
   static inline R exp(R x) {

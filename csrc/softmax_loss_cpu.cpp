@@ -3,21 +3,21 @@
 // Implements torch.ops.adaptau.fused_forward / fused_backward for CPU tensors with the
 // contract written in adaptau/ops.py. Nothing of size [B, M, D] is ever built.
 //
-// Per-row negatives (neg_mode 0). The B×M (row, item) pairs are counting-sorted by
-// (item chunk, row, m); a chunk is a power-of-two range of item rows whose normalized
-// copy (backward: and its gradient accumulator) fits in L2 (ADAPTAU_CPU_CHUNK_BYTES,
-// 128 KiB). Gathering a 256-byte row from L2 costs ~4.5 ns against 15-19 ns from L3 on
-// the Zen 3 machine this was tuned on, and the sort lets one thread own each chunk.
-//   forward : sort; chunk pass (parallel over chunks): normalize each referenced table
-//             row once, dot product of every pair with the user vector held in
-//             registers across the row's run, written to the pair's slot; row pass
-//             (parallel over rows): logits and log-sum-exp over the row's slots.
-//   backward: the forward's sort is reused (same neg tensor and version; see PlanCache);
-//             chunk pass over G groups of chunks: recompute the scores, P = exp(logit -
-//             lse), d = g·β·P, accumulate d·û into the chunk's item-gradient rows (owned
-//             by the thread: no atomics, no per-thread [N, D] copies) and d·î into the
-//             group's user-gradient partial; apply the normalization's Jacobian to the
-//             chunk's rows; then merge the G user partials per row in group order.
+// Per-row negatives (neg_mode 0); details above per_row_forward.
+//   sort     each block of 64 rows' pairs is counting-sorted by (item chunk, row); a chunk
+//            is a power-of-two range of table rows whose normalized copy fits in L2
+//            (ADAPTAU_CPU_CHUNK_BYTES, 256 KiB), so gathers hit L2 and one thread owns a
+//            chunk.
+//   forward  G groups of chunks in parallel: normalize each referenced table row once;
+//            for every row's run in the chunk, ŝ = <û, r̂> with the user vector in
+//            registers, and a flash-style running state per (group, row): max m, Σe^{l-m},
+//            Σe^{l-m}·ŝ and Σe^{l-m}·r̂. Rows merge their G states in group order → lse.
+//   backward the state gives the user gradient and dβ directly; one more pass over the
+//            pairs, from the scores the forward stored, adds d·û to the chunk's item-
+//            gradient accumulator (owned by its thread: no atomics, no [N, D] copies).
+//            The forward's sort, scores and states are kept for the backward of the same
+//            call (SavedCache, keyed on every input's data pointer and version counter);
+//            without them the backward recomputes them.
 // Shared (neg_mode 1) and in-batch (neg_mode 2) negatives: every row sees the same
 // candidates, so scores are blocked matrix products (register-tiled micro-kernel over
 // packed candidate panels) with a running max; the backward recomputes each tile and
@@ -28,7 +28,8 @@
 // log-sum-exp. Determinism: G and every other partition depend on the problem only, never
 // on the thread count, and every sum has a fixed order, so results are bitwise identical
 // run to run and across thread counts (tests/test_cpu_backend.py checks 1, 2, 3 threads).
-// The backward's grouped passes use at most G = ADAPTAU_CPU_GROUPS (8) threads.
+// The grouped passes use at most G = ADAPTAU_CPU_GROUPS (8) threads. Scratch comes from a
+// process-wide pool; blocks of 512 KiB and more are transparent huge pages.
 // ADAPTAU_CPU_PROFILE=1 prints per-phase times to stderr.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -374,40 +375,40 @@ struct RunOps {
   }
 
   // v = (fresh ? 0 : v * keep) + sum_k coef[k] * rows[idx[k] - base]   (k < n; v padded to Dp).
-  // Accumulates from zero and folds the old v in at the end, so the (likely cache-missing)
-  // load of v is off the FMA chains' critical path; rows are taken four vectors at a time
-  // with separate accumulators for even and odd k, so two FMA chains run per register.
+  // The coefficients were just stored as vectors: they are loaded W at a time and spread
+  // lane by lane in registers (V::lane), not re-loaded one float at a time (which stalls on
+  // store-to-load forwarding). The old v is folded in at the end, off the FMA chains.
   static inline void gather_axpy(T* __restrict__ v, bool fresh, T keep, const T* __restrict__ coef,
                                  const T* __restrict__ rows, const int32_t* __restrict__ idx,
                                  int64_t base, int64_t n, int64_t Dp) {
-    const int64_t nv = NV > 0 ? NV : Dp / W;
-    const R kv = V::set1(keep);
-    for (int64_t v0 = 0; v0 < nv; v0 += 4) {
-      const int64_t nseg = std::min<int64_t>(4, nv - v0);
-      R e[4], o[4];
-      for (int j = 0; j < 4; ++j) e[j] = o[j] = V::zero();
-      const T* rb = rows + v0 * W;
+    if constexpr (NV > 0 && NV <= 8) {
+      R g[NV];
+      for (int j = 0; j < NV; ++j) g[j] = V::zero();
       int64_t k = 0;
-      if (nseg == 4) {
-        for (; k + 2 <= n; k += 2) {
-          const R c0 = V::set1(coef[k]), c1 = V::set1(coef[k + 1]);
-          const T* r0 = rb + (int64_t(idx[k]) - base) * Dp;
-          const T* r1 = rb + (int64_t(idx[k + 1]) - base) * Dp;
-          for (int j = 0; j < 4; ++j) {
-            e[j] = V::fma(c0, V::load(r0 + j * W), e[j]);
-            o[j] = V::fma(c1, V::load(r1 + j * W), o[j]);
-          }
+      for (; k + W <= n; k += W) {
+        const R cw = V::load(coef + k);
+#pragma GCC unroll 8
+        for (int i = 0; i < W; ++i) {
+          const R c = V::lane(cw, i);
+          const T* r = rows + (int64_t(idx[k + i]) - base) * Dp;
+          for (int j = 0; j < NV; ++j) g[j] = V::fma(c, V::load(r + j * W), g[j]);
         }
       }
       for (; k < n; ++k) {
-        const R c0 = V::set1(coef[k]);
-        const T* r0 = rb + (int64_t(idx[k]) - base) * Dp;
-        for (int64_t j = 0; j < nseg; ++j) e[j] = V::fma(c0, V::load(r0 + j * W), e[j]);
+        const R c = V::set1(coef[k]);
+        const T* r = rows + (int64_t(idx[k]) - base) * Dp;
+        for (int j = 0; j < NV; ++j) g[j] = V::fma(c, V::load(r + j * W), g[j]);
       }
-      T* out = v + v0 * W;
-      for (int64_t j = 0; j < nseg; ++j) {
-        const R sum = V::add(e[j], o[j]);
-        V::store(out + j * W, fresh ? sum : V::fma(kv, V::load(out + j * W), sum));
+      const R kv = V::set1(keep);
+      for (int j = 0; j < NV; ++j) V::store(v + j * W, fresh ? g[j] : V::fma(kv, V::load(v + j * W), g[j]));
+    } else {
+      const int64_t nv = Dp / W;
+      const R kv = V::set1(keep);
+      for (int64_t i = 0; i < nv; ++i) V::store(v + i * W, fresh ? V::zero() : V::mul(kv, V::load(v + i * W)));
+      for (int64_t k = 0; k < n; ++k) {
+        const R c = V::set1(coef[k]);
+        const T* r = rows + (int64_t(idx[k]) - base) * Dp;
+        for (int64_t i = 0; i < nv; ++i) V::store(v + i * W, V::fma(c, V::load(r + i * W), V::load(v + i * W)));
       }
     }
   }
@@ -419,7 +420,17 @@ struct RunOps {
     if constexpr (NV > 0 && NV <= 8) {
       R uu[NV];
       for (int v_ = 0; v_ < NV; ++v_) uu[v_] = V::load(u + v_ * W);
-      for (int64_t k = 0; k < n; ++k) {
+      int64_t k = 0;
+      for (; k + W <= n; k += W) {  // coefficients spread from a register (see gather_axpy)
+        const R cw = V::load(coef + k);
+#pragma GCC unroll 8
+        for (int i = 0; i < W; ++i) {
+          const R c = V::lane(cw, i);
+          T* a = acc + (int64_t(idx[k + i]) - base) * Dp;
+          for (int v_ = 0; v_ < NV; ++v_) V::store(a + v_ * W, V::fma(c, uu[v_], V::load(a + v_ * W)));
+        }
+      }
+      for (; k < n; ++k) {
         const R c = V::set1(coef[k]);
         T* a = acc + (int64_t(idx[k]) - base) * Dp;
         for (int v_ = 0; v_ < NV; ++v_) V::store(a + v_ * W, V::fma(c, uu[v_], V::load(a + v_ * W)));
@@ -900,8 +911,7 @@ void score_pass(const Ctx<T>& cx, const Plan& pl, PairState<T>& st, bool compute
             gs[gb] = gs[gb] * keep + V::hsum(es);
             gw[gb] = gw[gb] * keep + V::hsum(ews);
             m = mn;
-            static const bool novv = env_int("ADAPTAU_EXP_NOV", 0) > 0;
-            if (!novv) Ops::gather_axpy(gv.get() + gb * Dp, fresh, keep, ex, buf.get(), idx, base, n, Dp);
+            Ops::gather_axpy(gv.get() + gb * Dp, fresh, keep, ex, buf.get(), idx, base, n, Dp);
           }
         }
       }
