@@ -40,6 +40,8 @@ struct Vec {
   static inline R exp(R x) { return std::exp(x); }
   // Every lane set to lane i of v (i < W).
   static inline R lane(R v, int) { return v; }
+  // load(p) for data just written by hsum4 (see the AVX2 float version).
+  static inline R load_after_hsum4(const T* p) { return *p; }
 };
 
 #ifdef ADAPTAU_AVX2
@@ -74,6 +76,11 @@ struct Vec<float> {
     __m256 t1 = _mm256_hadd_ps(c, d);
     __m256 t2 = _mm256_hadd_ps(t0, t1);
     _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(t2), _mm256_extractf128_ps(t2, 1)));
+  }
+  // load(p) of 8 floats written by two hsum4 calls: two 16-byte loads, each forwarded from
+  // one 16-byte store (a 32-byte load spanning two stores cannot be forwarded and stalls).
+  static inline R load_after_hsum4(const float* p) {
+    return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(p)), _mm_loadu_ps(p + 4), 1);
   }
   // Every lane set to lane i of v (i < 8). A broadcast from a register: loading one float
   // of a vector just stored stalls on store-to-load forwarding.
@@ -128,6 +135,7 @@ struct Vec<double> {
     __m256d hi = _mm256_permute2f128_pd(t0, t1, 0x31);
     _mm256_storeu_pd(out, _mm256_add_pd(lo, hi));
   }
+  static inline R load_after_hsum4(const double* p) { return _mm256_loadu_pd(p); }
   static inline R lane(R v, int i) {
     const __m256i ix = _mm256_setr_epi32(2 * i, 2 * i + 1, 2 * i, 2 * i + 1, 2 * i, 2 * i + 1, 2 * i, 2 * i + 1);
     return _mm256_castps_pd(_mm256_permutevar8x32_ps(_mm256_castpd_ps(v), ix));

@@ -889,6 +889,7 @@ void score_pass(const Ctx<T>& cx, const Plan& pl, PairState<T>& st, bool compute
             const int32_t* idx = pl.sorted.get() + kk;
             Ops::dots(u, buf.get(), idx, base, n, Dp, sc);
             for (int64_t k = n; k < npad; ++k) sc[k] = T(0);
+            for (int64_t k = 0; k < npad; k += W) V::store(sc + k, V::load_after_hsum4(sc + k));
             std::memcpy(st.score.get() + kk, sc, sizeof(T) * n);
             if (compute_raw) {
               run_logits(cx, idx, sc, n, T(1), T(0), p, lg);
