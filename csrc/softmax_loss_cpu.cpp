@@ -687,7 +687,10 @@ void build_plan(const Ctx<T>& cx, Plan& pl, int64_t r0, int64_t nb) {
   }
   std::atomic<bool> bad{false};
   at::parallel_for(0, nblk, grain(4 * RB * M + E), [&](int64_t j0, int64_t j1) {
-    std::vector<int32_t> li(RB * M), cur(E);
+    // li: the block's items; tmp: the block sorted in place (both stay in L2 from block to
+    // block), then copied out sequentially: scattering straight into the big sorted array
+    // would miss the cache on nearly every store.
+    std::vector<int32_t> li(RB * M), tmp(RB * M), cur(E);
     bool ok = true;
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t rows = std::min(RB, nb - j * RB);
@@ -701,12 +704,13 @@ void build_plan(const Ctx<T>& cx, Plan& pl, int64_t r0, int64_t nb) {
       }
       for (int64_t e = 1; e < E; ++e) o[e] += o[e - 1];
       std::copy(o, o + E - 1, cur.begin());
-      int32_t* __restrict__ dst = pl.sorted.get() + j * RB * M;
+      int32_t* __restrict__ dst = tmp.data();
       for (int64_t r = 0; r < rows; ++r) {
         const int32_t* __restrict__ l = li.data() + r * M;
         int32_t* __restrict__ crow = cur.data() + r;
         for (int64_t k = 0; k < M; ++k) dst[crow[(l[k] >> shift) * RB]++] = l[k];
       }
+      std::memcpy(pl.sorted.get() + j * RB * M, dst, sizeof(int32_t) * rows * M);
     }
     if (!ok) bad.store(true);
   });
