@@ -868,6 +868,8 @@ void score_pass(const Ctx<T>& cx, const Plan& pl, PairState<T>& st, bool compute
   std::vector<T> gm(G * nb, neg_inf<T>()), gs(G * nb, T(0)), gw(G * nb, T(0));
   std::vector<T> grm(compute_raw ? G * nb : 0, neg_inf<T>()), grs(compute_raw ? G * nb : 0, T(0));
   Buf<T> gv = make_buf<T>(G * nb * Dp);
+  // Raw logits ŝ - logq: with normalized vectors and no logq they lie in [-1, 1].
+  const bool raw_fixed_ref = cx.normalize && cx.logq == nullptr;
   at::parallel_for(0, G, grain(3 * nb * M * Dp / G), [&](int64_t g0, int64_t g1) {
     Buf<T> buf = make_buf<T>(CI * Dp);
     std::vector<int64_t> stamp(CI, -1);
@@ -895,7 +897,15 @@ void score_pass(const Ctx<T>& cx, const Plan& pl, PairState<T>& st, bool compute
             for (int64_t k = n; k < npad; ++k) sc[k] = T(0);
             for (int64_t k = 0; k < npad; k += W) V::store(sc + k, V::load_after_hsum4(sc + k));
             std::memcpy(st.score.get() + kk, sc, sizeof(T) * n);
-            if (compute_raw) {
+            if (compute_raw && raw_fixed_ref) {
+              // cosines are at most 1: exp(ŝ - 1) never overflows nor underflows, so the
+              // raw log-sum-exp needs no running max (reference 1 for every row)
+              run_logits(cx, idx, sc, n, T(1), T(1), p, lg);
+              typename V::R acc = V::zero();
+              for (int64_t k = 0; k < npad; k += W) acc = V::add(acc, V::exp(V::load(lg + k)));
+              grm[gb] = T(1);
+              grs[gb] += V::hsum(acc);
+            } else if (compute_raw) {
               run_logits(cx, idx, sc, n, T(1), T(0), p, lg);
               running_lse(lg, n, grm[gb], grs[gb]);
             }
