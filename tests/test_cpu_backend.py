@@ -281,6 +281,59 @@ def test_bitwise_deterministic_across_runs_and_thread_counts(seed, mode):
             assert torch.equal(results[0][key], other[key]), f"{mode}: {key} differs"
 
 
+def test_saved_state_is_only_reused_by_the_same_call():
+    """The per-row forward keeps its sort, scores and states for the backward, keyed on the
+    inputs' identities and version counters: a backward with other tensors (or the same
+    tensor changed in place) must recompute, never reuse stale scores."""
+    gen = torch.Generator().manual_seed(7)
+    B, M, N, D = 5, 7, 11, 6
+    user, items = torch.randn(B, D, generator=gen), torch.randn(N, D, generator=gen)
+    pos, neg = torch.randint(0, N, (B,), generator=gen), torch.randint(0, N, (B, M), generator=gen)
+    a, b = torch.full((B,), 3.0), torch.full((B,), 4.0)
+    g = torch.rand(B, generator=gen)
+    op_f, op_b = torch.ops.adaptau.fused_forward, torch.ops.adaptau.fused_backward
+
+    def grads(u, it, backend):
+        loss, lse, _ = (op_f(u, it, pos, neg, a, b, None, 0, False, True, False, False)
+                        if backend == "cpu" else
+                        adaptau.reference.forward(u, it, pos, neg, a, b, None, 0, False, True,
+                                                  False, False))
+        bwd = op_b if backend == "cpu" else adaptau.reference.backward
+        return bwd(g.to(u.dtype), u, it, pos, neg, a.to(u.dtype), b.to(u.dtype), None, lse, 0,
+                   False, True, False, True)
+
+    op_f(user, items, pos, neg, a, b, None, 0, False, True, False, False)  # leaves a saved state
+    other = items * 1.5 + 0.3
+    lse_other = op_f(user, other, pos, neg, a, b, None, 0, False, True, False, False)[1]
+    # the first call's state is in the cache; a backward for `other` must not use it
+    got = op_b(g, user, other, pos, neg, a, b, None, lse_other, 0, False, True, False, True)
+    want = grads(user.double(), other.double(), "reference")
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x.double(), y, rtol=1e-4, atol=1e-5)
+    # same tensor object, changed in place after the forward: version differs -> recompute
+    it2 = items.clone()
+    lse2 = op_f(user, it2, pos, neg, a, b, None, 0, False, True, False, False)[1]
+    it2.mul_(-2.0)
+    lse2 = adaptau.reference.forward(user.double(), it2.double(), pos, neg, a.double(), b.double(),
+                                     None, 0, False, True, False, False)[1].float()
+    got = op_b(g, user, it2, pos, neg, a, b, None, lse2, 0, False, True, False, True)
+    want = grads(user.double(), it2.double(), "reference")
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x.double(), y, rtol=1e-4, atol=1e-5)
+
+
+def test_inference_mode_forward():
+    """Inference tensors have no version counter: the forward runs, nothing is cached."""
+    torch.manual_seed(0)
+    user, items = torch.randn(4, 8), torch.randn(20, 8)
+    pos, neg = torch.randint(0, 20, (4,)), torch.randint(0, 20, (4, 6))
+    want = adaptau.softmax_loss(user.double(), items.double(), pos, neg, 2.0, 2.0,
+                                backend="reference")
+    with torch.inference_mode():
+        got = adaptau.softmax_loss(user, items, pos, neg, 2.0, 2.0, backend="cpu")
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
 def test_op_level_checks():
     user, items = torch.randn(3, 4), torch.randn(5, 4)
     pos = torch.tensor([0, 1, 2])
