@@ -444,34 +444,6 @@ struct RunOps {
       }
     }
   }
-
-  // out += sum_k coef[k] * rows[k*stride]  (k < n), out padded to Dp.
-  static inline void axpy_rows(T* __restrict__ out, const T* __restrict__ coef,
-                               const T* __restrict__ rows, int64_t stride, int64_t n, int64_t Dp) {
-    if constexpr (NV > 0 && NV <= 8) {
-      R g[NV];
-      for (int v = 0; v < NV; ++v) g[v] = V::load(out + v * W);
-      for (int64_t k = 0; k < n; ++k) {
-        const R c = V::set1(coef[k]);
-        const T* r = rows + k * stride;
-        for (int v = 0; v < NV; ++v) g[v] = V::fma(c, V::load(r + v * W), g[v]);
-      }
-      for (int v = 0; v < NV; ++v) V::store(out + v * W, g[v]);
-    } else {
-      const int64_t nv = Dp / W;
-      for (int64_t v0 = 0; v0 < nv; v0 += 8) {  // segments of up to 8 vectors in registers
-        const int64_t nseg = std::min<int64_t>(8, nv - v0);
-        R g[8];
-        for (int64_t v = 0; v < nseg; ++v) g[v] = V::load(out + (v0 + v) * W);
-        for (int64_t k = 0; k < n; ++k) {
-          const R c = V::set1(coef[k]);
-          const T* r = rows + k * stride + v0 * W;
-          for (int64_t v = 0; v < nseg; ++v) g[v] = V::fma(c, V::load(r + v * W), g[v]);
-        }
-        for (int64_t v = 0; v < nseg; ++v) V::store(out + (v0 + v) * W, g[v]);
-      }
-    }
-  }
 };
 
 // -------------------------------------------------------------------- GEMM micro-kernel
@@ -509,6 +481,51 @@ void score_tile(const T* __restrict__ U, int64_t ldu, int64_t nr, const T* __res
       if (r + 1 < nr) { V::store(s + lds, a10); V::store(s + lds + W, a11); }
       if (r + 2 < nr) { V::store(s + 2 * lds, a20); V::store(s + 2 * lds + W, a21); }
       if (r + 3 < nr) { V::store(s + 3 * lds, a30); V::store(s + 3 * lds + W, a31); }
+    }
+  }
+}
+
+// out[i][0:Dp] += sum_{j < nj} A[i*lda + j*sa] * X[j*ldx + 0:Dp]   for i < ni.
+// Register-blocked: 4 outputs × 2 vectors of accumulators, each loaded X vector used 4
+// times; every sum runs over j in order (deterministic). The GEMM modes' backward uses it
+// for dU = dS·C (i = row, j = candidate) and dC = dSᵀ·U (i = candidate, j = row) straight
+// from the row-major dS tile, with no transpose.
+template <typename T>
+void tile_gemm_acc(T* __restrict__ out, int64_t ldo, const T* __restrict__ A, int64_t lda, int64_t sa,
+                   const T* __restrict__ X, int64_t ldx, int64_t ni, int64_t nj, int64_t Dp) {
+  using V = Vec<T>;
+  using R = typename V::R;
+  constexpr int W = V::W;
+  for (int64_t d = 0; d < Dp; d += 2 * W) {
+    const bool two = d + 2 * W <= Dp;
+    for (int64_t i = 0; i < ni; i += 4) {
+      const int64_t i1 = std::min(i + 1, ni - 1), i2 = std::min(i + 2, ni - 1), i3 = std::min(i + 3, ni - 1);
+      const T* a0 = A + i * lda;
+      const T* a1 = A + i1 * lda;
+      const T* a2 = A + i2 * lda;
+      const T* a3 = A + i3 * lda;
+      R c00 = V::zero(), c01 = V::zero(), c10 = V::zero(), c11 = V::zero();
+      R c20 = V::zero(), c21 = V::zero(), c30 = V::zero(), c31 = V::zero();
+      const T* x = X + d;
+      for (int64_t j = 0; j < nj; ++j, x += ldx) {
+        const R x0 = V::load(x);
+        const R x1 = two ? V::load(x + W) : V::zero();
+        const int64_t o = j * sa;
+        R a = V::set1(a0[o]);
+        c00 = V::fma(a, x0, c00); c01 = V::fma(a, x1, c01);
+        a = V::set1(a1[o]);
+        c10 = V::fma(a, x0, c10); c11 = V::fma(a, x1, c11);
+        a = V::set1(a2[o]);
+        c20 = V::fma(a, x0, c20); c21 = V::fma(a, x1, c21);
+        a = V::set1(a3[o]);
+        c30 = V::fma(a, x0, c30); c31 = V::fma(a, x1, c31);
+      }
+      const R acc[4][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}};
+      for (int64_t ii = 0; ii < 4 && i + ii < ni; ++ii) {
+        T* o = out + (i + ii) * ldo + d;
+        V::store(o, V::add(V::load(o), acc[ii][0]));
+        if (two) V::store(o + W, V::add(V::load(o + W), acc[ii][1]));
+      }
     }
   }
 }
@@ -1332,7 +1349,6 @@ void gemm_forward(Ctx<T>& cx, const at::Tensor& neg, T* loss, T* lse_out, T* raw
 template <typename T, int NV>
 void gemm_backward(Ctx<T>& cx, const at::Tensor& neg, const T* grad_loss, const T* lse,
                    T* grad_user, T* grad_items, T* grad_alpha, T* grad_beta, bool need_scale) {
-  using Ops = RunOps<T, NV>;
   using V = Vec<T>;
   constexpr int W = V::W;
   const Tuning& tu = tuning();
@@ -1352,7 +1368,6 @@ void gemm_backward(Ctx<T>& cx, const at::Tensor& neg, const T* grad_loss, const 
   at::parallel_for(0, G, grain(3 * B * cd.Mp * Dp / G), [&](int64_t g0, int64_t g1) {
     Buf<T> S = make_buf<T>(RB * CB);
     Buf<T> dS = make_buf<T>(RB * CB);
-    Buf<T> dST = make_buf<T>(CB * RB);
     for (int64_t g = g0; g < g1; ++g) {
       T* gc = gc_parts.get() + g * Mc * Dp;
       std::memset(gc, 0, sizeof(T) * Mc * Dp);
@@ -1383,12 +1398,10 @@ void gemm_backward(Ctx<T>& cx, const at::Tensor& neg, const T* grad_loss, const 
               V::store(d + c, V::mul(vg, pk));
             }
             q[b] += qs;
-            Ops::axpy_rows(gu.get() + b * Dp, d, cd.chat.get() + c0 * Dp, Dp, ncv, Dp);
           }
-          for (int64_t r = 0; r < nr; ++r)
-            for (int64_t c = 0; c < ncv; ++c) dST[c * RB + r] = dS[r * CB + c];
-          for (int64_t c = 0; c < ncv; ++c)
-            Ops::axpy_rows(gc + (c0 + c) * Dp, dST.get() + c * RB, cx.uhat.get() + r0 * Dp, Dp, nr, Dp);
+          // dU[rows] += dS·C[cols];  dC[cols] += dSᵀ·Û[rows]
+          tile_gemm_acc(gu.get() + r0 * Dp, Dp, dS.get(), CB, 1, cd.chat.get() + c0 * Dp, Dp, nr, ncv, Dp);
+          tile_gemm_acc(gc + c0 * Dp, Dp, dS.get(), 1, CB, cx.uhat.get() + r0 * Dp, Dp, ncv, nr, Dp);
         }
       }
     }
