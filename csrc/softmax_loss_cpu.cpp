@@ -447,52 +447,16 @@ struct RunOps {
 };
 
 // -------------------------------------------------------------------- GEMM micro-kernel
-// S[r*lds + c] = sum_d U[r*ldu + d] * C[c][d] for r < nr, c < nc (nc multiple of 2W), with
-// the candidates packed in panels of 2W columns: C[c][d] = CT[(c/2W)*D*2W + d*2W + c%2W]
-// (contiguous per panel: no cache-set aliasing however many candidates there are).
+// out[i][0:Dp] (+)= sum_{j < nj} A[i*lda + j*sa] * X[j*ldx + 0:Dp]   for i < ni (added to
+// out when accumulate, else stored). Register-blocked: 4 outputs × 2 vectors of
+// accumulators, each loaded X vector used 4 times; every sum runs over j in order
+// (deterministic). Serves the GEMM modes' score tiles (score_tile) and their backward:
+// dU = dS·C (i = row, j = candidate) and dC = dSᵀ·U (i = candidate, j = row) straight from
+// the row-major dS tile, with no transpose.
 template <typename T>
-void score_tile(const T* __restrict__ U, int64_t ldu, int64_t nr, const T* __restrict__ CT,
-                int64_t nc, int64_t D, T* __restrict__ S, int64_t lds) {
-  using V = Vec<T>;
-  using R = typename V::R;
-  constexpr int W = V::W;
-  for (int64_t c = 0; c < nc; c += 2 * W) {
-    for (int64_t r = 0; r < nr; r += 4) {
-      const T* u0 = U + std::min(r, nr - 1) * ldu;
-      const T* u1 = U + std::min(r + 1, nr - 1) * ldu;
-      const T* u2 = U + std::min(r + 2, nr - 1) * ldu;
-      const T* u3 = U + std::min(r + 3, nr - 1) * ldu;
-      R a00 = V::zero(), a01 = V::zero(), a10 = V::zero(), a11 = V::zero();
-      R a20 = V::zero(), a21 = V::zero(), a30 = V::zero(), a31 = V::zero();
-      const T* ct = CT + (c / (2 * W)) * D * 2 * W;
-      for (int64_t d = 0; d < D; ++d, ct += 2 * W) {
-        const R b0 = V::load(ct), b1 = V::load(ct + W);
-        R x = V::set1(u0[d]);
-        a00 = V::fma(x, b0, a00); a01 = V::fma(x, b1, a01);
-        x = V::set1(u1[d]);
-        a10 = V::fma(x, b0, a10); a11 = V::fma(x, b1, a11);
-        x = V::set1(u2[d]);
-        a20 = V::fma(x, b0, a20); a21 = V::fma(x, b1, a21);
-        x = V::set1(u3[d]);
-        a30 = V::fma(x, b0, a30); a31 = V::fma(x, b1, a31);
-      }
-      T* s = S + r * lds + c;
-      V::store(s, a00); V::store(s + W, a01);
-      if (r + 1 < nr) { V::store(s + lds, a10); V::store(s + lds + W, a11); }
-      if (r + 2 < nr) { V::store(s + 2 * lds, a20); V::store(s + 2 * lds + W, a21); }
-      if (r + 3 < nr) { V::store(s + 3 * lds, a30); V::store(s + 3 * lds + W, a31); }
-    }
-  }
-}
-
-// out[i][0:Dp] += sum_{j < nj} A[i*lda + j*sa] * X[j*ldx + 0:Dp]   for i < ni.
-// Register-blocked: 4 outputs × 2 vectors of accumulators, each loaded X vector used 4
-// times; every sum runs over j in order (deterministic). The GEMM modes' backward uses it
-// for dU = dS·C (i = row, j = candidate) and dC = dSᵀ·U (i = candidate, j = row) straight
-// from the row-major dS tile, with no transpose.
-template <typename T>
-void tile_gemm_acc(T* __restrict__ out, int64_t ldo, const T* __restrict__ A, int64_t lda, int64_t sa,
-                   const T* __restrict__ X, int64_t ldx, int64_t ni, int64_t nj, int64_t Dp) {
+void tile_gemm(T* __restrict__ out, int64_t ldo, const T* __restrict__ A, int64_t lda, int64_t sa,
+               const T* __restrict__ X, int64_t ldx, int64_t ni, int64_t nj, int64_t Dp,
+               bool accumulate) {
   using V = Vec<T>;
   using R = typename V::R;
   constexpr int W = V::W;
@@ -523,11 +487,22 @@ void tile_gemm_acc(T* __restrict__ out, int64_t ldo, const T* __restrict__ A, in
       const R acc[4][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}};
       for (int64_t ii = 0; ii < 4 && i + ii < ni; ++ii) {
         T* o = out + (i + ii) * ldo + d;
-        V::store(o, V::add(V::load(o), acc[ii][0]));
-        if (two) V::store(o + W, V::add(V::load(o + W), acc[ii][1]));
+        V::store(o, accumulate ? V::add(V::load(o), acc[ii][0]) : acc[ii][0]);
+        if (two) V::store(o + W, accumulate ? V::add(V::load(o + W), acc[ii][1]) : acc[ii][1]);
       }
     }
   }
+}
+
+// S[r*lds + c] = sum_d U[r*ldu + d] * C[c][d] for r < nr, c < nc (nc multiple of 2W), with
+// the candidates packed in panels of 2W columns: C[c][d] = CT[(c/2W)*D*2W + d*2W + c%2W]
+// (contiguous per panel: no cache-set aliasing however many candidates there are).
+template <typename T>
+void score_tile(const T* __restrict__ U, int64_t ldu, int64_t nr, const T* __restrict__ CT,
+                int64_t nc, int64_t D, T* __restrict__ S, int64_t lds) {
+  constexpr int W = Vec<T>::W;
+  for (int64_t c = 0; c < nc; c += 2 * W)
+    tile_gemm(S + c, lds, U, ldu, 1, CT + (c / (2 * W)) * D * 2 * W, 2 * W, nr, D, 2 * W, false);
 }
 
 // ------------------------------------------------------------------------- context
@@ -863,15 +838,6 @@ inline T run_logits(const Ctx<T>& cx, const int32_t* __restrict__ idx, const T* 
   return mx;
 }
 
-// Running (max, Σe^{x-max}) update with x[0:n) (x padded with -inf to a multiple of W).
-template <typename T>
-inline void running_lse(const T* x, int64_t n, T& m, T& s) {
-  T mx = neg_inf<T>();
-  for (int64_t k = 0; k < n; ++k) mx = std::max(mx, x[k]);
-  if (mx == neg_inf<T>()) return;
-  lse_update(x, round_up(n, Vec<T>::W), m, s);
-}
-
 // Score pass over one block of rows (see the section comment): fills st.
 template <typename T, int NV>
 void score_pass(const Ctx<T>& cx, const Plan& pl, PairState<T>& st, bool compute_raw) {
@@ -924,7 +890,7 @@ void score_pass(const Ctx<T>& cx, const Plan& pl, PairState<T>& st, bool compute
               grs[gb] += V::hsum(acc);
             } else if (compute_raw) {
               run_logits(cx, idx, sc, n, T(1), T(0), p, lg);
-              running_lse(lg, n, grm[gb], grs[gb]);
+              lse_update(lg, npad, grm[gb], grs[gb]);
             }
             const T mx = run_logits(cx, idx, sc, n, beta, T(0), p, lg);
             if (mx == neg_inf<T>()) continue;
@@ -1400,8 +1366,8 @@ void gemm_backward(Ctx<T>& cx, const at::Tensor& neg, const T* grad_loss, const 
             q[b] += qs;
           }
           // dU[rows] += dS·C[cols];  dC[cols] += dSᵀ·Û[rows]
-          tile_gemm_acc(gu.get() + r0 * Dp, Dp, dS.get(), CB, 1, cd.chat.get() + c0 * Dp, Dp, nr, ncv, Dp);
-          tile_gemm_acc(gc + c0 * Dp, Dp, dS.get(), 1, CB, cx.uhat.get() + r0 * Dp, Dp, ncv, nr, Dp);
+          tile_gemm(gu.get() + r0 * Dp, Dp, dS.get(), CB, 1, cd.chat.get() + c0 * Dp, Dp, nr, ncv, Dp, true);
+          tile_gemm(gc + c0 * Dp, Dp, dS.get(), 1, CB, cx.uhat.get() + r0 * Dp, Dp, ncv, nr, Dp, true);
         }
       }
     }
