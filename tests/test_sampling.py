@@ -164,3 +164,44 @@ def test_uniform_sampler_is_reproducible_from_the_generator_state():
     assert torch.equal(a, a2) and not torch.equal(a, b)
     shared, _ = NegativeSampler("shared", 1000, 16).sample(users, users, gen(3))
     assert shared.shape == (16,) and int(shared.max()) < 1000
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("shape", [(0,), (1,), (7, 3), (300, 1000)])
+def test_item_counts_op_matches_bincount(dtype, shape):
+    # exact integer counts, independent of the thread count (each thread counts a slice)
+    from adaptau.models import sampled_item_counts
+    g = torch.Generator().manual_seed(11 + len(shape))
+    n_items = 1237
+    idx = torch.randint(0, n_items, shape, generator=g, dtype=dtype)
+    want = torch.bincount(idx.reshape(-1).long(), minlength=n_items)
+    for threads in (1, 2, 3):
+        prev = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            got = torch.ops.adaptau.item_counts(idx, n_items)
+        finally:
+            torch.set_num_threads(prev)
+        assert got.dtype == torch.int64 and got.shape == (n_items,)
+        assert torch.equal(got, want)
+    # non-contiguous input; and the trainer's helper (positives + per-row / shared negatives)
+    if len(shape) == 2:
+        assert torch.equal(torch.ops.adaptau.item_counts(idx.t(), n_items), want)
+        pos = idx[:, 0]
+        both = sampled_item_counts(pos, idx, n_items, torch.float64)
+        assert torch.equal(both, (want + torch.bincount(pos.long(), minlength=n_items)).double())
+        shared = sampled_item_counts(pos, idx[0], n_items, torch.float32)
+        ref = torch.bincount(pos.long(), minlength=n_items) + shape[0] * torch.bincount(
+            idx[0].long(), minlength=n_items)
+        assert torch.equal(shared, ref.float())
+
+
+def test_item_counts_op_rejects_bad_input():
+    with pytest.raises(RuntimeError, match="outside"):
+        torch.ops.adaptau.item_counts(torch.tensor([0, 5, 3]), 5)
+    with pytest.raises(RuntimeError, match="outside"):
+        torch.ops.adaptau.item_counts(torch.full((200000,), -1, dtype=torch.int32), 5)
+    with pytest.raises(RuntimeError, match="int32 or int64"):
+        torch.ops.adaptau.item_counts(torch.zeros(3), 5)
+    with pytest.raises(RuntimeError, match="num_items"):
+        torch.ops.adaptau.item_counts(torch.zeros(3, dtype=torch.long), 0)
