@@ -646,16 +646,19 @@ struct Plan {
   std::vector<int64_t> ctot;    // [C] pairs per chunk
   std::vector<int64_t> gchunk;  // [G+1] chunk ranges of the groups
   int64_t capacity = 0;
-  // Slots of the run of row bl (block-relative row index r) in chunk c.
-  int64_t seg_begin(int64_t bl, int64_t c) const {
-    const int64_t j = bl / RB, r = bl - j * RB;
-    return j * RB * M + off[j * (C * RB + 1) + c * RB + r];
-  }
-  int64_t seg_end(int64_t bl, int64_t c) const {
-    const int64_t j = bl / RB, r = bl - j * RB;
-    return j * RB * M + off[j * (C * RB + 1) + c * RB + r + 1];
+  // f(bl, k0, k1) for every row bl (in order) with a non-empty run [k0, k1) in chunk c.
+  template <typename F>
+  void for_runs(int64_t c, F&& f) const {
+    const int64_t E = C * RB + 1;
+    for (int64_t j = 0, r0b = 0; r0b < nb; ++j, r0b += RB) {
+      const int32_t* o = off.data() + j * E + c * RB;
+      const int64_t sb = r0b * M, rows = std::min(RB, nb - r0b);
+      for (int64_t r = 0; r < rows; ++r)
+        if (o[r] != o[r + 1]) f(r0b + r, sb + o[r], sb + o[r + 1]);
+    }
   }
 };
+
 
 int chunk_shift(int64_t row_bytes, int64_t chunk_bytes, int64_t N, int64_t nb, int64_t max_entries) {
   int shift = 4;
@@ -793,14 +796,15 @@ void load_chunk(const Ctx<T>& cx, const Plan& pl, int64_t c, int64_t base, int64
     for (int64_t r = 0; r < nloc; ++r) load_row(buf + r * Dp, cx.items + (base + r) * D, D, Dp, cx.normalize);
     return;
   }
-  for (int64_t bl = 0; bl < pl.nb; ++bl)
-    for (int64_t k = pl.seg_begin(bl, c), k1 = pl.seg_end(bl, c); k < k1; ++k) {
+  pl.for_runs(c, [&](int64_t, int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
       const int64_t r = pl.sorted[k] - base;
       if (stamp[r] != id) {
         stamp[r] = id;
         load_row(buf + r * Dp, cx.items + (base + r) * D, D, Dp, cx.normalize);
       }
     }
+  });
 }
 
 // Logits of a run: lg[k] = scale·sc[k] - logq[idx[k]] - shift (-inf for an accidental hit
@@ -865,9 +869,7 @@ void score_pass(const Ctx<T>& cx, const Plan& pl, PairState<T>& st, bool compute
         const int64_t base = c << shift;
         const int64_t nloc = std::min(CI, N - base);
         load_chunk(cx, pl, c, base, nloc, buf.get(), stamp, c + r0 * pl.C);
-        for (int64_t bl = 0; bl < nb; ++bl) {
-          const int64_t k0 = pl.seg_begin(bl, c), k1 = pl.seg_end(bl, c);
-          if (k0 == k1) continue;
+        pl.for_runs(c, [&](int64_t bl, int64_t k0, int64_t k1) {
           const int64_t b = r0 + bl, gb = g * nb + bl;
           const T* u = cx.uhat.get() + b * Dp;
           const T beta = cx.beta[b];
@@ -911,7 +913,7 @@ void score_pass(const Ctx<T>& cx, const Plan& pl, PairState<T>& st, bool compute
             m = mn;
             Ops::gather_axpy(gv.get() + gb * Dp, fresh, keep, ex, buf.get(), idx, base, n, Dp);
           }
-        }
+        });
       }
     }
   });
@@ -1085,10 +1087,9 @@ void item_grad_pass(const Ctx<T>& cx, const Plan& pl, const PairState<T>& st, co
         const int64_t base = c << shift;
         const int64_t nloc = std::min(CI, N - base);
         if (pl.ctot[c] > 0) {
-          for (int64_t bl = 0; bl < nb; ++bl) {
-            const int64_t k0 = pl.seg_begin(bl, c), k1 = pl.seg_end(bl, c);
+          pl.for_runs(c, [&](int64_t bl, int64_t k0, int64_t k1) {
             const int64_t b = r0 + bl;
-            if (k0 == k1 || rg.g[b] == T(0)) continue;
+            if (rg.g[b] == T(0)) return;
             const T* u = cx.uhat.get() + b * Dp;
             const T beta = cx.beta[b];
             const T l_b = lse[b];
@@ -1103,7 +1104,7 @@ void item_grad_pass(const Ctx<T>& cx, const Plan& pl, const PairState<T>& st, co
               for (int64_t k = 0; k < npad; k += W) V::store(lg + k, V::mul(vg, V::exp(V::load(lg + k))));
               Ops::scatter_axpy(acc.get(), idx, base, lg, u, n, Dp);
             }
-          }
+          });
         }
         // Positives of this chunk (rows of this block).
         for (int64_t j = pstart[c]; j < pstart[c + 1]; ++j) {
