@@ -597,27 +597,27 @@ void prepare_rows(Ctx<T>& cx) {
 // The forward keeps its sort, scores and states for the backward of the same call
 // (SavedCache); on a miss the backward recomputes them.
 
-// li[k] = neg[off + k] (k < n) as int32; false if one is outside [0, N) (replaced by 0).
-inline bool load_idx(const void* neg, bool is64, int64_t off, int64_t n, int64_t N, int32_t* li) {
-  bool ok = true;
-  if (is64) {
-    const int64_t* p = static_cast<const int64_t*>(neg) + off;
-    for (int64_t k = 0; k < n; ++k) {
-      const int64_t v = p[k];
-      const bool in = (v >= 0) & (v < N);
-      ok &= in;
-      li[k] = in ? static_cast<int32_t>(v) : 0;
-    }
-  } else {
+// The n indices neg[off, off + n) as int32: neg itself when it is int32, else converted
+// into li. ok = every one is inside [0, N); when it is not, nothing may use them. The checks
+// are max-reductions (vectorized), not a branch per index.
+inline const int32_t* block_items(const void* neg, bool is64, int64_t off, int64_t n, int64_t N,
+                                  int32_t* li, bool& ok) {
+  if (!is64) {
     const int32_t* p = static_cast<const int32_t*>(neg) + off;
-    for (int64_t k = 0; k < n; ++k) {
-      const int32_t v = p[k];
-      const bool in = (v >= 0) & (v < N);
-      ok &= in;
-      li[k] = in ? v : 0;
-    }
+    uint32_t mx = 0;
+    for (int64_t k = 0; k < n; ++k) mx = std::max(mx, static_cast<uint32_t>(p[k]));
+    ok = mx < static_cast<uint32_t>(N);
+    return p;
   }
-  return ok;
+  const int64_t* p = static_cast<const int64_t*>(neg) + off;
+  uint64_t mx = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    const uint64_t x = static_cast<uint64_t>(p[k]);
+    mx = std::max(mx, x);
+    li[k] = static_cast<int32_t>(x);
+  }
+  ok = mx < static_cast<uint64_t>(N);
+  return li;
 }
 
 constexpr int64_t kBlock = 256;  // pairs processed at a time
@@ -682,28 +682,50 @@ void build_plan(const Ctx<T>& cx, Plan& pl, int64_t r0, int64_t nb) {
   }
   std::atomic<bool> bad{false};
   at::parallel_for(0, nblk, grain(4 * RB * M + E), [&](int64_t j0, int64_t j1) {
-    // li: the block's items; tmp: the block sorted in place (both stay in L2 from block to
-    // block), then copied out sequentially: scattering straight into the big sorted array
-    // would miss the cache on nearly every store.
-    std::vector<int32_t> li(RB * M), tmp(RB * M), cur(E);
+    // li: the block's items as int32 (int64 input); tmp: the block sorted (both stay in L2
+    // from block to block), then copied out sequentially: scattering straight into the big
+    // sorted array would miss the cache on nearly every store. cnt[r * C + c]: the count,
+    // then the write cursor, of row r's run in chunk c (row-major, so the inner loops index
+    // it by the chunk alone).
+    std::vector<int32_t> li(cx.neg_is_int64 ? RB * M : 0), tmp(RB * M), cnt(RB * C);
     bool ok = true;
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t rows = std::min(RB, nb - j * RB);
-      ok &= load_idx(cx.neg, cx.neg_is_int64, (r0 + j * RB) * M, rows * M, N, li.data());
-      int32_t* __restrict__ o = pl.off.data() + j * E;
-      std::fill(o, o + E, 0);
-      for (int64_t r = 0; r < rows; ++r) {
-        const int32_t* __restrict__ l = li.data() + r * M;
-        int32_t* __restrict__ orow = o + r + 1;
-        for (int64_t k = 0; k < M; ++k) orow[(l[k] >> shift) * RB]++;
+      bool in_range = true;
+      const int32_t* __restrict__ l =
+          block_items(cx.neg, cx.neg_is_int64, (r0 + j * RB) * M, rows * M, N, li.data(), in_range);
+      if (!in_range) {
+        ok = false;
+        continue;
       }
-      for (int64_t e = 1; e < E; ++e) o[e] += o[e - 1];
-      std::copy(o, o + E - 1, cur.begin());
+      std::fill(cnt.begin(), cnt.end(), 0);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int32_t* __restrict__ lr = l + r * M;
+        int32_t* __restrict__ h = cnt.data() + r * C;
+        for (int64_t k = 0; k < M; ++k) h[lr[k] >> shift]++;
+      }
+      // Run starts in (chunk, row) order; rows past the block's end get empty runs.
+      int32_t* __restrict__ o = pl.off.data() + j * E;
+      int32_t start = 0;
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t r = 0; r < RB; ++r) {
+          o[c * RB + r] = start;
+          if (r < rows) {
+            int32_t& h = cnt[r * C + c];
+            const int32_t n = h;
+            h = start;
+            start += n;
+          }
+        }
+      o[C * RB] = start;
       int32_t* __restrict__ dst = tmp.data();
       for (int64_t r = 0; r < rows; ++r) {
-        const int32_t* __restrict__ l = li.data() + r * M;
-        int32_t* __restrict__ crow = cur.data() + r;
-        for (int64_t k = 0; k < M; ++k) dst[crow[(l[k] >> shift) * RB]++] = l[k];
+        const int32_t* __restrict__ lr = l + r * M;
+        int32_t* __restrict__ cur = cnt.data() + r * C;
+        for (int64_t k = 0; k < M; ++k) {
+          const int32_t v = lr[k];
+          dst[cur[v >> shift]++] = v;
+        }
       }
       std::memcpy(pl.sorted.get() + j * RB * M, dst, sizeof(int32_t) * rows * M);
     }
