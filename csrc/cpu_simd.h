@@ -42,6 +42,8 @@ struct Vec {
   static inline R lane(R v, int) { return v; }
   // load(p) for data just written by hsum4 (see the AVX2 float version).
   static inline R load_after_hsum4(const T* p) { return *p; }
+  // v with the lanes from count on set to 0 (count >= 1).
+  static inline R keep_first(R v, int count) { return count > 0 ? v : T(0); }
 };
 
 #ifdef ADAPTAU_AVX2
@@ -85,6 +87,10 @@ struct Vec<float> {
   // Every lane set to lane i of v (i < 8). A broadcast from a register: loading one float
   // of a vector just stored stalls on store-to-load forwarding.
   static inline R lane(R v, int i) { return _mm256_permutevar8x32_ps(v, _mm256_set1_epi32(i)); }
+  static inline R keep_first(R v, int count) {
+    const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(count), iota)));
+  }
   // exp with ~1-2 ulp error (Cephes polynomial); exactly 0 below -87 (and for -inf).
   static inline R exp(R x_in) {
     const R lo = _mm256_set1_ps(-87.0f);
@@ -136,6 +142,10 @@ struct Vec<double> {
     _mm256_storeu_pd(out, _mm256_add_pd(lo, hi));
   }
   static inline R load_after_hsum4(const double* p) { return _mm256_loadu_pd(p); }
+  static inline R keep_first(R v, int count) {
+    const __m256i iota = _mm256_setr_epi64x(0, 1, 2, 3);
+    return _mm256_and_pd(v, _mm256_castsi256_pd(_mm256_cmpgt_epi64(_mm256_set1_epi64x(count), iota)));
+  }
   static inline R lane(R v, int i) {
     const __m256i ix = _mm256_setr_epi32(2 * i, 2 * i + 1, 2 * i, 2 * i + 1, 2 * i, 2 * i + 1, 2 * i, 2 * i + 1);
     return _mm256_castps_pd(_mm256_permutevar8x32_ps(_mm256_castpd_ps(v), ix));

@@ -333,6 +333,7 @@ struct RunOps {
   using V = Vec<T>;
   using R = typename V::R;
   static constexpr int W = V::W;
+  static constexpr int64_t kDp = int64_t(NV) * W;  // the padded row length when NV > 0
 
   // out[k] = <u, rows + idx[k]*Dp>, k < n.
   static inline void dots(const T* __restrict__ u, const T* __restrict__ rows,
@@ -343,10 +344,10 @@ struct RunOps {
       for (int v = 0; v < NV; ++v) uu[v] = V::load(u + v * W);
       int64_t k = 0;
       for (; k + 4 <= n; k += 4) {
-        const T* r0 = rows + (int64_t(idx[k]) - base) * Dp;
-        const T* r1 = rows + (int64_t(idx[k + 1]) - base) * Dp;
-        const T* r2 = rows + (int64_t(idx[k + 2]) - base) * Dp;
-        const T* r3 = rows + (int64_t(idx[k + 3]) - base) * Dp;
+        const T* r0 = rows + (int64_t(idx[k]) - base) * kDp;
+        const T* r1 = rows + (int64_t(idx[k + 1]) - base) * kDp;
+        const T* r2 = rows + (int64_t(idx[k + 2]) - base) * kDp;
+        const T* r3 = rows + (int64_t(idx[k + 3]) - base) * kDp;
         R a0 = V::mul(uu[0], V::load(r0)), a1 = V::mul(uu[0], V::load(r1));
         R a2 = V::mul(uu[0], V::load(r2)), a3 = V::mul(uu[0], V::load(r3));
         for (int v = 1; v < NV; ++v) {
@@ -358,7 +359,7 @@ struct RunOps {
         V::hsum4(a0, a1, a2, a3, out + k);
       }
       for (; k < n; ++k) {
-        const T* r0 = rows + (int64_t(idx[k]) - base) * Dp;
+        const T* r0 = rows + (int64_t(idx[k]) - base) * kDp;
         R a0 = V::mul(uu[0], V::load(r0));
         for (int v = 1; v < NV; ++v) a0 = V::fma(uu[v], V::load(r0 + v * W), a0);
         out[k] = V::hsum(a0);
@@ -390,13 +391,13 @@ struct RunOps {
 #pragma GCC unroll 8
         for (int i = 0; i < W; ++i) {
           const R c = V::lane(cw, i);
-          const T* r = rows + (int64_t(idx[k + i]) - base) * Dp;
+          const T* r = rows + (int64_t(idx[k + i]) - base) * kDp;
           for (int j = 0; j < NV; ++j) g[j] = V::fma(c, V::load(r + j * W), g[j]);
         }
       }
       for (; k < n; ++k) {
         const R c = V::set1(coef[k]);
-        const T* r = rows + (int64_t(idx[k]) - base) * Dp;
+        const T* r = rows + (int64_t(idx[k]) - base) * kDp;
         for (int j = 0; j < NV; ++j) g[j] = V::fma(c, V::load(r + j * W), g[j]);
       }
       const R kv = V::set1(keep);
@@ -426,13 +427,18 @@ struct RunOps {
 #pragma GCC unroll 8
         for (int i = 0; i < W; ++i) {
           const R c = V::lane(cw, i);
-          T* a = acc + (int64_t(idx[k + i]) - base) * Dp;
-          for (int v_ = 0; v_ < NV; ++v_) V::store(a + v_ * W, V::fma(c, uu[v_], V::load(a + v_ * W)));
+          T* a = acc + (int64_t(idx[k + i]) - base) * kDp;
+          // load, FMA, store as three loops: the FMAs then accumulate into the loaded
+          // registers (no copy of c per vector, no address recomputation)
+          R t[NV];
+          for (int v_ = 0; v_ < NV; ++v_) t[v_] = V::load(a + v_ * W);
+          for (int v_ = 0; v_ < NV; ++v_) t[v_] = V::fma(c, uu[v_], t[v_]);
+          for (int v_ = 0; v_ < NV; ++v_) V::store(a + v_ * W, t[v_]);
         }
       }
       for (; k < n; ++k) {
         const R c = V::set1(coef[k]);
-        T* a = acc + (int64_t(idx[k]) - base) * Dp;
+        T* a = acc + (int64_t(idx[k]) - base) * kDp;
         for (int v_ = 0; v_ < NV; ++v_) V::store(a + v_ * W, V::fma(c, uu[v_], V::load(a + v_ * W)));
       }
     } else {
@@ -879,6 +885,9 @@ void score_pass(const Ctx<T>& cx, const Plan& pl, PairState<T>& st, bool compute
   Buf<T> gv = make_buf<T>(G * nb * Dp);
   // Raw logits ŝ - logq: with normalized vectors and no logq they lie in [-1, 1].
   const bool raw_fixed_ref = cx.normalize && cx.logq == nullptr;
+  // The common case (normalized, no logq, no hit removal): logits β·ŝ straight from the
+  // scores, both exps in one loop, no per-run logits buffer or scalar tails.
+  const bool plain = raw_fixed_ref && !cx.remove_hits;
   at::parallel_for(0, G, grain(3 * nb * M * Dp / G), [&](int64_t g0, int64_t g1) {
     Buf<T> buf = make_buf<T>(CI * Dp);
     std::vector<int64_t> stamp(CI, -1);
@@ -901,6 +910,56 @@ void score_pass(const Ctx<T>& cx, const Plan& pl, PairState<T>& st, bool compute
             const int64_t npad = round_up(n, W);
             const int32_t* idx = pl.sorted.get() + kk;
             Ops::dots(u, buf.get(), idx, base, n, Dp, sc);
+            if (plain) {
+              // Pad lanes repeat sc[0], so the max needs no mask; the sums mask them instead.
+              for (int64_t k = n; k < npad; ++k) sc[k] = sc[0];
+              T* dst = st.score.get() + kk;
+              int64_t k = 0;
+              for (; k + W <= n; k += W) {
+                const typename V::R v = V::load_after_hsum4(sc + k);
+                V::store(sc + k, v);
+                V::store(dst + k, v);
+              }
+              if (k < n) {
+                V::store(sc + k, V::load_after_hsum4(sc + k));
+                for (; k < n; ++k) dst[k] = sc[k];
+              }
+              typename V::R vmx = V::set1(neg_inf<T>());
+              const typename V::R vb = V::set1(beta);
+              for (k = 0; k < npad; k += W) vmx = V::max(vmx, V::mul(vb, V::load(sc + k)));
+              const T mx = V::hmax(vmx);
+              if (mx == neg_inf<T>()) continue;
+              T& m = gm[gb];
+              const bool fresh = m == neg_inf<T>();
+              const T mn = fresh ? mx : std::max(m, mx);
+              const T keep = fresh ? T(0) : (mn == m ? T(1) : std::exp(m - mn));
+              const typename V::R vmn = V::set1(mn), one = V::set1(T(1));
+              typename V::R es = V::zero(), ews = V::zero(), racc = V::zero();
+              const int tail = static_cast<int>(n - (npad - W));
+              for (k = 0; k < npad; k += W) {
+                const typename V::R sv = V::load(sc + k);
+                typename V::R e = V::exp(V::sub(V::mul(vb, sv), vmn));
+                if (k + W > n) e = V::keep_first(e, tail);
+                V::store(ex + k, e);
+                es = V::add(es, e);
+                ews = V::fma(e, sv, ews);
+                if (compute_raw) {
+                  // raw: cosines are at most 1, so exp(ŝ - 1) needs no running max
+                  typename V::R r = V::exp(V::sub(V::mul(one, sv), one));
+                  if (k + W > n) r = V::keep_first(r, tail);
+                  racc = V::add(racc, r);
+                }
+              }
+              if (compute_raw) {
+                grm[gb] = T(1);
+                grs[gb] += V::hsum(racc);
+              }
+              gs[gb] = gs[gb] * keep + V::hsum(es);
+              gw[gb] = gw[gb] * keep + V::hsum(ews);
+              m = mn;
+              Ops::gather_axpy(gv.get() + gb * Dp, fresh, keep, ex, buf.get(), idx, base, n, Dp);
+              continue;
+            }
             for (int64_t k = n; k < npad; ++k) sc[k] = T(0);
             for (int64_t k = 0; k < npad; k += W) V::store(sc + k, V::load_after_hsum4(sc + k));
             std::memcpy(st.score.get() + kk, sc, sizeof(T) * n);
