@@ -694,6 +694,7 @@ void build_plan(const Ctx<T>& cx, Plan& pl, int64_t r0, int64_t nb) {
     // then the write cursor, of row r's run in chunk c (row-major, so the inner loops index
     // it by the chunk alone).
     std::vector<int32_t> li(cx.neg_is_int64 ? RB * M : 0), tmp(RB * M), cnt(RB * C);
+    const int sh = shift;  // a local: the captured one is re-read after every counter store
     bool ok = true;
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t rows = std::min(RB, nb - j * RB);
@@ -708,7 +709,7 @@ void build_plan(const Ctx<T>& cx, Plan& pl, int64_t r0, int64_t nb) {
       for (int64_t r = 0; r < rows; ++r) {
         const int32_t* __restrict__ lr = l + r * M;
         int32_t* __restrict__ h = cnt.data() + r * C;
-        for (int64_t k = 0; k < M; ++k) h[lr[k] >> shift]++;
+        for (int64_t k = 0; k < M; ++k) h[lr[k] >> sh]++;
       }
       // Run starts in (chunk, row) order; rows past the block's end get empty runs.
       int32_t* __restrict__ o = pl.off.data() + j * E;
@@ -730,7 +731,7 @@ void build_plan(const Ctx<T>& cx, Plan& pl, int64_t r0, int64_t nb) {
         int32_t* __restrict__ cur = cnt.data() + r * C;
         for (int64_t k = 0; k < M; ++k) {
           const int32_t v = lr[k];
-          dst[cur[v >> shift]++] = v;
+          dst[cur[v >> sh]++] = v;
         }
       }
       std::memcpy(pl.sorted.get() + j * RB * M, dst, sizeof(int32_t) * rows * M);
