@@ -1160,6 +1160,7 @@ void item_grad_pass(const Ctx<T>& cx, const Plan& pl, const PairState<T>& st, co
   const int64_t nb = pl.nb, Dp = cx.Dp, D = cx.D, N = cx.N, CI = pl.CI, r0 = pl.r0;
   const int shift = pl.shift;
   const int64_t G = static_cast<int64_t>(pl.gchunk.size()) - 1;
+  const bool plain = cx.logq == nullptr && !cx.remove_hits;  // logits are β·ŝ
   at::parallel_for(0, G, grain(2 * nb * pl.M * Dp / G), [&](int64_t g0, int64_t g1) {
     Buf<T> acc = make_zero_buf<T>(CI * Dp);  // zero between chunks: rows are cleared as written
     std::vector<T> xh(Dp);
@@ -1182,8 +1183,20 @@ void item_grad_pass(const Ctx<T>& cx, const Plan& pl, const PairState<T>& st, co
               const int64_t npad = round_up(n, W);
               const int32_t* idx = pl.sorted.get() + kk;
               const T* sc = st.score.get() + kk;
-              run_logits(cx, idx, sc, n, beta, l_b, p, lg);
-              for (int64_t k = 0; k < npad; k += W) V::store(lg + k, V::mul(vg, V::exp(V::load(lg + k))));
+              if (plain) {  // d = g·β·exp(β·ŝ - lse) straight from the scores
+                const typename V::R vb = V::set1(beta), vl = V::set1(l_b);
+                int64_t k = 0;
+                for (; k + W <= n; k += W)
+                  V::store(lg + k, V::mul(vg, V::exp(V::sub(V::mul(vb, V::load(sc + k)), vl))));
+                if (k < n) {  // the last scores, padded (never read past the run's slots)
+                  alignas(64) T t[W] = {};
+                  std::copy(sc + k, sc + n, t);
+                  V::store(lg + k, V::mul(vg, V::exp(V::sub(V::mul(vb, V::load(t)), vl))));
+                }
+              } else {
+                run_logits(cx, idx, sc, n, beta, l_b, p, lg);
+                for (int64_t k = 0; k < npad; k += W) V::store(lg + k, V::mul(vg, V::exp(V::load(lg + k))));
+              }
               Ops::scatter_axpy(acc.get(), idx, base, lg, u, n, Dp);
             }
           });
