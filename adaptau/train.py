@@ -518,7 +518,9 @@ class Trainer:
                 w.grad = torch.zeros_like(w)
         item_w.grad.addcmul_(item_w, counts.unsqueeze(1), value=c)
         user_w.grad.index_add_(0, idx, u_rows, alpha=c)
-        return 0.5 * c * float(u_rows.pow(2).sum() + (item_w.pow(2).sum(1) * counts).sum())
+        # Σ counts·‖I‖² from the row norms (one read of the table, no [N, D] temporary)
+        item_sq = torch.linalg.vector_norm(item_w, dim=1).square_()
+        return 0.5 * c * float(u_rows.pow(2).sum() + torch.dot(item_sq, counts))
 
     def fit(self) -> Dict[str, Any]:
         cfg = self.cfg
