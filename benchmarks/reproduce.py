@@ -143,19 +143,26 @@ def run_cell(name: str, cfg: TrainConfig, folder: Path, args, log) -> Dict[str, 
     return summary
 
 
+def run_history(folder: Path) -> List[Dict[str, Any]]:
+    """The epoch records of a run folder's ``metrics.jsonl``, one per epoch (a resumed run
+    may repeat an epoch: the last record counts), in epoch order."""
+    path = folder / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    by_epoch = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            by_epoch[rec["epoch"]] = rec
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
 def partial_summary(folder: Path, protocol: str, metric: str) -> Optional[Dict[str, Any]]:
     """The summary of an unfinished run folder, from its ``metrics.jsonl``: the best
     evaluation so far (by ``metric`` on the selection split), the epochs run and their median
     training time; None when the folder holds no epoch yet. Under the clean protocol the
     evaluations are on valid, so the test figures stay empty until the run finishes."""
-    path = folder / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    by_epoch = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            by_epoch[rec["epoch"]] = rec  # a resumed run may repeat an epoch: keep the last
+    by_epoch = {r["epoch"]: r for r in run_history(folder)}
     if not by_epoch:
         return None
     evals = [r for r in by_epoch.values() if r.get("metrics")]
@@ -261,6 +268,8 @@ def write_report(results: List[Dict[str, Any]], args, wall: float, argv: str, ou
                 lines.append(f"- {model} adaptive vs the full-budget target (≥{tr} Recall@20, ≥{tn} NDCG@20): "
                              f"{'met' if met else ('not met yet (run in progress)' if a['status'] == 'in progress' else 'not met at this budget')}")
         lines.append("")
+    for name, png in getattr(args, "curves", []):
+        lines += [f"Training curves of {name} (loss, τ, selection metric by epoch): [{png}]({png})", ""]
     lines += ["Run folders (config.json, metrics.jsonl, summary.json, curves.png, tau_hist.png) are under "
               f"`{args.runs}` (not committed)."]
     out.write_text("\n".join(lines) + "\n")
@@ -298,6 +307,7 @@ def main() -> int:
                     help="train nothing: write the report from the run folders as they are (unfinished "
                          "runs show their best evaluation so far, marked 'in progress')")
     args = ap.parse_args()
+    args.curves = []
     args.epochs_for = {k: int(v) for k, _, v in (x.partition("=") for x in args.epochs_for)}
     args.overrides = {}
     for kv in args.set:
@@ -343,6 +353,10 @@ def main() -> int:
             if s is None:
                 log(f"[{name}] no epoch in {folder} yet; left out of the report")
                 continue
+            from adaptau.plots import training_curves
+            png = Path(args.out).with_name(f"{Path(args.out).stem}_{name}.png")
+            training_curves(run_history(folder), cfg.selection_metric, png)
+            args.curves.append((name, png.name))
         else:
             s = run_cell(name, cfg, folder, args, log)
         t = s.get("test") or {}
