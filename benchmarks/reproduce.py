@@ -213,11 +213,14 @@ def write_report(results: List[Dict[str, Any]], args, wall: float, argv: str, ou
             for k, v in args.overrides.items())
     lines = [
         "# Adap-τ reproduction", "",
-        budget + ". The paper ran 142–366 epochs per configuration with a 100-epoch warm-up; "
-        "figures from a short budget are **not** converged and only show the trend.", "",
+        budget + ". The paper ran 142–366 epochs per configuration with a 100-epoch warm-up"
+        + ("; figures from a short budget are **not** converged and only show the trend."
+           if min(epochs_for(d, args) for d in per) < 142 else "."), "",
         f"Command: `python benchmarks/reproduce.py {argv}`  ",
-        f"Wall time: {wall / 60:.1f} min (this invocation; reused runs cost nothing); training time of "
-        f"the cells shown, summed over all invocations: "
+        ("Report only: nothing was trained by this invocation; training time of "
+         if getattr(args, "report_only", False) else
+         f"Wall time: {wall / 60:.1f} min (this invocation; reused runs cost nothing); training time of ")
+        + "the cells shown, summed over all invocations: "
         f"{sum((r['s_per_epoch'] or 0) * (r['epochs_run'] or 0) for r in results) / 60:.1f} min "
         "(evaluation not included).  ",
         f"Machine: {machine()}; load average at the end {load} (shared CPU).  ",
