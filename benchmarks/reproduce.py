@@ -249,7 +249,8 @@ def write_report(results: List[Dict[str, Any]], args, wall: float, argv: str, ou
         lines += [head, sep]
         for r in rows:
             line = (f"| {r['model']} | {RULE_LABEL[r['rule']]} | {fmt(r['recall@20'])} | {fmt(r['ndcg@20'])} | "
-                    f"{r['best_epoch']} | {r['epochs_run']} ({r['status']}) | {fmt(r['s_per_epoch'], 1)} |")
+                    f"{'—' if r['best_epoch'] is None else r['best_epoch']} | {r['epochs_run']} ({r['status']}) | "
+                    f"{fmt(r['s_per_epoch'], 1)} |")
             if paper_cols:
                 p = PAPER.get((r["model"], r["rule"]))
                 line += (f" {p[0]:.4f} | {p[1]:.4f} | {p[2]} |" if p else " — | — | — |")
