@@ -671,7 +671,6 @@ struct Plan {
   }
 };
 
-
 int chunk_shift(int64_t row_bytes, int64_t chunk_bytes, int64_t N, int64_t nb, int64_t max_entries) {
   int shift = 4;
   while (shift < 30 && (int64_t(2) << shift) * row_bytes <= chunk_bytes) ++shift;
@@ -917,8 +916,11 @@ void score_pass(const Ctx<T>& cx, const Plan& pl, PairState<T>& st, bool compute
             const int64_t npad = round_up(n, W);
             const int32_t* idx = pl.sorted.get() + kk;
             Ops::dots(u, buf.get(), idx, base, n, Dp, sc);
+            const typename V::R vb = V::set1(beta);
+            T mx;
             if (plain) {
-              // Pad lanes repeat sc[0], so the max needs no mask; the sums mask them instead.
+              // Logits β·ŝ straight from the scores. Pad lanes repeat sc[0], so the max needs
+              // no mask; the sums below mask them instead.
               for (int64_t k = n; k < npad; ++k) sc[k] = sc[0];
               T* dst = st.score.get() + kk;
               int64_t k = 0;
@@ -932,69 +934,52 @@ void score_pass(const Ctx<T>& cx, const Plan& pl, PairState<T>& st, bool compute
                 for (; k < n; ++k) dst[k] = sc[k];
               }
               typename V::R vmx = V::set1(neg_inf<T>());
-              const typename V::R vb = V::set1(beta);
               for (k = 0; k < npad; k += W) vmx = V::max(vmx, V::mul(vb, V::load(sc + k)));
-              const T mx = V::hmax(vmx);
-              if (mx == neg_inf<T>()) continue;
-              T& m = gm[gb];
-              const bool fresh = m == neg_inf<T>();
-              const T mn = fresh ? mx : std::max(m, mx);
-              const T keep = fresh ? T(0) : (mn == m ? T(1) : std::exp(m - mn));
-              const typename V::R vmn = V::set1(mn), one = V::set1(T(1));
-              typename V::R es = V::zero(), ews = V::zero(), racc = V::zero();
-              const int tail = static_cast<int>(n - (npad - W));
-              for (k = 0; k < npad; k += W) {
-                const typename V::R sv = V::load(sc + k);
-                typename V::R e = V::exp(V::sub(V::mul(vb, sv), vmn));
-                if (k + W > n) e = V::keep_first(e, tail);
-                V::store(ex + k, e);
-                es = V::add(es, e);
-                ews = V::fma(e, sv, ews);
-                if (compute_raw) {
-                  // raw: cosines are at most 1, so exp(ŝ - 1) needs no running max
-                  typename V::R r = V::exp(V::sub(V::mul(one, sv), one));
-                  if (k + W > n) r = V::keep_first(r, tail);
-                  racc = V::add(racc, r);
-                }
-              }
-              if (compute_raw) {
+              mx = V::hmax(vmx);
+            } else {
+              for (int64_t k = n; k < npad; ++k) sc[k] = T(0);
+              for (int64_t k = 0; k < npad; k += W) V::store(sc + k, V::load_after_hsum4(sc + k));
+              std::memcpy(st.score.get() + kk, sc, sizeof(T) * n);
+              if (compute_raw && raw_fixed_ref) {
+                // cosines are at most 1: exp(ŝ - 1) never overflows nor underflows, so the
+                // raw log-sum-exp needs no running max (reference 1 for every row)
+                run_logits(cx, idx, sc, n, T(1), T(1), p, lg);
+                typename V::R acc = V::zero();
+                for (int64_t k = 0; k < npad; k += W) acc = V::add(acc, V::exp(V::load(lg + k)));
                 grm[gb] = T(1);
-                grs[gb] += V::hsum(racc);
+                grs[gb] += V::hsum(acc);
+              } else if (compute_raw) {
+                run_logits(cx, idx, sc, n, T(1), T(0), p, lg);
+                lse_update(lg, npad, grm[gb], grs[gb]);
               }
-              gs[gb] = gs[gb] * keep + V::hsum(es);
-              gw[gb] = gw[gb] * keep + V::hsum(ews);
-              m = mn;
-              Ops::gather_axpy(gv.get() + gb * Dp, fresh, keep, ex, buf.get(), idx, base, n, Dp);
-              continue;
+              mx = run_logits(cx, idx, sc, n, beta, T(0), p, lg);  // lg padded with -inf
             }
-            for (int64_t k = n; k < npad; ++k) sc[k] = T(0);
-            for (int64_t k = 0; k < npad; k += W) V::store(sc + k, V::load_after_hsum4(sc + k));
-            std::memcpy(st.score.get() + kk, sc, sizeof(T) * n);
-            if (compute_raw && raw_fixed_ref) {
-              // cosines are at most 1: exp(ŝ - 1) never overflows nor underflows, so the
-              // raw log-sum-exp needs no running max (reference 1 for every row)
-              run_logits(cx, idx, sc, n, T(1), T(1), p, lg);
-              typename V::R acc = V::zero();
-              for (int64_t k = 0; k < npad; k += W) acc = V::add(acc, V::exp(V::load(lg + k)));
-              grm[gb] = T(1);
-              grs[gb] += V::hsum(acc);
-            } else if (compute_raw) {
-              run_logits(cx, idx, sc, n, T(1), T(0), p, lg);
-              lse_update(lg, npad, grm[gb], grs[gb]);
-            }
-            const T mx = run_logits(cx, idx, sc, n, beta, T(0), p, lg);
             if (mx == neg_inf<T>()) continue;
             T& m = gm[gb];
             const bool fresh = m == neg_inf<T>();
             const T mn = fresh ? mx : std::max(m, mx);
             const T keep = fresh ? T(0) : (mn == m ? T(1) : std::exp(m - mn));
-            const typename V::R vmn = V::set1(mn);
-            typename V::R es = V::zero(), ews = V::zero();
+            const typename V::R vmn = V::set1(mn), vnmn = V::set1(-mn), one = V::set1(T(1));
+            typename V::R es = V::zero(), ews = V::zero(), racc = V::zero();
+            const int tail = static_cast<int>(n - (npad - W));
             for (int64_t k = 0; k < npad; k += W) {
-              const typename V::R e = V::exp(V::sub(V::load(lg + k), vmn));
+              const typename V::R sv = V::load(sc + k);
+              // (plain: β·ŝ - m in one rounding)
+              typename V::R e = V::exp(plain ? V::fma(vb, sv, vnmn) : V::sub(V::load(lg + k), vmn));
+              if (k + W > n) e = V::keep_first(e, tail);
               V::store(ex + k, e);
               es = V::add(es, e);
-              ews = V::fma(e, V::load(sc + k), ews);
+              ews = V::fma(e, sv, ews);
+              if (plain && compute_raw) {
+                // raw, as above: exp(ŝ - 1) needs no running max
+                typename V::R r = V::exp(V::sub(sv, one));
+                if (k + W > n) r = V::keep_first(r, tail);
+                racc = V::add(racc, r);
+              }
+            }
+            if (plain && compute_raw) {
+              grm[gb] = T(1);
+              grs[gb] += V::hsum(racc);
             }
             gs[gb] = gs[gb] * keep + V::hsum(es);
             gw[gb] = gw[gb] * keep + V::hsum(ews);
