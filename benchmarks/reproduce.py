@@ -157,19 +157,18 @@ def run_history(folder: Path) -> List[Dict[str, Any]]:
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
-def partial_summary(folder: Path, protocol: str, metric: str) -> Optional[Dict[str, Any]]:
-    """The summary of an unfinished run folder, from its ``metrics.jsonl``: the best
+def partial_summary(history: List[Dict[str, Any]], protocol: str, metric: str) -> Optional[Dict[str, Any]]:
+    """The summary of an unfinished run from its epoch records (:func:`run_history`): the best
     evaluation so far (by ``metric`` on the selection split), the epochs run and their median
-    training time; None when the folder holds no epoch yet. Under the clean protocol the
-    evaluations are on valid, so the test figures stay empty until the run finishes."""
-    by_epoch = {r["epoch"]: r for r in run_history(folder)}
-    if not by_epoch:
+    training time; None when there is no epoch yet. Under the clean protocol the evaluations
+    are on valid, so the test figures stay empty until the run finishes."""
+    if not history:
         return None
-    evals = [r for r in by_epoch.values() if r.get("metrics")]
+    evals = [r for r in history if r.get("metrics")]
     best = max(evals, key=lambda r: (r["metrics"].get(metric, float("-inf")), -r["epoch"])) if evals else None
     sel = dict(best["metrics"]) if best else None
-    seconds = sorted(r["seconds"] for r in by_epoch.values() if r.get("seconds") is not None)
-    return {"status": "in progress", "epochs_run": max(by_epoch) + 1,
+    seconds = sorted(r["seconds"] for r in history if r.get("seconds") is not None)
+    return {"status": "in progress", "epochs_run": history[-1]["epoch"] + 1,
             "best_epoch": best["epoch"] if best else None, "valid": sel,
             "test": sel if protocol == "paper" else None,
             "seconds_per_epoch": seconds[len(seconds) // 2] if seconds else None}
@@ -349,7 +348,8 @@ def main() -> int:
         cfg = cell_config(d, m, p, r, args)
         folder = Path(args.runs) / name
         if args.report_only:
-            s = partial_summary(folder, p, cfg.selection_metric)
+            history = run_history(folder)
+            s = partial_summary(history, p, cfg.selection_metric)
             if (folder / "summary.json").is_file():
                 done = json.loads((folder / "summary.json").read_text())
                 if s is None or done.get("epochs_run", 0) >= s["epochs_run"]:
@@ -359,7 +359,7 @@ def main() -> int:
                 continue
             from adaptau.plots import training_curves
             png = Path(args.out).with_name(f"{Path(args.out).stem}_{name}.png")
-            training_curves(run_history(folder), cfg.selection_metric, png)
+            training_curves(history, cfg.selection_metric, png)
             args.curves.append((name, png.name))
         else:
             s = run_cell(name, cfg, folder, args, log)
