@@ -10,6 +10,14 @@
 #include <cstdint>
 #include <limits>
 
+// Hot per-run helpers are forced inline: called once per (row, chunk) run, their
+// prologues, spills and constant set-up otherwise cost as much as a run's arithmetic.
+#if defined(__GNUC__)
+#define ADAPTAU_HOT_INLINE inline __attribute__((always_inline))
+#else
+#define ADAPTAU_HOT_INLINE inline
+#endif
+
 #if defined(__AVX2__) && defined(__FMA__) && !defined(ADAPTAU_NO_SIMD)
 #include <immintrin.h>
 #define ADAPTAU_AVX2 1

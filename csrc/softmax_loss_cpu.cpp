@@ -342,7 +342,7 @@ struct RunOps {
   static constexpr int64_t kDp = int64_t(NV) * W;  // the padded row length when NV > 0
 
   // out[k] = <u, rows + idx[k]*Dp>, k < n.
-  static inline void dots(const T* __restrict__ u, const T* __restrict__ rows,
+  static ADAPTAU_HOT_INLINE void dots(const T* __restrict__ u, const T* __restrict__ rows,
                           const int32_t* __restrict__ idx, int64_t base, int64_t n,
                           int64_t Dp, T* __restrict__ out) {
     if constexpr (NV > 0) {
@@ -385,7 +385,7 @@ struct RunOps {
   // The coefficients were just stored as vectors: they are loaded W at a time and spread
   // lane by lane in registers (V::lane), not re-loaded one float at a time (which stalls on
   // store-to-load forwarding). The old v is folded in at the end, off the FMA chains.
-  static inline void gather_axpy(T* __restrict__ v, bool fresh, T keep, const T* __restrict__ coef,
+  static ADAPTAU_HOT_INLINE void gather_axpy(T* __restrict__ v, bool fresh, T keep, const T* __restrict__ coef,
                                  const T* __restrict__ rows, const int32_t* __restrict__ idx,
                                  int64_t base, int64_t n, int64_t Dp) {
     if constexpr (NV > 0 && NV <= 8) {
@@ -421,7 +421,7 @@ struct RunOps {
   }
 
   // acc[idx[k] - base] += coef[k] * u   (k < n; rows of acc padded to Dp).
-  static inline void scatter_axpy(T* __restrict__ acc, const int32_t* __restrict__ idx, int64_t base,
+  static ADAPTAU_HOT_INLINE void scatter_axpy(T* __restrict__ acc, const int32_t* __restrict__ idx, int64_t base,
                                   const T* __restrict__ coef, const T* __restrict__ u, int64_t n,
                                   int64_t Dp) {
     if constexpr (NV > 0 && NV <= 8) {
