@@ -175,6 +175,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     ap.add_argument("--out", default=os.path.join(RESULTS, "train_gowalla_mf"))
     args = ap.parse_args()
+    for name in ("steps", "slow_steps", "long_steps"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1 (skip the long run with --long-negatives 0)")
     if args.threads:
         torch.set_num_threads(args.threads)
     variants = [v for v in args.variants.split(",") if v]

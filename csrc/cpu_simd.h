@@ -52,6 +52,10 @@ struct Vec {
   static inline R load_after_hsum4(const T* p) { return *p; }
   // v with the lanes from count on set to 0 (count >= 1).
   static inline R keep_first(R v, int count) { return count > 0 ? v : T(0); }
+  // Stores the first count lanes of v (the memory past them is not touched).
+  static inline void store_first(T* p, R v, int count) {
+    if (count > 0) *p = v;
+  }
 };
 
 #ifdef ADAPTAU_AVX2
@@ -98,6 +102,10 @@ struct Vec<float> {
   static inline R keep_first(R v, int count) {
     const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     return _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(count), iota)));
+  }
+  static inline void store_first(float* p, R v, int count) {
+    const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(count), iota), v);
   }
   // exp with ~1-2 ulp error (Cephes polynomial); exactly 0 below -87 (and for -inf).
   static inline R exp(R x_in) {
@@ -153,6 +161,10 @@ struct Vec<double> {
   static inline R keep_first(R v, int count) {
     const __m256i iota = _mm256_setr_epi64x(0, 1, 2, 3);
     return _mm256_and_pd(v, _mm256_castsi256_pd(_mm256_cmpgt_epi64(_mm256_set1_epi64x(count), iota)));
+  }
+  static inline void store_first(double* p, R v, int count) {
+    const __m256i iota = _mm256_setr_epi64x(0, 1, 2, 3);
+    _mm256_maskstore_pd(p, _mm256_cmpgt_epi64(_mm256_set1_epi64x(count), iota), v);
   }
   static inline R lane(R v, int i) {
     const __m256i ix = _mm256_setr_epi32(2 * i, 2 * i + 1, 2 * i, 2 * i + 1, 2 * i, 2 * i + 1, 2 * i, 2 * i + 1);

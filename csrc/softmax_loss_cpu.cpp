@@ -766,7 +766,8 @@ void build_plan(const Ctx<T>& cx, Plan& pl, int64_t r0, int64_t nb) {
 // the plan's order and the merged running state of each row's negatives.
 template <typename T>
 struct PairState {
-  Buf<T> score;            // [nb*M] ŝ of each pair
+  Buf<T> score;            // [nb*M] ŝ of each pair, or e = exp(β·ŝ - |β|) when exp_scores
+  bool exp_scores = false; // the score pass used the fixed reference (see fixed_reference)
   std::vector<T> m, s, w;  // [nb] max logit, Σe^{l-m}, Σe^{l-m}·ŝ
   Buf<T> v;                // [nb][Dp] Σe^{l-m}·r̂
   std::vector<T> rm, rs;   // [nb] max and Σe^{l'-m'} of the raw logits l' = ŝ - logq (compute_raw)
@@ -876,6 +877,15 @@ inline T run_logits(const Ctx<T>& cx, const int32_t* __restrict__ idx, const T* 
   return mx;
 }
 
+// Fixed reference: with normalized vectors and no logq, a row's logits β·ŝ lie in
+// [-|β|, |β|], so exp(β·ŝ - |β|) ∈ [e^{-2|β|}, 1] neither overflows nor, for |β| up to this
+// bound, underflows (V::exp is exact down to -87 in float32). Rows then need no running max:
+// no max pass, no rescaling between runs, and the exps can be kept for the backward.
+template <typename T>
+constexpr T fixed_reference_max_beta() {
+  return sizeof(T) == 4 ? T(40) : T(300);
+}
+
 // Score pass over one block of rows (see the section comment): fills st.
 template <typename T, int NV>
 void score_pass(const Ctx<T>& cx, const Plan& pl, PairState<T>& st, bool compute_raw) {
@@ -894,12 +904,16 @@ void score_pass(const Ctx<T>& cx, const Plan& pl, PairState<T>& st, bool compute
   // The common case (normalized, no logq, no hit removal): logits β·ŝ straight from the
   // scores, both exps in one loop, no per-run logits buffer or scalar tails.
   const bool plain = raw_fixed_ref && !cx.remove_hits;
+  bool fixed = plain;
+  for (int64_t b = r0; b < r0 + nb && fixed; ++b) fixed = std::abs(cx.beta[b]) <= fixed_reference_max_beta<T>();
+  st.exp_scores = fixed;
   at::parallel_for(0, G, grain(3 * nb * M * Dp / G), [&](int64_t g0, int64_t g1) {
     Buf<T> buf = make_buf<T>(CI * Dp);
     std::vector<int64_t> stamp(CI, -1);
     alignas(64) T lg[kBlock + W];
     alignas(64) T ex[kBlock + W];
     alignas(64) T sc[kBlock + W];
+    std::fill(sc, sc + kBlock + W, T(0));  // lanes past a run's end stay finite
     for (int64_t g = g0; g < g1; ++g) {
       for (int64_t c = pl.gchunk[g]; c < pl.gchunk[g + 1]; ++c) {
         if (pl.ctot[c] == 0) continue;
@@ -917,6 +931,41 @@ void score_pass(const Ctx<T>& cx, const Plan& pl, PairState<T>& st, bool compute
             const int32_t* idx = pl.sorted.get() + kk;
             Ops::dots(u, buf.get(), idx, base, n, Dp, sc);
             const typename V::R vb = V::set1(beta);
+            if (fixed) {
+              // e = exp(β·ŝ - |β|), one loop: the sums, the raw exps, and e itself stored in
+              // the pairs' score slots (the backward's coefficients are e times a row factor).
+              const typename V::R vnref = V::set1(-std::abs(beta)), one = V::set1(T(1));
+              T* dst = st.score.get() + kk;
+              typename V::R es = V::zero(), ews = V::zero(), racc = V::zero();
+              for (int64_t k = 0; k < n; k += W) {
+                const typename V::R sv = V::load_after_hsum4(sc + k);
+                typename V::R e = V::exp(V::fma(vb, sv, vnref));
+                const int left = static_cast<int>(std::min<int64_t>(W, n - k));
+                if (left < W) {
+                  e = V::keep_first(e, left);
+                  V::store_first(dst + k, e, left);
+                } else {
+                  V::store(dst + k, e);
+                }
+                es = V::add(es, e);
+                ews = V::fma(e, sv, ews);
+                if (compute_raw) {
+                  typename V::R r = V::exp(V::sub(sv, one));
+                  if (left < W) r = V::keep_first(r, left);
+                  racc = V::add(racc, r);
+                }
+              }
+              if (compute_raw) {
+                grm[gb] = T(1);
+                grs[gb] += V::hsum(racc);
+              }
+              const bool fresh = gm[gb] == neg_inf<T>();
+              gm[gb] = std::abs(beta);
+              gs[gb] += V::hsum(es);
+              gw[gb] += V::hsum(ews);
+              Ops::gather_axpy(gv.get() + gb * Dp, fresh, T(1), dst, buf.get(), idx, base, n, Dp);
+              continue;
+            }
             T mx;
             if (plain) {
               // Logits β·ŝ straight from the scores. Pad lanes repeat sc[0], so the max needs
@@ -1152,6 +1201,12 @@ void item_grad_pass(const Ctx<T>& cx, const Plan& pl, const PairState<T>& st, co
   const int shift = pl.shift;
   const int64_t G = static_cast<int64_t>(pl.gchunk.size()) - 1;
   const bool plain = cx.logq == nullptr && !cx.remove_hits;  // logits are β·ŝ
+  // exp_scores: the row factor g·β·exp(|β| - lse) of the stored e (0 for a skipped row)
+  std::vector<T> efac(st.exp_scores ? nb : 0);
+  for (int64_t bl = 0; bl < static_cast<int64_t>(efac.size()); ++bl) {
+    const int64_t b = r0 + bl;
+    efac[bl] = rg.g[b] == T(0) ? T(0) : rg.g[b] * cx.beta[b] * std::exp(std::abs(cx.beta[b]) - lse[b]);
+  }
   at::parallel_for(0, G, grain(2 * nb * pl.M * Dp / G), [&](int64_t g0, int64_t g1) {
     Buf<T> acc = make_zero_buf<T>(CI * Dp);  // zero between chunks: rows are cleared as written
     std::vector<T> xh(Dp);
@@ -1174,7 +1229,16 @@ void item_grad_pass(const Ctx<T>& cx, const Plan& pl, const PairState<T>& st, co
               const int64_t npad = round_up(n, W);
               const int32_t* idx = pl.sorted.get() + kk;
               const T* sc = st.score.get() + kk;
-              if (plain) {  // d = g·β·exp(β·ŝ - lse) straight from the scores
+              if (st.exp_scores) {  // d = g·β·exp(|β| - lse)·e, e = exp(β·ŝ - |β|) stored
+                const typename V::R vf = V::set1(efac[bl]);
+                int64_t k = 0;
+                for (; k + W <= n; k += W) V::store(lg + k, V::mul(vf, V::load(sc + k)));
+                if (k < n) {  // the last values, padded (never read past the run's slots)
+                  alignas(64) T t[W] = {};
+                  std::copy(sc + k, sc + n, t);
+                  V::store(lg + k, V::mul(vf, V::load(t)));
+                }
+              } else if (plain) {  // d = g·β·exp(β·ŝ - lse) straight from the scores
                 const typename V::R vb = V::set1(beta), vl = V::set1(l_b);
                 int64_t k = 0;
                 for (; k + W <= n; k += W)

@@ -196,6 +196,33 @@ def test_high_inverse_temperature(seed, mode, temperature):
                            what=f"{mode} 1/tau={temperature} {dtype}")
 
 
+@pytest.mark.parametrize("dtype,beta", [(torch.float32, 40.0), (torch.float32, 40.5),
+                                        (torch.float64, 300.0), (torch.float64, 301.0)])
+def test_fixed_reference_boundary(seed, dtype, beta):
+    # Normalized, no logq, no hit removal, |beta| <= 40 (float32) / 300 (float64): the kernel
+    # uses exp(beta*s - |beta|) with no running max and keeps those exps for the backward;
+    # just above the bound it uses the running max. Both sides, with the smallest exps the
+    # bound allows: rows 0-3 see only negatives near the opposite of the user's vector
+    # (cosines near -1, one exactly -1), so every exp is near e^(-2|beta|).
+    gen = torch.Generator().manual_seed(seed)
+    B, D, M, extra = 8, 16, 37, 100
+    inp = make_inputs(gen, B, B * M + B + extra, D, M, "per_row")
+    user = inp["user"]
+    opposite = -user[:, None, :] + 0.05 * torch.randn(B, M, D, generator=gen, dtype=torch.float64)
+    inp["items"][:B * M] = opposite.reshape(B * M, D)
+    inp["items"][B * M:B * M + B] = -2.0 * user
+    neg = torch.arange(B * M).view(B, M)
+    neg[:, 0] = B * M + torch.arange(B)  # cosine exactly -1
+    neg[4:] = torch.randint(0, inp["items"].shape[0], (B - 4, M), generator=gen)
+    inp["neg"] = neg
+    inp["beta"] = torch.full((B,), beta, dtype=torch.float64)
+    inp["beta"][5] = -beta  # |beta| is what the bound is about
+    for include_pos in (False, True):
+        out = run("cpu", inp, dtype, use_logq=False, include_pos=include_pos)
+        assert_matches(out, reference(inp, use_logq=False, include_pos=include_pos), dtype,
+                       what=f"beta={beta} {dtype} include_pos={include_pos}")
+
+
 def test_empty_denominator_rows():
     # Row 0: every negative is the positive and is removed -> loss 0, lse -inf, no gradient.
     torch.manual_seed(0)
