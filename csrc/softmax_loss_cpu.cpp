@@ -698,7 +698,10 @@ void build_plan(const Ctx<T>& cx, Plan& pl, int64_t r0, int64_t nb) {
     // sorted array would miss the cache on nearly every store. cnt[r * C + c]: the count,
     // then the write cursor, of row r's run in chunk c (row-major, so the inner loops index
     // it by the chunk alone).
-    std::vector<int32_t> li(cx.neg_is_int64 ? RB * M : 0), tmp(RB * M), cnt(RB * C);
+    // Unsigned counters and indices (all checked to lie in [0, N) first): 32-bit values
+    // extend to addresses for free, where signed ones would need a sign extension each.
+    std::vector<int32_t> li(cx.neg_is_int64 ? RB * M : 0), tmp(RB * M);
+    std::vector<uint32_t> cnt(RB * C);
     const int sh = shift;  // a local: the captured one is re-read after every counter store
     bool ok = true;
     for (int64_t j = j0; j < j1; ++j) {
@@ -710,11 +713,19 @@ void build_plan(const Ctx<T>& cx, Plan& pl, int64_t r0, int64_t nb) {
         ok = false;
         continue;
       }
-      std::fill(cnt.begin(), cnt.end(), 0);
+      std::fill(cnt.begin(), cnt.end(), 0u);
       for (int64_t r = 0; r < rows; ++r) {
-        const int32_t* __restrict__ lr = l + r * M;
-        int32_t* __restrict__ h = cnt.data() + r * C;
-        for (int64_t k = 0; k < M; ++k) h[lr[k] >> sh]++;
+        const uint32_t* __restrict__ lr = reinterpret_cast<const uint32_t*>(l + r * M);
+        uint32_t* __restrict__ h = cnt.data() + r * C;
+        int64_t k = 0;
+        for (; k + 4 <= M; k += 4) {
+          const uint32_t c0 = lr[k] >> sh, c1 = lr[k + 1] >> sh, c2 = lr[k + 2] >> sh, c3 = lr[k + 3] >> sh;
+          h[c0]++;
+          h[c1]++;
+          h[c2]++;
+          h[c3]++;
+        }
+        for (; k < M; ++k) h[lr[k] >> sh]++;
       }
       // Run starts in (chunk, row) order; rows past the block's end get empty runs.
       int32_t* __restrict__ o = pl.off.data() + j * E;
@@ -723,20 +734,28 @@ void build_plan(const Ctx<T>& cx, Plan& pl, int64_t r0, int64_t nb) {
         for (int64_t r = 0; r < RB; ++r) {
           o[c * RB + r] = start;
           if (r < rows) {
-            int32_t& h = cnt[r * C + c];
-            const int32_t n = h;
-            h = start;
+            uint32_t& h = cnt[r * C + c];
+            const int32_t n = static_cast<int32_t>(h);
+            h = static_cast<uint32_t>(start);
             start += n;
           }
         }
       o[C * RB] = start;
       int32_t* __restrict__ dst = tmp.data();
       for (int64_t r = 0; r < rows; ++r) {
-        const int32_t* __restrict__ lr = l + r * M;
-        int32_t* __restrict__ cur = cnt.data() + r * C;
-        for (int64_t k = 0; k < M; ++k) {
-          const int32_t v = lr[k];
-          dst[cur[v >> sh]++] = v;
+        const uint32_t* __restrict__ lr = reinterpret_cast<const uint32_t*>(l + r * M);
+        uint32_t* __restrict__ cur = cnt.data() + r * C;
+        uint32_t* __restrict__ out = reinterpret_cast<uint32_t*>(dst);
+        int64_t k = 0;
+        for (; k + 4 <= M; k += 4) {
+          for (int i = 0; i < 4; ++i) {
+            const uint32_t v = lr[k + i];
+            out[cur[v >> sh]++] = v;
+          }
+        }
+        for (; k < M; ++k) {
+          const uint32_t v = lr[k];
+          out[cur[v >> sh]++] = v;
         }
       }
       std::memcpy(pl.sorted.get() + j * RB * M, dst, sizeof(int32_t) * rows * M);
