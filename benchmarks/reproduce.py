@@ -261,9 +261,11 @@ def write_report(results: List[Dict[str, Any]], args, wall: float, argv: str, ou
                     and by["adaptive"]["recall@20"] is not None):
                 g, a = by["global"], by["adaptive"]
                 ok = a["recall@20"] >= g["recall@20"] and a["ndcg@20"] >= g["ndcg@20"]
+                pending = [k for k, r in (("adaptive", a), ("global", g)) if r["status"] == "in progress"]
                 lines.append(f"- {model}: adaptive {'≥' if ok else 'NOT ≥'} global on both metrics "
                              f"(Δ Recall@20 {a['recall@20'] - g['recall@20']:+.4f}, "
-                             f"Δ NDCG@20 {a['ndcg@20'] - g['ndcg@20']:+.4f})")
+                             f"Δ NDCG@20 {a['ndcg@20'] - g['ndcg@20']:+.4f})"
+                             + (f" — provisional: {' and '.join(pending)} still in progress" if pending else ""))
             if ds == "gowalla" and proto == "paper" and (model, "adaptive") in TARGET and "adaptive" in by:
                 tr, tn = TARGET[(model, "adaptive")]
                 a = by["adaptive"]
