@@ -898,6 +898,21 @@ inline T run_logits(const Ctx<T>& cx, const int32_t* __restrict__ idx, const T* 
   return mx;
 }
 
+// out[k] = f(x[k]) for the n values of a run, W at a time; the last vector is read from a
+// zero-padded copy (never past the run's slots) and written whole (out has room, npad).
+template <typename T, typename F>
+ADAPTAU_HOT_INLINE void map_run(const T* __restrict__ x, int64_t n, T* __restrict__ out, F f) {
+  using V = Vec<T>;
+  constexpr int W = V::W;
+  int64_t k = 0;
+  for (; k + W <= n; k += W) V::store(out + k, f(V::load(x + k)));
+  if (k < n) {
+    alignas(64) T t[W] = {};
+    std::copy(x + k, x + n, t);
+    V::store(out + k, f(V::load(t)));
+  }
+}
+
 // Fixed reference: with normalized vectors and no logq, a row's logits β·ŝ lie in
 // [-|β|, |β|], so exp(β·ŝ - |β|) ∈ [e^{-2|β|}, 1] neither overflows nor, for |β| up to this
 // bound, underflows (V::exp is exact down to -87 in float32). Rows then need no running max:
@@ -928,6 +943,17 @@ void score_pass(const Ctx<T>& cx, const Plan& pl, PairState<T>& st, bool compute
   bool fixed = plain;
   for (int64_t b = r0; b < r0 + nb && fixed; ++b) fixed = std::abs(cx.beta[b]) <= fixed_reference_max_beta<T>();
   st.exp_scores = fixed;
+  // The raw loss's terms (normalized, no logq): exp(ŝ - 1) of a vector of scores, lanes from
+  // `left` on zeroed. Cosines are at most 1, so the raw log-sum-exp needs no running max
+  // (reference 1 for every row); add_raw folds a run's sum into its (group, row) state.
+  const auto raw_exp = [](typename V::R sv, int left) {
+    const typename V::R r = V::exp(V::sub(sv, V::set1(T(1))));
+    return left < W ? V::keep_first(r, left) : r;
+  };
+  const auto add_raw = [&](int64_t gb, typename V::R racc) {
+    grm[gb] = T(1);
+    grs[gb] += V::hsum(racc);
+  };
   at::parallel_for(0, G, grain(3 * nb * M * Dp / G), [&](int64_t g0, int64_t g1) {
     Buf<T> buf = make_buf<T>(CI * Dp);
     std::vector<int64_t> stamp(CI, -1);
@@ -955,7 +981,7 @@ void score_pass(const Ctx<T>& cx, const Plan& pl, PairState<T>& st, bool compute
             if (fixed) {
               // e = exp(β·ŝ - |β|), one loop: the sums, the raw exps, and e itself stored in
               // the pairs' score slots (the backward's coefficients are e times a row factor).
-              const typename V::R vnref = V::set1(-std::abs(beta)), one = V::set1(T(1));
+              const typename V::R vnref = V::set1(-std::abs(beta));
               T* dst = st.score.get() + kk;
               typename V::R es = V::zero(), ews = V::zero(), racc = V::zero();
               for (int64_t k = 0; k < n; k += W) {
@@ -970,16 +996,9 @@ void score_pass(const Ctx<T>& cx, const Plan& pl, PairState<T>& st, bool compute
                 }
                 es = V::add(es, e);
                 ews = V::fma(e, sv, ews);
-                if (compute_raw) {
-                  typename V::R r = V::exp(V::sub(sv, one));
-                  if (left < W) r = V::keep_first(r, left);
-                  racc = V::add(racc, r);
-                }
+                if (compute_raw) racc = V::add(racc, raw_exp(sv, left));
               }
-              if (compute_raw) {
-                grm[gb] = T(1);
-                grs[gb] += V::hsum(racc);
-              }
+              if (compute_raw) add_raw(gb, racc);
               const bool fresh = gm[gb] == neg_inf<T>();
               gm[gb] = std::abs(beta);
               gs[gb] += V::hsum(es);
@@ -1011,13 +1030,11 @@ void score_pass(const Ctx<T>& cx, const Plan& pl, PairState<T>& st, bool compute
               for (int64_t k = 0; k < npad; k += W) V::store(sc + k, V::load_after_hsum4(sc + k));
               std::memcpy(st.score.get() + kk, sc, sizeof(T) * n);
               if (compute_raw && raw_fixed_ref) {
-                // cosines are at most 1: exp(ŝ - 1) never overflows nor underflows, so the
-                // raw log-sum-exp needs no running max (reference 1 for every row)
+                // as raw_exp, through the logits (hit removal drops the positive's slots)
                 run_logits(cx, idx, sc, n, T(1), T(1), p, lg);
                 typename V::R acc = V::zero();
                 for (int64_t k = 0; k < npad; k += W) acc = V::add(acc, V::exp(V::load(lg + k)));
-                grm[gb] = T(1);
-                grs[gb] += V::hsum(acc);
+                add_raw(gb, acc);
               } else if (compute_raw) {
                 run_logits(cx, idx, sc, n, T(1), T(0), p, lg);
                 lse_update(lg, npad, grm[gb], grs[gb]);
@@ -1029,7 +1046,7 @@ void score_pass(const Ctx<T>& cx, const Plan& pl, PairState<T>& st, bool compute
             const bool fresh = m == neg_inf<T>();
             const T mn = fresh ? mx : std::max(m, mx);
             const T keep = fresh ? T(0) : (mn == m ? T(1) : std::exp(m - mn));
-            const typename V::R vmn = V::set1(mn), vnmn = V::set1(-mn), one = V::set1(T(1));
+            const typename V::R vmn = V::set1(mn), vnmn = V::set1(-mn);
             typename V::R es = V::zero(), ews = V::zero(), racc = V::zero();
             const int tail = static_cast<int>(n - (npad - W));
             for (int64_t k = 0; k < npad; k += W) {
@@ -1040,17 +1057,9 @@ void score_pass(const Ctx<T>& cx, const Plan& pl, PairState<T>& st, bool compute
               V::store(ex + k, e);
               es = V::add(es, e);
               ews = V::fma(e, sv, ews);
-              if (plain && compute_raw) {
-                // raw, as above: exp(ŝ - 1) needs no running max
-                typename V::R r = V::exp(V::sub(sv, one));
-                if (k + W > n) r = V::keep_first(r, tail);
-                racc = V::add(racc, r);
-              }
+              if (plain && compute_raw) racc = V::add(racc, raw_exp(sv, k + W > n ? tail : W));
             }
-            if (plain && compute_raw) {
-              grm[gb] = T(1);
-              grs[gb] += V::hsum(racc);
-            }
+            if (plain && compute_raw) add_raw(gb, racc);
             gs[gb] = gs[gb] * keep + V::hsum(es);
             gw[gb] = gw[gb] * keep + V::hsum(ews);
             m = mn;
@@ -1222,11 +1231,12 @@ void item_grad_pass(const Ctx<T>& cx, const Plan& pl, const PairState<T>& st, co
   const int shift = pl.shift;
   const int64_t G = static_cast<int64_t>(pl.gchunk.size()) - 1;
   const bool plain = cx.logq == nullptr && !cx.remove_hits;  // logits are β·ŝ
-  // exp_scores: the row factor g·β·exp(|β| - lse) of the stored e (0 for a skipped row)
+  // exp_scores: the row factor g·β·exp(m - lse) of the stored e = exp(β·ŝ - m), m the row's
+  // fixed reference kept in the state (0 for a skipped row)
   std::vector<T> efac(st.exp_scores ? nb : 0);
   for (int64_t bl = 0; bl < static_cast<int64_t>(efac.size()); ++bl) {
     const int64_t b = r0 + bl;
-    efac[bl] = rg.g[b] == T(0) ? T(0) : rg.g[b] * cx.beta[b] * std::exp(std::abs(cx.beta[b]) - lse[b]);
+    efac[bl] = rg.g[b] == T(0) ? T(0) : rg.g[b] * cx.beta[b] * std::exp(st.m[bl] - lse[b]);
   }
   at::parallel_for(0, G, grain(2 * nb * pl.M * Dp / G), [&](int64_t g0, int64_t g1) {
     Buf<T> acc = make_zero_buf<T>(CI * Dp);  // zero between chunks: rows are cleared as written
@@ -1250,25 +1260,12 @@ void item_grad_pass(const Ctx<T>& cx, const Plan& pl, const PairState<T>& st, co
               const int64_t npad = round_up(n, W);
               const int32_t* idx = pl.sorted.get() + kk;
               const T* sc = st.score.get() + kk;
-              if (st.exp_scores) {  // d = g·β·exp(|β| - lse)·e, e = exp(β·ŝ - |β|) stored
+              if (st.exp_scores) {  // d = g·β·exp(m - lse)·e, e = exp(β·ŝ - m) stored (m = |β|)
                 const typename V::R vf = V::set1(efac[bl]);
-                int64_t k = 0;
-                for (; k + W <= n; k += W) V::store(lg + k, V::mul(vf, V::load(sc + k)));
-                if (k < n) {  // the last values, padded (never read past the run's slots)
-                  alignas(64) T t[W] = {};
-                  std::copy(sc + k, sc + n, t);
-                  V::store(lg + k, V::mul(vf, V::load(t)));
-                }
+                map_run(sc, n, lg, [&](typename V::R e) { return V::mul(vf, e); });
               } else if (plain) {  // d = g·β·exp(β·ŝ - lse) straight from the scores
                 const typename V::R vb = V::set1(beta), vl = V::set1(l_b);
-                int64_t k = 0;
-                for (; k + W <= n; k += W)
-                  V::store(lg + k, V::mul(vg, V::exp(V::sub(V::mul(vb, V::load(sc + k)), vl))));
-                if (k < n) {  // the last scores, padded (never read past the run's slots)
-                  alignas(64) T t[W] = {};
-                  std::copy(sc + k, sc + n, t);
-                  V::store(lg + k, V::mul(vg, V::exp(V::sub(V::mul(vb, V::load(t)), vl))));
-                }
+                map_run(sc, n, lg, [&](typename V::R x) { return V::mul(vg, V::exp(V::sub(V::mul(vb, x), vl))); });
               } else {
                 run_logits(cx, idx, sc, n, beta, l_b, p, lg);
                 for (int64_t k = 0; k < npad; k += W) V::store(lg + k, V::mul(vg, V::exp(V::load(lg + k))));
