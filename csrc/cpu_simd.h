@@ -9,13 +9,17 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
+#include <utility>
 
 // Hot per-run helpers are forced inline: called once per (row, chunk) run, their
 // prologues, spills and constant set-up otherwise cost as much as a run's arithmetic.
 #if defined(__GNUC__)
 #define ADAPTAU_HOT_INLINE inline __attribute__((always_inline))
+#define ADAPTAU_HOT_LAMBDA __attribute__((always_inline))
 #else
 #define ADAPTAU_HOT_INLINE inline
+#define ADAPTAU_HOT_LAMBDA
 #endif
 
 #if defined(__AVX2__) && defined(__FMA__) && !defined(ADAPTAU_NO_SIMD)
@@ -25,6 +29,17 @@
 
 namespace adaptau {
 namespace cpu {
+
+// f(std::integral_constant<int, i>{}) for i = 0 .. N-1, unrolled at compile time (for
+// intrinsics that take i as an immediate).
+template <typename F, int... I>
+ADAPTAU_HOT_INLINE void static_for_impl(F& f, std::integer_sequence<int, I...>) {
+  (f(std::integral_constant<int, I>{}), ...);
+}
+template <int N, typename F>
+ADAPTAU_HOT_INLINE void static_for(F&& f) {
+  static_for_impl(f, std::make_integer_sequence<int, N>{});
+}
 
 // Generic single-lane fallback (any T, any target).
 template <typename T>
@@ -46,8 +61,14 @@ struct Vec {
     out[0] = a; out[1] = b; out[2] = c; out[3] = d;
   }
   static inline R exp(R x) { return std::exp(x); }
-  // Every lane set to lane i of v (i < W).
-  static inline R lane(R v, int) { return v; }
+  // Broadcasting the lanes of a vector: h = halves(v), then lane<I>(h) is v with every
+  // lane set to lane I (I < W).
+  struct Halves {
+    R lo, hi;
+  };
+  static inline Halves halves(R v) { return {v, v}; }
+  template <int I>
+  static inline R lane(const Halves& h) { return h.lo; }
   // load(p) for data just written by hsum4 (see the AVX2 float version).
   static inline R load_after_hsum4(const T* p) { return *p; }
   // v with the lanes from count on set to 0 (count >= 1).
@@ -96,9 +117,20 @@ struct Vec<float> {
   static inline R load_after_hsum4(const float* p) {
     return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(p)), _mm_loadu_ps(p + 4), 1);
   }
-  // Every lane set to lane i of v (i < 8). A broadcast from a register: loading one float
-  // of a vector just stored stalls on store-to-load forwarding.
-  static inline R lane(R v, int i) { return _mm256_permutevar8x32_ps(v, _mm256_set1_epi32(i)); }
+  // Lane broadcasts from registers (loading one float of a vector just stored stalls on
+  // store-to-load forwarding): each 128-bit half duplicated once, then one in-lane
+  // vpermilps with an immediate per lane. A vpermps per lane would need a control register
+  // per lane, and with eight of them next to the FMA accumulators the run loops spill.
+  struct Halves {
+    R lo, hi;
+  };
+  static inline Halves halves(R v) {
+    return {_mm256_permute2f128_ps(v, v, 0x00), _mm256_permute2f128_ps(v, v, 0x11)};
+  }
+  template <int I>
+  static inline R lane(const Halves& h) {
+    return _mm256_permute_ps(I < 4 ? h.lo : h.hi, (I & 3) * 0x55);
+  }
   static inline R keep_first(R v, int count) {
     const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     return _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(count), iota)));
@@ -166,9 +198,13 @@ struct Vec<double> {
     const __m256i iota = _mm256_setr_epi64x(0, 1, 2, 3);
     _mm256_maskstore_pd(p, _mm256_cmpgt_epi64(_mm256_set1_epi64x(count), iota), v);
   }
-  static inline R lane(R v, int i) {
-    const __m256i ix = _mm256_setr_epi32(2 * i, 2 * i + 1, 2 * i, 2 * i + 1, 2 * i, 2 * i + 1, 2 * i, 2 * i + 1);
-    return _mm256_castps_pd(_mm256_permutevar8x32_ps(_mm256_castpd_ps(v), ix));
+  struct Halves {  // (the lane-crossing vpermpd takes an immediate: no halves needed)
+    R lo, hi;
+  };
+  static inline Halves halves(R v) { return {v, v}; }
+  template <int I>
+  static inline R lane(const Halves& h) {
+    return _mm256_permute4x64_pd(h.lo, I * 0x55);
   }
   // Float64 needs full accuracy: libm per lane.
   static inline R exp(R x) {

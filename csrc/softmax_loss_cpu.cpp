@@ -395,13 +395,12 @@ struct RunOps {
       for (int j = 0; j < NV; ++j) g[j] = V::zero();
       int64_t k = 0;
       for (; k + W <= n; k += W) {
-        const R cw = V::load(coef + k);
-#pragma GCC unroll 8
-        for (int i = 0; i < W; ++i) {
-          const R c = V::lane(cw, i);
+        const typename V::Halves cw = V::halves(V::load(coef + k));
+        static_for<W>([&](auto i) ADAPTAU_HOT_LAMBDA {
+          const R c = V::template lane<i>(cw);
           const T* r = rows + (int64_t(idx[k + i]) - base) * kDp;
           for (int j = 0; j < NV; ++j) g[j] = V::fma(c, V::load(r + j * W), g[j]);
-        }
+        });
       }
       for (; k < n; ++k) {
         const R c = V::set1(coef[k]);
@@ -431,10 +430,9 @@ struct RunOps {
       for (int v_ = 0; v_ < NV; ++v_) uu[v_] = V::load(u + v_ * W);
       int64_t k = 0;
       for (; k + W <= n; k += W) {  // coefficients spread from a register (see gather_axpy)
-        const R cw = V::load(coef + k);
-#pragma GCC unroll 8
-        for (int i = 0; i < W; ++i) {
-          const R c = V::lane(cw, i);
+        const typename V::Halves cw = V::halves(V::load(coef + k));
+        static_for<W>([&](auto i) ADAPTAU_HOT_LAMBDA {
+          const R c = V::template lane<i>(cw);
           T* a = acc + (int64_t(idx[k + i]) - base) * kDp;
           // load, FMA, store as three loops: the FMAs then accumulate into the loaded
           // registers (no copy of c per vector, no address recomputation)
@@ -442,7 +440,7 @@ struct RunOps {
           for (int v_ = 0; v_ < NV; ++v_) t[v_] = V::load(a + v_ * W);
           for (int v_ = 0; v_ < NV; ++v_) t[v_] = V::fma(c, uu[v_], t[v_]);
           for (int v_ = 0; v_ < NV; ++v_) V::store(a + v_ * W, t[v_]);
-        }
+        });
       }
       for (; k < n; ++k) {
         const R c = V::set1(coef[k]);
