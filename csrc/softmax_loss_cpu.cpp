@@ -343,19 +343,32 @@ struct RunOps {
   static constexpr int W = V::W;
   static constexpr int64_t kDp = int64_t(NV) * W;  // the padded row length when NV > 0
 
+  // Row i of a chunk buffer whose first row is table row `base`, addressed from the buffer
+  // biased by -base rows (integer arithmetic: the biased address is never dereferenced).
+  // Indices are in [0, N), so as uint32 they widen for free and the address is one shift
+  // and one add per pair, with no subtraction of the base.
+  static ADAPTAU_HOT_INLINE uintptr_t biased(const T* rows, int64_t base, int64_t dp) {
+    return reinterpret_cast<uintptr_t>(rows) - static_cast<uintptr_t>(base) * static_cast<uintptr_t>(dp * sizeof(T));
+  }
+  static ADAPTAU_HOT_INLINE T* row(uintptr_t biased_rows, int32_t i, int64_t dp) {
+    return reinterpret_cast<T*>(biased_rows + static_cast<uintptr_t>(static_cast<uint32_t>(i)) *
+                                                  static_cast<uintptr_t>(dp * sizeof(T)));
+  }
+
   // out[k] = <u, rows + idx[k]*Dp>, k < n.
   static ADAPTAU_HOT_INLINE void dots(const T* __restrict__ u, const T* __restrict__ rows,
                           const int32_t* __restrict__ idx, int64_t base, int64_t n,
                           int64_t Dp, T* __restrict__ out) {
     if constexpr (NV > 0) {
+      const uintptr_t rb = biased(rows, base, kDp);
       R uu[NV];
       for (int v = 0; v < NV; ++v) uu[v] = V::load(u + v * W);
       int64_t k = 0;
       for (; k + 4 <= n; k += 4) {
-        const T* r0 = rows + (int64_t(idx[k]) - base) * kDp;
-        const T* r1 = rows + (int64_t(idx[k + 1]) - base) * kDp;
-        const T* r2 = rows + (int64_t(idx[k + 2]) - base) * kDp;
-        const T* r3 = rows + (int64_t(idx[k + 3]) - base) * kDp;
+        const T* r0 = row(rb, idx[k], kDp);
+        const T* r1 = row(rb, idx[k + 1], kDp);
+        const T* r2 = row(rb, idx[k + 2], kDp);
+        const T* r3 = row(rb, idx[k + 3], kDp);
         R a0 = V::mul(uu[0], V::load(r0)), a1 = V::mul(uu[0], V::load(r1));
         R a2 = V::mul(uu[0], V::load(r2)), a3 = V::mul(uu[0], V::load(r3));
         for (int v = 1; v < NV; ++v) {
@@ -367,15 +380,16 @@ struct RunOps {
         V::hsum4(a0, a1, a2, a3, out + k);
       }
       for (; k < n; ++k) {
-        const T* r0 = rows + (int64_t(idx[k]) - base) * kDp;
+        const T* r0 = row(rb, idx[k], kDp);
         R a0 = V::mul(uu[0], V::load(r0));
         for (int v = 1; v < NV; ++v) a0 = V::fma(uu[v], V::load(r0 + v * W), a0);
         out[k] = V::hsum(a0);
       }
     } else {
       const int64_t nv = Dp / W;
+      const uintptr_t rb = biased(rows, base, Dp);
       for (int64_t k = 0; k < n; ++k) {
-        const T* r0 = rows + (int64_t(idx[k]) - base) * Dp;
+        const T* r0 = row(rb, idx[k], Dp);
         R a0 = V::mul(V::load(u), V::load(r0));
         for (int64_t v = 1; v < nv; ++v) a0 = V::fma(V::load(u + v * W), V::load(r0 + v * W), a0);
         out[k] = V::hsum(a0);
@@ -391,6 +405,7 @@ struct RunOps {
                                  const T* __restrict__ rows, const int32_t* __restrict__ idx,
                                  int64_t base, int64_t n, int64_t Dp) {
     if constexpr (NV > 0 && NV <= 8) {
+      const uintptr_t rb = biased(rows, base, kDp);
       R g[NV];
       for (int j = 0; j < NV; ++j) g[j] = V::zero();
       int64_t k = 0;
@@ -398,13 +413,13 @@ struct RunOps {
         const typename V::Halves cw = V::halves(V::load(coef + k));
         static_for<W>([&](auto i) ADAPTAU_HOT_LAMBDA {
           const R c = V::template lane<i>(cw);
-          const T* r = rows + (int64_t(idx[k + i]) - base) * kDp;
+          const T* r = row(rb, idx[k + i], kDp);
           for (int j = 0; j < NV; ++j) g[j] = V::fma(c, V::load(r + j * W), g[j]);
         });
       }
       for (; k < n; ++k) {
         const R c = V::set1(coef[k]);
-        const T* r = rows + (int64_t(idx[k]) - base) * kDp;
+        const T* r = row(rb, idx[k], kDp);
         for (int j = 0; j < NV; ++j) g[j] = V::fma(c, V::load(r + j * W), g[j]);
       }
       const R kv = V::set1(keep);
@@ -412,10 +427,11 @@ struct RunOps {
     } else {
       const int64_t nv = Dp / W;
       const R kv = V::set1(keep);
+      const uintptr_t rb = biased(rows, base, Dp);
       for (int64_t i = 0; i < nv; ++i) V::store(v + i * W, fresh ? V::zero() : V::mul(kv, V::load(v + i * W)));
       for (int64_t k = 0; k < n; ++k) {
         const R c = V::set1(coef[k]);
-        const T* r = rows + (int64_t(idx[k]) - base) * Dp;
+        const T* r = row(rb, idx[k], Dp);
         for (int64_t i = 0; i < nv; ++i) V::store(v + i * W, V::fma(c, V::load(r + i * W), V::load(v + i * W)));
       }
     }
@@ -426,6 +442,7 @@ struct RunOps {
                                   const T* __restrict__ coef, const T* __restrict__ u, int64_t n,
                                   int64_t Dp) {
     if constexpr (NV > 0 && NV <= 8) {
+      const uintptr_t ab = biased(acc, base, kDp);
       R uu[NV];
       for (int v_ = 0; v_ < NV; ++v_) uu[v_] = V::load(u + v_ * W);
       int64_t k = 0;
@@ -433,7 +450,7 @@ struct RunOps {
         const typename V::Halves cw = V::halves(V::load(coef + k));
         static_for<W>([&](auto i) ADAPTAU_HOT_LAMBDA {
           const R c = V::template lane<i>(cw);
-          T* a = acc + (int64_t(idx[k + i]) - base) * kDp;
+          T* a = row(ab, idx[k + i], kDp);
           // load, FMA, store as three loops: the FMAs then accumulate into the loaded
           // registers (no copy of c per vector, no address recomputation)
           R t[NV];
@@ -444,14 +461,15 @@ struct RunOps {
       }
       for (; k < n; ++k) {
         const R c = V::set1(coef[k]);
-        T* a = acc + (int64_t(idx[k]) - base) * kDp;
+        T* a = row(ab, idx[k], kDp);
         for (int v_ = 0; v_ < NV; ++v_) V::store(a + v_ * W, V::fma(c, uu[v_], V::load(a + v_ * W)));
       }
     } else {
       const int64_t nv = Dp / W;
+      const uintptr_t ab = biased(acc, base, Dp);
       for (int64_t k = 0; k < n; ++k) {
         const R c = V::set1(coef[k]);
-        T* a = acc + (int64_t(idx[k]) - base) * Dp;
+        T* a = row(ab, idx[k], Dp);
         for (int64_t i = 0; i < nv; ++i) V::store(a + i * W, V::fma(c, V::load(u + i * W), V::load(a + i * W)));
       }
     }
@@ -671,10 +689,13 @@ struct Plan {
   }
 };
 
+// log2 of the rows per chunk: the chunk's rows fit chunk_bytes, unless the run starts
+// (about nb per chunk) would outnumber max_entries; never more than one chunk for the
+// whole table (with very few negatives per row, nb·(C + 2) <= max_entries cannot hold).
 int chunk_shift(int64_t row_bytes, int64_t chunk_bytes, int64_t N, int64_t nb, int64_t max_entries) {
   int shift = 4;
   while (shift < 30 && (int64_t(2) << shift) * row_bytes <= chunk_bytes) ++shift;
-  while (shift < 31 && (((N - 1) >> shift) + 2) * nb > max_entries) ++shift;
+  while (shift < 31 && ((N - 1) >> shift) > 0 && (((N - 1) >> shift) + 2) * nb > max_entries) ++shift;
   return shift;
 }
 
@@ -955,8 +976,8 @@ void score_pass(const Ctx<T>& cx, const Plan& pl, PairState<T>& st, bool compute
     grs[gb] += V::hsum(racc);
   };
   at::parallel_for(0, G, grain(3 * nb * M * Dp / G), [&](int64_t g0, int64_t g1) {
-    Buf<T> buf = make_buf<T>(CI * Dp);
-    std::vector<int64_t> stamp(CI, -1);
+    Buf<T> buf = make_buf<T>(std::min(CI, N) * Dp);
+    std::vector<int64_t> stamp(std::min(CI, N), -1);
     alignas(64) T lg[kBlock + W];
     alignas(64) T ex[kBlock + W];
     alignas(64) T sc[kBlock + W];
@@ -1239,7 +1260,7 @@ void item_grad_pass(const Ctx<T>& cx, const Plan& pl, const PairState<T>& st, co
     efac[bl] = rg.g[b] == T(0) ? T(0) : rg.g[b] * cx.beta[b] * std::exp(st.m[bl] - lse[b]);
   }
   at::parallel_for(0, G, grain(2 * nb * pl.M * Dp / G), [&](int64_t g0, int64_t g1) {
-    Buf<T> acc = make_zero_buf<T>(CI * Dp);  // zero between chunks: rows are cleared as written
+    Buf<T> acc = make_zero_buf<T>(std::min(CI, N) * Dp);  // zero between chunks: rows are cleared as written
     std::vector<T> xh(Dp);
     alignas(64) T lg[kBlock + W];
     for (int64_t g = g0; g < g1; ++g) {

@@ -382,21 +382,26 @@ SMALL_TUNING = dict(ADAPTAU_CPU_CHUNK_BYTES="1", ADAPTAU_CPU_MAX_PAIRS="100",
 
 
 @pytest.mark.parametrize("tuning", [SMALL_TUNING, dict(ADAPTAU_CPU_PLAN_CACHE="0"),
-                                    dict(ADAPTAU_CPU_SORT_ROWS="1", ADAPTAU_CPU_GROUPS="1")],
-                         ids=["small-blocks", "no-saved-state", "one-row-sort-one-group"])
+                                    dict(ADAPTAU_CPU_SORT_ROWS="1", ADAPTAU_CPU_GROUPS="1"),
+                                    dict(ADAPTAU_CPU_MAX_PAIRS="16")],
+                         ids=["small-blocks", "no-saved-state", "one-row-sort-one-group",
+                              "row-blocks-of-max-pairs"])
 def test_tuning_paths_match_reference(tuning):
-    """Tiny chunks, row blocks, sort blocks, tiles and groups; and the backward without the
-    forward's saved state (recomputed). Set before the library reads them."""
+    """Tiny chunks, row blocks, sort blocks, tiles and groups; the backward without the
+    forward's saved state (recomputed); and blocks of max_pairs rows with one negative each,
+    where the chunking must stop at one chunk for the whole table (it used to grow the
+    chunk to 2^31 rows and fail allocating its buffer). Set before the library reads them."""
     script = textwrap.dedent("""
         import torch, adaptau
         torch.manual_seed(0)
-        for neg in (torch.randint(0, 300, (40, 25)), torch.randint(0, 300, (25,)), None):
+        for neg in (torch.randint(0, 300, (40, 25)), torch.randint(0, 300, (40, 1)),
+                    torch.randint(0, 300, (25,)), None):
             user = torch.randn(40, 24); items = torch.randn(300, 24)
             pos = torch.randint(0, 300, (40,))
             logq = torch.randn(300) * 0.5
             beta = torch.rand(40) * 4 + 1
             if neg is not None and neg.dim() == 2:
-                neg[:, :3] = pos[:, None]  # accidental hits to remove
+                neg[::2, :3] = pos[::2, None]  # accidental hits to remove (every other row)
             out = []
             for backend, dt in (("cpu", torch.float32), ("reference", torch.float64)):
                 u = user.to(dt).clone().requires_grad_(); it = items.to(dt).clone().requires_grad_()
