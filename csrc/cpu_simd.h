@@ -61,6 +61,8 @@ struct Vec {
     out[0] = a; out[1] = b; out[2] = c; out[3] = d;
   }
   static inline R exp(R x) { return std::exp(x); }
+  // v, kept in a register: an operand the compiler must not fold into the next instruction.
+  static inline R in_register(R v) { return v; }
   // Broadcasting the lanes of a vector: h = halves(v), then lane<I>(h) is v with every
   // lane set to lane I (I < W).
   struct Halves {
@@ -93,6 +95,10 @@ struct Vec<float> {
   static inline R sub(R a, R b) { return _mm256_sub_ps(a, b); }
   static inline R mul(R a, R b) { return _mm256_mul_ps(a, b); }
   static inline R max(R a, R b) { return _mm256_max_ps(a, b); }
+  static inline R in_register(R v) {
+    asm("" : "+x"(v));
+    return v;
+  }
   static inline float hsum(R a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -174,6 +180,10 @@ struct Vec<double> {
   static inline R sub(R a, R b) { return _mm256_sub_pd(a, b); }
   static inline R mul(R a, R b) { return _mm256_mul_pd(a, b); }
   static inline R max(R a, R b) { return _mm256_max_pd(a, b); }
+  static inline R in_register(R v) {
+    asm("" : "+x"(v));
+    return v;
+  }
   static inline double hsum(R a) {
     __m128d s = _mm_add_pd(_mm256_castpd256_pd128(a), _mm256_extractf128_pd(a, 1));
     return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));

@@ -451,18 +451,18 @@ struct RunOps {
         static_for<W>([&](auto i) ADAPTAU_HOT_LAMBDA {
           const R c = V::template lane<i>(cw);
           T* a = row(ab, idx[k + i], kDp);
-          // load, FMA, store as three loops: the FMAs then accumulate into the loaded
-          // registers (no copy of c per vector, no address recomputation)
-          R t[NV];
-          for (int v_ = 0; v_ < NV; ++v_) t[v_] = V::load(a + v_ * W);
-          for (int v_ = 0; v_ < NV; ++v_) t[v_] = V::fma(c, uu[v_], t[v_]);
-          for (int v_ = 0; v_ < NV; ++v_) V::store(a + v_ * W, t[v_]);
+          // load, FMA into the loaded register, store: 3 instructions per vector and one
+          // temporary. (Left to itself the compiler folds the load into the FMA, which then
+          // overwrites a copy of c per vector, and with uu and c live it spills.)
+          for (int v_ = 0; v_ < NV; ++v_)
+            V::store(a + v_ * W, V::fma(c, uu[v_], V::in_register(V::load(a + v_ * W))));
         });
       }
       for (; k < n; ++k) {
         const R c = V::set1(coef[k]);
         T* a = row(ab, idx[k], kDp);
-        for (int v_ = 0; v_ < NV; ++v_) V::store(a + v_ * W, V::fma(c, uu[v_], V::load(a + v_ * W)));
+        for (int v_ = 0; v_ < NV; ++v_)
+          V::store(a + v_ * W, V::fma(c, uu[v_], V::in_register(V::load(a + v_ * W))));
       }
     } else {
       const int64_t nv = Dp / W;
