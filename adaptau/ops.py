@@ -185,9 +185,10 @@ def _check_finite(name: str, value: Tensor) -> None:
 
 
 def _check_values(num_items: int, pos: Tensor, neg: Tensor, pos_scale: Tensor,
-                  neg_scale: Tensor, neg_logq: Optional[Tensor]) -> None:
-    _check_index_range("pos", pos, num_items)
-    _check_index_range("neg", neg, num_items)
+                  neg_scale: Tensor, neg_logq: Optional[Tensor], check_indices: bool = True) -> None:
+    if check_indices:
+        _check_index_range("pos", pos, num_items)
+        _check_index_range("neg", neg, num_items)
     _check_finite("pos_scale", pos_scale)
     _check_finite("neg_scale", neg_scale)
     if neg_logq is not None:
@@ -201,8 +202,13 @@ def _forward_op(
     neg_scale: Tensor, neg_logq: Optional[Tensor], neg_mode: int, include_pos: bool,
     normalize: bool, remove_hits: bool, compute_raw: bool, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    _check_values(items.shape[0], pos, neg, pos_scale, neg_scale, neg_logq)
-    forward, _ = _implementation(_resolve_backend(backend, user.device.type))
+    resolved = _resolve_backend(backend, user.device.type)
+    # The cpu kernel range-checks every index itself (vectorized, while converting or
+    # sorting them, before any is used) and raises the same IndexError as
+    # _check_index_range; checking here too would read the [B, M] negatives twice.
+    _check_values(items.shape[0], pos, neg, pos_scale, neg_scale, neg_logq,
+                  check_indices=resolved != "cpu")
+    forward, _ = _implementation(resolved)
     loss, lse, raw = forward(user, items, pos, neg, pos_scale, neg_scale, neg_logq,
                              neg_mode, include_pos, normalize, remove_hits, compute_raw)
     return loss, lse, raw

@@ -578,12 +578,28 @@ bool copy_indices(const I* src, int64_t n, int64_t N, int32_t* dst) {
   return ok;
 }
 
+// Raises the IndexError of Python's range check (adaptau/ops.py, which leaves the indices
+// to this backend: the kernel checks them anyway, vectorized, before using any): the first
+// index outside [0, N) in row-major order, named `name[i]` (cols == 0) or `name[b, m]`.
+[[noreturn]] void throw_index_error(const char* name, const void* data, bool is64, int64_t count,
+                                    int64_t cols, int64_t N) {
+  for (int64_t k = 0; k < count; ++k) {
+    const int64_t v = is64 ? static_cast<const int64_t*>(data)[k] : static_cast<const int32_t*>(data)[k];
+    if (v >= 0 && v < N) continue;
+    if (cols > 0)
+      TORCH_CHECK_INDEX(false, name, "[", k / cols, ", ", k % cols, "] = ", v,
+                        " is out of range for an item table with ", N, " rows");
+    TORCH_CHECK_INDEX(false, name, "[", k, "] = ", v, " is out of range for an item table with ", N, " rows");
+  }
+  TORCH_CHECK_INDEX(false, name, ": an index is out of range for an item table with ", N, " rows");
+}
+
 std::vector<int32_t> indices_to_i32(const at::Tensor& t, int64_t N, const char* name) {
   std::vector<int32_t> out(t.numel());
-  bool ok = t.scalar_type() == at::kLong
-                ? copy_indices(t.data_ptr<int64_t>(), t.numel(), N, out.data())
-                : copy_indices(t.data_ptr<int32_t>(), t.numel(), N, out.data());
-  TORCH_CHECK(ok, "adaptau cpu: an index in ", name, " is outside [0, ", N, ")");
+  const bool is64 = t.scalar_type() == at::kLong;
+  bool ok = is64 ? copy_indices(t.data_ptr<int64_t>(), t.numel(), N, out.data())
+                 : copy_indices(t.data_ptr<int32_t>(), t.numel(), N, out.data());
+  if (!ok) throw_index_error(name, t.data_ptr(), is64, t.numel(), 0, N);
   return out;
 }
 
@@ -785,7 +801,7 @@ void build_plan(const Ctx<T>& cx, Plan& pl, int64_t r0, int64_t nb) {
     }
     if (!ok) bad.store(true);
   });
-  TORCH_CHECK(!bad.load(), "adaptau cpu: an index in neg is outside [0, ", N, ")");
+  if (bad.load()) throw_index_error("neg", cx.neg, cx.neg_is_int64, cx.B * M, M, N);
   pl.ctot.assign(C, 0);
   for (int64_t j = 0; j < nblk; ++j) {
     const int32_t* o = pl.off.data() + j * E;

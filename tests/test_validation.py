@@ -113,3 +113,39 @@ def test_mixed_index_dtypes_take_the_negatives_dtype():
         torch.testing.assert_close(got, ref, rtol=0, atol=0)
     with pytest.raises(IndexError, match="pos"):
         adaptau.softmax_loss(user, items, torch.tensor([1, 2, 2**32 + 1]), neg.int(), 2.0, 2.0)
+
+
+INDEX_CASES = [
+    # (pos, neg, message): the first bad index in row-major order, pos before neg
+    ([0, 1, N, 2], "rows", "pos[2] = 10 is out of range"),
+    ([0, -1, 2, 2], "rows", "pos[1] = -1 is out of range"),
+    ([0, 1, 2, 3], [[1, 2, 3], [4, 5, 6], [7, 8, 99], [-1, 0, 0]], "neg[2, 2] = 99 is out of range"),
+    ([0, 1, 2, 3], [[1, 2, 3], [4, -5, 6], [7, 8, 9], [0, 0, 11]], "neg[1, 1] = -5 is out of range"),
+    ([0, 1, 2, 3], [1, 12, 3], "neg[1] = 12 is out of range"),
+    ([0, 1, 2, 3], [1, 2**31 + 5, 3], "neg[1] = 2147483653 is out of range"),
+    ([0, 1, N + 3, 3], None, "pos[2] = 13 is out of range"),
+]
+
+
+def _fits_int32(neg):
+    if neg is None or neg == "rows":
+        return True
+    return all(abs(v) < 2**31 for r in neg for v in (r if isinstance(r, list) else [r]))
+
+
+@pytest.mark.skipif("cpu" not in adaptau.available_backends("cpu"), reason="C++ extension not built")
+@pytest.mark.parametrize("case,dtype", [(i, dt) for i, c in enumerate(INDEX_CASES)
+                                        for dt in (torch.int64, torch.int32)
+                                        if dt == torch.int64 or _fits_int32(c[1])])
+def test_cpu_backend_raises_the_same_index_errors(case, dtype):
+    """The cpu backend range-checks indices in the kernel (ops.py skips its own pass over
+    them for that backend); the exception and message are those of the Python check."""
+    pos, neg, message = INDEX_CASES[case]
+    if neg == "rows":
+        neg = [[1, 2, 3]] * B
+    pos = torch.tensor(pos, dtype=dtype)
+    neg = None if neg is None else torch.tensor(neg, dtype=dtype)
+    for backend in ("reference", "cpu"):
+        with pytest.raises(IndexError, match=message.replace("[", r"\[")):
+            adaptau.softmax_loss(torch.randn(B, D), torch.randn(N, D), pos, neg, 1.0, 1.0,
+                                 backend=backend)
