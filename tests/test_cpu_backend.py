@@ -365,9 +365,13 @@ def test_op_level_checks():
     user, items = torch.randn(3, 4), torch.randn(5, 4)
     pos = torch.tensor([0, 1, 2])
     s = torch.ones(3)
-    with pytest.raises(RuntimeError, match="outside"):
+    # the op itself raises Python's IndexError (ops.py leaves index checks to this kernel)
+    with pytest.raises(IndexError, match=r"neg\[0, 1\] = 9 is out of range"):
         torch.ops.adaptau.fused_forward(user, items, pos, torch.tensor([[0, 9], [1, 1], [2, 2]]),
                                         s, s, None, 0, False, True, False, False)
+    with pytest.raises(IndexError, match=r"pos\[1\] = -1 is out of range"):
+        torch.ops.adaptau.fused_forward(user, items, torch.tensor([0, -1, 2]), torch.tensor([1, 2]),
+                                        s, s, None, 1, False, True, False, False)
     with pytest.raises(RuntimeError, match="per-row neg"):
         torch.ops.adaptau.fused_forward(user, items, pos, torch.tensor([[0, 1]]), s, s, None, 0,
                                         False, True, False, False)
