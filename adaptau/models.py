@@ -16,8 +16,9 @@ from typing import Optional, Tuple
 import numpy as np
 import scipy.sparse as sp
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .sampling import dropout as inverted_dropout
 
 try:  # registers torch.ops.adaptau.item_counts
     from . import _C  # noqa: F401
@@ -93,7 +94,7 @@ class MF(nn.Module):
     def batch_users(self, user_table: Tensor, users: Tensor) -> Tensor:
         rows = user_table[users.long()]
         if self.training and self.dropout > 0:
-            rows = F.dropout(rows, p=self.dropout, training=True)
+            rows = inverted_dropout(rows, self.dropout)  # F.dropout's semantics, faster on CPU
         return rows
 
 

@@ -13,6 +13,8 @@ in checkpoints, so a resumed run draws the same negatives) and returns
   for the uniform distribution) so the loss corrects for the sampling bias.
 * ``shared``     — ``[M]`` uniform negatives shared by every row of the batch.
 * ``in-batch``   — ``None``: each row's negatives are the other rows' positives.
+
+:func:`dropout` is inverted dropout with its mask from the same parallel generator.
 """
 from __future__ import annotations
 
@@ -21,17 +23,39 @@ from typing import Iterator, Optional, Tuple
 import numpy as np
 import scipy.sparse as sp
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["SAMPLERS", "NegativeSampler", "make_sampler", "BatchIterator"]
+__all__ = ["SAMPLERS", "NegativeSampler", "make_sampler", "BatchIterator", "dropout"]
 
 SAMPLERS = ("uniform", "exclude", "popularity", "shared", "in-batch")
 
-try:  # registers torch.ops.adaptau.uniform_negatives
+try:  # registers torch.ops.adaptau.uniform_negatives and dropout_mask
     from . import _C  # noqa: F401
     _HAS_PARALLEL_UNIFORM = hasattr(torch.ops.adaptau, "uniform_negatives")
+    _HAS_DROPOUT_MASK = hasattr(torch.ops.adaptau, "dropout_mask")
 except ImportError:  # pragma: no cover - the extension is part of every install
-    _HAS_PARALLEL_UNIFORM = False
+    _HAS_PARALLEL_UNIFORM = _HAS_DROPOUT_MASK = False
+
+
+def dropout(x: Tensor, p: float, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Inverted dropout, as ``F.dropout(x, p, training=True)``: each element of ``x`` (any
+    shape) is zeroed with probability ``p`` and the rest are scaled by ``1/(1-p)``.
+
+    On the CPU the mask comes from the parallel counter-based
+    ``torch.ops.adaptau.dropout_mask`` ([numel] float32), seeded by one draw from
+    ``generator`` (torch's default generator when None, which the trainer checkpoints): about
+    ten times faster than ``F.dropout``, whose ``bernoulli_`` costs ~1.5-2 ms for the paper's
+    2048 × 64 batch rows per step. Elsewhere, and for ``p >= 1``, ``F.dropout`` itself.
+    Differentiable in ``x`` (the mask is a constant).
+    """
+    if p <= 0:
+        return x
+    if x.device.type != "cpu" or not _HAS_DROPOUT_MASK or p >= 1:
+        return F.dropout(x, p, training=True)
+    seed = int(torch.randint(-2**63, 2**63 - 1, (), generator=generator))
+    mask = torch.ops.adaptau.dropout_mask(1, x.numel(), float(p), seed)
+    return x * mask.view(x.shape).to(x.dtype)
 
 
 class NegativeSampler:

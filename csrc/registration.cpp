@@ -2,7 +2,8 @@
 // Implementations register per dispatch key elsewhere:
 //   csrc/softmax_loss_cpu.cpp      TORCH_LIBRARY_IMPL(adaptau, CPU, ...)
 //   csrc/cuda/softmax_loss_cuda.cpp TORCH_LIBRARY_IMPL(adaptau, CUDA, ...)  (CUDA builds only)
-//   csrc/sampling_cpu.cpp          uniform_negatives (the trainer's parallel uniform sampler)
+//   csrc/sampling_cpu.cpp          uniform_negatives (the trainer's parallel uniform sampler),
+//                                  dropout_mask (its inverted-dropout mask, same generator)
 //                                  and item_counts (a parallel bincount, for the sampled L2)
 // The contract (shapes, dtypes, meaning of outputs) is documented in adaptau/ops.py.
 #include <Python.h>
@@ -27,5 +28,6 @@ TORCH_LIBRARY(adaptau, m) {
       "bool include_pos, bool normalize, bool remove_hits, bool need_scale_grads) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("uniform_negatives(int rows, int cols, int num_items, int seed) -> Tensor");
+  m.def("dropout_mask(int rows, int cols, float p, int seed) -> Tensor");
   m.def("item_counts(Tensor indices, int num_items) -> Tensor");
 }

@@ -205,3 +205,52 @@ def test_item_counts_op_rejects_bad_input():
         torch.ops.adaptau.item_counts(torch.zeros(3), 5)
     with pytest.raises(RuntimeError, match="num_items"):
         torch.ops.adaptau.item_counts(torch.zeros(3, dtype=torch.long), 0)
+
+
+def test_dropout_mask_op_and_dropout():
+    """torch.ops.adaptau.dropout_mask: values {0, 1/(1-p)}, drop rate p (binomial test), a
+    pure function of the seed (thread count does not matter), clear errors; and
+    adaptau.sampling.dropout: F.dropout's semantics (mean preserved, gradient is the mask),
+    reproducible from torch's generator state, identity for p = 0."""
+    import subprocess
+    import sys
+    import textwrap
+    from scipy import stats
+
+    from adaptau.sampling import dropout
+
+    op = torch.ops.adaptau.dropout_mask
+    for p, shape in ((0.1, (301, 67)), (0.5, (1, 1001)), (0.9, (64, 33))):
+        m = op(*shape, p, 11)
+        assert m.dtype == torch.float32 and m.shape == shape
+        keep = torch.tensor(1.0 / (1.0 - p), dtype=torch.float32)
+        assert bool(((m == 0) | (m == keep)).all())
+        dropped = int((m == 0).sum())
+        assert stats.binomtest(dropped, m.numel(), p).pvalue > 1e-4
+        assert torch.equal(m, op(*shape, p, 11)) and not torch.equal(m, op(*shape, p, 12))
+    assert bool((op(5, 7, 0.0, 3) == 1).all())
+    script = textwrap.dedent("""
+        import torch, adaptau.sampling
+        torch.set_num_threads(1)
+        print(int((torch.ops.adaptau.dropout_mask(301, 67, 0.3, 42) == 0).sum()))
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert int(res.stdout.strip()) == int((op(301, 67, 0.3, 42) == 0).sum())
+    with pytest.raises(RuntimeError, match="p must be in"):
+        op(2, 2, 1.0, 1)
+    with pytest.raises(RuntimeError, match="rows and cols"):
+        op(-1, 2, 0.5, 1)
+
+    x = torch.randn(400, 64, requires_grad=True)
+    torch.manual_seed(5)
+    y = dropout(x, 0.25)
+    torch.manual_seed(5)
+    assert torch.equal(y, dropout(x, 0.25))
+    mask = (y.detach() / x.detach()).nan_to_num()
+    assert bool(((y == 0) | torch.isclose(y, x / 0.75)).all())
+    assert abs(float((y == 0).float().mean()) - 0.25) < 0.02
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, mask, rtol=1e-6, atol=1e-6)
+    assert dropout(x, 0.0) is x
+    assert bool((dropout(x, 1.0) == 0).all())
