@@ -20,13 +20,15 @@ from torch import Tensor, nn
 
 from .sampling import dropout as inverted_dropout
 
-try:  # registers torch.ops.adaptau.item_counts
+try:  # registers torch.ops.adaptau.item_counts and add_l2_rows_
     from . import _C  # noqa: F401
     _HAS_ITEM_COUNTS = hasattr(torch.ops.adaptau, "item_counts")
+    _HAS_ADD_L2_ROWS = hasattr(torch.ops.adaptau, "add_l2_rows_")
 except ImportError:  # pragma: no cover - the extension is part of every install
-    _HAS_ITEM_COUNTS = False
+    _HAS_ITEM_COUNTS = _HAS_ADD_L2_ROWS = False
 
-__all__ = ["MF", "LightGCN", "build_model", "normalized_adjacency", "sampled_l2"]
+__all__ = ["MF", "LightGCN", "build_model", "normalized_adjacency", "sampled_l2",
+           "sampled_item_counts", "add_row_l2_grad_"]
 
 
 def sampled_item_counts(pos: Tensor, neg: Optional[Tensor], num_items: int,
@@ -50,6 +52,25 @@ def sampled_item_counts(pos: Tensor, neg: Optional[Tensor], num_items: int,
         neg_counts = torch.bincount(neg.reshape(-1).long(), minlength=num_items).to(dtype)
         counts += neg_counts * batch if neg.dim() == 1 else neg_counts
     return counts
+
+
+@torch.no_grad()
+def add_row_l2_grad_(grad: Tensor, weight: Tensor, counts: Tensor, coef: float) -> float:
+    """``grad += coef · counts[:, None] · weight`` in place, and returns
+    ``Σ_i counts_i · ‖weight_i‖²``: the gradient and value of ``0.5 · Σ_i counts_i ·
+    ‖weight_i‖²`` (times ``coef``), the item side of :func:`sampled_l2`.
+
+    ``grad`` and ``weight`` ``[N, D]``, ``counts`` ``[N]`` (as from
+    :func:`sampled_item_counts`). On the CPU one parallel pass of
+    ``torch.ops.adaptau.add_l2_rows_`` (``addcmul_`` plus ``vector_norm`` read the table twice:
+    ~1.2 ms instead of ~0.5 ms per step at Gowalla's 41k × 64); elsewhere those torch ops.
+    """
+    if (grad.device.type == "cpu" and _HAS_ADD_L2_ROWS and grad.is_contiguous()
+            and grad.dtype == weight.dtype and grad.dtype in (torch.float32, torch.float64)):
+        return float(torch.ops.adaptau.add_l2_rows_(grad, weight, counts.long(), float(coef)))
+    c = counts.to(weight.dtype)
+    grad.addcmul_(weight, c.unsqueeze(1), value=coef)
+    return float(torch.dot(torch.linalg.vector_norm(weight, dim=1).square_(), c))
 
 
 def sampled_l2(user_emb: Tensor, item_emb: Tensor, users: Tensor, pos: Tensor,
@@ -92,7 +113,9 @@ class MF(nn.Module):
         return self.user.weight, self.item.weight
 
     def batch_users(self, user_table: Tensor, users: Tensor) -> Tensor:
-        rows = user_table[users.long()]
+        # index_select, not table[users]: forward + backward 0.7 ms instead of 1.1 ms for
+        # the paper's 2048 rows (advanced indexing's backward is a slower index_put)
+        rows = user_table.index_select(0, users.long())
         if self.training and self.dropout > 0:
             rows = inverted_dropout(rows, self.dropout)  # F.dropout's semantics, faster on CPU
         return rows
@@ -172,7 +195,7 @@ class LightGCN(nn.Module):
         return self.user.weight, self.item.weight
 
     def batch_users(self, user_table: Tensor, users: Tensor) -> Tensor:
-        return user_table[users.long()]
+        return user_table.index_select(0, users.long())
 
 
 def build_model(name: str, num_users: int, num_items: int, train: sp.spmatrix, *, dim: int = 64,

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from . import distributed as dist
 from .data import Dataset, Split, csr_pairs, load_dataset, prepare
 from .evaluate import format_metrics, full_ranking, item_popularity
-from .models import build_model, sampled_item_counts, sampled_l2
+from .models import add_row_l2_grad_, build_model, sampled_item_counts, sampled_l2
 from .sampling import SAMPLERS, BatchIterator, NegativeSampler
 
 __all__ = ["TrainConfig", "PRESETS", "Trainer", "train", "evaluate_run", "NonFiniteLossError",
@@ -510,17 +510,15 @@ class Trainer:
         autograd graph: ``0.5·(Σ‖U[u]‖² + Σ_items count·‖I‖²)/B`` with the item counts of
         :func:`adaptau.models.sampled_item_counts`."""
         c = self.cfg.l2 / users.numel()
-        counts = sampled_item_counts(pos, neg, item_w.shape[0], item_w.dtype)
+        counts = sampled_item_counts(pos, neg, item_w.shape[0], torch.int64)
         idx = users.long()
-        u_rows = user_w[idx]
+        u_rows = user_w.index_select(0, idx)
         for w in (user_w, item_w):
             if w.grad is None:
                 w.grad = torch.zeros_like(w)
-        item_w.grad.addcmul_(item_w, counts.unsqueeze(1), value=c)
         user_w.grad.index_add_(0, idx, u_rows, alpha=c)
-        # Σ counts·‖I‖² from the row norms (one read of the table, no [N, D] temporary)
-        item_sq = torch.linalg.vector_norm(item_w, dim=1).square_()
-        return 0.5 * c * float(u_rows.pow(2).sum() + torch.dot(item_sq, counts))
+        item_value = add_row_l2_grad_(item_w.grad, item_w, counts, c)  # one pass over the table
+        return 0.5 * c * (float(u_rows.pow(2).sum()) + item_value)
 
     def fit(self) -> Dict[str, Any]:
         cfg = self.cfg

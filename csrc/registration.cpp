@@ -4,7 +4,8 @@
 //   csrc/cuda/softmax_loss_cuda.cpp TORCH_LIBRARY_IMPL(adaptau, CUDA, ...)  (CUDA builds only)
 //   csrc/sampling_cpu.cpp          uniform_negatives (the trainer's parallel uniform sampler),
 //                                  dropout_mask (its inverted-dropout mask, same generator)
-//                                  and item_counts (a parallel bincount, for the sampled L2)
+//                                  item_counts (a parallel bincount) and add_l2_rows_ (the
+//                                  sampled L2's item gradient and value in one pass)
 // The contract (shapes, dtypes, meaning of outputs) is documented in adaptau/ops.py.
 #include <Python.h>
 #include <torch/library.h>
@@ -30,4 +31,5 @@ TORCH_LIBRARY(adaptau, m) {
   m.def("uniform_negatives(int rows, int cols, int num_items, int seed) -> Tensor");
   m.def("dropout_mask(int rows, int cols, float p, int seed) -> Tensor");
   m.def("item_counts(Tensor indices, int num_items) -> Tensor");
+  m.def("add_l2_rows_(Tensor(a!) grad, Tensor weight, Tensor counts, float coef) -> float");
 }
