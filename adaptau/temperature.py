@@ -7,6 +7,7 @@ multiplier of the cosine score.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Dict, Optional, Tuple, Union
 
 import torch
@@ -202,6 +203,8 @@ class AdapTau:
         pair_active = active[users]
         self._pair_users = users[pair_active]
         self._pair_items = item_ids.long()[pair_active]
+        self._num_pairs = int(self._pair_users.numel())
+        self._pair_matrix: Optional[Tensor] = None  # built on first use (see _alignment_gap)
         self.c = 2.0 * (math.log(0.5) + math.log(float(active.sum()) * self.num_items)
                         - math.log(num_active_pairs))
 
@@ -265,17 +268,25 @@ class AdapTau:
             raise ValueError(f"item_vectors must be [num_items={self.num_items}, D], "
                              f"got {tuple(item_vectors.shape)}")
 
-    def _alignment_gap(self, user_vectors: Tensor, item_vectors: Tensor, chunk: int = 1 << 18) -> float:
-        """p̄ − ā: mean cosine of active users' train pairs minus their mean alignment."""
+    def _alignment_gap(self, user_vectors: Tensor, item_vectors: Tensor) -> float:
+        """p̄ − ā: mean cosine of active users' train pairs minus their mean alignment.
+
+        The pairs' cosines are summed as Σ_u ⟨û, Σ_{i ∈ pairs(u)} v̂_i⟩: one sparse
+        ``[users, items] @ [items, D]`` product (duplicate pairs count twice, as in the
+        mean) instead of gathering both rows of every pair (~0.8 s per epoch on Gowalla's
+        810k pairs in float64, against ~30 ms).
+        """
         u = F.normalize(user_vectors.detach().double(), dim=-1)
         v = F.normalize(item_vectors.detach().double(), dim=-1)
-        pair_users = self._pair_users.to(u.device)
-        pair_items = self._pair_items.to(u.device)
-        total = 0.0
-        for start in range(0, pair_users.numel(), chunk):  # bounded memory on big datasets
-            pu, pi = pair_users[start:start + chunk], pair_items[start:start + chunk]
-            total += float((u[pu] * v[pi]).sum())
-        p_bar = total / pair_users.numel()
+        A = self._pair_matrix
+        if A is None or A.device != u.device:
+            ones = torch.ones(self._num_pairs, dtype=torch.float64)
+            coo = torch.sparse_coo_tensor(torch.stack([self._pair_users.cpu(), self._pair_items.cpu()]),
+                                          ones, (self.num_users, self.num_items), check_invariants=True)
+            with warnings.catch_warnings():  # CSR (2x faster than COO here) warns it is beta
+                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+                A = self._pair_matrix = coo.coalesce().to_sparse_csr().to(u.device)
+        p_bar = float((u * (A @ v)).sum()) / self._num_pairs
         e_bar = v.mean(0)
         a_bar = float((u[self._active.to(u.device)] @ e_bar).mean())
         return p_bar - a_bar
