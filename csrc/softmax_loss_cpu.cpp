@@ -687,8 +687,9 @@ inline void finish_row(bool include_pos, T m, T s, T pos_logit, T& lse, T& loss)
 }
 
 struct Plan {
-  int shift = 4;
-  int64_t CI = 16, C = 1, r0 = 0, nb = 0, M = 0;
+  int shift = 4;                // chunk c holds table rows [c << shift, (c + 1) << shift)
+  int64_t CI = 16;              // rows of a chunk buffer: 2^shift, or N when one chunk is the table
+  int64_t C = 1, r0 = 0, nb = 0, M = 0;
   int64_t RB = 64;              // rows per sort block
   std::vector<int32_t> off;     // [nblocks][C*RB + 1] run starts inside each block's slots
   Buf<int32_t> sorted;          // [nb*M] items; per block of RB rows ordered by (chunk, row, m)
@@ -995,8 +996,8 @@ void score_pass(const Ctx<T>& cx, const Plan& pl, PairState<T>& st, bool compute
     grs[gb] += V::hsum(racc);
   };
   at::parallel_for(0, G, grain(3 * nb * M * Dp / G), [&](int64_t g0, int64_t g1) {
-    Buf<T> buf = make_buf<T>(std::min(CI, N) * Dp);
-    std::vector<int64_t> stamp(std::min(CI, N), -1);
+    Buf<T> buf = make_buf<T>(CI * Dp);
+    std::vector<int64_t> stamp(CI, -1);
     alignas(64) T lg[kBlock + W];
     alignas(64) T ex[kBlock + W];
     alignas(64) T sc[kBlock + W];
@@ -1163,7 +1164,7 @@ std::pair<int64_t, int> per_row_blocking(const Ctx<T>& cx) {
 template <typename T>
 void init_plan(const Ctx<T>& cx, Plan& pl, int shift) {
   pl.shift = shift;
-  pl.CI = int64_t(1) << shift;
+  pl.CI = std::min(int64_t(1) << shift, cx.N);  // (C > 1 implies 2^shift < N)
   pl.C = ((cx.N - 1) >> shift) + 1;
   pl.RB = std::max<int64_t>(1, std::min(tuning().sort_rows, (int64_t(1) << 18) / cx.M));
 }
@@ -1279,7 +1280,7 @@ void item_grad_pass(const Ctx<T>& cx, const Plan& pl, const PairState<T>& st, co
     efac[bl] = rg.g[b] == T(0) ? T(0) : rg.g[b] * cx.beta[b] * std::exp(st.m[bl] - lse[b]);
   }
   at::parallel_for(0, G, grain(2 * nb * pl.M * Dp / G), [&](int64_t g0, int64_t g1) {
-    Buf<T> acc = make_zero_buf<T>(std::min(CI, N) * Dp);  // zero between chunks: rows are cleared as written
+    Buf<T> acc = make_zero_buf<T>(CI * Dp);  // zero between chunks: rows are cleared as written
     std::vector<T> xh(Dp);
     alignas(64) T lg[kBlock + W];
     for (int64_t g = g0; g < g1; ++g) {
