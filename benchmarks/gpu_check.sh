@@ -5,19 +5,25 @@
 #
 # Uses the image's torch/Triton (the python it finds: $PYTHON, else `python`, else python3;
 # the repository's .venv is for the CPU dev machine and is NOT used). Steps, each under its own
-# time cap and all under one overall deadline (default 470 s; ADAPTAU_GPU_CHECK_BUDGET_S):
+# time cap and all under one overall deadline (default 520 s; ADAPTAU_GPU_CHECK_BUDGET_S):
 #   1. environment (nvidia-smi, versions)
 #   2. build the CUDA extension: pip install --no-build-isolation -e .  (TORCH_CUDA_ARCH_LIST
 #      defaults to the card's arch so nvcc compiles one target)
 #   3. GPU tests: every GPU backend vs the float64 reference, fp32/bf16/fp16 (+fp64), both
-#      Triton item-gradient modes (tests/test_triton_backend.py -k gpu), nvcc build test
+#      Triton item-gradient modes (tests/test_triton_backend.py -k gpu; pytest-xdist when the
+#      image has it: ~180 Triton specializations compile on a fresh machine)
 #   4. device-to-device copy bandwidth of the card
 #   5. paper-shape check (B=2048, M=1024, D=64, N=40981): fwd+bwd time, peak memory and
 #      achieved bytes/s of triton (atomic, segment) / cuda vs eager PyTorch and torch.compile
-#   6. benchmarks/bench_kernels.py --device cuda (the kernel suite; tables to benchmarks/results)
-#   7. compute-sanitizer memcheck + racecheck on the CUDA backend's GPU tests (when available)
-# Everything lands in $OUT (default ./gpu-results): one log per step, result tables, and
-# summary.md, which is also printed last.
+#   6. trainer epochs on the GPU: Gowalla MF (the paper's preset) and LightGCN, 2 epochs each
+#      with Adap-τ active from epoch 2, when the data is found ($ADAPTAU_DATA; the device
+#      machine has no ../shared, so the caller carries the files)
+#   7. compute-sanitizer memcheck on the CUDA backend's GPU tests (when available)
+#   8. benchmarks/bench_kernels.py --device cuda (the kernel suite)
+#   9. compute-sanitizer racecheck (when time is left)
+# Logs and tables are written under gpu-results/work; after every step they are packed again into
+# $OUT/gpu_check.tgz (so a run cut short still returns what it did), and summary.md is
+# written to $OUT and printed last. Two files in $OUT: the device tool returns at most 8.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -25,18 +31,37 @@ ROOT=$(pwd)
 OUT=${OUT:-$ROOT/gpu-results}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
+WORK="$ROOT/gpu-results/work"   # outside $OUT: the device tool returns at most 8 files
+rm -rf "$WORK"
+mkdir -p "$WORK"
 if [[ -n "${PYTHON:-}" ]]; then PY=$PYTHON
 elif command -v python >/dev/null 2>&1; then PY=python
 else PY=python3; fi
-BUDGET=${ADAPTAU_GPU_CHECK_BUDGET_S:-470}
+BUDGET=${ADAPTAU_GPU_CHECK_BUDGET_S:-520}
 START=$(date +%s)
 DEADLINE=$((START + BUDGET))
-SUMMARY="$OUT/steps.tsv"
+SUMMARY="$WORK/steps.tsv"
 : > "$SUMMARY"
 
 remaining() { echo $((DEADLINE - $(date +%s))); }
 
-# run_step NAME CAP_SECONDS COMMAND...   (stdout+stderr -> $OUT/NAME.log)
+write_summary() {
+  {
+    echo "# adaptau GPU check ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(( $(date +%s) - START ))s)"
+    echo
+    echo "| step | status | seconds |"
+    echo "|---|---|---|"
+    while IFS=$'\t' read -r name status secs; do echo "| $name | $status | $secs |"; done < "$SUMMARY"
+    echo
+    grep -hE "(passed|failed|skipped|error)" "$WORK/tests_gpu.log" 2>/dev/null | tail -n 1 | sed 's/^/tests_gpu: /'
+    echo
+    [[ -f "$WORK/paper_shape.md" ]] && cat "$WORK/paper_shape.md"
+    [[ -f "$WORK/train.md" ]] && { echo; cat "$WORK/train.md"; }
+  } > "$OUT/summary.md"
+  tar czf "$OUT/gpu_check.tgz.part" -C "$WORK" . 2>/dev/null && mv "$OUT/gpu_check.tgz.part" "$OUT/gpu_check.tgz"
+}
+
+# run_step NAME CAP_SECONDS COMMAND...   (stdout+stderr -> $WORK/NAME.log)
 run_step() {
   local name=$1 cap=$2; shift 2
   local left; left=$(remaining)
@@ -48,15 +73,16 @@ run_step() {
   (( cap > left - 5 )) && cap=$((left - 5))
   echo "[gpu_check] $name (cap ${cap}s) ..."
   local t0 rc; t0=$(date +%s)
-  timeout --signal=TERM --kill-after=10 "$cap" "$@" > "$OUT/$name.log" 2>&1
+  timeout --signal=TERM --kill-after=10 "$cap" "$@" > "$WORK/$name.log" 2>&1
   rc=$?
   local dt=$(( $(date +%s) - t0 ))
   local status=ok
   if (( rc == 124 || rc == 137 )); then status="TIMEOUT(${cap}s)"
   elif (( rc != 0 )); then status="FAILED(rc=$rc)"; fi
   printf '%s\t%s\t%s\n' "$name" "$status" "$dt" >> "$SUMMARY"
-  echo "[gpu_check] $name: $status in ${dt}s (log: $OUT/$name.log)"
-  tail -n 3 "$OUT/$name.log" | sed 's/^/    /'
+  echo "[gpu_check] $name: $status in ${dt}s (log: work/$name.log)"
+  tail -n 3 "$WORK/$name.log" | sed 's/^/    /'
+  write_summary
   return 0
 }
 
@@ -93,12 +119,13 @@ assert 'cuda' in b, 'cuda backend missing: the extension was not built with CUDA
 "
 
 # ------------------------------------------------------------------------------ 3. tests
-run_step tests_gpu 180 "$PY" -m pytest -q -rs -k "gpu" tests/test_triton_backend.py \
-  --junitxml="$OUT/tests_gpu.xml"
-run_step tests_cuda_build 90 "$PY" -m pytest -q tests/test_cuda_build.py
+XDIST=()
+"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
+run_step tests_gpu 200 "$PY" -m pytest -q -rs "${XDIST[@]}" -k "gpu" tests/test_triton_backend.py \
+  -p no:cacheprovider --junitxml="$WORK/tests_gpu.xml"
 
 # ----------------------------------------------------------- 4+5. bandwidth, paper shape
-run_step paper_shape 150 "$PY" - "$OUT" <<'EOF'
+run_step paper_shape 150 "$PY" - "$WORK" <<'EOF'
 import json, math, statistics, sys, time
 import torch
 import torch.nn.functional as F
@@ -232,41 +259,57 @@ with open(f"{out_dir}/paper_shape.json", "w") as fh:
     json.dump({"copy_bw_Bps": copy_bw, "rows": rows}, fh, indent=1)
 EOF
 
-# -------------------------------------------------------------- 6. the benchmark suite
-if [[ -f benchmarks/bench_kernels.py ]]; then
-  # shellcheck disable=SC2086
-  run_step bench_kernels 150 "$PY" benchmarks/bench_kernels.py --device cuda ${BENCH_ARGS:---quick}
-  mkdir -p "$OUT/bench_results"
-  cp -r benchmarks/results/. "$OUT/bench_results/" 2>/dev/null || true
+# ------------------------------------------------------------- 6. trainer epochs on the GPU
+if "$PY" -c "import adaptau.data as d; d.resolve_data('gowalla')" >/dev/null 2>&1; then
+  TRAIN_COMMON=(--device cuda --epochs 2 --eval-every 1 --patience 0 --warmup 1 --progress off)
+  run_step train_mf 120 "$PY" -m adaptau train --preset gowalla-mf-paper "${TRAIN_COMMON[@]}" \
+    --out "$WORK/train_mf"
+  run_step train_lightgcn 90 "$PY" -m adaptau train --preset gowalla-lightgcn-paper \
+    "${TRAIN_COMMON[@]}" --out "$WORK/train_lightgcn"
+  rm -f "$WORK"/train_*/*.pt
+  "$PY" - "$WORK" > "$WORK/train.md" 2>&1 <<'EOF'
+import json, pathlib, sys
+work = pathlib.Path(sys.argv[1])
+print("| run (Gowalla, CUDA) | epoch | train s | eval s | test recall@20 |")
+print("|---|---|---|---|---|")
+for name in ("train_mf", "train_lightgcn"):
+    f = work / name / "metrics.jsonl"
+    if not f.exists():
+        print(f"| {name} | no metrics.jsonl | | | |")
+        continue
+    for line in f.read_text().splitlines():
+        r = json.loads(line)
+        rec = (r.get("metrics") or {}).get("recall@20", float("nan"))
+        print(f"| {name} | {r['epoch']} | {r['seconds']:.2f} | {r.get('eval_seconds', float('nan'))} | {rec:.4f} |")
+EOF
 else
-  printf 'bench_kernels\tSKIPPED (benchmarks/bench_kernels.py missing)\t0\n' >> "$SUMMARY"
+  printf 'train\tSKIPPED (Gowalla not found: set ADAPTAU_DATA)\t0\n' >> "$SUMMARY"
 fi
 
 # ------------------------------------------------------------------ 7. compute-sanitizer
 SANITIZER=$(command -v compute-sanitizer || true)
 [[ -z "$SANITIZER" && -x /usr/local/cuda/bin/compute-sanitizer ]] && SANITIZER=/usr/local/cuda/bin/compute-sanitizer
+SAN_K="test_gpu_backend and cuda and atomic and float32 and (perrow or inbatch or shared-no-normalize)"
 if [[ -n "$SANITIZER" ]]; then
-  SAN_K="test_gpu_backend and cuda and atomic and (perrow or inbatch or shared-no-normalize) and not large"
-  run_step sanitizer_memcheck 120 "$SANITIZER" --tool memcheck --error-exitcode 99 \
-    --target-processes all "$PY" -m pytest -q -x -k "$SAN_K" tests/test_triton_backend.py
-  run_step sanitizer_racecheck 90 "$SANITIZER" --tool racecheck --error-exitcode 99 \
-    "$PY" -m pytest -q -x -k "test_gpu_backend and cuda and atomic and float32 and perrow-empty" \
+  run_step sanitizer_memcheck 75 "$SANITIZER" --tool memcheck --error-exitcode 99 \
+    --target-processes all "$PY" -m pytest -q -x -p no:cacheprovider -k "$SAN_K" \
     tests/test_triton_backend.py
 else
   printf 'sanitizer\tSKIPPED (compute-sanitizer not found)\t0\n' >> "$SUMMARY"
 fi
 
-# --------------------------------------------------------------------------- summary
-{
-  echo "# adaptau GPU check ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(( $(date +%s) - START ))s)"
-  echo
-  echo "| step | status | seconds |"
-  echo "|---|---|---|"
-  while IFS=$'\t' read -r name status secs; do echo "| $name | $status | $secs |"; done < "$SUMMARY"
-  echo
-  grep -hE "(passed|failed|skipped|error)" "$OUT/tests_gpu.log" 2>/dev/null | tail -n 1 | sed 's/^/tests_gpu: /'
-  echo
-  [[ -f "$OUT/paper_shape.md" ]] && cat "$OUT/paper_shape.md"
-} > "$OUT/summary.md"
+# -------------------------------------------------------------- 8. the benchmark suite
+# shellcheck disable=SC2086
+run_step bench_kernels 170 "$PY" benchmarks/bench_kernels.py --device cuda \
+  --out-dir "$WORK/bench" ${BENCH_ARGS:---quick}
+
+# ------------------------------------------------------------ 9. racecheck, if time is left
+if [[ -n "$SANITIZER" ]]; then
+  run_step sanitizer_racecheck 60 "$SANITIZER" --tool racecheck --error-exitcode 99 \
+    "$PY" -m pytest -q -x -p no:cacheprovider \
+    -k "test_gpu_backend and cuda and atomic and float32 and perrow-empty" tests/test_triton_backend.py
+fi
+
+write_summary
 echo
 cat "$OUT/summary.md"
