@@ -22,6 +22,21 @@
 #define ADAPTAU_HOT_LAMBDA
 #endif
 
+namespace adaptau {
+namespace cpu {
+// p, computed into a register of its own at this point: the accesses through it become
+// base + displacement. (A pointer used for both a load and a store, GCC otherwise
+// recomputes each access's address with an lea from the unscaled pieces.)
+template <typename P>
+ADAPTAU_HOT_INLINE P* pinned(P* p) {
+#if defined(__GNUC__)
+  asm("" : "+r"(p));
+#endif
+  return p;
+}
+}  // namespace cpu
+}  // namespace adaptau
+
 #if defined(__AVX2__) && defined(__FMA__) && !defined(ADAPTAU_NO_SIMD)
 #include <immintrin.h>
 #define ADAPTAU_AVX2 1

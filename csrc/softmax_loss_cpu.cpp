@@ -35,7 +35,8 @@
 // Cost at the paper's shape (B=2048, M=1024, D=64, AVX2): ~110 instructions per pair for
 // forward+backward inside this library under callgrind, at ~2 per cycle, so instruction
 // count is what matters: the per-run micro-kernels are forced inline, the inner loops keep
-// the row stride a compile-time constant and address rows from a biased base, lanes are
+// the row stride a compile-time constant and the sort stores each pair's row offset in the
+// chunk buffer (an addressing mode of the loads, no index arithmetic), lanes are
 // broadcast by immediate (no control registers to spill), the scatter's loads stay in
 // their own register, the sort runs on unsigned indices unrolled by 4 with a vectorized
 // range check (which raises Python's IndexError; ops.py leaves the indices to this
@@ -346,32 +347,31 @@ struct RunOps {
   static constexpr int W = V::W;
   static constexpr int64_t kDp = int64_t(NV) * W;  // the padded row length when NV > 0
 
-  // Row i of a chunk buffer whose first row is table row `base`, addressed from the buffer
-  // biased by -base rows (integer arithmetic: the biased address is never dereferenced).
-  // Indices are in [0, N), so as uint32 they widen for free and the address is one shift
-  // and one add per pair, with no subtraction of the base.
-  static ADAPTAU_HOT_INLINE uintptr_t biased(const T* rows, int64_t base, int64_t dp) {
-    return reinterpret_cast<uintptr_t>(rows) - static_cast<uintptr_t>(base) * static_cast<uintptr_t>(dp * sizeof(T));
-  }
-  static ADAPTAU_HOT_INLINE T* row(uintptr_t biased_rows, int32_t i, int64_t dp) {
-    return reinterpret_cast<T*>(biased_rows + static_cast<uintptr_t>(static_cast<uint32_t>(i)) *
-                                                  static_cast<uintptr_t>(dp * sizeof(T)));
+  // The row of a chunk buffer at element offset `off` (the plan's pairs carry the offsets of
+  // their rows, not item indices: Plan::sorted). Offsets are below 2^31, so as uint32 they
+  // widen for free and the row is an addressing mode of each load, scaled by sizeof(T):
+  // no shift, no add per pair.
+  static ADAPTAU_HOT_INLINE T* row(const T* rows, int32_t off) {
+    return const_cast<T*>(rows) + static_cast<uint32_t>(off);
   }
 
-  // out[k] = <u, rows + idx[k]*Dp>, k < n.
+  // out[k] = <u, rows + off[k]>, k < n.
   static ADAPTAU_HOT_INLINE void dots(const T* __restrict__ u, const T* __restrict__ rows,
-                          const int32_t* __restrict__ idx, int64_t base, int64_t n,
+                          const int32_t* __restrict__ idx, int64_t n,
                           int64_t Dp, T* __restrict__ out) {
     if constexpr (NV > 0) {
-      const uintptr_t rb = biased(rows, base, kDp);
+      const T* rb = rows;
+      // (pinned: else GCC hoists the NV addresses u + v·W out of the caller's loop over the
+      // run's blocks and keeps them on the stack, 3 instructions per vector per run)
+      const T* up = pinned(u);
       R uu[NV];
-      for (int v = 0; v < NV; ++v) uu[v] = V::load(u + v * W);
+      for (int v = 0; v < NV; ++v) uu[v] = V::load(up + v * W);
       int64_t k = 0;
       for (; k + 4 <= n; k += 4) {
-        const T* r0 = row(rb, idx[k], kDp);
-        const T* r1 = row(rb, idx[k + 1], kDp);
-        const T* r2 = row(rb, idx[k + 2], kDp);
-        const T* r3 = row(rb, idx[k + 3], kDp);
+        const T* r0 = row(rb, idx[k]);
+        const T* r1 = row(rb, idx[k + 1]);
+        const T* r2 = row(rb, idx[k + 2]);
+        const T* r3 = row(rb, idx[k + 3]);
         R a0 = V::mul(uu[0], V::load(r0)), a1 = V::mul(uu[0], V::load(r1));
         R a2 = V::mul(uu[0], V::load(r2)), a3 = V::mul(uu[0], V::load(r3));
         for (int v = 1; v < NV; ++v) {
@@ -383,16 +383,16 @@ struct RunOps {
         V::hsum4(a0, a1, a2, a3, out + k);
       }
       for (; k < n; ++k) {
-        const T* r0 = row(rb, idx[k], kDp);
+        const T* r0 = row(rb, idx[k]);
         R a0 = V::mul(uu[0], V::load(r0));
         for (int v = 1; v < NV; ++v) a0 = V::fma(uu[v], V::load(r0 + v * W), a0);
         out[k] = V::hsum(a0);
       }
     } else {
       const int64_t nv = Dp / W;
-      const uintptr_t rb = biased(rows, base, Dp);
+      const T* rb = rows;
       for (int64_t k = 0; k < n; ++k) {
-        const T* r0 = row(rb, idx[k], Dp);
+        const T* r0 = row(rb, idx[k]);
         R a0 = V::mul(V::load(u), V::load(r0));
         for (int64_t v = 1; v < nv; ++v) a0 = V::fma(V::load(u + v * W), V::load(r0 + v * W), a0);
         out[k] = V::hsum(a0);
@@ -400,15 +400,15 @@ struct RunOps {
     }
   }
 
-  // v = (fresh ? 0 : v * keep) + sum_k coef[k] * rows[idx[k] - base]   (k < n; v padded to Dp).
+  // v = (fresh ? 0 : v * keep) + sum_k coef[k] * (rows + off[k])   (k < n; v padded to Dp).
   // The coefficients were just stored as vectors: they are loaded W at a time and spread
   // lane by lane in registers (V::lane), not re-loaded one float at a time (which stalls on
   // store-to-load forwarding). The old v is folded in at the end, off the FMA chains.
   static ADAPTAU_HOT_INLINE void gather_axpy(T* __restrict__ v, bool fresh, T keep, const T* __restrict__ coef,
                                  const T* __restrict__ rows, const int32_t* __restrict__ idx,
-                                 int64_t base, int64_t n, int64_t Dp) {
+                                 int64_t n, int64_t Dp) {
     if constexpr (NV > 0 && NV <= 8) {
-      const uintptr_t rb = biased(rows, base, kDp);
+      const T* rb = rows;
       R g[NV];
       for (int j = 0; j < NV; ++j) g[j] = V::zero();
       int64_t k = 0;
@@ -416,13 +416,13 @@ struct RunOps {
         const typename V::Halves cw = V::halves(V::load(coef + k));
         static_for<W>([&](auto i) ADAPTAU_HOT_LAMBDA {
           const R c = V::template lane<i>(cw);
-          const T* r = row(rb, idx[k + i], kDp);
+          const T* r = row(rb, idx[k + i]);
           for (int j = 0; j < NV; ++j) g[j] = V::fma(c, V::load(r + j * W), g[j]);
         });
       }
       for (; k < n; ++k) {
         const R c = V::set1(coef[k]);
-        const T* r = row(rb, idx[k], kDp);
+        const T* r = row(rb, idx[k]);
         for (int j = 0; j < NV; ++j) g[j] = V::fma(c, V::load(r + j * W), g[j]);
       }
       const R kv = V::set1(keep);
@@ -430,22 +430,22 @@ struct RunOps {
     } else {
       const int64_t nv = Dp / W;
       const R kv = V::set1(keep);
-      const uintptr_t rb = biased(rows, base, Dp);
+      const T* rb = rows;
       for (int64_t i = 0; i < nv; ++i) V::store(v + i * W, fresh ? V::zero() : V::mul(kv, V::load(v + i * W)));
       for (int64_t k = 0; k < n; ++k) {
         const R c = V::set1(coef[k]);
-        const T* r = row(rb, idx[k], Dp);
+        const T* r = row(rb, idx[k]);
         for (int64_t i = 0; i < nv; ++i) V::store(v + i * W, V::fma(c, V::load(r + i * W), V::load(v + i * W)));
       }
     }
   }
 
-  // acc[idx[k] - base] += coef[k] * u   (k < n; rows of acc padded to Dp).
-  static ADAPTAU_HOT_INLINE void scatter_axpy(T* __restrict__ acc, const int32_t* __restrict__ idx, int64_t base,
+  // (acc + off[k])[0:Dp] += coef[k] * u   (k < n; rows of acc padded to Dp).
+  static ADAPTAU_HOT_INLINE void scatter_axpy(T* __restrict__ acc, const int32_t* __restrict__ idx,
                                   const T* __restrict__ coef, const T* __restrict__ u, int64_t n,
                                   int64_t Dp) {
     if constexpr (NV > 0 && NV <= 8) {
-      const uintptr_t ab = biased(acc, base, kDp);
+      T* ab = acc;
       R uu[NV];
       for (int v_ = 0; v_ < NV; ++v_) uu[v_] = V::load(u + v_ * W);
       int64_t k = 0;
@@ -453,7 +453,7 @@ struct RunOps {
         const typename V::Halves cw = V::halves(V::load(coef + k));
         static_for<W>([&](auto i) ADAPTAU_HOT_LAMBDA {
           const R c = V::template lane<i>(cw);
-          T* a = row(ab, idx[k + i], kDp);
+          T* a = pinned(row(ab, idx[k + i]));
           // load, FMA into the loaded register, store: 3 instructions per vector and one
           // temporary. (Left to itself the compiler folds the load into the FMA, which then
           // overwrites a copy of c per vector, and with uu and c live it spills.)
@@ -463,16 +463,16 @@ struct RunOps {
       }
       for (; k < n; ++k) {
         const R c = V::set1(coef[k]);
-        T* a = row(ab, idx[k], kDp);
+        T* a = pinned(row(ab, idx[k]));
         for (int v_ = 0; v_ < NV; ++v_)
           V::store(a + v_ * W, V::fma(c, uu[v_], V::in_register(V::load(a + v_ * W))));
       }
     } else {
       const int64_t nv = Dp / W;
-      const uintptr_t ab = biased(acc, base, Dp);
+      T* ab = acc;
       for (int64_t k = 0; k < n; ++k) {
         const R c = V::set1(coef[k]);
-        T* a = row(ab, idx[k], Dp);
+        T* a = row(ab, idx[k]);
         for (int64_t i = 0; i < nv; ++i) V::store(a + i * W, V::fma(c, V::load(u + i * W), V::load(a + i * W)));
       }
     }
@@ -692,7 +692,15 @@ struct Plan {
   int64_t C = 1, r0 = 0, nb = 0, M = 0;
   int64_t RB = 64;              // rows per sort block
   std::vector<int32_t> off;     // [nblocks][C*RB + 1] run starts inside each block's slots
-  Buf<int32_t> sorted;          // [nb*M] items; per block of RB rows ordered by (chunk, row, m)
+  // [nb*M] the pairs' items, per block of RB rows ordered by (chunk, row, m), each as the
+  // element offset of its row in the chunk's buffer, (item - base)·Dp (< 2^31): the gathers
+  // address a row straight from it; local_row() gives back item - base.
+  Buf<int32_t> sorted;
+  int64_t Dp = 0;               // row stride of the chunk buffers
+  int row_shift = -1;           // log2(Dp) when Dp is a power of two
+  int64_t local_row(int32_t off) const {
+    return row_shift >= 0 ? int64_t(uint32_t(off) >> row_shift) : int64_t(uint32_t(off)) / Dp;
+  }
   std::vector<int64_t> ctot;    // [C] pairs per chunk
   std::vector<int64_t> gchunk;  // [G+1] chunk ranges of the groups
   int64_t capacity = 0;
@@ -711,11 +719,16 @@ struct Plan {
 
 // log2 of the rows per chunk: the chunk's rows fit chunk_bytes, unless the run starts
 // (about nb per chunk) would outnumber max_entries; never more than one chunk for the
-// whole table (with very few negatives per row, nb·(C + 2) <= max_entries cannot hold).
-int chunk_shift(int64_t row_bytes, int64_t chunk_bytes, int64_t N, int64_t nb, int64_t max_entries) {
+// whole table (with very few negatives per row, nb·(C + 2) <= max_entries cannot hold),
+// and never a chunk of 2^31 elements or more (the pairs carry element offsets in int32).
+int chunk_shift(int64_t row_bytes, int64_t row_elems, int64_t chunk_bytes, int64_t N, int64_t nb,
+                int64_t max_entries) {
   int shift = 4;
-  while (shift < 30 && (int64_t(2) << shift) * row_bytes <= chunk_bytes) ++shift;
-  while (shift < 31 && ((N - 1) >> shift) > 0 && (((N - 1) >> shift) + 2) * nb > max_entries) ++shift;
+  const auto fits = [&](int s) { return (int64_t(1) << s) * row_elems <= (int64_t(1) << 31); };
+  while (shift < 30 && (int64_t(2) << shift) * row_bytes <= chunk_bytes && fits(shift + 1)) ++shift;
+  while (shift < 31 && ((N - 1) >> shift) > 0 && (((N - 1) >> shift) + 2) * nb > max_entries &&
+         fits(shift + 1))
+    ++shift;
   return shift;
 }
 
@@ -727,6 +740,8 @@ void build_plan(const Ctx<T>& cx, Plan& pl, int64_t r0, int64_t nb) {
   pl.r0 = r0;
   pl.nb = nb;
   pl.M = M;
+  pl.Dp = cx.Dp;
+  pl.row_shift = (cx.Dp & (cx.Dp - 1)) == 0 ? __builtin_ctzll(static_cast<unsigned long long>(cx.Dp)) : -1;
   pl.off.resize(nblk * E);
   if (pl.capacity < nb * M) {
     pl.sorted = make_buf<int32_t>(nb * M);
@@ -746,6 +761,8 @@ void build_plan(const Ctx<T>& cx, Plan& pl, int64_t r0, int64_t nb) {
     std::vector<int32_t> li(cx.neg_is_int64 ? RB * M : 0), tmp(RB * M);
     std::vector<uint32_t> cnt(RB * C);
     const int sh = shift;  // a local: the captured one is re-read after every counter store
+    // what a pair stores: its row's element offset in the chunk buffer
+    const uint32_t low = static_cast<uint32_t>((int64_t(1) << shift) - 1), dp32 = static_cast<uint32_t>(cx.Dp);
     bool ok = true;
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t rows = std::min(RB, nb - j * RB);
@@ -793,12 +810,12 @@ void build_plan(const Ctx<T>& cx, Plan& pl, int64_t r0, int64_t nb) {
         for (; k + 4 <= M; k += 4) {
           for (int i = 0; i < 4; ++i) {
             const uint32_t v = lr[k + i];
-            out[cur[v >> sh]++] = v;
+            out[cur[v >> sh]++] = (v & low) * dp32;
           }
         }
         for (; k < M; ++k) {
           const uint32_t v = lr[k];
-          out[cur[v >> sh]++] = v;
+          out[cur[v >> sh]++] = (v & low) * dp32;
         }
       }
       std::memcpy(pl.sorted.get() + j * RB * M, dst, sizeof(int32_t) * rows * M);
@@ -895,7 +912,7 @@ void load_chunk(const Ctx<T>& cx, const Plan& pl, int64_t c, int64_t base, int64
   }
   pl.for_runs(c, [&](int64_t, int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
-      const int64_t r = pl.sorted[k] - base;
+      const int64_t r = pl.local_row(pl.sorted[k]);
       if (stamp[r] != id) {
         stamp[r] = id;
         load_row(buf + r * Dp, cx.items + (base + r) * D, D, Dp, cx.normalize);
@@ -904,11 +921,12 @@ void load_chunk(const Ctx<T>& cx, const Plan& pl, int64_t c, int64_t base, int64
   });
 }
 
-// Logits of a run: lg[k] = scale·sc[k] - logq[idx[k]] - shift (-inf for an accidental hit
-// when remove_hits), padded with -inf to a multiple of W. Returns their max.
+// Logits of a run of chunk rows [base, ...): lg[k] = scale·sc[k] - logq[item k] - shift
+// (-inf for an accidental hit when remove_hits; item k = base + pl.local_row(off[k])),
+// padded with -inf to a multiple of W. Returns their max.
 template <typename T>
-inline T run_logits(const Ctx<T>& cx, const int32_t* __restrict__ idx, const T* __restrict__ sc, int64_t n,
-                    T scale, T shift, int32_t p, T* __restrict__ lg) {
+inline T run_logits(const Ctx<T>& cx, const Plan& pl, int64_t base, const int32_t* __restrict__ idx,
+                    const T* __restrict__ sc, int64_t n, T scale, T shift, int32_t p, T* __restrict__ lg) {
   using V = Vec<T>;
   constexpr int W = V::W;
   const int64_t npad = round_up(n, W);
@@ -929,8 +947,9 @@ inline T run_logits(const Ctx<T>& cx, const int32_t* __restrict__ idx, const T* 
     }
   } else {
     for (int64_t k = 0; k < n; ++k) {
-      const bool drop = cx.remove_hits && idx[k] == p;
-      const T l = drop ? neg_inf<T>() : scale * sc[k] - (cx.logq ? cx.logq[idx[k]] : T(0)) - shift;
+      const int64_t item = base + pl.local_row(idx[k]);
+      const bool drop = cx.remove_hits && item == p;
+      const T l = drop ? neg_inf<T>() : scale * sc[k] - (cx.logq ? cx.logq[item] : T(0)) - shift;
       lg[k] = l;
       mx = std::max(mx, l);
     }
@@ -1017,7 +1036,7 @@ void score_pass(const Ctx<T>& cx, const Plan& pl, PairState<T>& st, bool compute
             const int64_t n = std::min(kBlock, k1 - kk);
             const int64_t npad = round_up(n, W);
             const int32_t* idx = pl.sorted.get() + kk;
-            Ops::dots(u, buf.get(), idx, base, n, Dp, sc);
+            Ops::dots(u, buf.get(), idx, n, Dp, sc);
             const typename V::R vb = V::set1(beta);
             if (fixed) {
               // e = exp(β·ŝ - |β|), one loop: the sums, the raw exps, and e itself stored in
@@ -1044,7 +1063,7 @@ void score_pass(const Ctx<T>& cx, const Plan& pl, PairState<T>& st, bool compute
               gm[gb] = std::abs(beta);
               gs[gb] += V::hsum(es);
               gw[gb] += V::hsum(ews);
-              Ops::gather_axpy(gv.get() + gb * Dp, fresh, T(1), dst, buf.get(), idx, base, n, Dp);
+              Ops::gather_axpy(gv.get() + gb * Dp, fresh, T(1), dst, buf.get(), idx, n, Dp);
               continue;
             }
             T mx;
@@ -1072,15 +1091,15 @@ void score_pass(const Ctx<T>& cx, const Plan& pl, PairState<T>& st, bool compute
               std::memcpy(st.score.get() + kk, sc, sizeof(T) * n);
               if (compute_raw && raw_fixed_ref) {
                 // as raw_exp, through the logits (hit removal drops the positive's slots)
-                run_logits(cx, idx, sc, n, T(1), T(1), p, lg);
+                run_logits(cx, pl, base, idx, sc, n, T(1), T(1), p, lg);
                 typename V::R acc = V::zero();
                 for (int64_t k = 0; k < npad; k += W) acc = V::add(acc, V::exp(V::load(lg + k)));
                 add_raw(gb, acc);
               } else if (compute_raw) {
-                run_logits(cx, idx, sc, n, T(1), T(0), p, lg);
+                run_logits(cx, pl, base, idx, sc, n, T(1), T(0), p, lg);
                 lse_update(lg, npad, grm[gb], grs[gb]);
               }
-              mx = run_logits(cx, idx, sc, n, beta, T(0), p, lg);  // lg padded with -inf
+              mx = run_logits(cx, pl, base, idx, sc, n, beta, T(0), p, lg);  // lg padded with -inf
             }
             if (mx == neg_inf<T>()) continue;
             T& m = gm[gb];
@@ -1104,7 +1123,7 @@ void score_pass(const Ctx<T>& cx, const Plan& pl, PairState<T>& st, bool compute
             gs[gb] = gs[gb] * keep + V::hsum(es);
             gw[gb] = gw[gb] * keep + V::hsum(ews);
             m = mn;
-            Ops::gather_axpy(gv.get() + gb * Dp, fresh, keep, ex, buf.get(), idx, base, n, Dp);
+            Ops::gather_axpy(gv.get() + gb * Dp, fresh, keep, ex, buf.get(), idx, n, Dp);
           }
         });
       }
@@ -1157,7 +1176,7 @@ template <typename T>
 std::pair<int64_t, int> per_row_blocking(const Ctx<T>& cx) {
   const Tuning& tu = tuning();
   const int64_t Bb = std::max<int64_t>(1, std::min<int64_t>(cx.B, tu.max_pairs / cx.M));
-  const int shift = chunk_shift(cx.Dp * int64_t(sizeof(T)), tu.chunk_bytes, cx.N, Bb, tu.max_pairs);
+  const int shift = chunk_shift(cx.Dp * int64_t(sizeof(T)), cx.Dp, tu.chunk_bytes, cx.N, Bb, tu.max_pairs);
   return {Bb, shift};
 }
 
@@ -1308,10 +1327,10 @@ void item_grad_pass(const Ctx<T>& cx, const Plan& pl, const PairState<T>& st, co
                 const typename V::R vb = V::set1(beta), vl = V::set1(l_b);
                 map_run(sc, n, lg, [&](typename V::R x) { return V::mul(vg, V::exp(V::sub(V::mul(vb, x), vl))); });
               } else {
-                run_logits(cx, idx, sc, n, beta, l_b, p, lg);
+                run_logits(cx, pl, base, idx, sc, n, beta, l_b, p, lg);
                 for (int64_t k = 0; k < npad; k += W) V::store(lg + k, V::mul(vg, V::exp(V::load(lg + k))));
               }
-              Ops::scatter_axpy(acc.get(), idx, base, lg, u, n, Dp);
+              Ops::scatter_axpy(acc.get(), idx, lg, u, n, Dp);
             }
           });
         }
