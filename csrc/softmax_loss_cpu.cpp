@@ -1184,6 +1184,12 @@ template <typename T>
 void init_plan(const Ctx<T>& cx, Plan& pl, int shift) {
   pl.shift = shift;
   pl.CI = std::min(int64_t(1) << shift, cx.N);  // (C > 1 implies 2^shift < N)
+  // The pairs carry their rows' offsets in a chunk buffer as int32 (Plan::sorted):
+  // chunk_shift keeps chunks below 2^31 elements unless a single row of 16-row chunks
+  // is already too long, which only an absurd embedding size can make.
+  TORCH_CHECK(pl.CI * cx.Dp <= (int64_t(1) << 31),
+              "adaptau cpu backend: embedding dimension ", cx.D, " is too large for the per-row "
+              "kernel (a chunk of ", pl.CI, " rows would exceed 2^31 elements)");
   pl.C = ((cx.N - 1) >> shift) + 1;
   pl.RB = std::max<int64_t>(1, std::min(tuning().sort_rows, (int64_t(1) << 18) / cx.M));
 }
