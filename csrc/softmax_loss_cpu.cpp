@@ -658,14 +658,20 @@ inline const int32_t* block_items(const void* neg, bool is64, int64_t off, int64
     ok = mx < static_cast<uint32_t>(N);
     return p;
   }
+  // In range means: no bit from 31 up (an OR of the high parts; negatives set them too) and
+  // the low 32 bits below N (an unsigned 32-bit max). Both vectorize with AVX2, which has no
+  // 64-bit unsigned max, and so does the narrowing store.
   const int64_t* p = static_cast<const int64_t*>(neg) + off;
-  uint64_t mx = 0;
+  uint64_t hi = 0;
+  uint32_t mx = 0;
   for (int64_t k = 0; k < n; ++k) {
     const uint64_t x = static_cast<uint64_t>(p[k]);
-    mx = std::max(mx, x);
-    li[k] = static_cast<int32_t>(x);
+    const uint32_t lo = static_cast<uint32_t>(x);
+    hi |= x >> 31;
+    mx = std::max(mx, lo);
+    li[k] = static_cast<int32_t>(lo);
   }
-  ok = mx < static_cast<uint64_t>(N);
+  ok = hi == 0 && mx < static_cast<uint32_t>(N);
   return li;
 }
 

@@ -123,6 +123,9 @@ INDEX_CASES = [
     ([0, 1, 2, 3], [[1, 2, 3], [4, -5, 6], [7, 8, 9], [0, 0, 11]], "neg[1, 1] = -5 is out of range"),
     ([0, 1, 2, 3], [1, 12, 3], "neg[1] = 12 is out of range"),
     ([0, 1, 2, 3], [1, 2**31 + 5, 3], "neg[1] = 2147483653 is out of range"),
+    # low 32 bits a valid index (3): the int64 range check must see the high bits
+    ([0, 1, 2, 3], [[1, 2, 3], [4, 5, 6], [7, 8, 9], [0, 2**32 + 3, 1]],
+     "neg[3, 1] = 4294967299 is out of range"),
     ([0, 1, N + 3, 3], None, "pos[2] = 13 is out of range"),
 ]
 
