@@ -5,9 +5,7 @@ eager PyTorch formulation (gather + normalize + bmm/matmul + logsumexp + .backwa
 same function under torch.compile, and every adaptau backend usable on the device
 ('reference' only at small shapes, 'triton' never on CPU): forward, backward and
 forward+backward, medians of --repeats runs after --warmup runs, all side by side in one
-process and interleaved (after the warm-ups the methods take turns, round by round, so that
-the clock drift of a shared VM falls on all of them alike). Also the peak extra memory of
-one forward+backward step.
+process. Also the peak extra memory of one forward+backward step.
 
 Memory, CPU: peak resident-set growth of the process during one step, measured as VmHWM
 (peak RSS, reset through /proc/self/clear_refs) minus the RSS at the start of the step,
@@ -166,43 +164,25 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _one_run(fwd: Callable, params, device: str):
-    """Seconds of one forward and its backward."""
-    for p in params:
-        p.grad = None
-    _sync(device)
-    t0 = time.perf_counter()
-    loss = fwd()
-    _sync(device)
-    t1 = time.perf_counter()
-    loss.backward()
-    _sync(device)
-    return t1 - t0, time.perf_counter() - t1
-
-
-def time_interleaved(methods: Dict[str, Callable], params, device: str,
-                     plan: Dict[str, tuple]) -> Dict[str, tuple]:
-    """Medians (seconds) of forward, backward, forward+backward of every method, timed
-    side by side: each method's warm-up runs first, then rounds in which the methods take
-    turns, a method with fewer repeats (``plan[name] = (warmup, repeats)``) spread evenly
-    over the rounds. The CPU's effective clock drifts on a shared VM (a 1-cycle loop was
-    seen at 1.45–2.16 GHz one second apart); interleaving puts every method under the same
-    drift, where timing them one after the other would not."""
-    for name, fwd in methods.items():
-        for _ in range(plan[name][0]):
-            _one_run(fwd, params, device)
-    rounds = max((plan[name][1] for name in methods), default=0)
-    slots = {name: {i * rounds // plan[name][1] for i in range(plan[name][1])} for name in methods}
-    times: Dict[str, list] = {name: [] for name in methods}
-    for r in range(rounds):
-        for name, fwd in methods.items():
-            if r in slots[name]:
-                times[name].append(_one_run(fwd, params, device))
-    out = {}
-    for name, ts in times.items():
-        out[name] = (statistics.median(t[0] for t in ts), statistics.median(t[1] for t in ts),
-                     statistics.median(t[0] + t[1] for t in ts))
-    return out
+def time_method(fwd: Callable, params, device: str, warmup: int, repeats: int):
+    """Medians (seconds) of forward, backward, forward+backward."""
+    tf, tb, tt = [], [], []
+    for i in range(warmup + repeats):
+        for p in params:
+            p.grad = None
+        _sync(device)
+        t0 = time.perf_counter()
+        loss = fwd()
+        _sync(device)
+        t1 = time.perf_counter()
+        loss.backward()
+        _sync(device)
+        t2 = time.perf_counter()
+        if i >= warmup:
+            tf.append(t1 - t0)
+            tb.append(t2 - t1)
+            tt.append(t2 - t0)
+    return statistics.median(tf), statistics.median(tb), statistics.median(tt)
 
 
 def make_inputs(s: Shape, device: str, seed: int = 0):
@@ -251,17 +231,13 @@ def run_shape(s: Shape, args, rows: List[Dict]):
             user, items, pos, neg, alpha, beta, backend=b))
 
     threads = torch.get_num_threads()
-    plan = {}
-    for name in methods:
+    for name, fwd in methods.items():
         warmup = args.warmup + (1 if name == "compile" else 0)
         repeats = args.repeats
         if name in ("eager", "compile", "reference") and s.B * s.M * s.D > 2**26:
             repeats = max(2, min(repeats, args.slow_repeats))
             warmup = 2 if name == "compile" else 1
-        plan[name] = (warmup, repeats)
-    timed = time_interleaved(methods, params, device, plan)
-    for name, fwd in methods.items():
-        tf, tb, tt = timed[name]
+        tf, tb, tt = time_method(fwd, params, device, warmup, repeats)
 
         def step():
             for p in params:
@@ -336,8 +312,7 @@ def write_results(rows: List[Dict], info: List[str], args, extra: List[str]):
             f.write(f"- {line}\n")
         f.write(f"- Command: `{' '.join(sys.argv)}`\n")
         f.write(f"- Medians of {args.repeats} runs after {args.warmup} warm-up runs "
-                f"(eager/compile/reference at big shapes: {args.slow_repeats} after 1, compile 2), "
-                "the methods interleaved round by round; loss = mean, "
+                f"(eager/compile/reference at big shapes: {args.slow_repeats} after 1, compile 2); loss = mean, "
                 "include_pos=False, normalize=True, alpha = beta = 5.\n\n")
         f.write("| mode | shape | B | M | D | method | fwd ms | bwd ms | fwd+bwd ms | "
                 "vs eager | vs compile | peak extra MiB |\n")
