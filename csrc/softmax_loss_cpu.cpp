@@ -360,7 +360,6 @@ struct RunOps {
                           const int32_t* __restrict__ idx, int64_t n,
                           int64_t Dp, T* __restrict__ out) {
     if constexpr (NV > 0) {
-      const T* rb = rows;
       // (pinned: else GCC hoists the NV addresses u + v·W out of the caller's loop over the
       // run's blocks and keeps them on the stack, 3 instructions per vector per run)
       const T* up = pinned(u);
@@ -368,10 +367,10 @@ struct RunOps {
       for (int v = 0; v < NV; ++v) uu[v] = V::load(up + v * W);
       int64_t k = 0;
       for (; k + 4 <= n; k += 4) {
-        const T* r0 = row(rb, idx[k]);
-        const T* r1 = row(rb, idx[k + 1]);
-        const T* r2 = row(rb, idx[k + 2]);
-        const T* r3 = row(rb, idx[k + 3]);
+        const T* r0 = row(rows, idx[k]);
+        const T* r1 = row(rows, idx[k + 1]);
+        const T* r2 = row(rows, idx[k + 2]);
+        const T* r3 = row(rows, idx[k + 3]);
         R a0 = V::mul(uu[0], V::load(r0)), a1 = V::mul(uu[0], V::load(r1));
         R a2 = V::mul(uu[0], V::load(r2)), a3 = V::mul(uu[0], V::load(r3));
         for (int v = 1; v < NV; ++v) {
@@ -383,16 +382,15 @@ struct RunOps {
         V::hsum4(a0, a1, a2, a3, out + k);
       }
       for (; k < n; ++k) {
-        const T* r0 = row(rb, idx[k]);
+        const T* r0 = row(rows, idx[k]);
         R a0 = V::mul(uu[0], V::load(r0));
         for (int v = 1; v < NV; ++v) a0 = V::fma(uu[v], V::load(r0 + v * W), a0);
         out[k] = V::hsum(a0);
       }
     } else {
       const int64_t nv = Dp / W;
-      const T* rb = rows;
       for (int64_t k = 0; k < n; ++k) {
-        const T* r0 = row(rb, idx[k]);
+        const T* r0 = row(rows, idx[k]);
         R a0 = V::mul(V::load(u), V::load(r0));
         for (int64_t v = 1; v < nv; ++v) a0 = V::fma(V::load(u + v * W), V::load(r0 + v * W), a0);
         out[k] = V::hsum(a0);
@@ -408,7 +406,6 @@ struct RunOps {
                                  const T* __restrict__ rows, const int32_t* __restrict__ idx,
                                  int64_t n, int64_t Dp) {
     if constexpr (NV > 0 && NV <= 8) {
-      const T* rb = rows;
       R g[NV];
       for (int j = 0; j < NV; ++j) g[j] = V::zero();
       int64_t k = 0;
@@ -416,13 +413,13 @@ struct RunOps {
         const typename V::Halves cw = V::halves(V::load(coef + k));
         static_for<W>([&](auto i) ADAPTAU_HOT_LAMBDA {
           const R c = V::template lane<i>(cw);
-          const T* r = row(rb, idx[k + i]);
+          const T* r = row(rows, idx[k + i]);
           for (int j = 0; j < NV; ++j) g[j] = V::fma(c, V::load(r + j * W), g[j]);
         });
       }
       for (; k < n; ++k) {
         const R c = V::set1(coef[k]);
-        const T* r = row(rb, idx[k]);
+        const T* r = row(rows, idx[k]);
         for (int j = 0; j < NV; ++j) g[j] = V::fma(c, V::load(r + j * W), g[j]);
       }
       const R kv = V::set1(keep);
@@ -430,11 +427,10 @@ struct RunOps {
     } else {
       const int64_t nv = Dp / W;
       const R kv = V::set1(keep);
-      const T* rb = rows;
       for (int64_t i = 0; i < nv; ++i) V::store(v + i * W, fresh ? V::zero() : V::mul(kv, V::load(v + i * W)));
       for (int64_t k = 0; k < n; ++k) {
         const R c = V::set1(coef[k]);
-        const T* r = row(rb, idx[k]);
+        const T* r = row(rows, idx[k]);
         for (int64_t i = 0; i < nv; ++i) V::store(v + i * W, V::fma(c, V::load(r + i * W), V::load(v + i * W)));
       }
     }
@@ -445,7 +441,6 @@ struct RunOps {
                                   const T* __restrict__ coef, const T* __restrict__ u, int64_t n,
                                   int64_t Dp) {
     if constexpr (NV > 0 && NV <= 8) {
-      T* ab = acc;
       R uu[NV];
       for (int v_ = 0; v_ < NV; ++v_) uu[v_] = V::load(u + v_ * W);
       int64_t k = 0;
@@ -453,7 +448,7 @@ struct RunOps {
         const typename V::Halves cw = V::halves(V::load(coef + k));
         static_for<W>([&](auto i) ADAPTAU_HOT_LAMBDA {
           const R c = V::template lane<i>(cw);
-          T* a = pinned(row(ab, idx[k + i]));
+          T* a = pinned(row(acc, idx[k + i]));
           // load, FMA into the loaded register, store: 3 instructions per vector and one
           // temporary. (Left to itself the compiler folds the load into the FMA, which then
           // overwrites a copy of c per vector, and with uu and c live it spills.)
@@ -463,16 +458,15 @@ struct RunOps {
       }
       for (; k < n; ++k) {
         const R c = V::set1(coef[k]);
-        T* a = pinned(row(ab, idx[k]));
+        T* a = pinned(row(acc, idx[k]));
         for (int v_ = 0; v_ < NV; ++v_)
           V::store(a + v_ * W, V::fma(c, uu[v_], V::in_register(V::load(a + v_ * W))));
       }
     } else {
       const int64_t nv = Dp / W;
-      T* ab = acc;
       for (int64_t k = 0; k < n; ++k) {
         const R c = V::set1(coef[k]);
-        T* a = row(ab, idx[k]);
+        T* a = row(acc, idx[k]);
         for (int64_t i = 0; i < nv; ++i) V::store(a + i * W, V::fma(c, V::load(u + i * W), V::load(a + i * W)));
       }
     }
