@@ -203,7 +203,6 @@ class AdapTau:
         pair_active = active[users]
         self._pair_users = users[pair_active]
         self._pair_items = item_ids.long()[pair_active]
-        self._num_pairs = int(self._pair_users.numel())
         self._pair_matrix: Optional[Tensor] = None  # built on first use (see _alignment_gap)
         self.c = 2.0 * (math.log(0.5) + math.log(float(active.sum()) * self.num_items)
                         - math.log(num_active_pairs))
@@ -280,13 +279,13 @@ class AdapTau:
         v = F.normalize(item_vectors.detach().double(), dim=-1)
         A = self._pair_matrix
         if A is None or A.device != u.device:
-            ones = torch.ones(self._num_pairs, dtype=torch.float64)
+            ones = torch.ones(self._pair_users.numel(), dtype=torch.float64)
             coo = torch.sparse_coo_tensor(torch.stack([self._pair_users.cpu(), self._pair_items.cpu()]),
                                           ones, (self.num_users, self.num_items), check_invariants=True)
             with warnings.catch_warnings():  # CSR (2x faster than COO here) warns it is beta
                 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
                 A = self._pair_matrix = coo.coalesce().to_sparse_csr().to(u.device)
-        p_bar = float((u * (A @ v)).sum()) / self._num_pairs
+        p_bar = float((u * (A @ v)).sum()) / self._pair_users.numel()
         e_bar = v.mean(0)
         a_bar = float((u[self._active.to(u.device)] @ e_bar).mean())
         return p_bar - a_bar
