@@ -436,13 +436,14 @@ struct RunOps {
     }
   }
 
-  // (acc + off[k])[0:Dp] += coef[k] * u   (k < n; rows of acc padded to Dp).
+  // (acc + off[k])[0:Dp] += coef[k] * (scale * u)   (k < n; rows of acc padded to Dp).
   static ADAPTAU_HOT_INLINE void scatter_axpy(T* __restrict__ acc, const int32_t* __restrict__ idx,
-                                  const T* __restrict__ coef, const T* __restrict__ u, int64_t n,
-                                  int64_t Dp) {
+                                  const T* __restrict__ coef, const T* __restrict__ u, T scale,
+                                  int64_t n, int64_t Dp) {
     if constexpr (NV > 0 && NV <= 8) {
       R uu[NV];
-      for (int v_ = 0; v_ < NV; ++v_) uu[v_] = V::load(u + v_ * W);
+      const R vs = V::set1(scale);
+      for (int v_ = 0; v_ < NV; ++v_) uu[v_] = V::mul(vs, V::load(u + v_ * W));
       int64_t k = 0;
       for (; k + W <= n; k += W) {  // coefficients spread from a register (see gather_axpy)
         const typename V::Halves cw = V::halves(V::load(coef + k));
@@ -464,10 +465,12 @@ struct RunOps {
       }
     } else {
       const int64_t nv = Dp / W;
+      const R vs = V::set1(scale);
       for (int64_t k = 0; k < n; ++k) {
         const R c = V::set1(coef[k]);
         T* a = row(acc, idx[k]);
-        for (int64_t i = 0; i < nv; ++i) V::store(a + i * W, V::fma(c, V::load(u + i * W), V::load(a + i * W)));
+        for (int64_t i = 0; i < nv; ++i)
+          V::store(a + i * W, V::fma(c, V::mul(vs, V::load(u + i * W)), V::load(a + i * W)));
       }
     }
   }
@@ -542,6 +545,17 @@ struct SavedKey {
   bool operator==(const SavedKey& o) const { return valid && o.valid && ids == o.ids && opts == o.opts; }
 };
 
+// What every pass needs per row: the positives as int32, the normalized user rows and
+// the positive scores. Per-row mode keeps them with the forward's plan (Saved), so the
+// backward of the same call does not recompute them.
+template <typename T>
+struct PreparedRows {
+  std::vector<int32_t> pos;  // [B]
+  Buf<T> uhat;               // [B][Dp]
+  std::vector<T> unorm;      // [B]
+  std::vector<T> spos;       // [B]
+};
+
 template <typename T>
 struct Ctx {
   // shapes and options
@@ -557,11 +571,12 @@ struct Ctx {
   const void* neg = nullptr;
   bool neg_is_int64 = true;
   SavedKey key;  // identity of the call's inputs (per-row mode's saved state)
-  // derived
-  std::vector<int32_t> pos;  // [B]
-  Buf<T> uhat;               // [B][Dp] normalized user rows, zero padded
-  std::vector<T> unorm;      // [B]
-  std::vector<T> spos;       // [B] positive scores ŝ(b, pos[b])
+  // derived (prepare_rows), owned by `rows`
+  std::shared_ptr<const PreparedRows<T>> rows;
+  const int32_t* pos = nullptr;  // [B]
+  const T* uhat = nullptr;       // [B][Dp] normalized user rows, zero padded
+  const T* unorm = nullptr;      // [B]
+  const T* spos = nullptr;       // [B] positive scores ŝ(b, pos[b])
 };
 
 template <typename I>
@@ -600,23 +615,34 @@ std::vector<int32_t> indices_to_i32(const at::Tensor& t, int64_t N, const char* 
   return out;
 }
 
-// Normalized user rows and positive scores (both modes).
+// Normalized user rows and positive scores (both modes), or the ones a forward kept.
+// (Each row gathers its positive's table row, a likely cache miss: hence the small grain.)
 template <typename T>
-void prepare_rows(Ctx<T>& cx) {
-  const int64_t B = cx.B, D = cx.D, Dp = cx.Dp;
-  cx.uhat = make_buf<T>(B * Dp);
-  cx.unorm.assign(B, T(0));
-  cx.spos.assign(B, T(0));
-  at::parallel_for(0, B, grain(4 * cx.D), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      T* uh = cx.uhat.get() + b * Dp;
-      cx.unorm[b] = load_row(uh, cx.user + b * D, D, Dp, cx.normalize);
-      const T* xp = cx.items + int64_t(cx.pos[b]) * D;
-      T s = dot_plain(uh, xp, D);
-      if (cx.normalize) s *= T(1) / std::max(std::sqrt(dot_plain(xp, xp, D)), norm_eps<T>());
-      cx.spos[b] = s;
-    }
-  });
+void prepare_rows(Ctx<T>& cx, const at::Tensor& pos, std::shared_ptr<const PreparedRows<T>> kept) {
+  if (kept == nullptr) {
+    const int64_t B = cx.B, D = cx.D, Dp = cx.Dp;
+    auto pr = std::make_shared<PreparedRows<T>>();
+    pr->pos = indices_to_i32(pos, cx.N, "pos");
+    pr->uhat = make_buf<T>(B * Dp);
+    pr->unorm.assign(B, T(0));
+    pr->spos.assign(B, T(0));
+    at::parallel_for(0, B, grain(16 * D), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        T* uh = pr->uhat.get() + b * Dp;
+        pr->unorm[b] = load_row(uh, cx.user + b * D, D, Dp, cx.normalize);
+        const T* xp = cx.items + int64_t(pr->pos[b]) * D;
+        T s = dot_plain(uh, xp, D);
+        if (cx.normalize) s *= T(1) / std::max(std::sqrt(dot_plain(xp, xp, D)), norm_eps<T>());
+        pr->spos[b] = s;
+      }
+    });
+    kept = std::move(pr);
+  }
+  cx.rows = std::move(kept);
+  cx.pos = cx.rows->pos.data();
+  cx.uhat = cx.rows->uhat.get();
+  cx.unorm = cx.rows->unorm.data();
+  cx.spos = cx.rows->spos.data();
 }
 
 // ======================================================================= per-row mode
@@ -857,6 +883,7 @@ template <typename T>
 struct Saved {
   Plan plan;
   PairState<T> state;
+  std::shared_ptr<const PreparedRows<T>> rows;
 };
 
 // The forward's plan and state, kept for the backward of the same call. At most two are
@@ -1029,7 +1056,7 @@ void score_pass(const Ctx<T>& cx, const Plan& pl, PairState<T>& st, bool compute
         load_chunk(cx, pl, c, base, nloc, buf.get(), stamp, c + r0 * pl.C);
         pl.for_runs(c, [&](int64_t bl, int64_t k0, int64_t k1) {
           const int64_t b = r0 + bl, gb = g * nb + bl;
-          const T* u = cx.uhat.get() + b * Dp;
+          const T* u = cx.uhat + b * Dp;
           const T beta = cx.beta[b];
           const int32_t p = cx.pos[b];
           for (int64_t kk = k0; kk < k1; kk += kBlock) {
@@ -1219,7 +1246,10 @@ void per_row_forward(Ctx<T>& cx, T* loss, T* lse_out, T* raw, bool compute_raw) 
     }
     pt.mark("fwd rows");
   }
-  if (Bb >= B) SavedCache::get().put(cx.key, saved);
+  if (Bb >= B) {
+    saved->rows = cx.rows;
+    SavedCache::get().put(cx.key, saved);
+  }
 }
 
 // Per-row quantities of the backward: g (0 for an empty row), d(loss)/d(pos score).
@@ -1267,7 +1297,7 @@ void finish_rows(const Ctx<T>& cx, const RowGrad<T>& rg, int64_t r0, int64_t nb,
         load_row(ph.data(), cx.items + int64_t(cx.pos[b]) * D, D, Dp, cx.normalize);
         for (int64_t i = 0; i < D; ++i) gu[i] += dp * ph[i];
       }
-      normalize_backward(grad_user + b * D, gu.data(), cx.uhat.get() + b * Dp, cx.unorm[b], D,
+      normalize_backward(grad_user + b * D, gu.data(), cx.uhat + b * Dp, cx.unorm[b], D,
                          cx.normalize);
       if (need_scale) {
         T q = T(0);
@@ -1316,7 +1346,7 @@ void item_grad_pass(const Ctx<T>& cx, const Plan& pl, const PairState<T>& st, co
           pl.for_runs(c, [&](int64_t bl, int64_t k0, int64_t k1) {
             const int64_t b = r0 + bl;
             if (rg.g[b] == T(0)) return;
-            const T* u = cx.uhat.get() + b * Dp;
+            const T* u = cx.uhat + b * Dp;
             const T beta = cx.beta[b];
             const T l_b = lse[b];
             const int32_t p = cx.pos[b];
@@ -1326,17 +1356,20 @@ void item_grad_pass(const Ctx<T>& cx, const Plan& pl, const PairState<T>& st, co
               const int64_t npad = round_up(n, W);
               const int32_t* idx = pl.sorted.get() + kk;
               const T* sc = st.score.get() + kk;
-              if (st.exp_scores) {  // d = g·β·exp(m - lse)·e, e = exp(β·ŝ - m) stored (m = |β|)
-                const typename V::R vf = V::set1(efac[bl]);
-                map_run(sc, n, lg, [&](typename V::R e) { return V::mul(vf, e); });
-              } else if (plain) {  // d = g·β·exp(β·ŝ - lse) straight from the scores
+              if (st.exp_scores) {
+                // d = g·β·exp(m - lse)·e with e = exp(β·ŝ - m) stored (m = |β|): the row factor
+                // scales û once per run and the stored e are the coefficients as they are
+                Ops::scatter_axpy(acc.get(), idx, sc, u, efac[bl], n, Dp);
+                continue;
+              }
+              if (plain) {  // d = g·β·exp(β·ŝ - lse) straight from the scores
                 const typename V::R vb = V::set1(beta), vl = V::set1(l_b);
                 map_run(sc, n, lg, [&](typename V::R x) { return V::mul(vg, V::exp(V::sub(V::mul(vb, x), vl))); });
               } else {
                 run_logits(cx, pl, base, idx, sc, n, beta, l_b, p, lg);
                 for (int64_t k = 0; k < npad; k += W) V::store(lg + k, V::mul(vg, V::exp(V::load(lg + k))));
               }
-              Ops::scatter_axpy(acc.get(), idx, lg, u, n, Dp);
+              Ops::scatter_axpy(acc.get(), idx, lg, u, T(1), n, Dp);
             }
           });
         }
@@ -1346,7 +1379,7 @@ void item_grad_pass(const Ctx<T>& cx, const Plan& pl, const PairState<T>& st, co
           const T dp = rg.dpos[b];
           if (b < r0 || b >= r0 + nb || dp == T(0)) continue;
           T* a = acc.get() + (cx.pos[b] - base) * Dp;
-          const T* u = cx.uhat.get() + b * Dp;
+          const T* u = cx.uhat + b * Dp;
           for (int64_t i = 0; i < Dp; ++i) a[i] += dp * u[i];
         }
         // Item-gradient rows of the chunk.
@@ -1384,16 +1417,14 @@ void item_grad_pass(const Ctx<T>& cx, const Plan& pl, const PairState<T>& st, co
 // Backward, per block of rows: the forward's plan and state when the cache has them (one
 // block), else the sort and score pass again; then the item-gradient pass and the rows.
 template <typename T, int NV>
-void per_row_backward(Ctx<T>& cx, const T* grad_loss, const T* lse, T* grad_user, T* grad_items,
-                      T* grad_alpha, T* grad_beta, bool need_scale) {
+void per_row_backward(Ctx<T>& cx, std::shared_ptr<Saved<T>> saved, const T* grad_loss, const T* lse,
+                      T* grad_user, T* grad_items, T* grad_alpha, T* grad_beta, bool need_scale) {
   const int64_t B = cx.B, Dp = cx.Dp;
   PhaseTimer pt;
   RowGrad<T> rg = row_grad(cx, grad_loss, lse);
   const auto [Bb, shift] = per_row_blocking(cx);
   const bool single = Bb >= B;
-  std::shared_ptr<Saved<T>> saved;
-  if (single) saved = std::static_pointer_cast<Saved<T>>(SavedCache::get().take(cx.key));
-  const bool cached = saved != nullptr;
+  const bool cached = saved != nullptr && single;  // (the forward keeps single blocks only)
   if (!cached) {
     saved = std::make_shared<Saved<T>>();
     init_plan(cx, saved->plan, shift);
@@ -1453,7 +1484,8 @@ template <typename T>
 Cands<T> prepare_cands(const Ctx<T>& cx, const at::Tensor& neg) {
   Cands<T> cd;
   constexpr int W = Vec<T>::W;
-  cd.idx = cx.neg_mode == kNegShared ? indices_to_i32(neg, cx.N, "neg") : cx.pos;
+  cd.idx = cx.neg_mode == kNegShared ? indices_to_i32(neg, cx.N, "neg")
+                                       : std::vector<int32_t>(cx.pos, cx.pos + cx.B);
   cd.Mc = static_cast<int64_t>(cd.idx.size());
   cd.Mp = round_up(cd.Mc, 2 * W);
   const int64_t Mc = cd.Mc, Mp = cd.Mp, D = cx.D, Dp = cx.Dp;
@@ -1508,7 +1540,7 @@ void gemm_forward(Ctx<T>& cx, const at::Tensor& neg, T* loss, T* lse_out, T* raw
       std::fill(rs.begin(), rs.end(), T(0));
       for (int64_t c0 = 0; c0 < cd.Mp; c0 += CB) {
         const int64_t nc = std::min(CB, cd.Mp - c0);
-        score_tile(cx.uhat.get() + r0 * Dp, Dp, nr, cd.ct.get() + c0 * cx.D, nc, cx.D, S.get(), CB);
+        score_tile(cx.uhat + r0 * Dp, Dp, nr, cd.ct.get() + c0 * cx.D, nc, cx.D, S.get(), CB);
         for (int64_t r = 0; r < nr; ++r) {
           const int64_t b = r0 + r;
           tile_logits(cx, cd, b, S.get() + r * CB, c0, nc, cx.beta[b], true, T(0), lg.data());
@@ -1577,7 +1609,7 @@ void gemm_backward(Ctx<T>& cx, const at::Tensor& neg, const T* grad_loss, const 
         for (int64_t c0 = 0; c0 < cd.Mp; c0 += CB) {
           const int64_t nc = std::min(CB, cd.Mp - c0);
           const int64_t ncv = std::min(nc, Mc - c0);  // valid columns
-          score_tile(cx.uhat.get() + r0 * Dp, Dp, nr, cd.ct.get() + c0 * cx.D, nc, D, S.get(), CB);
+          score_tile(cx.uhat + r0 * Dp, Dp, nr, cd.ct.get() + c0 * cx.D, nc, D, S.get(), CB);
           for (int64_t r = 0; r < nr; ++r) {
             const int64_t b = r0 + r;
             T* d = dS.get() + r * CB;
@@ -1602,7 +1634,7 @@ void gemm_backward(Ctx<T>& cx, const at::Tensor& neg, const T* grad_loss, const 
           }
           // dU[rows] += dS·C[cols];  dC[cols] += dSᵀ·Û[rows]
           tile_gemm(gu.get() + r0 * Dp, Dp, dS.get(), CB, 1, cd.chat.get() + c0 * Dp, Dp, nr, ncv, Dp, true);
-          tile_gemm(gc + c0 * Dp, Dp, dS.get(), 1, CB, cx.uhat.get() + r0 * Dp, Dp, ncv, nr, Dp, true);
+          tile_gemm(gc + c0 * Dp, Dp, dS.get(), 1, CB, cx.uhat + r0 * Dp, Dp, ncv, nr, Dp, true);
         }
       }
     }
@@ -1634,7 +1666,7 @@ void gemm_backward(Ctx<T>& cx, const at::Tensor& neg, const T* grad_loss, const 
     const int32_t it = cx.pos[b];
     const T dp = rg.dpos[b];
     T* out = grad_items + int64_t(it) * D;
-    const T* u = cx.uhat.get() + b * Dp;
+    const T* u = cx.uhat + b * Dp;
     for (int64_t i = 0; i < D; ++i) out[i] += dp * u[i];
     if (!seen[it]) { seen[it] = 1; touched.push_back(it); }
   }
@@ -1773,7 +1805,8 @@ SavedKey call_key(std::initializer_list<const at::Tensor*> tensors, std::vector<
 }
 
 template <typename T>
-Ctx<T> make_ctx(const Inputs& in, int64_t neg_mode, bool include_pos, bool normalize, bool remove_hits) {
+Ctx<T> make_ctx(const Inputs& in, int64_t neg_mode, bool include_pos, bool normalize, bool remove_hits,
+                std::shared_ptr<const PreparedRows<T>> kept = nullptr) {
   Ctx<T> cx;
   cx.B = in.B;
   cx.N = in.N;
@@ -1791,8 +1824,7 @@ Ctx<T> make_ctx(const Inputs& in, int64_t neg_mode, bool include_pos, bool norma
   cx.logq = in.logq.defined() ? in.logq.data_ptr<T>() : nullptr;
   cx.neg = in.neg.data_ptr();
   cx.neg_is_int64 = in.neg.scalar_type() == at::kLong;
-  cx.pos = indices_to_i32(in.pos, in.N, "pos");
-  prepare_rows(cx);
+  prepare_rows(cx, in.pos, std::move(kept));
   return cx;
 }
 
@@ -1844,15 +1876,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
   AT_DISPATCH_FLOATING_TYPES(in.user.scalar_type(), "adaptau_fused_backward_cpu", [&] {
     using T = scalar_t;
     PhaseTimer pt;
-    Ctx<T> cx = make_ctx<T>(in, neg_mode, include_pos, normalize, remove_hits);
-    if (neg_mode == kNegPerRow)
-      cx.key = call_key({&user, &items, &pos, &neg, &pos_scale, &neg_scale, neg_logq ? &*neg_logq : nullptr},
-                        {neg_mode, include_pos, normalize, remove_hits});
-    pt.mark("prepare rows");
+    // The forward of the same call (per-row mode) kept its plan, state and prepared rows.
+    std::shared_ptr<Saved<T>> saved;
+    SavedKey key;
+    if (neg_mode == kNegPerRow) {
+      key = call_key({&user, &items, &pos, &neg, &pos_scale, &neg_scale, neg_logq ? &*neg_logq : nullptr},
+                     {neg_mode, include_pos, normalize, remove_hits});
+      saved = std::static_pointer_cast<Saved<T>>(SavedCache::get().take(key));
+    }
+    Ctx<T> cx = make_ctx<T>(in, neg_mode, include_pos, normalize, remove_hits,
+                            saved != nullptr ? saved->rows : nullptr);
+    pt.mark(saved != nullptr ? "prepare rows (saved)" : "prepare rows");
     with_nv<T>(in.D, [&](auto nvc) {
       constexpr int NV = decltype(nvc)::value;
       if (neg_mode == kNegPerRow)
-        per_row_backward<T, NV>(cx, gl.data_ptr<T>(), ls.data_ptr<T>(), grad_user.data_ptr<T>(),
+        per_row_backward<T, NV>(cx, saved, gl.data_ptr<T>(), ls.data_ptr<T>(), grad_user.data_ptr<T>(),
                                 grad_items.data_ptr<T>(), grad_alpha.data_ptr<T>(), grad_beta.data_ptr<T>(),
                                 need_scale_grads);
       else
