@@ -34,6 +34,36 @@ ADAPTAU_HOT_INLINE P* pinned(P* p) {
 #endif
   return p;
 }
+
+// Index range checks without a branch per index: true when every p[k], k < n, lies in
+// [0, N) (N <= 2^31 - 1). As uint32 a negative int32 is >= 2^31 > N, so an unsigned max
+// decides; an int64 is in range when it has no bit from 31 up (an OR of the high parts:
+// negatives set them) and its low 32 bits are below N. Both loops vectorize with AVX2,
+// which has no 64-bit unsigned max. With `narrow`, the int64 version also stores each
+// index's low 32 bits there (in the same loop), which are the indices as int32 when the
+// check passes.
+inline bool indices_below(const int32_t* p, int64_t n, uint32_t N) {
+  uint32_t mx = 0;
+  for (int64_t k = 0; k < n; ++k) mx = mx > static_cast<uint32_t>(p[k]) ? mx : static_cast<uint32_t>(p[k]);
+  return n == 0 || mx < N;
+}
+inline bool indices_below(const int64_t* p, int64_t n, uint32_t N, int32_t* narrow = nullptr) {
+  uint64_t hi = 0;
+  uint32_t mx = 0;
+  const auto visit = [&](int64_t k) {
+    const uint64_t x = static_cast<uint64_t>(p[k]);
+    const uint32_t lo = static_cast<uint32_t>(x);
+    hi |= x >> 31;
+    mx = mx > lo ? mx : lo;
+    return lo;
+  };
+  if (narrow != nullptr) {
+    for (int64_t k = 0; k < n; ++k) narrow[k] = static_cast<int32_t>(visit(k));
+  } else {
+    for (int64_t k = 0; k < n; ++k) visit(k);
+  }
+  return n == 0 || (hi == 0 && mx < N);
+}
 }  // namespace cpu
 }  // namespace adaptau
 

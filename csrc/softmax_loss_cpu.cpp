@@ -579,17 +579,6 @@ struct Ctx {
   const T* spos = nullptr;       // [B] positive scores ŝ(b, pos[b])
 };
 
-template <typename I>
-bool copy_indices(const I* src, int64_t n, int64_t N, int32_t* dst) {
-  bool ok = true;
-  for (int64_t i = 0; i < n; ++i) {
-    const I v = src[i];
-    ok &= (v >= 0) & (v < N);
-    dst[i] = static_cast<int32_t>(v);
-  }
-  return ok;
-}
-
 // Raises the IndexError of Python's range check (adaptau/ops.py, which leaves the indices
 // to this backend: the kernel checks them anyway, vectorized, before using any): the first
 // index outside [0, N) in row-major order, named `name[i]` (cols == 0) or `name[b, m]`.
@@ -607,11 +596,18 @@ bool copy_indices(const I* src, int64_t n, int64_t N, int32_t* dst) {
 }
 
 std::vector<int32_t> indices_to_i32(const at::Tensor& t, int64_t N, const char* name) {
-  std::vector<int32_t> out(t.numel());
+  const int64_t n = t.numel();
   const bool is64 = t.scalar_type() == at::kLong;
-  bool ok = is64 ? copy_indices(t.data_ptr<int64_t>(), t.numel(), N, out.data())
-                 : copy_indices(t.data_ptr<int32_t>(), t.numel(), N, out.data());
-  if (!ok) throw_index_error(name, t.data_ptr(), is64, t.numel(), 0, N);
+  std::vector<int32_t> out(n);
+  bool ok;
+  if (is64) {
+    ok = indices_below(t.data_ptr<int64_t>(), n, static_cast<uint32_t>(N), out.data());
+  } else {
+    const int32_t* p = t.data_ptr<int32_t>();
+    ok = indices_below(p, n, static_cast<uint32_t>(N));
+    std::copy(p, p + n, out.begin());
+  }
+  if (!ok) throw_index_error(name, t.data_ptr(), is64, n, 0, N);
   return out;
 }
 
@@ -673,25 +669,10 @@ inline const int32_t* block_items(const void* neg, bool is64, int64_t off, int64
                                   int32_t* li, bool& ok) {
   if (!is64) {
     const int32_t* p = static_cast<const int32_t*>(neg) + off;
-    uint32_t mx = 0;
-    for (int64_t k = 0; k < n; ++k) mx = std::max(mx, static_cast<uint32_t>(p[k]));
-    ok = mx < static_cast<uint32_t>(N);
+    ok = indices_below(p, n, static_cast<uint32_t>(N));
     return p;
   }
-  // In range means: no bit from 31 up (an OR of the high parts; negatives set them too) and
-  // the low 32 bits below N (an unsigned 32-bit max). Both vectorize with AVX2, which has no
-  // 64-bit unsigned max, and so does the narrowing store.
-  const int64_t* p = static_cast<const int64_t*>(neg) + off;
-  uint64_t hi = 0;
-  uint32_t mx = 0;
-  for (int64_t k = 0; k < n; ++k) {
-    const uint64_t x = static_cast<uint64_t>(p[k]);
-    const uint32_t lo = static_cast<uint32_t>(x);
-    hi |= x >> 31;
-    mx = std::max(mx, lo);
-    li[k] = static_cast<int32_t>(lo);
-  }
-  ok = hi == 0 && mx < static_cast<uint32_t>(N);
+  ok = indices_below(static_cast<const int64_t*>(neg) + off, n, static_cast<uint32_t>(N), li);
   return li;
 }
 
