@@ -262,11 +262,21 @@ constexpr T norm_eps() {
 }
 
 // --------------------------------------------------------------------- small vector ops
+// Row helpers. kD > 0 states that the row length D (n) is the compile-time constant kD:
+// same arithmetic in the same order, but the loops unroll completely. The per-row passes
+// over whole tables (chunk normalization, the item rows' Jacobian) call them once per
+// row, where a loop of 8 vectors otherwise costs as much in loop control as in work.
+template <int64_t kD>
+constexpr int64_t row_len(int64_t n) {
+  return kD > 0 ? kD : n;
+}
+
 // <a, b> over n unpadded elements, fixed association order.
-template <typename T>
+template <int64_t kD = 0, typename T>
 inline T dot_plain(const T* a, const T* b, int64_t n) {
   using V = Vec<T>;
   constexpr int W = V::W;
+  n = row_len<kD>(n);
   typename V::R acc = V::zero();
   int64_t i = 0;
   for (; i + W <= n; i += W) acc = V::fma(V::load(a + i), V::load(b + i), acc);
@@ -275,35 +285,37 @@ inline T dot_plain(const T* a, const T* b, int64_t n) {
   return s;
 }
 
-// out[0:D] = x[0:D] * scale, out[D:Dp] = 0. Returns nothing.
-template <typename T>
+// out[0:D] = x[0:D] * scale, out[D:Dp] = 0.
+template <int64_t kD = 0, typename T>
 inline void scale_pad(T* out, const T* x, T scale, int64_t D, int64_t Dp) {
+  D = row_len<kD>(D);
   for (int64_t i = 0; i < D; ++i) out[i] = x[i] * scale;
   for (int64_t i = D; i < Dp; ++i) out[i] = T(0);
 }
 
 // Writes the normalized (or copied) row into out (padded) and returns the raw norm.
-template <typename T>
+template <int64_t kD = 0, typename T>
 inline T load_row(T* out, const T* x, int64_t D, int64_t Dp, bool normalize) {
   if (!normalize) {
-    scale_pad(out, x, T(1), D, Dp);
+    scale_pad<kD>(out, x, T(1), D, Dp);
     return T(1);
   }
-  const T norm = std::sqrt(dot_plain(x, x, D));
-  scale_pad(out, x, T(1) / std::max(norm, norm_eps<T>()), D, Dp);
+  const T norm = std::sqrt(dot_plain<kD>(x, x, D));
+  scale_pad<kD>(out, x, T(1) / std::max(norm, norm_eps<T>()), D, Dp);
   return norm;
 }
 
 // Gradient through x -> x / max(||x||, eps): out = (g - xh <xh, g>) / max(norm, eps)
 // (norm > eps) or g / eps. xh and g are padded (zeros past D); out has D elements.
-template <typename T>
+template <int64_t kD = 0, typename T>
 inline void normalize_backward(T* out, const T* g, const T* xh, T norm, int64_t D, bool normalize) {
+  D = row_len<kD>(D);
   if (!normalize) {
     for (int64_t i = 0; i < D; ++i) out[i] = g[i];
     return;
   }
   if (norm > norm_eps<T>()) {
-    const T proj = dot_plain(xh, g, D);
+    const T proj = dot_plain<kD>(xh, g, D);
     const T inv = T(1) / norm;
     for (int64_t i = 0; i < D; ++i) out[i] = (g[i] - xh[i] * proj) * inv;
   } else {
@@ -910,11 +922,16 @@ class SavedCache {
 
 // Normalizes (or copies) the rows of chunk c that its pairs reference into buf (padded):
 // all rows when the chunk is dense, else only the referenced ones (stamped with id).
-template <typename T>
+template <typename T, int NV>
 void load_chunk(const Ctx<T>& cx, const Plan& pl, int64_t c, int64_t base, int64_t nloc, T* buf,
                 std::vector<int64_t>& stamp, int64_t id) {
   const int64_t D = cx.D, Dp = cx.Dp;
+  constexpr int64_t kDp = RunOps<T, NV>::kDp;
   if (pl.ctot[c] >= nloc / 2) {
+    if (NV > 0 && D == kDp) {  // rows need no padding: their length is a constant
+      for (int64_t r = 0; r < nloc; ++r) load_row<kDp>(buf + r * Dp, cx.items + (base + r) * D, D, Dp, cx.normalize);
+      return;
+    }
     for (int64_t r = 0; r < nloc; ++r) load_row(buf + r * Dp, cx.items + (base + r) * D, D, Dp, cx.normalize);
     return;
   }
@@ -1034,7 +1051,7 @@ void score_pass(const Ctx<T>& cx, const Plan& pl, PairState<T>& st, bool compute
         if (pl.ctot[c] == 0) continue;
         const int64_t base = c << shift;
         const int64_t nloc = std::min(CI, N - base);
-        load_chunk(cx, pl, c, base, nloc, buf.get(), stamp, c + r0 * pl.C);
+        load_chunk<T, NV>(cx, pl, c, base, nloc, buf.get(), stamp, c + r0 * pl.C);
         pl.for_runs(c, [&](int64_t bl, int64_t k0, int64_t k1) {
           const int64_t b = r0 + bl, gb = g * nb + bl;
           const T* u = cx.uhat + b * Dp;
@@ -1368,6 +1385,12 @@ void item_grad_pass(const Ctx<T>& cx, const Plan& pl, const PairState<T>& st, co
           T* out = grad_items + (base + r) * D;
           T* a = acc.get() + r * Dp;
           const T* x = cx.items + (base + r) * D;
+          if (single && NV > 0 && D == Ops::kDp) {  // (as below, the row length a constant)
+            const T nrm = load_row<Ops::kDp>(xh.data(), x, D, Dp, cx.normalize);
+            normalize_backward<Ops::kDp>(out, a, xh.data(), nrm, D, cx.normalize);
+            std::memset(a, 0, sizeof(T) * Ops::kDp);
+            continue;
+          }
           if (single) {
             const T nrm = load_row(xh.data(), x, D, Dp, cx.normalize);
             normalize_backward(out, a, xh.data(), nrm, D, cx.normalize);
