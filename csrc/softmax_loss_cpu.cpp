@@ -922,8 +922,10 @@ class SavedCache {
 
 // Normalizes (or copies) the rows of chunk c that its pairs reference into buf (padded):
 // all rows when the chunk is dense, else only the referenced ones (stamped with id).
+// (Kept out of line: inlined, it changes the register allocation of the score pass's
+// run loops for the worse.)
 template <typename T, int NV>
-void load_chunk(const Ctx<T>& cx, const Plan& pl, int64_t c, int64_t base, int64_t nloc, T* buf,
+__attribute__((noinline)) void load_chunk(const Ctx<T>& cx, const Plan& pl, int64_t c, int64_t base, int64_t nloc, T* buf,
                 std::vector<int64_t>& stamp, int64_t id) {
   const int64_t D = cx.D, Dp = cx.Dp;
   constexpr int64_t kDp = RunOps<T, NV>::kDp;
