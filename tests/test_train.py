@@ -256,32 +256,38 @@ def _glibc() -> bool:
     return sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
 
 
+_FAULTS_SCRIPT = """
+import json, resource, torch
+from adaptau.train import keep_freed_heap
+
+def faults(cycles):
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(cycles):
+        block = torch.empty(8 << 20, dtype=torch.uint8)
+        block.fill_(1)
+        del block
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+
+ok_default = keep_freed_heap(128 << 10, 128 << 10)  # glibc's static defaults
+faults(1)
+baseline = faults(8)
+ok_kept = keep_freed_heap()
+faults(1)  # maps the block once
+kept = faults(8)
+print(json.dumps(dict(ok=ok_default and ok_kept, baseline=baseline, kept=kept)))
+"""
+
+
 @pytest.mark.skipif(not _glibc(), reason="keep_freed_heap tunes glibc's malloc (mallopt)")
 def test_keep_freed_heap_stops_refaulting_freed_blocks():
     """With glibc's default thresholds a freed 8 MiB block is unmapped and faulted in again
     on the next allocation (2048 pages); with keep_freed_heap it is reused. Counts minor page
-    faults (getrusage), not time."""
-    import resource
-
-    from adaptau.train import keep_freed_heap
-
-    def faults(cycles):
-        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        for _ in range(cycles):
-            block = torch.empty(8 << 20, dtype=torch.uint8)
-            block.fill_(1)
-            del block
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
-
-    try:
-        assert keep_freed_heap(128 << 10, 128 << 10)  # glibc's static defaults
-        faults(1)
-        baseline = faults(8)
-        assert keep_freed_heap()
-        faults(1)  # maps the block once
-        kept = faults(8)
-    finally:
-        keep_freed_heap()  # (what the trainer sets: leave the process that way)
+    faults (getrusage), not time, in a fresh interpreter: malloc's state is process-wide, and
+    a heap that other tests left large would serve the block without mmap at all."""
+    out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT], capture_output=True, text=True,
+                         timeout=120, check=True)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["ok"]
     # 8 cycles of 2048 pages each by default (fewer with transparent huge pages always on)
-    assert baseline >= 8, baseline
-    assert kept <= max(8, baseline // 8), (kept, baseline)
+    assert res["baseline"] >= 8, res
+    assert res["kept"] <= max(8, res["baseline"] // 8), res
