@@ -920,6 +920,17 @@ class SavedCache {
   std::vector<std::pair<SavedKey, std::shared_ptr<void>>> entries_;
 };
 
+// f(std::integral_constant<int64_t, kD>{}): kD = the padded width NV·W when the rows need
+// no padding (D equals it), so the row helpers' loops unroll (row_len); else kD = 0.
+template <typename T, int NV, typename F>
+ADAPTAU_HOT_INLINE void with_row_len(int64_t D, F&& f) {
+  constexpr int64_t kDp = RunOps<T, NV>::kDp;
+  if (NV > 0 && D == kDp)
+    f(std::integral_constant<int64_t, kDp>{});
+  else
+    f(std::integral_constant<int64_t, 0>{});
+}
+
 // Normalizes (or copies) the rows of chunk c that its pairs reference into buf (padded):
 // all rows when the chunk is dense, else only the referenced ones (stamped with id).
 // (Kept out of line: inlined, it changes the register allocation of the score pass's
@@ -928,13 +939,11 @@ template <typename T, int NV>
 __attribute__((noinline)) void load_chunk(const Ctx<T>& cx, const Plan& pl, int64_t c, int64_t base, int64_t nloc, T* buf,
                 std::vector<int64_t>& stamp, int64_t id) {
   const int64_t D = cx.D, Dp = cx.Dp;
-  constexpr int64_t kDp = RunOps<T, NV>::kDp;
   if (pl.ctot[c] >= nloc / 2) {
-    if (NV > 0 && D == kDp) {  // rows need no padding: their length is a constant
-      for (int64_t r = 0; r < nloc; ++r) load_row<kDp>(buf + r * Dp, cx.items + (base + r) * D, D, Dp, cx.normalize);
-      return;
-    }
-    for (int64_t r = 0; r < nloc; ++r) load_row(buf + r * Dp, cx.items + (base + r) * D, D, Dp, cx.normalize);
+    with_row_len<T, NV>(D, [&](auto kd) {
+      constexpr int64_t kD = decltype(kd)::value;
+      for (int64_t r = 0; r < nloc; ++r) load_row<kD>(buf + r * Dp, cx.items + (base + r) * D, D, Dp, cx.normalize);
+    });
     return;
   }
   pl.for_runs(c, [&](int64_t, int64_t k0, int64_t k1) {
@@ -1387,16 +1396,13 @@ void item_grad_pass(const Ctx<T>& cx, const Plan& pl, const PairState<T>& st, co
           T* out = grad_items + (base + r) * D;
           T* a = acc.get() + r * Dp;
           const T* x = cx.items + (base + r) * D;
-          if (single && NV > 0 && D == Ops::kDp) {  // (as below, the row length a constant)
-            const T nrm = load_row<Ops::kDp>(xh.data(), x, D, Dp, cx.normalize);
-            normalize_backward<Ops::kDp>(out, a, xh.data(), nrm, D, cx.normalize);
-            std::memset(a, 0, sizeof(T) * Ops::kDp);
-            continue;
-          }
           if (single) {
-            const T nrm = load_row(xh.data(), x, D, Dp, cx.normalize);
-            normalize_backward(out, a, xh.data(), nrm, D, cx.normalize);
-            std::memset(a, 0, sizeof(T) * Dp);
+            with_row_len<T, NV>(D, [&](auto kd) {
+              constexpr int64_t kD = decltype(kd)::value;
+              const T nrm = load_row<kD>(xh.data(), x, D, Dp, cx.normalize);
+              normalize_backward<kD>(out, a, xh.data(), nrm, D, cx.normalize);
+              std::memset(a, 0, sizeof(T) * row_len<kD>(Dp));
+            });
             continue;
           }
           if (first)
