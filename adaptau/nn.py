@@ -57,14 +57,17 @@ class AdapTauLoss(nn.Module):
             The reduced loss (``[B]`` for ``reduction="none"``).
         """
         pos_scale, neg_scale = self.controller.scales(user_ids)
-        loss, raw = softmax_loss(
+        observe = self.training and self.controller.needs_raw_loss
+        out = softmax_loss(
             user, items, pos, neg, pos_scale, neg_scale,
             include_pos=self.include_pos, normalize=self.normalize, neg_logq=neg_logq,
             remove_accidental_hits=self.remove_accidental_hits, reduction=self.reduction,
-            return_raw=True, backend=self.backend,
+            return_raw=observe, backend=self.backend,
         )
-        if self.training:
-            self.controller.observe(user_ids, raw)
+        if not observe:
+            return out
+        loss, raw = out
+        self.controller.observe(user_ids, raw)
         return loss
 
     def get_extra_state(self):

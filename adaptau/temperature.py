@@ -108,7 +108,8 @@ class AdapTau:
 
     Usage per epoch: ``begin_epoch(epoch, user_table, item_table)`` before the first step;
     each step ``pos_scale, neg_scale = ctl.scales(users)`` → ``softmax_loss(...,
-    pos_scale, neg_scale, return_raw=True)`` → ``ctl.observe(users, raw)``.
+    pos_scale, neg_scale, return_raw=True)`` → ``ctl.observe(users, raw)`` (the raw losses
+    feed mode ``"adaptive"`` only: see :attr:`needs_raw_loss`).
 
     What ``begin_epoch`` computes (``DESIGN.md`` §3), with n_u the train-interaction
     count of user u, θ the ``active_quantile``-quantile of n_u over users with at least
@@ -297,6 +298,14 @@ class AdapTau:
         if scale.device != users.device:
             scale = self.user_scale = scale.to(users.device)
         return self.w0, scale[users.long()]  # w0 is 1/tau in mode "fixed"
+
+    @property
+    def needs_raw_loss(self) -> bool:
+        """Whether the scales depend on the rows' raw losses: only ``mode="adaptive"`` reads
+        what :meth:`observe` accumulates. In modes ``"global"`` and ``"fixed"`` a caller may
+        skip ``return_raw`` and :meth:`observe` (the fused kernels then compute one
+        exponential per score instead of two)."""
+        return self.mode == "adaptive"
 
     @torch.no_grad()
     def observe(self, users: Tensor, raw: Tensor) -> None:

@@ -490,6 +490,7 @@ class Trainer:
                    disable=not (self.is_main and _progress_enabled(cfg.progress)))
         world, rank = self.world_size, self.rank
         direct_l2 = cfg.l2 > 0 and self._l2_on_leaves()
+        need_raw = self.controller.needs_raw_loss  # (global / fixed τ: no raw losses needed)
         for users, pos in self.batches.epoch(self.shuffle_gen):
             # (users, pos) is the global batch, identical on every rank
             if users.numel() < (2 if cfg.sampler == "in-batch" else 1) * world:
@@ -505,10 +506,11 @@ class Trainer:
                 users, pos = users[mine], pos[mine]
             u, item_table, ego_u, ego_i = self.step_module(users)
             pos_scale, neg_scale = self.controller.scales(users)
-            loss, raw = softmax_loss(u, item_table, pos, neg, pos_scale, neg_scale,
-                                     include_pos=cfg.include_pos, normalize=cfg.normalize,
-                                     neg_logq=neg_logq, remove_accidental_hits=cfg.remove_hits,
-                                     return_raw=True, backend=cfg.backend)
+            out = softmax_loss(u, item_table, pos, neg, pos_scale, neg_scale,
+                               include_pos=cfg.include_pos, normalize=cfg.normalize,
+                               neg_logq=neg_logq, remove_accidental_hits=cfg.remove_hits,
+                               return_raw=need_raw, backend=cfg.backend)
+            loss, raw = out if need_raw else (out, None)
             if cfg.l2 > 0 and not direct_l2:  # (in-batch: negatives are positives, already counted)
                 loss = loss + cfg.l2 * sampled_l2(ego_u, ego_i, users, pos,
                                                   None if cfg.sampler == "in-batch" else neg)
@@ -521,7 +523,8 @@ class Trainer:
             loss.backward()  # DDP averages the gradients over ranks here
             l2_value = self._add_l2_grad(*batch_g, ego_u, ego_i) if direct_l2 else 0.0
             self.optimizer.step()
-            self.controller.observe(users, raw)
+            if need_raw:
+                self.controller.observe(users, raw)
             total += (float(loss.detach()) + l2_value) * users.numel()
             rows += users.numel()
             bar.update(1)

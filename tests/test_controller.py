@@ -151,6 +151,44 @@ def test_mode_global(seed):
     np.testing.assert_allclose(ctl.user_scale.double().numpy(), ctl.w0, rtol=1e-7)
 
 
+@pytest.mark.parametrize("mode", ["adaptive", "global", "fixed"])
+def test_needs_raw_loss_exactly_when_raw_losses_change_the_scales(mode, seed):
+    # needs_raw_loss lets callers skip return_raw and observe(): it must be True whenever
+    # the observed losses move the scales, and False only when they cannot.
+    gen = torch.Generator().manual_seed(seed)
+    users, items = interactions()
+    uv, iv = aligned_tables(users, items, gen)
+    scales = []
+    for observed in (False, True):
+        ctl = make(mode=mode, warmup=1, base=0.75, **({"tau": 0.2} if mode == "fixed" else {}))
+        ctl.begin_epoch(0)
+        if observed:
+            feed(ctl, torch.Generator().manual_seed(seed + 1))
+        ctl.begin_epoch(1, uv, iv)
+        scales.append(ctl.scales(torch.arange(NUM_USERS))[1].clone())
+    assert ctl.needs_raw_loss == (mode == "adaptive")
+    assert torch.equal(scales[0], scales[1]) == (not ctl.needs_raw_loss)
+
+
+def test_loss_module_skips_raw_losses_when_the_mode_does_not_use_them(seed):
+    gen = torch.Generator().manual_seed(seed)
+    users, items = interactions()
+    uv, iv = aligned_tables(users, items, gen)
+    rows = torch.arange(8)
+    neg = torch.randint(0, NUM_ITEMS, (8, 5), generator=gen)
+    losses = {}
+    for mode in ("global", "adaptive"):
+        crit = AdapTauLoss(users, items, num_users=NUM_USERS, num_items=NUM_ITEMS, warmup=1,
+                           mode=mode, backend="reference")
+        crit.begin_epoch(0)
+        losses[mode] = crit(uv[users[rows]], iv, items[rows], neg, users[rows])
+        assert losses[mode].dim() == 0 and torch.isfinite(losses[mode])
+        observed = int(crit.controller._loss_count.sum())
+        assert observed == (rows.numel() if mode == "adaptive" else 0)
+    # before warm-up ends both modes train with β = w₀: the same loss
+    torch.testing.assert_close(losses["global"], losses["adaptive"], rtol=0, atol=0)
+
+
 def test_state_dict_round_trip(seed):
     gen = torch.Generator().manual_seed(seed)
     users, items = interactions()

@@ -59,17 +59,19 @@ def make_inputs(gen, B, N, D, M, mode, *, index_dtype=torch.int64, scale_hi=5.0)
                 weight=weight)
 
 
-def run(backend, inp, dtype, *, use_logq=True, **options):
-    """Loss, raw and all gradients of sum(weight * loss) for one backend and dtype."""
+def run(backend, inp, dtype, *, use_logq=True, return_raw=True, **options):
+    """Loss, raw (None without return_raw) and all gradients of sum(weight * loss) for one
+    backend and dtype."""
     acc = _acc(dtype)
     user = inp["user"].detach().to(dtype).clone().requires_grad_()
     items = inp["items"].detach().to(dtype).clone().requires_grad_()
     alpha = inp["alpha"].detach().to(acc).clone().requires_grad_()
     beta = inp["beta"].detach().to(acc).clone().requires_grad_()
     logq = inp["logq"].to(acc) if use_logq else None
-    loss, raw = adaptau.softmax_loss(user, items, inp["pos"], inp["neg"], alpha, beta,
-                                     neg_logq=logq, reduction="none", return_raw=True,
-                                     backend=backend, **options)
+    out = adaptau.softmax_loss(user, items, inp["pos"], inp["neg"], alpha, beta,
+                               neg_logq=logq, reduction="none", return_raw=return_raw,
+                               backend=backend, **options)
+    loss, raw = out if return_raw else (out, None)
     (loss * inp["weight"].to(loss.dtype)).sum().backward()
     return dict(loss=loss.detach(), raw=raw, grad_user=user.grad, grad_items=items.grad,
                 grad_alpha=alpha.grad, grad_beta=beta.grad)
@@ -306,6 +308,22 @@ def test_bitwise_deterministic_across_runs_and_thread_counts(seed, mode):
     for other in results[1:]:
         for key in results[0]:
             assert torch.equal(results[0][key], other[key]), f"{mode}: {key} differs"
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("use_logq", [False, True])
+def test_return_raw_does_not_change_loss_or_gradients(seed, mode, use_logq):
+    # The trainer skips return_raw when the temperature rule does not read raw losses
+    # (AdapTau.needs_raw_loss): that must not change what it trains on, to the bit.
+    gen = torch.Generator().manual_seed(seed)
+    inp = make_inputs(gen, 150, 2000, 64, 300, mode)
+    with_raw = run("cpu", inp, torch.float32, use_logq=use_logq)
+    without = run("cpu", inp, torch.float32, use_logq=use_logq, return_raw=False)
+    assert without["raw"] is None
+    for key, value in with_raw.items():
+        if key != "raw":
+            assert torch.isfinite(value).all(), f"{mode}: {key} not finite"
+            assert torch.equal(value, without[key]), f"{mode}: {key} differs without return_raw"
 
 
 def test_saved_state_is_only_reused_by_the_same_call():
