@@ -66,7 +66,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, default=S)
     g.add_argument("--l2", type=float, default=S)
     g.add_argument("--epochs", type=int, default=S)
-    g.add_argument("--patience", type=int, default=S, help="evaluations without improvement (0: off)")
+    g.add_argument("--patience", type=int, default=S, help="evaluations without improvement before stopping (0: off); with --tau "
+                   "adaptive/global, evaluations during the warm-up do not count")
     g.add_argument("--eval-every", type=int, default=S)
     g.add_argument("--topk", default=S, help="cut-offs, comma-separated (default 20)")
     g.add_argument("--metric", default=S, help="selection metric (default recall@<first K>)")

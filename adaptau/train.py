@@ -64,7 +64,8 @@ class TrainConfig:
     lr: float = 1e-2
     l2: float = 1e-6
     epochs: int = 20
-    patience: int = 5                     # evaluations without improvement before stopping (0: off)
+    patience: int = 5                     # evaluations without improvement before stopping (0: off;
+                                          # with tau adaptive/global, none during the warm-up)
     eval_every: int = 1
     topk: List[int] = field(default_factory=lambda: [20])
     metric: Optional[str] = None          # selection metric, default recall@<first topk>
@@ -336,6 +337,10 @@ class Trainer:
         self.history: List[Dict[str, Any]] = []
         self.best: Optional[Dict[str, Any]] = None
         self.bad_evals = 0
+        # Evaluations of warm-up epochs do not count towards patience: the Adap-τ rule
+        # (adaptive / global) only starts setting the temperatures after the warm-up, so a
+        # run must not stop before it has seen them act.
+        self._patience_from = cfg.warmup if cfg.tau in ("adaptive", "global") else 0
         self.train_seconds = 0.0
         self.tau_snapshots: Dict[int, torch.Tensor] = {}
         self.backend_used: Optional[str] = None
@@ -609,7 +614,7 @@ class Trainer:
                                      "controller": self.controller.state_dict(),
                                      "metrics": metrics, "config": dataclasses.asdict(cfg)},
                                     self.out / "best.pt")
-                    else:
+                    elif epoch >= self._patience_from:
                         self.bad_evals += 1
             self.history.append(rec)
             self._save_last(epoch + 1)  # collective; rank 0 writes

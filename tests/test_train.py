@@ -112,6 +112,23 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
+@pytest.mark.parametrize("tau, stop_epoch", [("global", 3), ("adaptive", 3), ("fixed", 1)])
+def test_patience_does_not_count_warm_up_evaluations(tmp_path, monkeypatch, tau, stop_epoch):
+    # A metric that only gets worse: the first evaluation stays the best. With patience 1
+    # the run stops at the first evaluation that counts, i.e. right after the warm-up
+    # (epochs 0-2) for the Adap-τ rules, and at epoch 1 for a fixed τ (no warm-up).
+    scores = iter([0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01])
+    monkeypatch.setattr(Trainer, "evaluate",
+                        lambda self, split="select": {"recall@20": next(scores), "ndcg@20": 0.0})
+    cfg = tiny_cfg(tmp_path / tau, tau=tau, warmup=3, epochs=8, eval_every=1, patience=1,
+                   batch_size=4096)
+    summary = Trainer(cfg, log=quiet).fit()
+    assert summary["status"] == "early-stopped"
+    history = [json.loads(line) for line in open(tmp_path / tau / "metrics.jsonl")]
+    assert history[-1]["epoch"] == stop_epoch
+    assert summary["best_epoch"] == 0
+
+
 def test_paper_protocol_says_so(tmp_path):
     messages = []
     summary = Trainer(tiny_cfg(tmp_path / "p", protocol="paper", epochs=1, tau="global"),
