@@ -376,6 +376,7 @@ struct RunOps {
       // run's blocks and keeps them on the stack, 3 instructions per vector per run)
       const T* up = pinned(u);
       R uu[NV];
+#pragma GCC unroll 16
       for (int v = 0; v < NV; ++v) uu[v] = V::load(up + v * W);
       int64_t k = 0;
       for (; k + 4 <= n; k += 4) {
@@ -419,6 +420,7 @@ struct RunOps {
                                  int64_t n, int64_t Dp) {
     if constexpr (NV > 0 && NV <= 8) {
       R g[NV];
+#pragma GCC unroll 16
       for (int j = 0; j < NV; ++j) g[j] = V::zero();
       int64_t k = 0;
       for (; k + W <= n; k += W) {
@@ -435,6 +437,7 @@ struct RunOps {
         for (int j = 0; j < NV; ++j) g[j] = V::fma(c, V::load(r + j * W), g[j]);
       }
       const R kv = V::set1(keep);
+#pragma GCC unroll 16
       for (int j = 0; j < NV; ++j) V::store(v + j * W, fresh ? g[j] : V::fma(kv, V::load(v + j * W), g[j]));
     } else {
       const int64_t nv = Dp / W;
@@ -1018,6 +1021,63 @@ constexpr T fixed_reference_max_beta() {
   return sizeof(T) == 4 ? T(40) : T(300);
 }
 
+// What every run of a score pass's thread shares in the fixed-reference case: the chunk
+// buffer, a scratch for the scores and the (group, row) states (indexed by gb = g·nb + row).
+template <typename T>
+struct FixedRunArgs {
+  const T* buf;
+  int64_t Dp;
+  T* sc;              // [kBlock + W] scores scratch
+  T *m, *s, *w, *v;   // states: max (|β|), Σe, Σe·ŝ, Σe·row ([Dp] each)
+  bool compute_raw;
+  T *rm, *rs;         // raw loss states (compute_raw)
+};
+
+// One block (at most kBlock pairs) of a run in the fixed-reference case: the scores
+// ŝ = <u, row>, e = exp(β·ŝ - |β|) stored in the pairs' slots dst, and state gb: m = |β|,
+// s += Σe, w += Σe·ŝ, v (+)= Σe·row (fresh: the row's first block in this group), and with
+// compute_raw the raw loss's Σexp(ŝ - 1) into rs (rm = 1). Out of line, with few
+// arguments: inlined into the loop over runs, GCC spilled more than the call costs.
+template <typename T, int NV>
+__attribute__((noinline)) void fixed_run(const FixedRunArgs<T>& a, int64_t gb, const T* __restrict__ u,
+                                         T beta, const int32_t* __restrict__ idx, int64_t n,
+                                         T* __restrict__ dst) {
+  using Ops = RunOps<T, NV>;
+  using V = Vec<T>;
+  constexpr int W = V::W;
+  T* __restrict__ sc = a.sc;
+  Ops::dots(u, a.buf, idx, n, a.Dp, sc);
+  const typename V::R vb = V::set1(beta), vnref = V::set1(-std::abs(beta));
+  typename V::R es = V::zero(), ews = V::zero(), racc = V::zero();
+  const bool compute_raw = a.compute_raw;
+  for (int64_t k = 0; k < n; k += W) {
+    const typename V::R sv = V::load_after_hsum4(sc + k);
+    typename V::R e = V::exp(V::fma(vb, sv, vnref));
+    const int left = static_cast<int>(std::min<int64_t>(W, n - k));
+    if (left < W) {
+      e = V::keep_first(e, left);
+      V::store_first(dst + k, e, left);
+    } else {
+      V::store(dst + k, e);
+    }
+    es = V::add(es, e);
+    ews = V::fma(e, sv, ews);
+    if (compute_raw) {
+      const typename V::R r = V::exp(V::sub(sv, V::set1(T(1))));
+      racc = V::add(racc, left < W ? V::keep_first(r, left) : r);
+    }
+  }
+  if (compute_raw) {
+    a.rm[gb] = T(1);
+    a.rs[gb] += V::hsum(racc);
+  }
+  const bool fresh = a.m[gb] == neg_inf<T>();
+  a.m[gb] = std::abs(beta);
+  a.s[gb] += V::hsum(es);
+  a.w[gb] += V::hsum(ews);
+  Ops::gather_axpy(a.v + gb * a.Dp, fresh, T(1), dst, a.buf, idx, n, a.Dp);
+}
+
 // Score pass over one block of rows (see the section comment): fills st.
 template <typename T, int NV>
 void score_pass(const Ctx<T>& cx, const Plan& pl, PairState<T>& st, bool compute_raw) {
@@ -1063,6 +1123,26 @@ void score_pass(const Ctx<T>& cx, const Plan& pl, PairState<T>& st, bool compute
         const int64_t base = c << shift;
         const int64_t nloc = std::min(CI, N - base);
         load_chunk<T, NV>(cx, pl, c, base, nloc, buf.get(), stamp, c + r0 * pl.C);
+        if (fixed) {  // (Plan::for_runs, spelled out: the run's arguments are plain locals)
+          const FixedRunArgs<T> fa{buf.get(), Dp, sc, gm.data(), gs.data(), gw.data(), gv.get(),
+                                   compute_raw, grm.data(), grs.data()};
+          const int64_t E = pl.C * pl.RB + 1, RB = pl.RB;
+          T* score = st.score.get();
+          const int32_t* sorted = pl.sorted.get();
+          for (int64_t j = 0, r0b = 0; r0b < nb; ++j, r0b += RB) {
+            const int32_t* o = pl.off.data() + j * E + c * RB;
+            const int64_t sb = r0b * M, rows = std::min(RB, nb - r0b);
+            for (int64_t r = 0; r < rows; ++r) {
+              if (o[r] == o[r + 1]) continue;
+              const int64_t bl = r0b + r;
+              const T beta = cx.beta[r0 + bl];
+              const T* u = cx.uhat + (r0 + bl) * Dp;
+              for (int64_t kk = sb + o[r], k1 = sb + o[r + 1]; kk < k1; kk += kBlock)
+                fixed_run<T, NV>(fa, g * nb + bl, u, beta, sorted + kk, std::min(kBlock, k1 - kk), score + kk);
+            }
+          }
+          continue;
+        }
         pl.for_runs(c, [&](int64_t bl, int64_t k0, int64_t k1) {
           const int64_t b = r0 + bl, gb = g * nb + bl;
           const T* u = cx.uhat + b * Dp;
@@ -1074,34 +1154,6 @@ void score_pass(const Ctx<T>& cx, const Plan& pl, PairState<T>& st, bool compute
             const int32_t* idx = pl.sorted.get() + kk;
             Ops::dots(u, buf.get(), idx, n, Dp, sc);
             const typename V::R vb = V::set1(beta);
-            if (fixed) {
-              // e = exp(β·ŝ - |β|), one loop: the sums, the raw exps, and e itself stored in
-              // the pairs' score slots (the backward's coefficients are e times a row factor).
-              const typename V::R vnref = V::set1(-std::abs(beta));
-              T* dst = st.score.get() + kk;
-              typename V::R es = V::zero(), ews = V::zero(), racc = V::zero();
-              for (int64_t k = 0; k < n; k += W) {
-                const typename V::R sv = V::load_after_hsum4(sc + k);
-                typename V::R e = V::exp(V::fma(vb, sv, vnref));
-                const int left = static_cast<int>(std::min<int64_t>(W, n - k));
-                if (left < W) {
-                  e = V::keep_first(e, left);
-                  V::store_first(dst + k, e, left);
-                } else {
-                  V::store(dst + k, e);
-                }
-                es = V::add(es, e);
-                ews = V::fma(e, sv, ews);
-                if (compute_raw) racc = V::add(racc, raw_exp(sv, left));
-              }
-              if (compute_raw) add_raw(gb, racc);
-              const bool fresh = gm[gb] == neg_inf<T>();
-              gm[gb] = std::abs(beta);
-              gs[gb] += V::hsum(es);
-              gw[gb] += V::hsum(ews);
-              Ops::gather_axpy(gv.get() + gb * Dp, fresh, T(1), dst, buf.get(), idx, n, Dp);
-              continue;
-            }
             T mx;
             if (plain) {
               // Logits β·ŝ straight from the scores. Pad lanes repeat sc[0], so the max needs
