@@ -1126,19 +1126,23 @@ void score_pass(const Ctx<T>& cx, const Plan& pl, PairState<T>& st, bool compute
         if (fixed) {  // (Plan::for_runs, spelled out: the run's arguments are plain locals)
           const FixedRunArgs<T> fa{buf.get(), Dp, sc, gm.data(), gs.data(), gw.data(), gv.get(),
                                    compute_raw, grm.data(), grs.data()};
-          const int64_t E = pl.C * pl.RB + 1, RB = pl.RB;
-          T* score = st.score.get();
-          const int32_t* sorted = pl.sorted.get();
+          // (locals, not the enclosing lambda's captures: they stay in registers across the
+          // calls instead of being reloaded through the captured references after each)
+          const int64_t E = pl.C * pl.RB + 1, RB = pl.RB, gnb = g * nb, stride = Dp;
+          T* const score = st.score.get();
+          const int32_t* const sorted = pl.sorted.get();
+          const int32_t* const offs = pl.off.data() + c * RB;
+          const T* const betas = cx.beta + r0;
+          const T* const users = cx.uhat + r0 * Dp;
           for (int64_t j = 0, r0b = 0; r0b < nb; ++j, r0b += RB) {
-            const int32_t* o = pl.off.data() + j * E + c * RB;
+            const int32_t* o = offs + j * E;
             const int64_t sb = r0b * M, rows = std::min(RB, nb - r0b);
             for (int64_t r = 0; r < rows; ++r) {
               if (o[r] == o[r + 1]) continue;
               const int64_t bl = r0b + r;
-              const T beta = cx.beta[r0 + bl];
-              const T* u = cx.uhat + (r0 + bl) * Dp;
               for (int64_t kk = sb + o[r], k1 = sb + o[r + 1]; kk < k1; kk += kBlock)
-                fixed_run<T, NV>(fa, g * nb + bl, u, beta, sorted + kk, std::min(kBlock, k1 - kk), score + kk);
+                fixed_run<T, NV>(fa, gnb + bl, users + bl * stride, betas[bl], sorted + kk,
+                                 std::min(kBlock, k1 - kk), score + kk);
             }
           }
           continue;
