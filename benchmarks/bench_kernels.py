@@ -4,8 +4,11 @@ For every negative mode (per-row [B, M], shared [M], in-batch) and a few shapes,
 eager PyTorch formulation (gather + normalize + bmm/matmul + logsumexp + .backward()), the
 same function under torch.compile, and every adaptau backend usable on the device
 ('reference' only at small shapes, 'triton' never on CPU): forward, backward and
-forward+backward, medians of --repeats runs after --warmup runs, all side by side in one
-process. Also the peak extra memory of one forward+backward step.
+forward+backward, medians of --repeats runs (--slow-repeats for eager / compile /
+reference at large shapes) after warm-up, all side by side in one process: the methods
+take turns in interleaved rounds (each round runs every method; the fast ones several
+times), so a shared machine that drifts during the suite affects every method alike.
+Also the peak extra memory of one forward+backward step.
 
 Memory, CPU: peak resident-set growth of the process during one step, measured as VmHWM
 (peak RSS, reset through /proc/self/clear_refs) minus the RSS at the start of the step,
@@ -164,25 +167,39 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_method(fwd: Callable, params, device: str, warmup: int, repeats: int):
-    """Medians (seconds) of forward, backward, forward+backward."""
-    tf, tb, tt = [], [], []
-    for i in range(warmup + repeats):
-        for p in params:
-            p.grad = None
-        _sync(device)
-        t0 = time.perf_counter()
-        loss = fwd()
-        _sync(device)
-        t1 = time.perf_counter()
-        loss.backward()
-        _sync(device)
-        t2 = time.perf_counter()
-        if i >= warmup:
-            tf.append(t1 - t0)
-            tb.append(t2 - t1)
-            tt.append(t2 - t0)
-    return statistics.median(tf), statistics.median(tb), statistics.median(tt)
+def _time_once(fwd: Callable, params, device: str):
+    """(forward, backward, forward+backward) seconds of one step, gradients reset first."""
+    for p in params:
+        p.grad = None
+    _sync(device)
+    t0 = time.perf_counter()
+    loss = fwd()
+    _sync(device)
+    t1 = time.perf_counter()
+    loss.backward()
+    _sync(device)
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, t2 - t0
+
+
+def time_methods(methods: Dict[str, Callable], params, device: str, warmup: Dict[str, int],
+                 per_round: Dict[str, int], rounds: int):
+    """Medians (seconds) of forward, backward and forward+backward for every method.
+
+    After each method's warm-up, the methods are timed in ``rounds`` interleaved rounds, each
+    running every method ``per_round[name]`` times, so a shared machine that speeds up or
+    slows down while the suite runs (other tenants, clock changes) weighs on every method
+    alike and the ratios compare like with like."""
+    samples = {name: ([], [], []) for name in methods}
+    for name, fwd in methods.items():
+        for _ in range(warmup[name]):
+            _time_once(fwd, params, device)
+    for _ in range(rounds):
+        for name, fwd in methods.items():
+            for _ in range(per_round[name]):
+                for acc, value in zip(samples[name], _time_once(fwd, params, device)):
+                    acc.append(value)
+    return {name: tuple(statistics.median(x) for x in acc) for name, acc in samples.items()}
 
 
 def make_inputs(s: Shape, device: str, seed: int = 0):
@@ -231,13 +248,17 @@ def run_shape(s: Shape, args, rows: List[Dict]):
             user, items, pos, neg, alpha, beta, backend=b))
 
     threads = torch.get_num_threads()
+    # Slow methods (eager, compile, reference at large shapes) run --slow-repeats times, once
+    # per round; the others --repeats times spread over the same rounds.
+    slow = {name for name in methods
+            if name in ("eager", "compile", "reference") and s.B * s.M * s.D > 2**26}
+    rounds = max(2, min(args.repeats, args.slow_repeats)) if slow else args.repeats
+    per_round = {name: 1 if name in slow else max(1, -(-args.repeats // rounds)) for name in methods}
+    warmup = {name: (2 if name == "compile" else 1) if name in slow
+              else args.warmup + (1 if name == "compile" else 0) for name in methods}
+    medians = time_methods(methods, params, device, warmup, per_round, rounds)
     for name, fwd in methods.items():
-        warmup = args.warmup + (1 if name == "compile" else 0)
-        repeats = args.repeats
-        if name in ("eager", "compile", "reference") and s.B * s.M * s.D > 2**26:
-            repeats = max(2, min(repeats, args.slow_repeats))
-            warmup = 2 if name == "compile" else 1
-        tf, tb, tt = time_method(fwd, params, device, warmup, repeats)
+        tf, tb, tt = medians[name]
 
         def step():
             for p in params:
