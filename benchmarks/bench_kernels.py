@@ -333,7 +333,8 @@ def write_results(rows: List[Dict], info: List[str], args, extra: List[str]):
             f.write(f"- {line}\n")
         f.write(f"- Command: `{' '.join(sys.argv)}`\n")
         f.write(f"- Medians of {args.repeats} runs after {args.warmup} warm-up runs "
-                f"(eager/compile/reference at big shapes: {args.slow_repeats} after 1, compile 2); loss = mean, "
+                f"(eager/compile/reference at big shapes: {args.slow_repeats} after 1, compile 2), the "
+                "methods taking turns in interleaved rounds; loss = mean, "
                 "include_pos=False, normalize=True, alpha = beta = 5.\n\n")
         f.write("| mode | shape | B | M | D | method | fwd ms | bwd ms | fwd+bwd ms | "
                 "vs eager | vs compile | peak extra MiB |\n")
