@@ -1021,6 +1021,22 @@ constexpr T fixed_reference_max_beta() {
   return sizeof(T) == 4 ? T(40) : T(300);
 }
 
+// The raw loss's terms (normalized, no logq): exp(ŝ - 1) of a vector of scores, lanes from
+// `left` on zeroed. Cosines are at most 1, so the raw log-sum-exp needs no running max
+// (reference 1 for every row); add_raw folds a run's sum into its (group, row) state.
+template <typename T>
+ADAPTAU_HOT_INLINE typename Vec<T>::R raw_exp(typename Vec<T>::R sv, int left) {
+  using V = Vec<T>;
+  const typename V::R r = V::exp(V::sub(sv, V::set1(T(1))));
+  return left < V::W ? V::keep_first(r, left) : r;
+}
+
+template <typename T>
+ADAPTAU_HOT_INLINE void add_raw(T& rm, T& rs, typename Vec<T>::R racc) {
+  rm = T(1);
+  rs += Vec<T>::hsum(racc);
+}
+
 // What every run of a score pass's thread shares in the fixed-reference case: the chunk
 // buffer, a scratch for the scores and the (group, row) states (indexed by gb = g·nb + row).
 template <typename T>
@@ -1062,15 +1078,9 @@ __attribute__((noinline)) void fixed_run(const FixedRunArgs<T>& a, int64_t gb, c
     }
     es = V::add(es, e);
     ews = V::fma(e, sv, ews);
-    if (compute_raw) {
-      const typename V::R r = V::exp(V::sub(sv, V::set1(T(1))));
-      racc = V::add(racc, left < W ? V::keep_first(r, left) : r);
-    }
+    if (compute_raw) racc = V::add(racc, raw_exp<T>(sv, left));
   }
-  if (compute_raw) {
-    a.rm[gb] = T(1);
-    a.rs[gb] += V::hsum(racc);
-  }
+  if (compute_raw) add_raw(a.rm[gb], a.rs[gb], racc);
   const bool fresh = a.m[gb] == neg_inf<T>();
   a.m[gb] = std::abs(beta);
   a.s[gb] += V::hsum(es);
@@ -1099,17 +1109,6 @@ void score_pass(const Ctx<T>& cx, const Plan& pl, PairState<T>& st, bool compute
   bool fixed = plain;
   for (int64_t b = r0; b < r0 + nb && fixed; ++b) fixed = std::abs(cx.beta[b]) <= fixed_reference_max_beta<T>();
   st.exp_scores = fixed;
-  // The raw loss's terms (normalized, no logq): exp(ŝ - 1) of a vector of scores, lanes from
-  // `left` on zeroed. Cosines are at most 1, so the raw log-sum-exp needs no running max
-  // (reference 1 for every row); add_raw folds a run's sum into its (group, row) state.
-  const auto raw_exp = [](typename V::R sv, int left) {
-    const typename V::R r = V::exp(V::sub(sv, V::set1(T(1))));
-    return left < W ? V::keep_first(r, left) : r;
-  };
-  const auto add_raw = [&](int64_t gb, typename V::R racc) {
-    grm[gb] = T(1);
-    grs[gb] += V::hsum(racc);
-  };
   at::parallel_for(0, G, grain(3 * nb * M * Dp / G), [&](int64_t g0, int64_t g1) {
     Buf<T> buf = make_buf<T>(CI * Dp);
     std::vector<int64_t> stamp(CI, -1);
@@ -1123,28 +1122,21 @@ void score_pass(const Ctx<T>& cx, const Plan& pl, PairState<T>& st, bool compute
         const int64_t base = c << shift;
         const int64_t nloc = std::min(CI, N - base);
         load_chunk<T, NV>(cx, pl, c, base, nloc, buf.get(), stamp, c + r0 * pl.C);
-        if (fixed) {  // (Plan::for_runs, spelled out: the run's arguments are plain locals)
+        if (fixed) {
           const FixedRunArgs<T> fa{buf.get(), Dp, sc, gm.data(), gs.data(), gw.data(), gv.get(),
                                    compute_raw, grm.data(), grs.data()};
-          // (locals, not the enclosing lambda's captures: they stay in registers across the
-          // calls instead of being reloaded through the captured references after each)
-          const int64_t E = pl.C * pl.RB + 1, RB = pl.RB, gnb = g * nb, stride = Dp;
+          // (pointers captured by value, not through the enclosing lambda's references: they
+          // stay in registers across the calls instead of being reloaded after each)
+          const int64_t gnb = g * nb, stride = Dp;
           T* const score = st.score.get();
           const int32_t* const sorted = pl.sorted.get();
-          const int32_t* const offs = pl.off.data() + c * RB;
           const T* const betas = cx.beta + r0;
           const T* const users = cx.uhat + r0 * Dp;
-          for (int64_t j = 0, r0b = 0; r0b < nb; ++j, r0b += RB) {
-            const int32_t* o = offs + j * E;
-            const int64_t sb = r0b * M, rows = std::min(RB, nb - r0b);
-            for (int64_t r = 0; r < rows; ++r) {
-              if (o[r] == o[r + 1]) continue;
-              const int64_t bl = r0b + r;
-              for (int64_t kk = sb + o[r], k1 = sb + o[r + 1]; kk < k1; kk += kBlock)
-                fixed_run<T, NV>(fa, gnb + bl, users + bl * stride, betas[bl], sorted + kk,
-                                 std::min(kBlock, k1 - kk), score + kk);
-            }
-          }
+          pl.for_runs(c, [&fa, gnb, stride, score, sorted, betas, users](int64_t bl, int64_t k0, int64_t k1) {
+            for (int64_t kk = k0; kk < k1; kk += kBlock)
+              fixed_run<T, NV>(fa, gnb + bl, users + bl * stride, betas[bl], sorted + kk,
+                               std::min(kBlock, k1 - kk), score + kk);
+          });
           continue;
         }
         pl.for_runs(c, [&](int64_t bl, int64_t k0, int64_t k1) {
@@ -1186,7 +1178,7 @@ void score_pass(const Ctx<T>& cx, const Plan& pl, PairState<T>& st, bool compute
                 run_logits(cx, pl, base, idx, sc, n, T(1), T(1), p, lg);
                 typename V::R acc = V::zero();
                 for (int64_t k = 0; k < npad; k += W) acc = V::add(acc, V::exp(V::load(lg + k)));
-                add_raw(gb, acc);
+                add_raw(grm[gb], grs[gb], acc);
               } else if (compute_raw) {
                 run_logits(cx, pl, base, idx, sc, n, T(1), T(0), p, lg);
                 lse_update(lg, npad, grm[gb], grs[gb]);
@@ -1209,9 +1201,9 @@ void score_pass(const Ctx<T>& cx, const Plan& pl, PairState<T>& st, bool compute
               V::store(ex + k, e);
               es = V::add(es, e);
               ews = V::fma(e, sv, ews);
-              if (plain && compute_raw) racc = V::add(racc, raw_exp(sv, k + W > n ? tail : W));
+              if (plain && compute_raw) racc = V::add(racc, raw_exp<T>(sv, k + W > n ? tail : W));
             }
-            if (plain && compute_raw) add_raw(gb, racc);
+            if (plain && compute_raw) add_raw(grm[gb], grs[gb], racc);
             gs[gb] = gs[gb] * keep + V::hsum(es);
             gw[gb] = gw[gb] * keep + V::hsum(ews);
             m = mn;
