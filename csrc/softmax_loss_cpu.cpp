@@ -1584,7 +1584,9 @@ template <typename T, int NV>
 void gemm_forward(Ctx<T>& cx, const at::Tensor& neg, T* loss, T* lse_out, T* raw, bool compute_raw) {
   const Tuning& tu = tuning();
   constexpr int W = Vec<T>::W;
+  PhaseTimer pt;
   Cands<T> cd = prepare_cands(cx, neg);
+  pt.mark("fwd candidates");
   const int64_t B = cx.B, Dp = cx.Dp;
   const int64_t RB = std::max<int64_t>(4, tu.row_block);
   const int64_t CB = round_up(std::max<int64_t>(2 * W, tu.col_block), 2 * W);
@@ -1637,6 +1639,7 @@ void gemm_forward(Ctx<T>& cx, const at::Tensor& neg, T* loss, T* lse_out, T* raw
       }
     }
   });
+  pt.mark("fwd tiles");
 }
 
 template <typename T, int NV>
@@ -1645,8 +1648,10 @@ void gemm_backward(Ctx<T>& cx, const at::Tensor& neg, const T* grad_loss, const 
   using V = Vec<T>;
   constexpr int W = V::W;
   const Tuning& tu = tuning();
+  PhaseTimer pt;
   Cands<T> cd = prepare_cands(cx, neg);
   RowGrad<T> rg = row_grad(cx, grad_loss, lse);
+  pt.mark("bwd candidates");
   const int64_t B = cx.B, D = cx.D, Dp = cx.Dp, N = cx.N, Mc = cd.Mc;
   const int64_t RB = std::max<int64_t>(4, tu.row_block);
   const int64_t CB = round_up(std::max<int64_t>(2 * W, tu.col_block), 2 * W);
@@ -1700,6 +1705,7 @@ void gemm_backward(Ctx<T>& cx, const at::Tensor& neg, const T* grad_loss, const 
     }
   });
 
+  pt.mark("bwd tiles");
   // Candidate gradients: merge the group partials (group order), scatter to items in
   // candidate order, add the positives' terms in row order, then the normalization.
   at::parallel_for(0, Mc, grain(G * Dp), [&](int64_t m0, int64_t m1) {
@@ -1711,7 +1717,11 @@ void gemm_backward(Ctx<T>& cx, const at::Tensor& neg, const T* grad_loss, const 
       }
     }
   });
-  std::memset(grad_items, 0, sizeof(T) * N * D);
+  pt.mark("bwd merge");
+  at::parallel_for(0, N, grain(D), [&](int64_t n0, int64_t n1) {
+    std::memset(grad_items + n0 * D, 0, sizeof(T) * (n1 - n0) * D);
+  });
+  pt.mark("bwd zero items");
   std::vector<int32_t> touched;
   touched.reserve(Mc + B);
   std::vector<uint8_t> seen(N, 0);
@@ -1730,8 +1740,10 @@ void gemm_backward(Ctx<T>& cx, const at::Tensor& neg, const T* grad_loss, const 
     for (int64_t i = 0; i < D; ++i) out[i] += dp * u[i];
     if (!seen[it]) { seen[it] = 1; touched.push_back(it); }
   }
+  pt.mark("bwd scatter");
   if (cx.normalize) {
-    at::parallel_for(0, static_cast<int64_t>(touched.size()), grain(4 * D), [&](int64_t t0, int64_t t1) {
+    // (rows scattered over the table: each costs memory latency more than arithmetic)
+    at::parallel_for(0, static_cast<int64_t>(touched.size()), grain(64 * D), [&](int64_t t0, int64_t t1) {
       std::vector<T> xh(Dp), gg(Dp, T(0));
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t it = touched[t];
@@ -1742,7 +1754,9 @@ void gemm_backward(Ctx<T>& cx, const at::Tensor& neg, const T* grad_loss, const 
       }
     });
   }
+  pt.mark("bwd normalize");
   finish_rows(cx, rg, 0, B, gu.get(), 1, q.data(), grad_user, grad_alpha, grad_beta, need_scale);
+  pt.mark("bwd rows");
 }
 
 // ================================================================= dispatch and glue
