@@ -77,6 +77,7 @@ ScaleLike = Union[float, int, Tensor]
 
 
 # ----------------------------------------------------------------------------- backends
+@functools.lru_cache(maxsize=None)  # (the extension's kernels do not change after import)
 def _has_fused_kernel(dispatch_key: str) -> bool:
     if _C_IMPORT_ERROR is not None:
         return False
@@ -185,10 +186,9 @@ def _check_finite(name: str, value: Tensor) -> None:
 
 
 def _check_values(num_items: int, pos: Tensor, neg: Tensor, pos_scale: Tensor,
-                  neg_scale: Tensor, neg_logq: Optional[Tensor], check_indices: bool = True) -> None:
-    if check_indices:
-        _check_index_range("pos", pos, num_items)
-        _check_index_range("neg", neg, num_items)
+                  neg_scale: Tensor, neg_logq: Optional[Tensor]) -> None:
+    _check_index_range("pos", pos, num_items)
+    _check_index_range("neg", neg, num_items)
     _check_finite("pos_scale", pos_scale)
     _check_finite("neg_scale", neg_scale)
     if neg_logq is not None:
@@ -196,37 +196,48 @@ def _check_values(num_items: int, pos: Tensor, neg: Tensor, pos_scale: Tensor,
 
 
 # ------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("adaptau::softmax_loss_forward", mutates_args=())
-def _forward_op(
+# Two operators in the adaptau namespace (the C++ extension's TORCH_LIBRARY block holds the
+# backends' own fused_forward / fused_backward): schemas defined here, one Python kernel
+# each for every device (it picks the backend), a fake kernel so torch.compile can trace
+# them, and the autograd formula. Registered with the plain torch.library API rather than
+# the @torch.library.custom_op decorator: the decorator's per-call wrappers cost ~0.2 ms
+# of Python per forward and again per backward, more than the fused CPU kernel itself
+# at small batch sizes.
+_LIB = torch.library.Library("adaptau", "FRAGMENT")
+_LIB.define(
+    "softmax_loss_forward(Tensor user, Tensor items, Tensor pos, Tensor neg, "
+    "Tensor pos_scale, Tensor neg_scale, Tensor? neg_logq, int neg_mode, bool include_pos, "
+    "bool normalize, bool remove_hits, bool compute_raw, str backend) -> (Tensor, Tensor, Tensor)"
+)
+_LIB.define(
+    "softmax_loss_backward(Tensor grad_loss, Tensor user, Tensor items, Tensor pos, Tensor neg, "
+    "Tensor pos_scale, Tensor neg_scale, Tensor? neg_logq, Tensor lse, int neg_mode, "
+    "bool include_pos, bool normalize, bool remove_hits, bool need_scale_grads, str backend) "
+    "-> (Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+@torch.compiler.disable
+def _forward_kernel(
     user: Tensor, items: Tensor, pos: Tensor, neg: Tensor, pos_scale: Tensor,
     neg_scale: Tensor, neg_logq: Optional[Tensor], neg_mode: int, include_pos: bool,
     normalize: bool, remove_hits: bool, compute_raw: bool, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     resolved = _resolve_backend(backend, user.device.type)
-    # The cpu kernel range-checks every index itself (vectorized, while converting or
-    # sorting them, before any is used) and raises the same IndexError as
-    # _check_index_range; checking here too would read the [B, M] negatives twice.
-    _check_values(items.shape[0], pos, neg, pos_scale, neg_scale, neg_logq,
-                  check_indices=resolved != "cpu")
+    # The cpu kernel checks the values itself, before it uses any, and raises the same
+    # exceptions: every index (vectorized, while converting or sorting them; checking here
+    # too would read the [B, M] negatives twice) and the scales' and neg_logq's finiteness
+    # (here that would cost more than the whole kernel at small sizes).
+    if resolved != "cpu":
+        _check_values(items.shape[0], pos, neg, pos_scale, neg_scale, neg_logq)
     forward, _ = _implementation(resolved)
     loss, lse, raw = forward(user, items, pos, neg, pos_scale, neg_scale, neg_logq,
                              neg_mode, include_pos, normalize, remove_hits, compute_raw)
     return loss, lse, raw
 
 
-@_forward_op.register_fake
-def _forward_fake(user, items, pos, neg, pos_scale, neg_scale, neg_logq, neg_mode,
-                  include_pos, normalize, remove_hits, compute_raw, backend):
-    acc = accumulation_dtype(user.dtype)
-    batch = user.shape[0]
-    loss = user.new_empty((batch,), dtype=acc)
-    lse = user.new_empty((batch,), dtype=acc)
-    raw = user.new_empty((batch if compute_raw else 0,), dtype=acc)
-    return loss, lse, raw
-
-
-@torch.library.custom_op("adaptau::softmax_loss_backward", mutates_args=())
-def _backward_op(
+@torch.compiler.disable
+def _backward_kernel(
     grad_loss: Tensor, user: Tensor, items: Tensor, pos: Tensor, neg: Tensor,
     pos_scale: Tensor, neg_scale: Tensor, neg_logq: Optional[Tensor], lse: Tensor,
     neg_mode: int, include_pos: bool, normalize: bool, remove_hits: bool,
@@ -239,7 +250,24 @@ def _backward_op(
     return grad_user, grad_items, grad_pos_scale, grad_neg_scale
 
 
-@_backward_op.register_fake
+_LIB.impl("softmax_loss_forward", _forward_kernel, "CompositeExplicitAutograd")
+_LIB.impl("softmax_loss_backward", _backward_kernel, "CompositeExplicitAutograd")
+_forward_op = torch.ops.adaptau.softmax_loss_forward.default
+_backward_op = torch.ops.adaptau.softmax_loss_backward.default
+
+
+@torch.library.register_fake("adaptau::softmax_loss_forward", lib=_LIB)
+def _forward_fake(user, items, pos, neg, pos_scale, neg_scale, neg_logq, neg_mode,
+                  include_pos, normalize, remove_hits, compute_raw, backend):
+    acc = accumulation_dtype(user.dtype)
+    batch = user.shape[0]
+    loss = user.new_empty((batch,), dtype=acc)
+    lse = user.new_empty((batch,), dtype=acc)
+    raw = user.new_empty((batch if compute_raw else 0,), dtype=acc)
+    return loss, lse, raw
+
+
+@torch.library.register_fake("adaptau::softmax_loss_backward", lib=_LIB)
 def _backward_fake(grad_loss, user, items, pos, neg, pos_scale, neg_scale, neg_logq, lse,
                    neg_mode, include_pos, normalize, remove_hits, need_scale_grads, backend):
     return (torch.empty_like(user), torch.empty_like(items),
@@ -274,7 +302,7 @@ def _backward(ctx, grad_loss, grad_lse, grad_raw):
 
 
 torch.library.register_autograd("adaptau::softmax_loss_forward", _backward,
-                                setup_context=_setup_context)
+                                setup_context=_setup_context, lib=_LIB)
 
 
 # ---------------------------------------------------------------------- public function

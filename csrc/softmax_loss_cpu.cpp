@@ -1795,6 +1795,30 @@ struct Inputs {
   int64_t B, N, D, M;
 };
 
+// Raises the ValueError of Python's finiteness check (adaptau/ops.py, which leaves the
+// scales and neg_logq to this backend) when t (contiguous, float or double) has a NaN or
+// an infinity. The scan has no early exit (it vectorizes); the message names the first.
+template <typename T>
+void check_finite_values(const at::Tensor& t, const char* name) {
+  const T* p = t.data_ptr<T>();
+  const int64_t n = t.numel();
+  int bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad |= !(std::abs(p[i]) <= std::numeric_limits<T>::max());
+  if (!bad) return;
+  for (int64_t i = 0; i < n; ++i) {
+    if (std::isfinite(p[i])) continue;
+    const char* v = std::isnan(p[i]) ? "nan" : (p[i] > 0 ? "inf" : "-inf");
+    TORCH_CHECK_VALUE(false, name, " must be finite; ", name, "[", i, "] = ", v);
+  }
+}
+
+void check_finite(const at::Tensor& t, const char* name) {
+  if (t.scalar_type() == at::kDouble)
+    check_finite_values<double>(t, name);
+  else
+    check_finite_values<float>(t, name);
+}
+
 Inputs check_inputs(const at::Tensor& user, const at::Tensor& items, const at::Tensor& pos,
                     const at::Tensor& neg, const at::Tensor& pos_scale, const at::Tensor& neg_scale,
                     const std::optional<at::Tensor>& neg_logq, int64_t neg_mode) {
@@ -1850,11 +1874,14 @@ Inputs check_inputs(const at::Tensor& user, const at::Tensor& items, const at::T
   in.neg = neg.contiguous();
   in.alpha = pos_scale.to(in.acc_dtype).contiguous();
   in.beta = neg_scale.to(in.acc_dtype).contiguous();
+  check_finite(in.alpha, "pos_scale");
+  check_finite(in.beta, "neg_scale");
   if (neg_logq.has_value() && neg_logq->defined()) {
     const at::Tensor& lq = *neg_logq;
     TORCH_CHECK(lq.device().is_cpu() && lq.dim() == 1 && lq.size(0) == in.N && lq.is_floating_point(),
                 "adaptau cpu: neg_logq must be a floating [N=", in.N, "] CPU tensor, got ", lq.sizes());
     in.logq = lq.to(in.acc_dtype).contiguous();
+    check_finite(in.logq, "neg_logq");
   }
   return in;
 }

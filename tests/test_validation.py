@@ -152,3 +152,49 @@ def test_cpu_backend_raises_the_same_index_errors(case, dtype):
         with pytest.raises(IndexError, match=message.replace("[", r"\[")):
             adaptau.softmax_loss(torch.randn(B, D), torch.randn(N, D), pos, neg, 1.0, 1.0,
                                  backend=backend)
+
+
+FINITE_CASES = [
+    # (changes, message): tensors the Python check would reject, whatever their dtype
+    (dict(neg_scale=torch.tensor([1.0, float("nan"), 1.0, 1.0])), "neg_scale must be finite; neg_scale[1] = nan"),
+    (dict(pos_scale=torch.tensor([1.0, 1.0, 1.0, math.inf])), "pos_scale must be finite; pos_scale[3] = inf"),
+    (dict(pos_scale=torch.tensor(-math.inf)), "pos_scale must be finite; pos_scale[0] = -inf"),
+    (dict(neg_logq=torch.cat([torch.zeros(N - 1), torch.tensor([float("nan")])])),
+     "neg_logq must be finite; neg_logq[9] = nan"),
+    (dict(neg_logq=torch.full((N,), -math.inf)), "neg_logq must be finite; neg_logq[0] = -inf"),
+]
+
+
+@pytest.mark.skipif("cpu" not in adaptau.available_backends("cpu"), reason="C++ extension not built")
+@pytest.mark.parametrize("case", range(len(FINITE_CASES)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("neg_mode", ["per_row", "shared"])
+def test_cpu_backend_raises_the_same_finiteness_errors(case, dtype, neg_mode):
+    """The cpu backend checks the scales and neg_logq in the kernel (ops.py skips its own
+    check for that backend); the exception and message are those of the Python check."""
+    changes, message = FINITE_CASES[case]
+    args = good()
+    args["user"], args["items"] = args["user"].to(dtype), args["items"].to(dtype)
+    if neg_mode == "shared":
+        args["neg"] = args["neg"][0]
+    kwargs = {}
+    for name, value in changes.items():
+        if name == "neg_logq":
+            kwargs[name] = value.to(dtype)
+        else:
+            args[name] = value.to(dtype)
+    for backend in ("reference", "cpu"):
+        with pytest.raises(ValueError) as info:
+            adaptau.softmax_loss(*args.values(), backend=backend, **kwargs)
+        assert str(info.value).splitlines()[0] == message, backend
+    # and it is the kernel that raises: the op itself, called without ops.py's checks
+    scales = [torch.as_tensor(args[k], dtype=dtype).reshape(-1).expand(B).contiguous()
+              for k in ("pos_scale", "neg_scale")]
+    for op in (torch.ops.adaptau.fused_forward, torch.ops.adaptau.fused_backward):
+        lead = (torch.ones(B, dtype=dtype),) if op is torch.ops.adaptau.fused_backward else ()
+        tail = (torch.zeros(B, dtype=dtype),) if op is torch.ops.adaptau.fused_backward else ()
+        with pytest.raises(ValueError) as info:
+            op(*lead, args["user"], args["items"], args["pos"], args["neg"], *scales,
+               kwargs.get("neg_logq"), *tail, 0 if neg_mode == "per_row" else 1, False, True, False,
+               False)
+        assert str(info.value).splitlines()[0] == message, op
