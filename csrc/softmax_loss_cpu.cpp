@@ -20,8 +20,10 @@
 //            without them the backward recomputes them.
 // Shared (neg_mode 1) and in-batch (neg_mode 2) negatives: every row sees the same
 // candidates, so scores are blocked matrix products (register-tiled micro-kernel over
-// packed candidate panels) with a running max; the backward recomputes each tile and
-// accumulates candidate gradients per group of row blocks, merged in group order.
+// packed candidate panels) with a running max. The forward keeps the [B, M] scores for the
+// backward of the same call when they fit ADAPTAU_CPU_SAVED_SCORES_BYTES (32 MiB; else the
+// backward recomputes each tile); the backward accumulates candidate gradients per group
+// of row blocks, merged in group order.
 //
 // Numerics: accumulation in float32 for float16/bfloat16/float32 inputs (the first two
 // are upcast on entry and their gradients cast back) and float64 for float64; running-max
@@ -92,6 +94,7 @@ struct Tuning {
   int64_t row_block;        // GEMM modes: rows per block
   int64_t col_block;        // GEMM modes: candidates per block
   int64_t max_pairs;        // per-row backward: (row, negative) pairs per row block
+  int64_t saved_scores_bytes;  // GEMM modes: the forward keeps its [B, M] scores up to this size
 };
 
 const Tuning& tuning() {
@@ -103,6 +106,7 @@ const Tuning& tuning() {
       env_int("ADAPTAU_CPU_ROW_BLOCK", 64),
       env_int("ADAPTAU_CPU_COL_BLOCK", 256),
       env_int("ADAPTAU_CPU_MAX_PAIRS", int64_t(1) << 21),
+      env_int("ADAPTAU_CPU_SAVED_SCORES_BYTES", int64_t(32) << 20),
   };
   return t;
 }
@@ -599,7 +603,7 @@ struct Ctx {
   const T* logq = nullptr;  // may be null
   const void* neg = nullptr;
   bool neg_is_int64 = true;
-  SavedKey key;  // identity of the call's inputs (per-row mode's saved state)
+  SavedKey key;  // identity of the call's inputs (the forward's saved state)
   // derived (prepare_rows), owned by `rows`
   std::shared_ptr<const PreparedRows<T>> rows;
   const int32_t* pos = nullptr;  // [B]
@@ -896,8 +900,9 @@ struct Saved {
   std::shared_ptr<const PreparedRows<T>> rows;
 };
 
-// The forward's plan and state, kept for the backward of the same call. At most two are
-// kept (about 8 bytes per pair each); ADAPTAU_CPU_PLAN_CACHE=0 disables it.
+// What a forward keeps for the backward of the same call (per-row: Saved, about 8 bytes
+// per pair; GEMM modes: SavedTiles, 4 or 8 bytes per score). At most two are kept;
+// ADAPTAU_CPU_PLAN_CACHE=0 disables it.
 class SavedCache {
  public:
   static SavedCache& get() {
@@ -1579,6 +1584,16 @@ Cands<T> prepare_cands(const Ctx<T>& cx, const at::Tensor& neg) {
   return cd;
 }
 
+// What a GEMM-mode forward keeps for the backward of the same call (SavedCache): the
+// candidates, the prepared rows and every score ŝ [B][Mp] (when they fit
+// ADAPTAU_CPU_SAVED_SCORES_BYTES), so the backward does one GEMM fewer per tile.
+template <typename T>
+struct SavedTiles {
+  Cands<T> cd;
+  Buf<T> S;
+  std::shared_ptr<const PreparedRows<T>> rows;
+};
+
 // Logits of one tile row: lg[c] for columns [c0, c0+nc) of row b (padded with -inf to ncp).
 template <typename T>
 inline void tile_logits(const Ctx<T>& cx, const Cands<T>& cd, int64_t b, const T* s, int64_t c0,
@@ -1605,8 +1620,12 @@ void gemm_forward(Ctx<T>& cx, const at::Tensor& neg, T* loss, T* lse_out, T* raw
   const int64_t RB = std::max<int64_t>(4, tu.row_block);
   const int64_t CB = round_up(std::max<int64_t>(2 * W, tu.col_block), 2 * W);
   const int64_t nblk = (B + RB - 1) / RB;
+  // Scores straight into the kept [B][Mp] array, or into a per-thread tile.
+  const bool keep = cx.key.valid && B * cd.Mp * int64_t(sizeof(T)) <= tu.saved_scores_bytes;
+  Buf<T> kept = keep ? make_buf<T>(B * cd.Mp) : Buf<T>();
   at::parallel_for(0, nblk, grain(RB * cd.Mp * cx.D), [&](int64_t i0, int64_t i1) {
-    Buf<T> S = make_buf<T>(RB * CB);
+    Buf<T> tile = keep ? Buf<T>() : make_buf<T>(RB * CB);
+    const int64_t lds = keep ? cd.Mp : CB;
     std::vector<T> lg(CB), m(RB), s(RB), rm(RB), rs(RB);
     for (int64_t blk = i0; blk < i1; ++blk) {
       const int64_t r0 = blk * RB, nr = std::min(RB, B - r0);
@@ -1616,13 +1635,14 @@ void gemm_forward(Ctx<T>& cx, const at::Tensor& neg, T* loss, T* lse_out, T* raw
       std::fill(rs.begin(), rs.end(), T(0));
       for (int64_t c0 = 0; c0 < cd.Mp; c0 += CB) {
         const int64_t nc = std::min(CB, cd.Mp - c0);
-        score_tile(cx.uhat + r0 * Dp, Dp, nr, cd.ct.get() + c0 * cx.D, nc, cx.D, S.get(), CB);
+        T* S = keep ? kept.get() + r0 * lds + c0 : tile.get();
+        score_tile(cx.uhat + r0 * Dp, Dp, nr, cd.ct.get() + c0 * cx.D, nc, cx.D, S, lds);
         for (int64_t r = 0; r < nr; ++r) {
           const int64_t b = r0 + r;
-          tile_logits(cx, cd, b, S.get() + r * CB, c0, nc, cx.beta[b], true, T(0), lg.data());
+          tile_logits(cx, cd, b, S + r * lds, c0, nc, cx.beta[b], true, T(0), lg.data());
           lse_update(lg.data(), nc, m[r], s[r]);
           if (compute_raw) {
-            tile_logits(cx, cd, b, S.get() + r * CB, c0, nc, T(1), true, T(0), lg.data());
+            tile_logits(cx, cd, b, S + r * lds, c0, nc, T(1), true, T(0), lg.data());
             lse_update(lg.data(), nc, rm[r], rs[r]);
           }
         }
@@ -1654,18 +1674,28 @@ void gemm_forward(Ctx<T>& cx, const at::Tensor& neg, T* loss, T* lse_out, T* raw
     }
   });
   pt.mark("fwd tiles");
+  if (keep) {
+    auto saved = std::make_shared<SavedTiles<T>>();
+    saved->cd = std::move(cd);
+    saved->S = std::move(kept);
+    saved->rows = cx.rows;
+    SavedCache::get().put(cx.key, saved);
+  }
 }
 
 template <typename T, int NV>
-void gemm_backward(Ctx<T>& cx, const at::Tensor& neg, const T* grad_loss, const T* lse,
-                   T* grad_user, T* grad_items, T* grad_alpha, T* grad_beta, bool need_scale) {
+void gemm_backward(Ctx<T>& cx, std::shared_ptr<SavedTiles<T>> saved, const at::Tensor& neg,
+                   const T* grad_loss, const T* lse, T* grad_user, T* grad_items, T* grad_alpha,
+                   T* grad_beta, bool need_scale) {
   using V = Vec<T>;
   constexpr int W = V::W;
   const Tuning& tu = tuning();
   PhaseTimer pt;
-  Cands<T> cd = prepare_cands(cx, neg);
+  // the forward's candidates and scores when it kept them, else computed here
+  Cands<T> cd = saved != nullptr ? std::move(saved->cd) : prepare_cands(cx, neg);
+  const T* kept = saved != nullptr ? saved->S.get() : nullptr;
   RowGrad<T> rg = row_grad(cx, grad_loss, lse);
-  pt.mark("bwd candidates");
+  pt.mark(saved != nullptr ? "bwd candidates (saved)" : "bwd candidates");
   const int64_t B = cx.B, D = cx.D, Dp = cx.Dp, N = cx.N, Mc = cd.Mc;
   const int64_t RB = std::max<int64_t>(4, tu.row_block);
   const int64_t CB = round_up(std::max<int64_t>(2 * W, tu.col_block), 2 * W);
@@ -1678,7 +1708,8 @@ void gemm_backward(Ctx<T>& cx, const at::Tensor& neg, const T* grad_loss, const 
   std::vector<T> q(B, T(0));
 
   at::parallel_for(0, G, grain(3 * B * cd.Mp * Dp / G), [&](int64_t g0, int64_t g1) {
-    Buf<T> S = make_buf<T>(RB * CB);
+    Buf<T> tile = kept != nullptr ? Buf<T>() : make_buf<T>(RB * CB);
+    const int64_t lds = kept != nullptr ? cd.Mp : CB;
     Buf<T> dS = make_buf<T>(RB * CB);
     for (int64_t g = g0; g < g1; ++g) {
       T* gc = gc_parts.get() + g * Mc * Dp;
@@ -1688,7 +1719,8 @@ void gemm_backward(Ctx<T>& cx, const at::Tensor& neg, const T* grad_loss, const 
         for (int64_t c0 = 0; c0 < cd.Mp; c0 += CB) {
           const int64_t nc = std::min(CB, cd.Mp - c0);
           const int64_t ncv = std::min(nc, Mc - c0);  // valid columns
-          score_tile(cx.uhat + r0 * Dp, Dp, nr, cd.ct.get() + c0 * cx.D, nc, D, S.get(), CB);
+          const T* S = kept != nullptr ? kept + r0 * lds + c0 : tile.get();
+          if (kept == nullptr) score_tile(cx.uhat + r0 * Dp, Dp, nr, cd.ct.get() + c0 * cx.D, nc, D, tile.get(), CB);
           for (int64_t r = 0; r < nr; ++r) {
             const int64_t b = r0 + r;
             T* d = dS.get() + r * CB;
@@ -1696,7 +1728,7 @@ void gemm_backward(Ctx<T>& cx, const at::Tensor& neg, const T* grad_loss, const 
               std::fill(d, d + nc, T(0));
               continue;
             }
-            const T* s = S.get() + r * CB;
+            const T* s = S + r * lds;
             tile_logits(cx, cd, b, s, c0, nc, cx.beta[b], true, lse[b], d);
             const typename V::R vg = V::set1(rg.g[b] * cx.beta[b]);
             T qs = T(0);
@@ -1956,9 +1988,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cpu(
     using T = scalar_t;
     PhaseTimer pt;
     Ctx<T> cx = make_ctx<T>(in, neg_mode, include_pos, normalize, remove_hits);
-    if (neg_mode == kNegPerRow)
-      cx.key = call_key({&user, &items, &pos, &neg, &pos_scale, &neg_scale, neg_logq ? &*neg_logq : nullptr},
-                        {neg_mode, include_pos, normalize, remove_hits});
+    cx.key = call_key({&user, &items, &pos, &neg, &pos_scale, &neg_scale, neg_logq ? &*neg_logq : nullptr},
+                      {neg_mode, include_pos, normalize, remove_hits});
     pt.mark("prepare rows");
     T* rawp = compute_raw ? raw.data_ptr<T>() : nullptr;
     with_nv<T>(in.D, [&](auto nvc) {
@@ -1991,17 +2022,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
   AT_DISPATCH_FLOATING_TYPES(in.user.scalar_type(), "adaptau_fused_backward_cpu", [&] {
     using T = scalar_t;
     PhaseTimer pt;
-    // The forward of the same call (per-row mode) kept its plan, state and prepared rows.
+    // What the forward of the same call kept (the key holds neg_mode, so the type is known):
+    // per-row mode its plan, state and prepared rows; GEMM modes their candidates, scores
+    // and prepared rows.
+    const SavedKey key =
+        call_key({&user, &items, &pos, &neg, &pos_scale, &neg_scale, neg_logq ? &*neg_logq : nullptr},
+                 {neg_mode, include_pos, normalize, remove_hits});
+    std::shared_ptr<void> found = SavedCache::get().take(key);
     std::shared_ptr<Saved<T>> saved;
-    SavedKey key;
-    if (neg_mode == kNegPerRow) {
-      key = call_key({&user, &items, &pos, &neg, &pos_scale, &neg_scale, neg_logq ? &*neg_logq : nullptr},
-                     {neg_mode, include_pos, normalize, remove_hits});
-      saved = std::static_pointer_cast<Saved<T>>(SavedCache::get().take(key));
+    std::shared_ptr<SavedTiles<T>> tiles;
+    std::shared_ptr<const PreparedRows<T>> rows;
+    if (found != nullptr && neg_mode == kNegPerRow) {
+      saved = std::static_pointer_cast<Saved<T>>(found);
+      rows = saved->rows;
+    } else if (found != nullptr) {
+      tiles = std::static_pointer_cast<SavedTiles<T>>(found);
+      rows = tiles->rows;
     }
-    Ctx<T> cx = make_ctx<T>(in, neg_mode, include_pos, normalize, remove_hits,
-                            saved != nullptr ? saved->rows : nullptr);
-    pt.mark(saved != nullptr ? "prepare rows (saved)" : "prepare rows");
+    Ctx<T> cx = make_ctx<T>(in, neg_mode, include_pos, normalize, remove_hits, rows);
+    pt.mark(rows != nullptr ? "prepare rows (saved)" : "prepare rows");
     with_nv<T>(in.D, [&](auto nvc) {
       constexpr int NV = decltype(nvc)::value;
       if (neg_mode == kNegPerRow)
@@ -2009,7 +2048,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
                                 grad_items.data_ptr<T>(), grad_alpha.data_ptr<T>(), grad_beta.data_ptr<T>(),
                                 need_scale_grads);
       else
-        gemm_backward<T, NV>(cx, in.neg, gl.data_ptr<T>(), ls.data_ptr<T>(), grad_user.data_ptr<T>(),
+        gemm_backward<T, NV>(cx, tiles, in.neg, gl.data_ptr<T>(), ls.data_ptr<T>(), grad_user.data_ptr<T>(),
                              grad_items.data_ptr<T>(), grad_alpha.data_ptr<T>(), grad_beta.data_ptr<T>(),
                              need_scale_grads);
     });

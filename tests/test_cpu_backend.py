@@ -326,45 +326,86 @@ def test_return_raw_does_not_change_loss_or_gradients(seed, mode, use_logq):
             assert torch.equal(value, without[key]), f"{mode}: {key} differs without return_raw"
 
 
-def test_saved_state_is_only_reused_by_the_same_call():
-    """The per-row forward keeps its sort, scores and states for the backward, keyed on the
-    inputs' identities and version counters: a backward with other tensors (or the same
-    tensor changed in place) must recompute, never reuse stale scores."""
+@pytest.mark.parametrize("neg_mode", [0, 1, 2], ids=["per_row", "shared", "in_batch"])
+def test_saved_state_is_only_reused_by_the_same_call(neg_mode):
+    """The forward keeps what the backward needs (per-row: its sort, scores and states;
+    shared / in-batch: the candidates and every score), keyed on the inputs' identities and
+    version counters: a backward with other tensors (or the same tensor changed in place)
+    must recompute, never reuse stale scores."""
     gen = torch.Generator().manual_seed(7)
     B, M, N, D = 5, 7, 11, 6
     user, items = torch.randn(B, D, generator=gen), torch.randn(N, D, generator=gen)
-    pos, neg = torch.randint(0, N, (B,), generator=gen), torch.randint(0, N, (B, M), generator=gen)
+    pos = torch.randint(0, N, (B,), generator=gen)
+    neg = {0: torch.randint(0, N, (B, M), generator=gen), 1: torch.randint(0, N, (M,), generator=gen),
+           2: torch.zeros(0, dtype=torch.long)}[neg_mode]
     a, b = torch.full((B,), 3.0), torch.full((B,), 4.0)
     g = torch.rand(B, generator=gen)
     op_f, op_b = torch.ops.adaptau.fused_forward, torch.ops.adaptau.fused_backward
 
     def grads(u, it, backend):
-        loss, lse, _ = (op_f(u, it, pos, neg, a, b, None, 0, False, True, False, False)
+        loss, lse, _ = (op_f(u, it, pos, neg, a, b, None, neg_mode, False, True, False, False)
                         if backend == "cpu" else
-                        adaptau.reference.forward(u, it, pos, neg, a, b, None, 0, False, True,
+                        adaptau.reference.forward(u, it, pos, neg, a, b, None, neg_mode, False, True,
                                                   False, False))
         bwd = op_b if backend == "cpu" else adaptau.reference.backward
-        return bwd(g.to(u.dtype), u, it, pos, neg, a.to(u.dtype), b.to(u.dtype), None, lse, 0,
+        return bwd(g.to(u.dtype), u, it, pos, neg, a.to(u.dtype), b.to(u.dtype), None, lse, neg_mode,
                    False, True, False, True)
 
-    op_f(user, items, pos, neg, a, b, None, 0, False, True, False, False)  # leaves a saved state
+    op_f(user, items, pos, neg, a, b, None, neg_mode, False, True, False, False)  # leaves a saved state
     other = items * 1.5 + 0.3
-    lse_other = op_f(user, other, pos, neg, a, b, None, 0, False, True, False, False)[1]
+    lse_other = op_f(user, other, pos, neg, a, b, None, neg_mode, False, True, False, False)[1]
     # the first call's state is in the cache; a backward for `other` must not use it
-    got = op_b(g, user, other, pos, neg, a, b, None, lse_other, 0, False, True, False, True)
+    got = op_b(g, user, other, pos, neg, a, b, None, lse_other, neg_mode, False, True, False, True)
     want = grads(user.double(), other.double(), "reference")
     for x, y in zip(got, want):
         torch.testing.assert_close(x.double(), y, rtol=1e-4, atol=1e-5)
     # same tensor object, changed in place after the forward: version differs -> recompute
     it2 = items.clone()
-    lse2 = op_f(user, it2, pos, neg, a, b, None, 0, False, True, False, False)[1]
+    lse2 = op_f(user, it2, pos, neg, a, b, None, neg_mode, False, True, False, False)[1]
     it2.mul_(-2.0)
     lse2 = adaptau.reference.forward(user.double(), it2.double(), pos, neg, a.double(), b.double(),
-                                     None, 0, False, True, False, False)[1].float()
-    got = op_b(g, user, it2, pos, neg, a, b, None, lse2, 0, False, True, False, True)
+                                     None, neg_mode, False, True, False, False)[1].float()
+    got = op_b(g, user, it2, pos, neg, a, b, None, lse2, neg_mode, False, True, False, True)
     want = grads(user.double(), it2.double(), "reference")
     for x, y in zip(got, want):
         torch.testing.assert_close(x.double(), y, rtol=1e-4, atol=1e-5)
+
+
+def test_gemm_modes_saved_scores_match_recomputed_bitwise(tmp_path):
+    """Shared / in-batch: the backward from the forward's kept scores gives bitwise the
+    results of the backward that recomputes them (ADAPTAU_CPU_PLAN_CACHE=0), also with row
+    and column tiles that do not divide the sizes; and scores larger than
+    ADAPTAU_CPU_SAVED_SCORES_BYTES are not kept (the recomputed path, same results)."""
+    script = textwrap.dedent("""
+        import sys, torch, adaptau
+        torch.manual_seed(3)
+        out = []
+        for neg in (torch.randint(0, 300, (37,)), None):
+            for D in (24, 64, 5):
+                user = torch.randn(43, D, requires_grad=True); items = torch.randn(300, D, requires_grad=True)
+                pos = torch.randint(0, 300, (43,))
+                b = (torch.rand(43) * 4 + 1).requires_grad_()
+                loss = adaptau.softmax_loss(user, items, pos, neg, 4.0, b, include_pos=True,
+                                            neg_logq=torch.randn(300) * 0.5, backend="cpu",
+                                            reduction="sum")
+                loss.backward()
+                out += [loss.detach(), user.grad, items.grad, b.grad]
+        torch.save(out, sys.argv[1])
+    """)
+    results = []
+    for i, env in enumerate([{}, dict(ADAPTAU_CPU_PLAN_CACHE="0"),
+                             dict(ADAPTAU_CPU_SAVED_SCORES_BYTES="64"),
+                             dict(ADAPTAU_CPU_ROW_BLOCK="5", ADAPTAU_CPU_COL_BLOCK="16")]):
+        path = str(tmp_path / f"out{i}.pt")
+        subprocess.run([sys.executable, "-c", script, path], check=True,
+                       env={**os.environ, **env}, timeout=300)
+        results.append(torch.load(path))
+    for other in results[1:3]:
+        for x, y in zip(results[0], other):
+            assert torch.equal(x, y)
+    # other tiles: other sums, the same values to rounding
+    for x, y in zip(results[0], results[3]):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
 
 
 def test_inference_mode_forward():
