@@ -93,7 +93,8 @@ struct Tuning {
   int64_t partial_bytes;    // memory cap for the G partial buffers
   int64_t row_block;        // GEMM modes: rows per block
   int64_t col_block;        // GEMM modes: candidates per block
-  int64_t max_pairs;        // per-row backward: (row, negative) pairs per row block
+  int64_t max_pairs;        // per-row: (row, negative) pairs per row block (8 M: the state kept
+                            // for the backward, ~12 bytes per pair, stays near 100 MiB)
   int64_t saved_scores_bytes;  // GEMM modes: the forward keeps its [B, M] scores up to this size
 };
 
@@ -105,7 +106,7 @@ const Tuning& tuning() {
       env_int("ADAPTAU_CPU_PARTIAL_BYTES", 32 << 20),
       env_int("ADAPTAU_CPU_ROW_BLOCK", 64),
       env_int("ADAPTAU_CPU_COL_BLOCK", 256),
-      env_int("ADAPTAU_CPU_MAX_PAIRS", int64_t(1) << 21),
+      env_int("ADAPTAU_CPU_MAX_PAIRS", int64_t(1) << 23),
       env_int("ADAPTAU_CPU_SAVED_SCORES_BYTES", int64_t(32) << 20),
   };
   return t;
