@@ -1,6 +1,5 @@
 """The reference backend and the custom op against an independent float64 formula."""
 import itertools
-import math
 
 import pytest
 import torch

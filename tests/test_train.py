@@ -12,7 +12,7 @@ import torch
 
 import adaptau
 from adaptau import cli
-from adaptau.train import PRESETS, Trainer, TrainConfig, evaluate_run
+from adaptau.train import PRESETS, Trainer, TrainConfig
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = "synthetic:num_users=240,num_items=160"

@@ -262,7 +262,6 @@ def check_backend_functions(name, spec, fwd, bwd, device="cpu", dtype=None):
 
 def check_public_api(name, spec, backend, device="cpu", dtype=None):
     """adaptau.softmax_loss(backend=...) + autograd vs the reference backend in float64."""
-    import torch
     import adaptau
 
     x = make_inputs(name, spec, device, dtype)
