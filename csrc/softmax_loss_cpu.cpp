@@ -497,16 +497,9 @@ struct RunOps {
 };
 
 // -------------------------------------------------------------------- GEMM micro-kernel
-// out[i][0:Dp] (+)= sum_{j < nj} A[i*lda + j*sa] * X[j*ldx + 0:Dp]   for i < ni (added to
-// out when accumulate, else stored). Register-blocked: 6 outputs × 2 vectors, 12
-// accumulators (with the two X vectors and a broadcast, 15 of AVX2's 16 registers), each
-// loaded X vector used 6 times; 4 outputs (8 accumulators, too few chains for two FMA
-// pipes of 4-cycle latency) ran the GEMM modes' tiles 25-30% slower. Every sum runs over
-// j in order (deterministic, and the same sums whatever the blocking). Serves the GEMM modes' score tiles (score_tile) and their backward:
-// dU = dS·C (i = row, j = candidate) and dC = dSᵀ·U (i = candidate, j = row) straight from
-// the row-major dS tile, with no transpose.
-// MR output rows (A rows i..i+MR-1, clamped to ni-1: the extra rows are computed and not
-// stored) × 2 vectors of columns [d, d + 2W) (TWO; else one vector) per register tile.
+// One register tile of tile_gemm (below): MR output rows i..i+MR-1 (A rows clamped to
+// ni-1: the extra rows are computed and not stored) × 2 vectors of columns [d, d + 2W)
+// (TWO; else one vector).
 template <typename T, int MR, bool TWO>
 ADAPTAU_HOT_INLINE void tile_gemm_block(T* __restrict__ out, int64_t ldo, const T* __restrict__ A,
                                         int64_t lda, int64_t sa, const T* __restrict__ X, int64_t ldx,
@@ -541,6 +534,15 @@ ADAPTAU_HOT_INLINE void tile_gemm_block(T* __restrict__ out, int64_t ldo, const 
   }
 }
 
+// out[i][0:Dp] (+)= sum_{j < nj} A[i*lda + j*sa] * X[j*ldx + 0:Dp]   for i < ni (added to
+// out when accumulate, else stored). Register-blocked: 6 outputs × 2 vectors, 12
+// accumulators (with the two X vectors and a broadcast, 15 of AVX2's 16 registers), each
+// loaded X vector used 6 times; 4 outputs (8 accumulators, too few chains for two FMA
+// pipes of 4-cycle latency) ran the GEMM modes' tiles 25-30% slower. Every sum runs over
+// j in order (deterministic, and the same sums whatever the blocking). Serves the GEMM
+// modes' score tiles (score_tile) and their backward: dU = dS·C (i = row, j = candidate)
+// and dC = dSᵀ·U (i = candidate, j = row) straight from the row-major dS tile, with no
+// transpose.
 template <typename T>
 void tile_gemm(T* __restrict__ out, int64_t ldo, const T* __restrict__ A, int64_t lda, int64_t sa,
                const T* __restrict__ X, int64_t ldx, int64_t ni, int64_t nj, int64_t Dp,
@@ -1952,6 +1954,16 @@ SavedKey call_key(std::initializer_list<const at::Tensor*> tensors, std::vector<
   return k;
 }
 
+// The key of a fused_forward / fused_backward call on these inputs and options (the same
+// for a forward and the backward of the same call).
+SavedKey op_key(const at::Tensor& user, const at::Tensor& items, const at::Tensor& pos,
+                const at::Tensor& neg, const at::Tensor& pos_scale, const at::Tensor& neg_scale,
+                const std::optional<at::Tensor>& neg_logq, int64_t neg_mode, bool include_pos,
+                bool normalize, bool remove_hits) {
+  return call_key({&user, &items, &pos, &neg, &pos_scale, &neg_scale, neg_logq ? &*neg_logq : nullptr},
+                  {neg_mode, include_pos, normalize, remove_hits});
+}
+
 template <typename T>
 Ctx<T> make_ctx(const Inputs& in, int64_t neg_mode, bool include_pos, bool normalize, bool remove_hits,
                 std::shared_ptr<const PreparedRows<T>> kept = nullptr) {
@@ -1989,8 +2001,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cpu(
     using T = scalar_t;
     PhaseTimer pt;
     Ctx<T> cx = make_ctx<T>(in, neg_mode, include_pos, normalize, remove_hits);
-    cx.key = call_key({&user, &items, &pos, &neg, &pos_scale, &neg_scale, neg_logq ? &*neg_logq : nullptr},
-                      {neg_mode, include_pos, normalize, remove_hits});
+    cx.key = op_key(user, items, pos, neg, pos_scale, neg_scale, neg_logq, neg_mode, include_pos,
+                    normalize, remove_hits);
     pt.mark("prepare rows");
     T* rawp = compute_raw ? raw.data_ptr<T>() : nullptr;
     with_nv<T>(in.D, [&](auto nvc) {
@@ -2026,9 +2038,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
     // What the forward of the same call kept (the key holds neg_mode, so the type is known):
     // per-row mode its plan, state and prepared rows; GEMM modes their candidates, scores
     // and prepared rows.
-    const SavedKey key =
-        call_key({&user, &items, &pos, &neg, &pos_scale, &neg_scale, neg_logq ? &*neg_logq : nullptr},
-                 {neg_mode, include_pos, normalize, remove_hits});
+    const SavedKey key = op_key(user, items, pos, neg, pos_scale, neg_scale, neg_logq, neg_mode,
+                                include_pos, normalize, remove_hits);
     std::shared_ptr<void> found = SavedCache::get().take(key);
     std::shared_ptr<Saved<T>> saved;
     std::shared_ptr<SavedTiles<T>> tiles;

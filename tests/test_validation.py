@@ -190,9 +190,9 @@ def test_cpu_backend_raises_the_same_finiteness_errors(case, dtype, neg_mode):
     # and it is the kernel that raises: the op itself, called without ops.py's checks
     scales = [torch.as_tensor(args[k], dtype=dtype).reshape(-1).expand(B).contiguous()
               for k in ("pos_scale", "neg_scale")]
-    for op in (torch.ops.adaptau.fused_forward, torch.ops.adaptau.fused_backward):
-        lead = (torch.ones(B, dtype=dtype),) if op is torch.ops.adaptau.fused_backward else ()
-        tail = (torch.zeros(B, dtype=dtype),) if op is torch.ops.adaptau.fused_backward else ()
+    grad_loss, lse = torch.ones(B, dtype=dtype), torch.zeros(B, dtype=dtype)
+    for op, lead, tail in ((torch.ops.adaptau.fused_forward, (), ()),
+                           (torch.ops.adaptau.fused_backward, (grad_loss,), (lse,))):
         with pytest.raises(ValueError) as info:
             op(*lead, args["user"], args["items"], args["pos"], args["neg"], *scales,
                kwargs.get("neg_logq"), *tail, 0 if neg_mode == "per_row" else 1, False, True, False,
