@@ -912,8 +912,11 @@ class SavedCache {
     static SavedCache* cache = new SavedCache();
     return *cache;
   }
+  // Whether put() would keep an entry under this key (so a forward can skip building what
+  // would be dropped).
+  bool accepts(const SavedKey& key) const { return enabled_ && key.valid; }
   void put(const SavedKey& key, std::shared_ptr<void> value) {
-    if (!enabled_ || !key.valid) return;
+    if (!accepts(key)) return;
     std::lock_guard<std::mutex> lock(mu_);
     for (auto it = entries_.begin(); it != entries_.end(); ++it)
       if (it->first == key) {
@@ -924,7 +927,7 @@ class SavedCache {
     while (entries_.size() > 2) entries_.erase(entries_.begin());
   }
   std::shared_ptr<void> take(const SavedKey& key) {
-    if (!enabled_ || !key.valid) return nullptr;
+    if (!accepts(key)) return nullptr;
     std::lock_guard<std::mutex> lock(mu_);
     for (auto it = entries_.begin(); it != entries_.end(); ++it)
       if (it->first == key) {
@@ -1624,7 +1627,8 @@ void gemm_forward(Ctx<T>& cx, const at::Tensor& neg, T* loss, T* lse_out, T* raw
   const int64_t CB = round_up(std::max<int64_t>(2 * W, tu.col_block), 2 * W);
   const int64_t nblk = (B + RB - 1) / RB;
   // Scores straight into the kept [B][Mp] array, or into a per-thread tile.
-  const bool keep = cx.key.valid && B * cd.Mp * int64_t(sizeof(T)) <= tu.saved_scores_bytes;
+  const bool keep = SavedCache::get().accepts(cx.key) &&
+                    B * cd.Mp * int64_t(sizeof(T)) <= tu.saved_scores_bytes;
   Buf<T> kept = keep ? make_buf<T>(B * cd.Mp) : Buf<T>();
   at::parallel_for(0, nblk, grain(RB * cd.Mp * cx.D), [&](int64_t i0, int64_t i1) {
     Buf<T> tile = keep ? Buf<T>() : make_buf<T>(RB * CB);
