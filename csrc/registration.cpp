@@ -6,6 +6,9 @@
 //                                  dropout_mask (its inverted-dropout mask, same generator)
 //                                  item_counts (a parallel bincount) and add_l2_rows_ (the
 //                                  sampled L2's item gradient and value in one pass)
+//   csrc/finite_cpu.cpp            all_finite (whether a tensor holds no NaN and no infinity)
+//   csrc/compact_cpu.cpp           compact_indices (the distinct rows a batch touches, and
+//                                  its indices as positions among them)
 // The contract (shapes, dtypes, meaning of outputs) is documented in adaptau/ops.py.
 #include <Python.h>
 #include <torch/library.h>
@@ -32,4 +35,6 @@ TORCH_LIBRARY(adaptau, m) {
   m.def("dropout_mask(int rows, int cols, float p, int seed) -> Tensor");
   m.def("item_counts(Tensor indices, int num_items) -> Tensor");
   m.def("add_l2_rows_(Tensor(a!) grad, Tensor weight, Tensor counts, float coef) -> float");
+  m.def("all_finite(Tensor t) -> bool");
+  m.def("compact_indices(Tensor pos, Tensor neg, int num_items) -> (Tensor, Tensor, Tensor)");
 }
