@@ -13,6 +13,10 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <vector>
+
+#include "contract.h"
+
 extern "C" {
 // Makes `import adaptau._C` work; the ops register themselves when the library loads.
 PyObject* PyInit__C(void) {
@@ -20,6 +24,16 @@ PyObject* PyInit__C(void) {
   return PyModule_Create(&module_def);
 }
 }
+
+namespace {
+// The contract's constants as C++ compiles them, for the test that holds them equal to
+// adaptau/loss/_contract.py: neg modes (per-row, shared, in-batch), the norm epsilon and
+// the largest accepted |inverse temperature|.
+std::vector<double> contract_constants() {
+  return {double(adaptau::kNegPerRow), double(adaptau::kNegShared), double(adaptau::kNegInBatch),
+          adaptau::kNormEps, adaptau::kMaxInverseTemperature};
+}
+}  // namespace
 
 TORCH_LIBRARY(adaptau, m) {
   m.def(
@@ -36,5 +50,6 @@ TORCH_LIBRARY(adaptau, m) {
   m.def("item_counts(Tensor indices, int num_items) -> Tensor");
   m.def("add_l2_rows_(Tensor(a!) grad, Tensor weight, Tensor counts, float coef) -> float");
   m.def("all_finite(Tensor t) -> bool");
+  m.def("contract_constants() -> float[]", &contract_constants);
   m.def("compact_indices(Tensor pos, Tensor neg, int num_items) -> (Tensor, Tensor, Tensor)");
 }

@@ -65,6 +65,7 @@
 
 #include <sys/mman.h>
 
+#include "contract.h"
 #include "cpu_simd.h"
 
 #include <chrono>
@@ -74,8 +75,6 @@
 namespace adaptau {
 namespace cpu {
 namespace {
-
-constexpr int64_t kNegPerRow = 0, kNegShared = 1, kNegInBatch = 2;
 
 // ------------------------------------------------------------------------------ tuning
 int64_t env_int(const char* name, int64_t fallback) {
@@ -263,7 +262,7 @@ constexpr T neg_inf() {
 
 template <typename T>
 constexpr T norm_eps() {
-  return T(1e-12);
+  return T(kNormEps);
 }
 
 // --------------------------------------------------------------------- small vector ops
@@ -1848,28 +1847,34 @@ struct Inputs {
   int64_t B, N, D, M;
 };
 
-// Raises the ValueError of Python's finiteness check (adaptau/ops.py, which leaves the
-// scales and neg_logq to this backend) when t (contiguous, float or double) has a NaN or
-// an infinity. The scan has no early exit (it vectorizes); the message names the first.
+// Raises the ValueError of Python's finiteness check (adaptau/loss/ops.py, which leaves
+// the scales and neg_logq to this backend) when t (contiguous, float or double) has a NaN
+// or an infinity, or (scales: limit = kMaxInverseTemperature) a value beyond +-limit. The
+// scan has no early exit (it vectorizes); the message names the first offender.
 template <typename T>
-void check_finite_values(const at::Tensor& t, const char* name) {
+void check_finite_values(const at::Tensor& t, const char* name, double limit) {
   const T* p = t.data_ptr<T>();
   const int64_t n = t.numel();
+  const T bound = limit < double(std::numeric_limits<T>::max()) ? T(limit) : std::numeric_limits<T>::max();
   int bad = 0;
-  for (int64_t i = 0; i < n; ++i) bad |= !(std::abs(p[i]) <= std::numeric_limits<T>::max());
+  for (int64_t i = 0; i < n; ++i) bad |= !(std::abs(p[i]) <= bound);
   if (!bad) return;
   for (int64_t i = 0; i < n; ++i) {
-    if (std::isfinite(p[i])) continue;
-    const char* v = std::isnan(p[i]) ? "nan" : (p[i] > 0 ? "inf" : "-inf");
-    TORCH_CHECK_VALUE(false, name, " must be finite; ", name, "[", i, "] = ", v);
+    if (std::abs(p[i]) <= bound) continue;
+    if (!std::isfinite(p[i])) {
+      const char* v = std::isnan(p[i]) ? "nan" : (p[i] > 0 ? "inf" : "-inf");
+      TORCH_CHECK_VALUE(false, name, " must be finite; ", name, "[", i, "] = ", v);
+    }
+    TORCH_CHECK_VALUE(false, name, " must be an inverse temperature with |value| <= ", limit, "; ", name,
+                      "[", i, "] = ", double(p[i]));
   }
 }
 
-void check_finite(const at::Tensor& t, const char* name) {
+void check_finite(const at::Tensor& t, const char* name, double limit = std::numeric_limits<double>::max()) {
   if (t.scalar_type() == at::kDouble)
-    check_finite_values<double>(t, name);
+    check_finite_values<double>(t, name, limit);
   else
-    check_finite_values<float>(t, name);
+    check_finite_values<float>(t, name, limit);
 }
 
 Inputs check_inputs(const at::Tensor& user, const at::Tensor& items, const at::Tensor& pos,
@@ -1927,8 +1932,8 @@ Inputs check_inputs(const at::Tensor& user, const at::Tensor& items, const at::T
   in.neg = neg.contiguous();
   in.alpha = pos_scale.to(in.acc_dtype).contiguous();
   in.beta = neg_scale.to(in.acc_dtype).contiguous();
-  check_finite(in.alpha, "pos_scale");
-  check_finite(in.beta, "neg_scale");
+  check_finite(in.alpha, "pos_scale", kMaxInverseTemperature);
+  check_finite(in.beta, "neg_scale", kMaxInverseTemperature);
   if (neg_logq.has_value() && neg_logq->defined()) {
     const at::Tensor& lq = *neg_logq;
     TORCH_CHECK(lq.device().is_cpu() && lq.dim() == 1 && lq.size(0) == in.N && lq.is_floating_point(),

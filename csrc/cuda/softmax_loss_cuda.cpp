@@ -11,6 +11,7 @@
 #include <optional>
 #include <tuple>
 
+#include "../contract.h"
 #include "softmax_loss_cuda.h"
 
 namespace {
@@ -92,11 +93,11 @@ Prepared prepare(const at::Tensor& user, const at::Tensor& items, const at::Tens
 
   const int64_t batch = p.user.size(0);
   int64_t m = batch;
-  if (neg_mode == 0) {
+  if (neg_mode == adaptau::kNegPerRow) {
     TORCH_CHECK(p.neg.dim() == 2 && p.neg.size(0) == batch,
                 "adaptau CUDA backend: per-row neg must be [B, M]");
     m = p.neg.size(1);
-  } else if (neg_mode == 1) {
+  } else if (neg_mode == adaptau::kNegShared) {
     TORCH_CHECK(p.neg.dim() == 1, "adaptau CUDA backend: shared neg must be [M]");
     m = p.neg.size(0);
   } else {
@@ -115,7 +116,7 @@ Prepared prepare(const at::Tensor& user, const at::Tensor& items, const at::Tens
   pr.user = p.user.data_ptr();
   pr.items = p.items.data_ptr();
   pr.pos = p.pos.data_ptr();
-  pr.neg = neg_mode == 2 ? nullptr : p.neg.data_ptr();
+  pr.neg = neg_mode == adaptau::kNegInBatch ? nullptr : p.neg.data_ptr();
   pr.pos_scale = p.pos_scale.data_ptr();
   pr.neg_scale = p.neg_scale.data_ptr();
   pr.neg_logq = p.neg_logq.defined() ? p.neg_logq.data_ptr() : nullptr;

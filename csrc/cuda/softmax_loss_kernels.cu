@@ -18,6 +18,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "../contract.h"
 #include "softmax_loss_cuda.h"
 
 // Hooks for a host-side emulation harness (tests); the defaults are plain CUDA.
@@ -68,14 +69,14 @@ template <> __device__ __forceinline__ double neg_inf<double>() {
   return __longlong_as_double(0xfff0000000000000ULL);
 }
 
-// 1 / max(||x||, 1e-12), as F.normalize's clamp.
+// 1 / max(||x||, kNormEps), as F.normalize's clamp.
 template <typename A> __device__ __forceinline__ A inv_norm(A sumsq) {
   A n = sqrt_(sumsq);
-  return A(1) / (n > A(1e-12) ? n : A(1e-12));
+  return A(1) / (n > A(adaptau::kNormEps) ? n : A(adaptau::kNormEps));
 }
 // ||x|| > eps, i.e. the normalization is x/||x|| (else x/eps, a linear map).
 template <typename A> __device__ __forceinline__ bool norm_above_eps(A sumsq) {
-  return sumsq > A(1e-24);
+  return sumsq > A(adaptau::kNormEps * adaptau::kNormEps);
 }
 
 template <typename A> __device__ __forceinline__ A warp_sum(A v) {
@@ -161,8 +162,8 @@ template <typename T, typename I> struct Params {
 
 template <typename T, typename I>
 __device__ __forceinline__ int64_t candidate(const Params<T, I>& p, int64_t b, int64_t m) {
-  if (p.neg_mode == 0) return static_cast<int64_t>(p.neg[b * p.M + m]);
-  if (p.neg_mode == 1) return static_cast<int64_t>(p.neg[m]);
+  if (p.neg_mode == adaptau::kNegPerRow) return static_cast<int64_t>(p.neg[b * p.M + m]);
+  if (p.neg_mode == adaptau::kNegShared) return static_cast<int64_t>(p.neg[m]);
   return static_cast<int64_t>(p.pos[m]);
 }
 
@@ -226,7 +227,7 @@ fwd_kernel(Params<T, I> p, bool compute_raw, typename AccOf<T>::type* __restrict
 
   A m1 = neg_inf<A>(), s1 = 0, m2 = neg_inf<A>(), s2 = 0;
   for (int64_t c = warp; c < p.M; c += nwarps) {
-    if (p.neg_mode == 2 && c == b) continue;  // warp-uniform
+    if (p.neg_mode == adaptau::kNegInBatch && c == b) continue;  // warp-uniform
     const int64_t idx = candidate(p, b, c);
     if (p.remove_hits && idx == pidx) continue;
     warp_dot(u_s, p.items + idx * D, D, lane, dot, sq);
@@ -296,7 +297,7 @@ bwd_kernel(Params<T, I> p, const typename AccOf<T>::type* __restrict__ grad_loss
   if (g != A(0)) {
     A* acc = gu_s + warp * D;
     for (int64_t c = warp; c < p.M; c += nwarps) {
-      if (p.neg_mode == 2 && c == b) continue;  // warp-uniform
+      if (p.neg_mode == adaptau::kNegInBatch && c == b) continue;  // warp-uniform
       const int64_t idx = candidate(p, b, c);
       if (p.remove_hits && idx == pidx) continue;
       const T* row = p.items + idx * D;
