@@ -3,7 +3,9 @@
 Builds the extension ``adaptau._C`` from ``csrc/*.cpp`` with torch.utils.cpp_extension
 (ninja). When the installed torch has CUDA, ``csrc/cuda/*.cu`` and the CUDA tensor glue
 ``csrc/cuda/*.cpp`` are added and the extension becomes a CUDAExtension.
-The Triton kernels in ``kernels/`` are installed as the subpackage ``adaptau.kernels``.
+The Python package is ``adaptau`` with the subpackages ``adaptau.loss`` (the operator) and
+``adaptau.train`` (the trainer); the Triton kernels in ``kernels/`` are installed as the
+subpackage ``adaptau.kernels``.
 
 Install without build isolation so the extension is built against the torch you run:
     pip install --no-build-isolation -e ".[test]"
@@ -62,7 +64,7 @@ setup(
     name="adaptau",
     version="0.1.0",
     description="Fused sampled-softmax loss with adaptive temperature (Adap-tau) for PyTorch recommenders",
-    packages=["adaptau", "adaptau.kernels"],
+    packages=["adaptau", "adaptau.loss", "adaptau.train", "adaptau.kernels"],
     package_dir={"adaptau": "adaptau", "adaptau.kernels": "kernels"},
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
@@ -72,6 +74,6 @@ setup(
         "test": ["pytest", "pytest-timeout", "hypothesis", "scipy", "mpmath", "ninja"],
         "triton": ["triton>=3.0"],
     },
-    entry_points={"console_scripts": ["adaptau=adaptau.cli:main"]},
+    entry_points={"console_scripts": ["adaptau=adaptau.train.cli:main"]},
     zip_safe=False,
 )

@@ -8,23 +8,32 @@ Public API:
     AdapTauLoss(user_ids, item_ids, ...)                            drop-in nn.Module loss
     full_ranking, load_dataset, TrainConfig, Trainer                the trainer (imported lazily;
                                                                     adaptau.train.train(cfg) runs one)
+
+Subpackages: :mod:`adaptau.loss` (the operator, its backends' contract, the controller;
+imported here) and :mod:`adaptau.train` (data, samplers, models, evaluation, the trainer,
+the CLI; imported on first use). The old flat module paths (``adaptau.ops``,
+``adaptau.data`` …) still import, with a ``DeprecationWarning``, for one release.
 """
-from .nn import AdapTauLoss
-from .ops import BACKENDS, available_backends, softmax_loss
-from .temperature import AdapTau, lambertw
+from .loss import BACKENDS, AdapTau, AdapTauLoss, available_backends, lambertw, softmax_loss
 
 __version__ = "0.1.0"
 
 __all__ = ["softmax_loss", "available_backends", "BACKENDS", "lambertw", "AdapTau",
            "AdapTauLoss", "full_ranking", "load_dataset", "TrainConfig", "Trainer", "__version__"]
 
-_LAZY = {"full_ranking": "evaluate", "load_dataset": "data", "TrainConfig": "train", "Trainer": "train"}
+_LAZY = {"full_ranking": "train.evaluate", "load_dataset": "train.data",
+         "TrainConfig": "train.trainer", "Trainer": "train.trainer"}
 
 
 def __getattr__(name):
-    """Trainer entry points, imported on first use so ``import adaptau`` stays light."""
-    if name in _LAZY:
-        import importlib
+    """Trainer entry points, imported on first use so ``import adaptau`` stays light; and the
+    old flat module names (``adaptau.ops`` …), which import their deprecation shims."""
+    import importlib
 
+    if name in _LAZY:
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    from ._deprecated import MOVED
+
+    if f"{__name__}.{name}" in MOVED:
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'adaptau' has no attribute {name!r}")

@@ -48,7 +48,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import adaptau  # noqa: E402
 from host_memory import available_bytes, peak_rss_growth  # noqa: E402
-from adaptau.models import sampled_l2  # noqa: E402
+from adaptau.train.models import sampled_l2  # noqa: E402
 from adaptau.train import PRESETS, Trainer, TrainConfig  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -87,7 +87,7 @@ class Stepper:
     def __init__(self, trainer: Trainer, loss_fn, negatives: int) -> None:
         self.t, self.loss_fn = trainer, loss_fn
         self.direct_l2 = hasattr(trainer, "_add_l2_grad") and trainer._l2_on_leaves()
-        self.sampler = adaptau.sampling.NegativeSampler(
+        self.sampler = adaptau.train.sampling.NegativeSampler(
             "uniform", trainer.num_items, negatives, device=trainer.device)
         self.gen = torch.Generator().manual_seed(1)
         perm = torch.randperm(trainer.train_users.numel(), generator=self.gen)
@@ -194,7 +194,7 @@ def main() -> int:
     t0 = time.time()
     trainer = Trainer(cfg, log=lambda *a, **k: None)
     print(f"setup {time.time() - t0:.1f}s: {trainer.train_users.numel()} train pairs, "
-          f"{len(trainer.batches)} steps/epoch, backend {adaptau.ops._resolve_backend('auto', 'cpu')}",
+          f"{len(trainer.batches)} steps/epoch, backend {adaptau.loss.ops._resolve_backend('auto', 'cpu')}",
           flush=True)
     steps_per_epoch = len(trainer.batches)
     trainer.controller.begin_epoch(0)

@@ -260,7 +260,7 @@ with open(f"{out_dir}/paper_shape.json", "w") as fh:
 EOF
 
 # ------------------------------------------------------------- 6. trainer epochs on the GPU
-if "$PY" -c "import adaptau.data as d; d.resolve_data('gowalla')" >/dev/null 2>&1; then
+if "$PY" -c "import adaptau.train.data as d; d.resolve_data('gowalla')" >/dev/null 2>&1; then
   TRAIN_COMMON=(--device cuda --epochs 2 --eval-every 1 --patience 0 --warmup 1 --progress off)
   run_step train_mf 120 "$PY" -m adaptau train --preset gowalla-mf-paper "${TRAIN_COMMON[@]}" \
     --out "$WORK/train_mf"

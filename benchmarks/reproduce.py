@@ -359,7 +359,7 @@ def main() -> int:
             if s is None:
                 log(f"[{name}] no epoch in {folder} yet; left out of the report")
                 continue
-            from adaptau.plots import training_curves
+            from adaptau.train.plots import training_curves
             png = Path(args.out).with_name(f"{Path(args.out).stem}_{name}.png")
             training_curves(history, cfg.selection_metric, png)
             args.curves.append((name, png.name))

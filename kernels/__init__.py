@@ -1,7 +1,7 @@
 """Triton kernels of adaptau (installed as ``adaptau.kernels``).
 
 ``AVAILABLE`` is True iff Triton imports; then ``forward`` and ``backward`` implement the
-backend contract documented in :mod:`adaptau.ops` for CUDA tensors (and for CPU tensors
+backend contract stated in :mod:`adaptau.loss._contract` for CUDA tensors (and for CPU tensors
 under ``TRITON_INTERPRET=1``, where Triton's interpreter runs the very same kernels).
 
 Item gradients are accumulated either with fp32 atomic adds (``"atomic"``, the default)

@@ -1,4 +1,4 @@
-"""Triton forward/backward of the fused sampled-softmax loss (contract: ``adaptau.ops``).
+"""Triton forward/backward of the fused sampled-softmax loss (contract: ``adaptau.loss._contract``).
 
 Layout of the work
 ------------------
@@ -35,8 +35,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-NORM_EPS = 1e-12
-NEG_PER_ROW, NEG_SHARED, NEG_IN_BATCH = 0, 1, 2
+from ..loss._contract import NEG_IN_BATCH, NEG_PER_ROW, NEG_SHARED, NORM_EPS
+from ..loss._contract import accumulation_dtype as _acc_dtype
 
 ITEM_GRAD_MODES = ("atomic", "segment")
 _item_grad_mode = os.environ.get("ADAPTAU_TRITON_ITEM_GRAD", "atomic").strip().lower() or "atomic"
@@ -529,10 +529,6 @@ def _item_segment_kernel(offsets_ptr, w_ptr, src_row_ptr, src_ptr, items_ptr, ri
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _check_device(t: Tensor) -> None:
     if t.device.type == "cuda":
         return
@@ -580,7 +576,7 @@ def forward(user: Tensor, items: Tensor, pos: Tensor, neg: Tensor, pos_scale: Te
             neg_scale: Tensor, neg_logq: Optional[Tensor], neg_mode: int, include_pos: bool,
             normalize: bool, remove_hits: bool, compute_raw: bool
             ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Backend forward (contract in :mod:`adaptau.ops`): ``(loss, lse, raw or [0])``."""
+    """Backend forward (contract in :mod:`adaptau.loss._contract`): ``(loss, lse, raw or [0])``."""
     _check_device(user)
     batch, dim = user.shape
     acc = _acc_dtype(user.dtype)

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from adaptau.data import (DataError, carve_split, csr_pairs, load_dataset, load_interactions,
-                          load_lightgcn, prepare, resolve_data)
-from adaptau.synthetic import make_synthetic
+from adaptau.train.data import (DataError, carve_split, csr_pairs, load_dataset,
+                                load_interactions, load_lightgcn, make_synthetic, prepare,
+                                resolve_data)
 
 
 def write(path, text):

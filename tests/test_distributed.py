@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import adaptau
-from adaptau import distributed as dist
+from adaptau.train import distributed as dist
 from adaptau.train import Trainer, TrainConfig
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.skipif(not (torch.distributed.is_available()
 WORKER = r'''
 import json, sys
 import torch
-from adaptau import distributed as dist
+from adaptau.train import distributed as dist
 from adaptau.train import Trainer, TrainConfig
 
 torch.set_num_threads(1)

@@ -6,7 +6,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from adaptau.evaluate import format_metrics, full_ranking
+from adaptau.train.evaluate import format_metrics, full_ranking
 
 
 def csr(rows, n_users=4, n_items=5):

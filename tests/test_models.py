@@ -4,7 +4,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from adaptau.models import MF, LightGCN, build_model, normalized_adjacency, sampled_l2
+from adaptau.train.models import MF, LightGCN, build_model, normalized_adjacency, sampled_l2
 
 
 def random_graph(nu=7, ni=9, density=0.3, seed=0):
@@ -107,7 +107,7 @@ def test_build_model():
 def test_add_row_l2_grad_fused_matches_torch(dtype):
     """add_row_l2_grad_ (the fused CPU op) against the same formula in torch: gradient and
     value; zero counts leave rows untouched; D not a multiple of the vector width."""
-    from adaptau.models import add_row_l2_grad_
+    from adaptau.train.models import add_row_l2_grad_
     g = torch.Generator().manual_seed(3)
     N, D = 2500, 67
     w = torch.randn(N, D, generator=g, dtype=dtype)

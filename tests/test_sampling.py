@@ -4,7 +4,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from adaptau.sampling import BatchIterator, NegativeSampler
+from adaptau.train.sampling import BatchIterator, NegativeSampler
 
 
 def train_matrix():
@@ -139,7 +139,7 @@ def test_parallel_uniform_negatives_op():
     one = op(1, 5, 1, -7)
     assert torch.equal(one, torch.zeros(1, 5, dtype=torch.int32))
     script = textwrap.dedent("""
-        import torch, adaptau.sampling
+        import torch, adaptau.train.sampling
         torch.set_num_threads(1)
         print(int(torch.ops.adaptau.uniform_negatives(300, 257, 1009, 42).long().sum()))
     """)
@@ -170,7 +170,7 @@ def test_uniform_sampler_is_reproducible_from_the_generator_state():
 @pytest.mark.parametrize("shape", [(0,), (1,), (7, 3), (300, 1000)])
 def test_item_counts_op_matches_bincount(dtype, shape):
     # exact integer counts, independent of the thread count (each thread counts a slice)
-    from adaptau.models import sampled_item_counts
+    from adaptau.train.models import sampled_item_counts
     g = torch.Generator().manual_seed(11 + len(shape))
     n_items = 1237
     idx = torch.randint(0, n_items, shape, generator=g, dtype=dtype)
@@ -210,14 +210,14 @@ def test_item_counts_op_rejects_bad_input():
 def test_dropout_mask_op_and_dropout():
     """torch.ops.adaptau.dropout_mask: values {0, 1/(1-p)}, drop rate p (binomial test), a
     pure function of the seed (thread count does not matter), clear errors; and
-    adaptau.sampling.dropout: F.dropout's semantics (mean preserved, gradient is the mask),
+    adaptau.train.sampling.dropout: F.dropout's semantics (mean preserved, gradient is the mask),
     reproducible from torch's generator state, identity for p = 0."""
     import subprocess
     import sys
     import textwrap
     from scipy import stats
 
-    from adaptau.sampling import dropout
+    from adaptau.train.sampling import dropout
 
     op = torch.ops.adaptau.dropout_mask
     for p, shape in ((0.1, (301, 67)), (0.5, (1, 1001)), (0.9, (64, 33))):
@@ -230,7 +230,7 @@ def test_dropout_mask_op_and_dropout():
         assert torch.equal(m, op(*shape, p, 11)) and not torch.equal(m, op(*shape, p, 12))
     assert bool((op(5, 7, 0.0, 3) == 1).all())
     script = textwrap.dedent("""
-        import torch, adaptau.sampling
+        import torch, adaptau.train.sampling
         torch.set_num_threads(1)
         print(int((torch.ops.adaptau.dropout_mask(301, 67, 0.3, 42) == 0).sum()))
     """)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import adaptau
-from adaptau import cli
+from adaptau.train import cli
 from adaptau.train import PRESETS, Trainer, TrainConfig
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -243,7 +243,7 @@ def test_direct_l2_gradient_matches_autograd(neg_kind):
     # The trainer adds the sampled L2 term's gradient to .grad directly (no graph); value and
     # gradient must equal l2 · sampled_l2 through autograd. float64: exact up to rounding.
     from types import SimpleNamespace
-    from adaptau.models import sampled_l2
+    from adaptau.train.models import sampled_l2
     from adaptau.train import Trainer
     g = torch.Generator().manual_seed(5)
     n_users, n_items, d, b, m = 13, 29, 6, 7, 5

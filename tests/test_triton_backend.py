@@ -7,7 +7,7 @@ Two parts:
    the checks run in a subprocess (this file with ``--worker``) whose environment sets the
    variable before Triton is imported; the test process itself may already have imported
    Triton normally. Every case runs the backend's ``forward``/``backward`` in float32 and
-   compares loss, lse, raw and all four gradients with ``adaptau.reference`` run on
+   compares loss, lse, raw and all four gradients with ``adaptau.loss.reference`` run on
    float64 copies of the same inputs, once per item-gradient mode (atomic, segment).
 2. CUDA tensors (skipped without a GPU): ``triton`` and ``cuda`` backends through the
    public ``adaptau.softmax_loss`` + autograd, float32/bfloat16/float16, against the
@@ -210,7 +210,7 @@ def compare(label, got, ref, atol, rtol):
 
 def _reference_results(x, spec, include_pos, normalize, remove_hits):
     import torch
-    from adaptau import reference
+    from adaptau.loss import reference
 
     d64 = {k: (None if v is None else (v.double() if v.is_floating_point() else v))
            for k, v in x.items()}

@@ -1,0 +1,428 @@
+"""``softmax_loss``: input checks, backend choice and the torch.library custom ops.
+
+This is the only module that chooses between backends. What every backend implements and
+may assume (the backend contract), and the constants it shares with them, are in
+:mod:`adaptau.loss._contract`.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+import warnings
+from typing import List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from .. import _extension  # registers torch.ops.adaptau.fused_forward / fused_backward
+from . import reference
+from ._contract import FLOAT_DTYPES as _FLOAT_DTYPES
+from ._contract import INDEX_DTYPES as _INDEX_DTYPES
+from ._contract import NEG_IN_BATCH, NEG_PER_ROW, NEG_SHARED, accumulation_dtype
+from ._contract import REDUCTIONS as _REDUCTIONS
+
+# the package works without the extension (reference backend)
+_C_IMPORT_ERROR: Optional[BaseException] = _extension.IMPORT_ERROR
+
+__all__ = ["softmax_loss", "available_backends", "BACKENDS"]
+
+#: Every backend name ``softmax_loss`` knows, besides ``"auto"``.
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+
+ScaleLike = Union[float, int, Tensor]
+
+
+# ----------------------------------------------------------------------------- backends
+@functools.lru_cache(maxsize=None)  # (the extension's kernels do not change after import)
+def _has_fused_kernel(dispatch_key: str) -> bool:
+    if _C_IMPORT_ERROR is not None:
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("adaptau::fused_forward", dispatch_key)
+    except RuntimeError:
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_usable(device_type: str) -> bool:
+    if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    if device_type not in ("cpu", "cuda"):
+        return False
+    try:
+        from .. import kernels
+    except ImportError:
+        return False
+    return bool(getattr(kernels, "AVAILABLE", False))
+
+
+def available_backends(device: Union[str, torch.device] = "cpu") -> List[str]:
+    """Backends usable here for tensors on ``device``, fastest first (``"reference"`` last).
+
+    ``"cpu"`` needs the compiled extension; ``"cuda"`` a CUDA build of it; ``"triton"``
+    needs Triton and a CUDA device, or CPU tensors under ``TRITON_INTERPRET=1``.
+    """
+    device_type = torch.device(device).type
+    found = []
+    if device_type == "cuda":
+        if _triton_usable("cuda"):
+            found.append("triton")
+        if _has_fused_kernel("CUDA"):
+            found.append("cuda")
+    elif device_type == "cpu":
+        if _has_fused_kernel("CPU"):
+            found.append("cpu")
+        if _triton_usable("cpu"):
+            found.append("triton")
+    found.append("reference")
+    return found
+
+
+_warned_fallback = set()
+
+
+def _resolve_backend(backend: str, device_type: str) -> str:
+    usable = available_backends(device_type)
+    if backend == "auto":
+        if device_type == "cuda" and "triton" in usable:
+            return "triton"
+        if device_type == "cuda" and "cuda" in usable:
+            return "cuda"
+        if device_type == "cpu" and "cpu" in usable:
+            return "cpu"
+        if device_type not in _warned_fallback:
+            _warned_fallback.add(device_type)
+            why = f" (extension not importable: {_C_IMPORT_ERROR})" if _C_IMPORT_ERROR else ""
+            warnings.warn(
+                f"adaptau: no fused backend for {device_type} tensors{why}; "
+                "using the slow 'reference' backend",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return "reference"
+    if backend not in usable:
+        raise ValueError(
+            f"backend {backend!r} is not usable for {device_type} tensors here; "
+            f"available: {usable}"
+        )
+    return backend
+
+
+def _implementation(name: str):
+    if name == "reference":
+        return reference.forward, reference.backward
+    if name in ("cpu", "cuda"):
+        return torch.ops.adaptau.fused_forward.default, torch.ops.adaptau.fused_backward.default
+    if name == "triton":
+        from .. import kernels
+
+        return kernels.forward, kernels.backward
+    raise ValueError(f"unknown backend {name!r}")
+
+
+# ------------------------------------------------------------------ data-dependent checks
+def _check_index_range(name: str, index: Tensor, num_items: int) -> None:
+    if index.numel() == 0:
+        return
+    low, high = torch.aminmax(index)
+    if int(low) >= 0 and int(high) < num_items:
+        return
+    bad = ((index < 0) | (index >= num_items)).nonzero()[0].tolist()
+    where = ", ".join(str(i) for i in bad)
+    value = int(index[tuple(bad)])
+    raise IndexError(
+        f"{name}[{where}] = {value} is out of range for an item table with {num_items} rows"
+    )
+
+
+def _check_finite(name: str, value: Tensor) -> None:
+    if value.numel() and not bool(torch.isfinite(value).all()):
+        bad = (~torch.isfinite(value)).nonzero()[0].tolist()
+        raise ValueError(f"{name} must be finite; {name}{bad} = {float(value[tuple(bad)])}")
+
+
+def _check_values(num_items: int, pos: Tensor, neg: Tensor, pos_scale: Tensor,
+                  neg_scale: Tensor, neg_logq: Optional[Tensor]) -> None:
+    _check_index_range("pos", pos, num_items)
+    _check_index_range("neg", neg, num_items)
+    _check_finite("pos_scale", pos_scale)
+    _check_finite("neg_scale", neg_scale)
+    if neg_logq is not None:
+        _check_finite("neg_logq", neg_logq)
+
+
+# ------------------------------------------------------------------------- custom ops
+# Two operators in the adaptau namespace (the C++ extension's TORCH_LIBRARY block holds the
+# backends' own fused_forward / fused_backward): schemas defined here, one Python kernel
+# each for every device (it picks the backend), a fake kernel so torch.compile can trace
+# them, and the autograd formula. Registered with the plain torch.library API rather than
+# the @torch.library.custom_op decorator: the decorator's per-call wrappers cost ~0.2 ms
+# of Python per forward and again per backward, more than the fused CPU kernel itself
+# at small batch sizes.
+_LIB = torch.library.Library("adaptau", "FRAGMENT")
+_LIB.define(
+    "softmax_loss_forward(Tensor user, Tensor items, Tensor pos, Tensor neg, "
+    "Tensor pos_scale, Tensor neg_scale, Tensor? neg_logq, int neg_mode, bool include_pos, "
+    "bool normalize, bool remove_hits, bool compute_raw, str backend) -> (Tensor, Tensor, Tensor)"
+)
+_LIB.define(
+    "softmax_loss_backward(Tensor grad_loss, Tensor user, Tensor items, Tensor pos, Tensor neg, "
+    "Tensor pos_scale, Tensor neg_scale, Tensor? neg_logq, Tensor lse, int neg_mode, "
+    "bool include_pos, bool normalize, bool remove_hits, bool need_scale_grads, str backend) "
+    "-> (Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+@torch.compiler.disable
+def _forward_kernel(
+    user: Tensor, items: Tensor, pos: Tensor, neg: Tensor, pos_scale: Tensor,
+    neg_scale: Tensor, neg_logq: Optional[Tensor], neg_mode: int, include_pos: bool,
+    normalize: bool, remove_hits: bool, compute_raw: bool, backend: str,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    resolved = _resolve_backend(backend, user.device.type)
+    # The cpu kernel checks the values itself, before it uses any, and raises the same
+    # exceptions: every index (vectorized, while converting or sorting them; checking here
+    # too would read the [B, M] negatives twice) and the scales' and neg_logq's finiteness
+    # (here that would cost more than the whole kernel at small sizes).
+    if resolved != "cpu":
+        _check_values(items.shape[0], pos, neg, pos_scale, neg_scale, neg_logq)
+    forward, _ = _implementation(resolved)
+    loss, lse, raw = forward(user, items, pos, neg, pos_scale, neg_scale, neg_logq,
+                             neg_mode, include_pos, normalize, remove_hits, compute_raw)
+    return loss, lse, raw
+
+
+@torch.compiler.disable
+def _backward_kernel(
+    grad_loss: Tensor, user: Tensor, items: Tensor, pos: Tensor, neg: Tensor,
+    pos_scale: Tensor, neg_scale: Tensor, neg_logq: Optional[Tensor], lse: Tensor,
+    neg_mode: int, include_pos: bool, normalize: bool, remove_hits: bool,
+    need_scale_grads: bool, backend: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    _, backward = _implementation(_resolve_backend(backend, user.device.type))
+    grad_user, grad_items, grad_pos_scale, grad_neg_scale = backward(
+        grad_loss, user, items, pos, neg, pos_scale, neg_scale, neg_logq, lse,
+        neg_mode, include_pos, normalize, remove_hits, need_scale_grads)
+    return grad_user, grad_items, grad_pos_scale, grad_neg_scale
+
+
+_LIB.impl("softmax_loss_forward", _forward_kernel, "CompositeExplicitAutograd")
+_LIB.impl("softmax_loss_backward", _backward_kernel, "CompositeExplicitAutograd")
+_forward_op = torch.ops.adaptau.softmax_loss_forward.default
+_backward_op = torch.ops.adaptau.softmax_loss_backward.default
+
+
+@torch.library.register_fake("adaptau::softmax_loss_forward", lib=_LIB)
+def _forward_fake(user, items, pos, neg, pos_scale, neg_scale, neg_logq, neg_mode,
+                  include_pos, normalize, remove_hits, compute_raw, backend):
+    acc = accumulation_dtype(user.dtype)
+    batch = user.shape[0]
+    loss = user.new_empty((batch,), dtype=acc)
+    lse = user.new_empty((batch,), dtype=acc)
+    raw = user.new_empty((batch if compute_raw else 0,), dtype=acc)
+    return loss, lse, raw
+
+
+@torch.library.register_fake("adaptau::softmax_loss_backward", lib=_LIB)
+def _backward_fake(grad_loss, user, items, pos, neg, pos_scale, neg_scale, neg_logq, lse,
+                   neg_mode, include_pos, normalize, remove_hits, need_scale_grads, backend):
+    return (torch.empty_like(user), torch.empty_like(items),
+            torch.empty_like(pos_scale), torch.empty_like(neg_scale))
+
+
+def _setup_context(ctx, inputs, output):
+    (user, items, pos, neg, pos_scale, neg_scale, neg_logq, neg_mode, include_pos,
+     normalize, remove_hits, compute_raw, backend) = inputs
+    ctx.save_for_backward(user, items, pos, neg, pos_scale, neg_scale, neg_logq, output[1])
+    ctx.options = (neg_mode, include_pos, normalize, remove_hits, backend)
+
+
+def _backward(ctx, grad_loss, grad_lse, grad_raw):
+    user, items, pos, neg, pos_scale, neg_scale, neg_logq, lse = ctx.saved_tensors
+    neg_mode, include_pos, normalize, remove_hits, backend = ctx.options
+    need = ctx.needs_input_grad
+    need_scale_grads = bool(need[4] or need[5])
+    grad_user, grad_items, grad_pos_scale, grad_neg_scale = _backward_op(
+        grad_loss.contiguous(), user, items, pos, neg, pos_scale, neg_scale, neg_logq, lse,
+        neg_mode, include_pos, normalize, remove_hits, need_scale_grads, backend,
+    )
+    return (
+        grad_user if need[0] else None,
+        grad_items if need[1] else None,
+        None,
+        None,
+        grad_pos_scale if need[4] else None,
+        grad_neg_scale if need[5] else None,
+        None, None, None, None, None, None, None,
+    )
+
+
+torch.library.register_autograd("adaptau::softmax_loss_forward", _backward,
+                                setup_context=_setup_context, lib=_LIB)
+
+
+# ---------------------------------------------------------------------- public function
+def _as_scale(name: str, scale: ScaleLike, batch: int, like: Tensor, acc: torch.dtype) -> Tensor:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, Tensor)):
+        raise TypeError(f"{name} must be a float or a tensor, got {type(scale).__name__}")
+    if not isinstance(scale, Tensor):
+        if not math.isfinite(scale):
+            raise ValueError(f"{name} must be finite, got {scale}")
+        return torch.full((batch,), float(scale), dtype=acc, device=like.device)
+    if not scale.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {scale.dtype}")
+    if scale.device != like.device:
+        raise ValueError(f"{name} is on {scale.device} but user is on {like.device}")
+    if scale.dim() == 0 or (scale.dim() == 1 and scale.shape[0] == 1):
+        return scale.reshape(()).to(acc).expand(batch).contiguous()
+    if scale.dim() != 1 or scale.shape[0] != batch:
+        raise ValueError(f"{name} must be a float, a scalar tensor or [B={batch}], "
+                         f"got shape {tuple(scale.shape)}")
+    return scale.to(acc).contiguous()
+
+
+def _check_index_tensor(name: str, index: Tensor, like: Tensor) -> None:
+    if not isinstance(index, Tensor):
+        raise TypeError(f"{name} must be an integer tensor, got {type(index).__name__}")
+    if index.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"{name} must be int32 or int64, got {index.dtype}")
+    if index.device != like.device:
+        raise ValueError(f"{name} is on {index.device} but user is on {like.device}")
+
+
+def softmax_loss(
+    user: Tensor,
+    items: Tensor,
+    pos: Tensor,
+    neg: Optional[Tensor],
+    pos_scale: ScaleLike,
+    neg_scale: ScaleLike,
+    *,
+    include_pos: bool = False,
+    normalize: bool = True,
+    neg_logq: Optional[Tensor] = None,
+    remove_accidental_hits: bool = False,
+    reduction: str = "mean",
+    return_raw: bool = False,
+    backend: str = "auto",
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """Fused sampled-softmax loss over cosine (or dot) scores with per-row temperatures.
+
+    For row ``b`` with positive ``p = pos[b]`` and negatives ``n_1 … n_M``::
+
+        loss_b = −α_b·ŝ(b,p) + log( [include_pos]·exp(α_b·ŝ(b,p))
+                                    + Σ_m keep_m·exp(β_b·ŝ(b,n_m) − logq[n_m]) )
+
+    where ŝ is the cosine of ``user[b]`` and the item row (the dot product when
+    ``normalize=False``), α = ``pos_scale``, β = ``neg_scale`` (inverse temperatures),
+    and ``keep_m = 0`` for a negative equal to the positive when
+    ``remove_accidental_hits``. A row whose denominator is empty contributes 0.
+
+    Args:
+        user: ``[B, D]`` float tensor of query vectors.
+        items: ``[N, D]`` item table, same dtype and device as ``user``.
+        pos: ``[B]`` int32/int64, each row's positive item index (taken to ``neg``'s
+            dtype when they differ).
+        neg: ``[B, M]`` per-row negatives, ``[M]`` negatives shared by every row, or
+            ``None`` for in-batch negatives (row b uses the other rows' positives; B ≥ 2).
+        pos_scale: float, scalar tensor or ``[B]`` tensor: α (may require grad).
+        neg_scale: float, scalar tensor or ``[B]`` tensor: β (may require grad).
+        include_pos: put the positive in the denominator (textbook softmax).
+        normalize: L2-normalize user and item vectors (norms clamped at 1e-12).
+        neg_logq: optional ``[N]`` log sampling probabilities, subtracted from each
+            scaled negative logit (sampled-softmax correction).
+        remove_accidental_hits: drop negatives equal to the row's positive.
+        reduction: ``"mean"`` (over rows), ``"sum"`` or ``"none"`` (``[B]``).
+        return_raw: also return ``raw`` ``[B]``: the per-row loss with α = β = 1,
+            detached (what :class:`adaptau.AdapTau` observes).
+        backend: ``"auto"`` (fastest available for the device), ``"reference"``,
+            ``"cpu"``, ``"triton"`` or ``"cuda"``; see :func:`available_backends`.
+
+    Returns:
+        The loss (scalar, or ``[B]`` for ``reduction="none"``) in float32 (float64 for
+        float64 inputs); with ``return_raw``, the pair ``(loss, raw)``.
+
+    Raises:
+        TypeError: wrong tensor or dtype (non-float vectors, non-integer indices, mixed
+            float dtypes).
+        ValueError: wrong rank or shape, device mismatch, empty negative set, in-batch
+            with one row, non-finite scale or ``neg_logq``, unknown option.
+        IndexError: an index outside ``[0, N)`` (the message names it).
+    """
+    for name, t in (("user", user), ("items", items)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16/bfloat16/float32/float64, got {t.dtype}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+    if items.dtype != user.dtype:
+        raise TypeError(f"items dtype {items.dtype} differs from user dtype {user.dtype}")
+    if items.device != user.device:
+        raise ValueError(f"items is on {items.device} but user is on {user.device}")
+    batch, dim = user.shape
+    num_items = items.shape[0]
+    if batch == 0:
+        raise ValueError("user is empty: the batch needs at least one row")
+    if dim == 0 or items.shape[1] != dim:
+        raise ValueError(f"user is [B, {dim}] but items is {list(items.shape)}: the vector "
+                         "sizes must match and be non-zero")
+    if num_items == 0:
+        raise ValueError("items is empty: the item table needs at least one row")
+    _check_index_tensor("pos", pos, user)
+    if pos.dim() != 1 or pos.shape[0] != batch:
+        raise ValueError(f"pos must be [B={batch}], got shape {tuple(pos.shape)}")
+
+    if neg is None:
+        if batch < 2:
+            raise ValueError("in-batch negatives (neg=None) need at least 2 rows")
+        neg_mode = NEG_IN_BATCH
+        neg = pos.new_empty((0,))
+    else:
+        _check_index_tensor("neg", neg, user)
+        if neg.dim() == 2:
+            if neg.shape[0] != batch:
+                raise ValueError(f"per-row neg must be [B={batch}, M], got {tuple(neg.shape)}")
+            neg_mode = NEG_PER_ROW
+        elif neg.dim() == 1:
+            neg_mode = NEG_SHARED
+        else:
+            raise ValueError(f"neg must be [B, M], [M] or None, got shape {tuple(neg.shape)}")
+        if neg.shape[-1] == 0:
+            raise ValueError("the negative set is empty (M = 0)")
+    if pos.dtype != neg.dtype:
+        # pos ([B]) takes neg's dtype: neg is the big one, and int32 negatives (the CPU
+        # trainer's sampler) stay int32. Narrowing is safe once pos is known to be in range.
+        if neg.dtype == torch.int32:
+            _check_index_range("pos", pos, num_items)
+        pos = pos.to(neg.dtype)
+
+    acc = accumulation_dtype(user.dtype)
+    alpha = _as_scale("pos_scale", pos_scale, batch, user, acc)
+    beta = _as_scale("neg_scale", neg_scale, batch, user, acc)
+    if neg_logq is not None:
+        if not isinstance(neg_logq, Tensor) or not neg_logq.is_floating_point():
+            raise TypeError("neg_logq must be a floating tensor")
+        if neg_logq.dim() != 1 or neg_logq.shape[0] != num_items:
+            raise ValueError(f"neg_logq must be [N={num_items}], got {tuple(neg_logq.shape)}")
+        if neg_logq.device != user.device:
+            raise ValueError(f"neg_logq is on {neg_logq.device} but user is on {user.device}")
+        neg_logq = neg_logq.detach().to(acc).contiguous()
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+
+    loss, _lse, raw = _forward_op(
+        user.contiguous(), items.contiguous(), pos.contiguous(), neg.contiguous(), alpha, beta,
+        neg_logq, neg_mode, bool(include_pos), bool(normalize), bool(remove_accidental_hits),
+        bool(return_raw), backend,
+    )
+    if reduction == "mean":
+        loss = loss.mean()
+    elif reduction == "sum":
+        loss = loss.sum()
+    if return_raw:
+        return loss, raw.detach()
+    return loss
