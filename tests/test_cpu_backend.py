@@ -345,9 +345,9 @@ def test_saved_state_is_only_reused_by_the_same_call(neg_mode):
     def grads(u, it, backend):
         loss, lse, _ = (op_f(u, it, pos, neg, a, b, None, neg_mode, False, True, False, False)
                         if backend == "cpu" else
-                        adaptau.reference.forward(u, it, pos, neg, a, b, None, neg_mode, False, True,
+                        adaptau.loss.reference.forward(u, it, pos, neg, a, b, None, neg_mode, False, True,
                                                   False, False))
-        bwd = op_b if backend == "cpu" else adaptau.reference.backward
+        bwd = op_b if backend == "cpu" else adaptau.loss.reference.backward
         return bwd(g.to(u.dtype), u, it, pos, neg, a.to(u.dtype), b.to(u.dtype), None, lse, neg_mode,
                    False, True, False, True)
 
@@ -363,7 +363,7 @@ def test_saved_state_is_only_reused_by_the_same_call(neg_mode):
     it2 = items.clone()
     lse2 = op_f(user, it2, pos, neg, a, b, None, neg_mode, False, True, False, False)[1]
     it2.mul_(-2.0)
-    lse2 = adaptau.reference.forward(user.double(), it2.double(), pos, neg, a.double(), b.double(),
+    lse2 = adaptau.loss.reference.forward(user.double(), it2.double(), pos, neg, a.double(), b.double(),
                                      None, neg_mode, False, True, False, False)[1].float()
     got = op_b(g, user, it2, pos, neg, a, b, None, lse2, neg_mode, False, True, False, True)
     want = grads(user.double(), it2.double(), "reference")

@@ -162,6 +162,10 @@ FINITE_CASES = [
     (dict(neg_logq=torch.cat([torch.zeros(N - 1), torch.tensor([float("nan")])])),
      "neg_logq must be finite; neg_logq[9] = nan"),
     (dict(neg_logq=torch.full((N,), -math.inf)), "neg_logq must be finite; neg_logq[0] = -inf"),
+    (dict(neg_scale=torch.tensor([1.0, -2.5e8, 3.0, 1e10])),
+     "neg_scale must be an inverse temperature with |value| <= 1e+08; neg_scale[1] = -2.5e+08"),
+    (dict(pos_scale=torch.tensor([1.0, 1.0, 1e12, 1.0])),
+     "pos_scale must be an inverse temperature with |value| <= 1e+08; pos_scale[2] = 1e+12"),
 ]
 
 
@@ -198,3 +202,23 @@ def test_cpu_backend_raises_the_same_finiteness_errors(case, dtype, neg_mode):
                kwargs.get("neg_logq"), *tail, 0 if neg_mode == "per_row" else 1, False, True, False,
                False)
         assert str(info.value).splitlines()[0] == message, op
+
+
+def test_a_float_scale_beyond_the_range_is_refused():
+    for scale in (1e10, -1.5e8):
+        with pytest.raises(ValueError, match=r"\|value\| <= 1e\+08, got"):
+            adaptau.softmax_loss(*list(good().values())[:4], 1.0, scale)
+
+
+@pytest.mark.parametrize("backend", [b for b in adaptau.available_backends("cpu") if b != "triton"])
+def test_double_backward_is_a_clear_error(backend):
+    """The fused backward is not differentiable: differentiating a gradient raises (as a
+    once_differentiable backward does) instead of returning zeros."""
+    args = good()
+    user = args["user"].clone().requires_grad_(True)
+    items = args["items"].clone().requires_grad_(True)
+    loss = adaptau.softmax_loss(user, items, args["pos"], args["neg"], 2.0, 3.0, backend=backend)
+    (grad_user,) = torch.autograd.grad(loss * torch.ones((), requires_grad=True), user,
+                                       create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad_user.pow(2).sum().backward()

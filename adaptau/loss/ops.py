@@ -19,13 +19,13 @@ from .. import _extension  # registers torch.ops.adaptau.fused_forward / fused_b
 from . import reference
 from ._contract import FLOAT_DTYPES as _FLOAT_DTYPES
 from ._contract import INDEX_DTYPES as _INDEX_DTYPES
-from ._contract import NEG_IN_BATCH, NEG_PER_ROW, NEG_SHARED, accumulation_dtype
+from ._contract import MAX_INVERSE_TEMPERATURE, NEG_IN_BATCH, NEG_PER_ROW, NEG_SHARED, accumulation_dtype
 from ._contract import REDUCTIONS as _REDUCTIONS
 
 # the package works without the extension (reference backend)
 _C_IMPORT_ERROR: Optional[BaseException] = _extension.IMPORT_ERROR
 
-__all__ = ["softmax_loss", "available_backends", "BACKENDS"]
+__all__ = ["softmax_loss", "compact", "available_backends", "BACKENDS"]
 
 #: Every backend name ``softmax_loss`` knows, besides ``"auto"``.
 BACKENDS = ("reference", "cpu", "triton", "cuda")
@@ -136,18 +136,30 @@ def _check_index_range(name: str, index: Tensor, num_items: int) -> None:
     )
 
 
-def _check_finite(name: str, value: Tensor) -> None:
+def _check_finite(name: str, value: Tensor, limit: float = math.inf) -> None:
+    """ValueError naming the first NaN or infinity of ``value``, or (scales: ``limit`` =
+    MAX_INVERSE_TEMPERATURE) the first value beyond ``±limit``; the cpu kernel raises the
+    same messages."""
     if value.numel() and not bool(torch.isfinite(value).all()):
         bad = (~torch.isfinite(value)).nonzero()[0].tolist()
         raise ValueError(f"{name} must be finite; {name}{bad} = {float(value[tuple(bad)])}")
+    if math.isfinite(limit) and value.numel() and bool((value.abs() > limit).any()):
+        bad = (value.abs() > limit).nonzero()[0].tolist()
+        raise ValueError(f"{name} must be an inverse temperature with |value| <= {limit:g}; "
+                         f"{name}{bad} = {float(value[tuple(bad)]):g}")
+
+
+def _all_finite(*tensors: Tensor) -> bool:
+    """Whether the CPU tensors hold no NaN and no infinity (one pass each, no temporaries)."""
+    return all(torch.ops.adaptau.all_finite(t) for t in tensors)
 
 
 def _check_values(num_items: int, pos: Tensor, neg: Tensor, pos_scale: Tensor,
                   neg_scale: Tensor, neg_logq: Optional[Tensor]) -> None:
     _check_index_range("pos", pos, num_items)
     _check_index_range("neg", neg, num_items)
-    _check_finite("pos_scale", pos_scale)
-    _check_finite("neg_scale", neg_scale)
+    _check_finite("pos_scale", pos_scale, MAX_INVERSE_TEMPERATURE)
+    _check_finite("neg_scale", neg_scale, MAX_INVERSE_TEMPERATURE)
     if neg_logq is not None:
         _check_finite("neg_logq", neg_logq)
 
@@ -181,6 +193,11 @@ def _forward_kernel(
     normalize: bool, remove_hits: bool, compute_raw: bool, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     resolved = _resolve_backend(backend, user.device.type)
+    # The cpu kernel's running-max log-sum-exp is written for finite scores: a call with a
+    # NaN or an infinity in the vectors runs on the reference backend, which propagates them
+    # as PyTorch does (the backward below makes the same choice).
+    if resolved == "cpu" and not _all_finite(user, items):
+        resolved = "reference"
     # The cpu kernel checks the values itself, before it uses any, and raises the same
     # exceptions: every index (vectorized, while converting or sorting them; checking here
     # too would read the [B, M] negatives twice) and the scales' and neg_logq's finiteness
@@ -200,7 +217,10 @@ def _backward_kernel(
     neg_mode: int, include_pos: bool, normalize: bool, remove_hits: bool,
     need_scale_grads: bool, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    _, backward = _implementation(_resolve_backend(backend, user.device.type))
+    resolved = _resolve_backend(backend, user.device.type)
+    if resolved == "cpu" and not _all_finite(user, items):
+        resolved = "reference"
+    _, backward = _implementation(resolved)
     grad_user, grad_items, grad_pos_scale, grad_neg_scale = backward(
         grad_loss, user, items, pos, neg, pos_scale, neg_scale, neg_logq, lse,
         neg_mode, include_pos, normalize, remove_hits, need_scale_grads)
@@ -238,6 +258,10 @@ def _setup_context(ctx, inputs, output):
     ctx.options = (neg_mode, include_pos, normalize, remove_hits, backend)
 
 
+# once_differentiable: the fused backward is not itself differentiable, so a double
+# backward (create_graph=True, then differentiating a gradient) raises PyTorch's usual
+# error instead of silently giving zeros.
+@torch.autograd.function.once_differentiable
 def _backward(ctx, grad_loss, grad_lse, grad_raw):
     user, items, pos, neg, pos_scale, neg_scale, neg_logq, lse = ctx.saved_tensors
     neg_mode, include_pos, normalize, remove_hits, backend = ctx.options
@@ -269,6 +293,9 @@ def _as_scale(name: str, scale: ScaleLike, batch: int, like: Tensor, acc: torch.
     if not isinstance(scale, Tensor):
         if not math.isfinite(scale):
             raise ValueError(f"{name} must be finite, got {scale}")
+        if abs(scale) > MAX_INVERSE_TEMPERATURE:
+            raise ValueError(f"{name} must be an inverse temperature with |value| <= "
+                             f"{MAX_INVERSE_TEMPERATURE:g}, got {scale:g}")
         return torch.full((batch,), float(scale), dtype=acc, device=like.device)
     if not scale.is_floating_point():
         raise TypeError(f"{name} must be a floating tensor, got {scale.dtype}")
@@ -291,6 +318,83 @@ def _check_index_tensor(name: str, index: Tensor, like: Tensor) -> None:
         raise ValueError(f"{name} is on {index.device} but user is on {like.device}")
 
 
+# ------------------------------------------------------------------- touched rows only
+#: compact_indices (a bitmap of num_items bits) is used while num_items / 64 is at most this
+#: many times the number of indices plus 2^20 words; beyond, torch.unique (a sort) is cheaper.
+_COMPACT_BITMAP_RATIO = 4
+
+
+def compact(pos: Tensor, neg: Optional[Tensor] = None, *,
+            num_items: Optional[int] = None) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """The distinct items a batch touches, and its indices as positions among them.
+
+    For callers who look rows up themselves (a sharded embedding collection, a cache, any
+    table that is not one dense tensor): gather ``table[unique_ids]`` into a compact
+    ``[K, D]`` tensor and call :func:`softmax_loss` with it and the local indices; the
+    loss is the same as on the full table, and the gradient reaches only the K rows.
+
+    Args:
+        pos: ``[B]`` int32/int64 positive items.
+        neg: per-row ``[B, M]`` or shared ``[M]`` negatives (int32/int64), or ``None``
+            (in-batch negatives are the positives themselves).
+        num_items: the catalog size N, for the range check (default: max index + 1).
+
+    Returns:
+        ``(unique_ids, pos_local, neg_local)``: ``unique_ids`` ``[K]`` int64, ascending;
+        ``pos_local`` (``[B]``) and ``neg_local`` (``neg``'s shape, or ``None``) in the
+        dtypes of ``pos`` and ``neg``, with ``unique_ids[pos_local] == pos``.
+
+    Raises:
+        TypeError: non-integer or non-tensor indices.
+        IndexError: an index outside ``[0, num_items)`` (the message names it).
+    """
+    _check_index_tensor("pos", pos, pos)
+    if neg is not None:
+        _check_index_tensor("neg", neg, pos)
+    parts = [("pos", pos)] + ([("neg", neg)] if neg is not None else [])
+    if num_items is None:
+        num_items = 1 + max(int(t.max()) for _, t in parts if t.numel()) if pos.numel() else 1
+    num_items = int(num_items)
+    total = sum(t.numel() for _, t in parts)
+    if (pos.device.type == "cpu" and num_items < 2**31
+            and num_items // 64 <= _COMPACT_BITMAP_RATIO * total + 2**20
+            and _extension.has_op("compact_indices")):
+        unique_ids, pos_local, neg_local = torch.ops.adaptau.compact_indices(
+            pos, neg if neg is not None else pos.new_empty((0,)), num_items)
+        if unique_ids.numel() == 0 and total:  # an index is out of range: name it
+            for name, t in parts:
+                _check_index_range(name, t, num_items)
+        return unique_ids, pos_local, (neg_local if neg is not None else None)
+    for name, t in parts:
+        _check_index_range(name, t, num_items)
+    flat = torch.cat([t.reshape(-1).long() for _, t in parts])
+    unique_ids, inverse = torch.unique(flat, sorted=True, return_inverse=True)
+    pos_local = inverse[: pos.numel()].to(pos.dtype).reshape(pos.shape)
+    neg_local = None if neg is None else inverse[pos.numel():].to(neg.dtype).reshape(neg.shape)
+    return unique_ids, pos_local, neg_local
+
+
+class _TouchedRows(torch.autograd.Function):
+    """``items[ids]`` (``ids`` unique and ascending) whose gradient is a sparse COO ``[N, D]``
+    tensor with one row per id, in ascending order, built as coalesced (what
+    ``torch.autograd.grad`` returns; ``F.embedding(sparse=True)`` gives one row per lookup
+    instead). PyTorch's gradient accumulation into ``.grad`` may re-wrap it without the
+    coalesced flag; its rows stay unique and ordered."""
+
+    @staticmethod
+    def forward(ctx, items: Tensor, ids: Tensor) -> Tensor:
+        ctx.save_for_backward(ids)
+        ctx.table_shape = items.shape
+        return items.index_select(0, ids)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        (ids,) = ctx.saved_tensors
+        return torch.sparse_coo_tensor(ids.unsqueeze(0), grad, ctx.table_shape,
+                                       is_coalesced=True, check_invariants=False), None
+
+
 def softmax_loss(
     user: Tensor,
     items: Tensor,
@@ -306,6 +410,7 @@ def softmax_loss(
     reduction: str = "mean",
     return_raw: bool = False,
     backend: str = "auto",
+    item_grad: str = "dense",
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Fused sampled-softmax loss over cosine (or dot) scores with per-row temperatures.
 
@@ -338,6 +443,12 @@ def softmax_loss(
             detached (what :class:`adaptau.AdapTau` observes).
         backend: ``"auto"`` (fastest available for the device), ``"reference"``,
             ``"cpu"``, ``"triton"`` or ``"cuda"``; see :func:`available_backends`.
+
+        item_grad: ``"dense"`` (``items.grad`` is a dense ``[N, D]`` tensor) or
+            ``"sparse"``: only the rows the batch touches are gathered, computed and
+            returned, as a coalesced sparse COO ``[N, D]`` gradient with one row per
+            touched item (as ``nn.Embedding(sparse=True)``), for ``torch.optim.SparseAdam``
+            or ``Adagrad``; no work proportional to N. Same loss and gradient values.
 
     Returns:
         The loss (scalar, or ``[B]`` for ``reduction="none"``) in float32 (float64 for
@@ -411,6 +522,15 @@ def softmax_loss(
         neg_logq = neg_logq.detach().to(acc).contiguous()
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if item_grad not in ("dense", "sparse"):
+        raise ValueError(f"item_grad must be 'dense' or 'sparse', got {item_grad!r}")
+    if item_grad == "sparse":  # the batch's own rows as a [K, D] table; local indices
+        ids, pos, neg_local = compact(pos, None if neg_mode == NEG_IN_BATCH else neg,
+                                      num_items=num_items)
+        neg = neg if neg_local is None else neg_local
+        items = _TouchedRows.apply(items, ids)
+        if neg_logq is not None:
+            neg_logq = neg_logq[ids]
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
 
