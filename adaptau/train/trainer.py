@@ -170,6 +170,32 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read safely (corrupt, truncated, or holding objects
+    other than tensors and plain Python values)."""
+
+
+def load_checkpoint(path: Path, device: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
+    """Read a checkpoint with ``torch.load(weights_only=True)``: tensors and plain Python
+    values only, so a run folder from someone else cannot execute code when loaded.
+
+    Raises:
+        CheckpointError: the file is corrupt, truncated or holds anything else (one line,
+            naming the file).
+    """
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # UnpicklingError, EOFError, RuntimeError (zip) ...
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{path}: cannot be read as an adaptau checkpoint (tensors and "
+                              f"plain values only): {type(exc).__name__}: {first}") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise CheckpointError(f"{path}: not an adaptau checkpoint (no 'model' entry)")
+    return ckpt
+
+
 def atomic_save(obj: Any, path: Path) -> None:
     """``torch.save`` to a temp file in the same folder, fsync, then ``os.replace``."""
     path = Path(path)
@@ -187,6 +213,18 @@ def atomic_save(obj: Any, path: Path) -> None:
             os.close(dfd)
     except OSError:
         pass
+
+
+def _numpy_state_plain(state: tuple) -> list:
+    """numpy's legacy RNG state with its key array as a tensor (weights_only can load it)."""
+    name, keys, pos, has_gauss, gauss = state
+    return [name, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss),
+            float(gauss)]
+
+
+def _numpy_state_from_plain(state: list) -> tuple:
+    name, keys, pos, has_gauss, gauss = state
+    return (name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -397,7 +435,7 @@ class Trainer:
             "shuffle_gen": self.shuffle_gen.get_state(),
             "neg_gen": self.neg_gen.get_state(),
             "torch": torch.get_rng_state(),
-            "numpy": np.random.get_state(),
+            "numpy": _numpy_state_plain(np.random.get_state()),
             "python": random.getstate(),
         }
         if torch.cuda.is_available():
@@ -408,10 +446,20 @@ class Trainer:
         self.shuffle_gen.set_state(state["shuffle_gen"])
         self.neg_gen.set_state(state["neg_gen"])
         torch.set_rng_state(state["torch"])
-        np.random.set_state(state["numpy"])
+        np.random.set_state(_numpy_state_from_plain(state["numpy"]))
         random.setstate(state["python"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
+
+    def _check_finite_weights(self, epoch: int) -> None:
+        """NonFiniteLossError when a parameter holds NaN or infinity after an epoch (the
+        optimizer's last step can diverge after the last finite loss): such weights are
+        never written to last.pt or best.pt."""
+        for name, value in self.model.named_parameters():
+            if not bool(torch.isfinite(value.detach()).all()):
+                raise NonFiniteLossError(
+                    f"non-finite weights in {name} after epoch {epoch}; try a lower --lr. "
+                    f"The last good checkpoint is {self.out / 'last.pt'}")
 
     def _save_last(self, epoch_done: int) -> None:
         """Write last.pt on rank 0. Collective when world_size > 1: call it on every rank."""
@@ -438,7 +486,7 @@ class Trainer:
         }, self.out / "last.pt")
 
     def _load_last(self) -> None:
-        ckpt = torch.load(self.out / "last.pt", map_location=self.device, weights_only=False)
+        ckpt = load_checkpoint(self.out / "last.pt", self.device)
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.controller.load_state_dict(ckpt["controller"])
@@ -590,6 +638,7 @@ class Trainer:
             t0 = time.time()
             try:
                 rec = self._train_epoch(epoch)
+                self._check_finite_weights(epoch)
             except NonFiniteLossError as exc:
                 self.status = "diverged"
                 stopped = str(exc)
@@ -668,7 +717,7 @@ class Trainer:
         best_epoch = None
         if self.best is not None:
             best_epoch = self.best["epoch"]
-            ckpt = torch.load(self.out / "best.pt", map_location=self.device, weights_only=False)
+            ckpt = load_checkpoint(self.out / "best.pt", self.device)
             current = {k: v.clone() for k, v in self.model.state_dict().items()}
             self.model.load_state_dict(ckpt["model"])
             valid = ckpt["metrics"]
@@ -757,7 +806,7 @@ def evaluate_run(run: str, *, checkpoint: str = "best", log=print,
     trainer.model = build_model(cfg.model, trainer.dataset.num_users, trainer.dataset.num_items,
                                 trainer.split.train, dim=cfg.dim, dropout=cfg.dropout,
                                 layers=cfg.layers, init_std=cfg.init_std).to(trainer.device)
-    ckpt = torch.load(ckpt_path, map_location=trainer.device, weights_only=False)
+    ckpt = load_checkpoint(ckpt_path, trainer.device)
     trainer.model.load_state_dict(ckpt["model"])
     t0 = time.time()
     rows = {trainer.split.select_name: trainer.evaluate("select")}

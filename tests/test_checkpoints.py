@@ -1,0 +1,80 @@
+"""Checkpoints hold tensors and plain values only, and never hold NaN weights.
+
+* A crafted pickle in a run folder is refused (``weights_only=True``), in one line.
+* A corrupt or truncated checkpoint is a one-line error naming the file.
+* ``--lr inf`` stops the run with exit status 3 on every CPU backend, and ``last.pt`` /
+  ``best.pt`` keep finite weights.
+* Resuming after a stop reproduces the uninterrupted run (the numpy RNG state survives the
+  plain-value format).
+"""
+import json
+import pickle
+
+import pytest
+import torch
+
+import adaptau
+from adaptau.train import cli
+from adaptau.train.trainer import CheckpointError, load_checkpoint
+
+TINY = "synthetic:num_users=240,num_items=160"
+BASE = ["--data", TINY, "--dim", "16", "--batch-size", "256", "--negatives", "16",
+        "--warmup", "1", "--progress", "off"]
+CPU_BACKENDS = [b for b in adaptau.available_backends("cpu") if b != "triton"]
+
+
+class _Payload:
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('x')",))
+
+
+def test_a_crafted_pickle_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    assert cli.main(["train", *BASE, "--epochs", "1", "--out", str(run)]) == 0
+    with open(run / "best.pt", "wb") as f:
+        pickle.dump({"model": _Payload()}, f)
+    with pytest.raises(CheckpointError, match="best.pt"):
+        load_checkpoint(run / "best.pt")
+    capsys.readouterr()
+    assert cli.main(["eval", "--run", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "best.pt" in err[0] and "cannot be read" in err[0]
+    assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", None])
+def test_corrupt_checkpoints_are_one_line_errors(tmp_path, content):
+    path = tmp_path / "last.pt"
+    if content is None:  # a real checkpoint, truncated
+        torch.save({"model": {"w": torch.randn(100, 100)}}, path)
+        path.write_bytes(path.read_bytes()[:3000])
+    else:
+        path.write_bytes(content)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_infinite_lr_stops_with_status_3_and_finite_checkpoints(tmp_path, backend, capsys):
+    run = tmp_path / "run"
+    assert cli.main(["train", *BASE, "--epochs", "3", "--lr", "inf", "--backend", backend,
+                     "--out", str(run)]) == 3
+    assert "non-finite" in capsys.readouterr().err
+    for name in ("last.pt", "best.pt"):
+        if (run / name).exists():
+            ckpt = load_checkpoint(run / name)
+            for key, value in ckpt["model"].items():
+                assert torch.isfinite(value).all(), (name, key)
+    assert json.loads((run / "summary.json").read_text())["status"] == "diverged"
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path):
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert cli.main(["train", *BASE, "--epochs", "3", "--out", str(whole)]) == 0
+    assert cli.main(["train", *BASE, "--epochs", "2", "--out", str(part)]) == 0
+    assert cli.main(["train", "--resume", str(part), "--epochs", "3"]) == 0
+    a = load_checkpoint(whole / "last.pt")["model"]
+    b = load_checkpoint(part / "last.pt")["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
