@@ -131,7 +131,7 @@ def run_cell(name: str, cfg: TrainConfig, folder: Path, args, log) -> Dict[str, 
         log(f"[{name}] training {cfg.epochs} epochs -> {folder}")
     t0 = time.time()
     quiet = (lambda msg: None) if not args.verbose else (lambda msg: log(f"  {msg}"))
-    trainer = Trainer(cfg, resume=resume, log=quiet)
+    trainer = Trainer(cfg, resume=resume, log=quiet, overwrite=resume is None)
     if resume:  # raise the budget of the resumed run (Trainer keeps the saved config otherwise)
         trainer.cfg.epochs, trainer.cfg.patience = cfg.epochs, cfg.patience
     summary = trainer.fit()

@@ -78,3 +78,33 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     a = load_checkpoint(whole / "last.pt")["model"]
     b = load_checkpoint(part / "last.pt")["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_used_folder_is_refused_unless_resumed_or_overwritten(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(["train", *BASE, "--epochs", "2", "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert cli.main(["train", *BASE, "--epochs", "1", "--out", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds a run" in err[0] and "--resume" in err[0]
+    epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1]  # untouched
+    (run / ".last.pt.tmp-99999").write_bytes(b"partial")  # as a run killed mid-write leaves
+    assert cli.main(["train", *BASE, "--epochs", "1", "--out", str(run), "--overwrite"]) == 0
+    epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0] and not (run / ".last.pt.tmp-99999").exists()
+
+
+def test_a_running_folder_is_locked(tmp_path):
+    from adaptau.train.trainer import _RunLock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    held = _RunLock(run)
+    try:
+        with pytest.raises(ValueError, match="in use by another adaptau run"):
+            _RunLock(run)
+        assert cli.main(["train", *BASE, "--epochs", "1", "--out", str(run)]) == 2
+    finally:
+        held.release()
+    _RunLock(run).release()  # free again once released

@@ -79,6 +79,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--name", default=S, help="run name (folder runs/<name>)")
     g.add_argument("--out", default=S, help="run folder (default runs/<name>)")
     g.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last.pt")
+    g.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace the run files of an --out folder that already holds a run")
     g.add_argument("--progress", choices=["auto", "on", "off"], default=S)
     g = p.add_argument_group("distributed")
     g.add_argument("--nproc", type=int, default=None, metavar="N",
@@ -118,7 +120,7 @@ def resolve_config(ns: argparse.Namespace):
         cfg.update(PRESETS[preset], where=f"preset {preset}")
     if file_values:
         cfg.update(file_values, where=f"--config {ns.config}")
-    skip = {"command", "config", "preset", "resume", "nproc", "_argv"}
+    skip = {"command", "config", "preset", "resume", "overwrite", "nproc", "_argv"}
     flags = {k: v for k, v in vars(ns).items() if k not in skip and v is not None}
     cfg.update(flags, where="flags")
     return cfg
@@ -169,12 +171,12 @@ def _train_worker(ns: argparse.Namespace) -> int:
             return 2
         saved = {k: v for k, v in json.loads(cfg_path.read_text()).items() if not k.startswith("_")}
         cfg = TrainConfig().update(saved)
-        skip = {"command", "config", "preset", "resume", "nproc", "_argv"}
+        skip = {"command", "config", "preset", "resume", "overwrite", "nproc", "_argv"}
         cfg.update({k: v for k, v in vars(ns).items() if k not in skip and v is not None}, where="flags")
         cfg.out = ns.resume
     else:
         cfg = resolve_config(ns)
-    summary = train(cfg, resume=ns.resume)
+    summary = train(cfg, resume=ns.resume, overwrite=bool(ns.overwrite))
     if summary.get("status") == "diverged":
         print(f"adaptau train: stopped: {summary.get('message')}", file=sys.stderr)
         return 3

@@ -11,6 +11,10 @@ A run folder (``--out``, default ``runs/<name>``) holds
 * ``users.tsv`` / ``items.tsv``  the id mapping when the loader remapped ids
 
 Checkpoints are written atomically (temp file in the same folder, fsync, ``os.replace``).
+A folder that already holds a run is refused unless the run is resumed or ``overwrite``
+is given, and a running trainer holds an exclusive lock on ``.lock`` in its folder, so two
+runs never write one folder; temp files that a killed run left behind are removed when the
+next run takes the lock.
 """
 from __future__ import annotations
 
@@ -170,6 +174,41 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
+#: The files a run writes into its folder (``--overwrite`` removes exactly these).
+RUN_FILES = ("config.json", "metrics.jsonl", "last.pt", "best.pt", "summary.json", "train.log",
+             "eval.json", "curves.png", "tau_hist.png", "tau_activity.png")
+
+
+class _RunLock:
+    """An exclusive ``flock`` on ``<folder>/.lock`` for the life of the trainer (the OS drops
+    it when the process dies, so a killed run never leaves the folder locked)."""
+
+    def __init__(self, folder: Path) -> None:
+        import fcntl
+
+        self.path = Path(folder) / ".lock"
+        self._fh = open(self.path, "a+")
+        try:
+            fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._fh.seek(0)
+            holder = self._fh.read().strip() or "?"
+            self._fh.close()
+            raise ValueError(f"{folder} is in use by another adaptau run (pid {holder}); "
+                             "wait for it, or choose another --out") from None
+        self._fh.seek(0)
+        self._fh.truncate()
+        self._fh.write(str(os.getpid()))
+        self._fh.flush()
+        for stale in Path(folder).glob(".*.tmp-*"):  # left by a run killed mid-write
+            stale.unlink(missing_ok=True)
+
+    def release(self) -> None:
+        """Drop the lock (closing the file does); idempotent."""
+        if not self._fh.closed:
+            self._fh.close()
+
+
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be read safely (corrupt, truncated, or holding objects
     other than tensors and plain Python values)."""
@@ -312,11 +351,12 @@ class Trainer:
     """One run. ``Trainer(cfg).fit()`` trains and returns the summary dict.
 
     ``resume``: a run folder whose ``last.pt`` is continued (same optimizer, RNG and
-    controller state); ``cfg.epochs`` may be raised to train further.
+    controller state); ``cfg.epochs`` may be raised to train further. ``overwrite``: replace
+    the run files of a ``cfg.out`` that already holds a run (else that is a ValueError).
     """
 
     def __init__(self, cfg: TrainConfig, *, resume: Optional[str] = None, log=print,
-                 dataset: Optional[Dataset] = None) -> None:
+                 dataset: Optional[Dataset] = None, overwrite: bool = False) -> None:
         cfg.validate()
         self.cfg = cfg
         self.log_fn = log
@@ -384,7 +424,12 @@ class Trainer:
         self.backend_used: Optional[str] = None
         self.status = "running"
 
+        self._overwrite = overwrite
         self.out = self._run_folder(resume)
+        self._lock = _RunLock(self.out) if self.is_main else None
+        if overwrite and not resume and self.is_main:
+            for name in RUN_FILES:
+                (self.out / name).unlink(missing_ok=True)
         if resume:
             self._load_last()
         self.metric = cfg.selection_metric
@@ -407,6 +452,11 @@ class Trainer:
                 out.mkdir(parents=True, exist_ok=True)
             return out
         out = self._new_run_folder()
+        used = [f for f in RUN_FILES if (out / f).exists()]
+        if used and not self._overwrite:
+            raise ValueError(f"--out {out} already holds a run ({', '.join(used)}): continue it "
+                             f"with --resume {out}, replace it with --overwrite, or choose "
+                             "another --out")
         out.mkdir(parents=True, exist_ok=True)
         return out
 
@@ -612,6 +662,15 @@ class Trainer:
         return 0.5 * c * (float(u_rows.pow(2).sum()) + item_value)
 
     def fit(self) -> Dict[str, Any]:
+        """Train to the end (or the stop) and return the summary; the run folder's lock is
+        released when it returns or raises."""
+        try:
+            return self._fit()
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+
+    def _fit(self) -> Dict[str, Any]:
         cfg = self.cfg
         if self.is_main:
             self._write_config()
@@ -776,9 +835,11 @@ class Trainer:
                               self.history[-1]["epoch"] if self.history else None)
 
 
-def train(cfg: TrainConfig, *, resume: Optional[str] = None, log=print) -> Dict[str, Any]:
-    """Train a run (or continue ``resume``) and return its summary."""
-    return Trainer(cfg, resume=resume, log=log).fit()
+def train(cfg: TrainConfig, *, resume: Optional[str] = None, log=print,
+          overwrite: bool = False) -> Dict[str, Any]:
+    """Train a run (or continue ``resume``; ``overwrite`` replaces a run in ``cfg.out``)
+    and return its summary."""
+    return Trainer(cfg, resume=resume, log=log, overwrite=overwrite).fit()
 
 
 def evaluate_run(run: str, *, checkpoint: str = "best", log=print,
