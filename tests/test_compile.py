@@ -68,3 +68,29 @@ def test_compile_inductor_fullgraph(seed, backend):
     torch.testing.assert_close(l1, l2)
     torch.testing.assert_close(u1.grad, u2.grad)
     torch.testing.assert_close(i1.grad, i2.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_dynamic_with_float_scale_arguments(seed, backend):
+    """fullgraph=True, dynamic=True with the inverse temperatures passed as Python floats
+    (symbolic under dynamic shapes): same loss and gradients as eager, bad values refused."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(seed)
+    user = torch.randn(7, 8, generator=gen, requires_grad=True)
+    items = torch.randn(30, 8, generator=gen, requires_grad=True)
+    pos = torch.randint(0, 30, (7,), generator=gen)
+    neg = torch.randint(0, 30, (7, 5), generator=gen)
+
+    def fn(u, t, a, b):
+        return adaptau.softmax_loss(u, t, pos, neg, a, b, backend=backend)
+
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True)
+    for a, b in ((5.0, 6.0), (7.5, 2.0)):
+        got = compiled(user, items, a, b)
+        (gu, gi) = torch.autograd.grad(got, (user, items))
+        want = fn(user, items, a, b)
+        (wu, wi) = torch.autograd.grad(want, (user, items))
+        for x, y in ((got, want), (gu, wu), (gi, wi)):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="pos_scale must be finite"):
+        compiled(user, items, float("nan"), 1.0)

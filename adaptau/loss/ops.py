@@ -291,6 +291,10 @@ def _as_scale(name: str, scale: ScaleLike, batch: int, like: Tensor, acc: torch.
     if isinstance(scale, bool) or not isinstance(scale, (int, float, Tensor)):
         raise TypeError(f"{name} must be a float or a tensor, got {type(scale).__name__}")
     if not isinstance(scale, Tensor):
+        # (under torch.compile(dynamic=True) a float scale is symbolic: it becomes a tensor
+        # here and the backend's own value checks below refuse a bad one)
+        if torch.compiler.is_compiling():
+            return torch.full((batch,), scale, dtype=acc, device=like.device)
         if not math.isfinite(scale):
             raise ValueError(f"{name} must be finite, got {scale}")
         if abs(scale) > MAX_INVERSE_TEMPERATURE:
