@@ -52,6 +52,9 @@ def test_lightgcn_without_valid(tmp_path):
     ("0 1\n1 2\n-3 4\n", 3, "negative user id -3"),
     ("0 1 -2\n", 1, "negative item id -2"),
     ("0 1\n1.5 2\n", 2, "user id '1.5'"),
+    ("0 1\n1 +7\n", 2, "item id '+7'"),
+    ("0 1_0\n", 1, "item id '1_0'"),
+    ("0 1\n\u0663 2\n", 2, "user id '\u0663'"),  # an Arabic-Indic digit
 ])
 def test_lightgcn_malformed(tmp_path, content, line, needle):
     write(tmp_path / "train.txt", content)
@@ -60,6 +63,16 @@ def test_lightgcn_malformed(tmp_path, content, line, needle):
         load_lightgcn(tmp_path)
     assert f"train.txt:{line}:" in str(err.value)
     assert needle in str(err.value)
+
+
+def test_lightgcn_bom_and_non_utf8(tmp_path):
+    (tmp_path / "train.txt").write_bytes(b"\xef\xbb\xbf0 1 2\n1 0\n")  # a UTF-8 BOM
+    write(tmp_path / "test.txt", "0 0\n")
+    ds = load_lightgcn(tmp_path)
+    assert pairs(ds.train) == [(0, 1), (0, 2), (1, 0)]
+    (tmp_path / "test.txt").write_bytes(b"0 0\n1 \xff\xfe\n")
+    with pytest.raises(DataError, match=r"test.txt:\d+: not UTF-8 text"):
+        load_lightgcn(tmp_path)
 
 
 def test_lightgcn_empty_and_missing(tmp_path):

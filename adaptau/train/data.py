@@ -151,35 +151,40 @@ class Split:
 
 
 # ----------------------------------------------------------------------- LightGCN format
+def _lightgcn_id(path: Path, lineno: int, col: int, tok: str) -> int:
+    """One id of a LightGCN line: plain ASCII digits only (``int`` would also take ``+7``,
+    ``1_0`` and non-ASCII digits, which are not ids in this format)."""
+    what = "user" if col == 0 else "item"
+    if tok.isascii() and tok.isdigit():
+        return int(tok)
+    if tok.startswith("-") and tok[1:].isascii() and tok[1:].isdigit():
+        raise DataError(f"{path}:{lineno}: negative {what} id {int(tok)} (field {col + 1})")
+    raise DataError(f"{path}:{lineno}: {what} id {tok!r} (field {col + 1}) is not an integer; "
+                    "the LightGCN format is 'user item item ...' with 0-based integer ids")
+
+
 def _read_lightgcn_file(path: Path) -> Tuple[np.ndarray, np.ndarray, int, set]:
     """Pairs of one LightGCN text file; returns users, items, duplicates, users listed."""
     users: List[int] = []
     items: List[int] = []
     listed = set()
     nonblank = 0
-    with open(path, "r", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            tokens = line.split()
-            if not tokens:
-                continue
-            nonblank += 1
-            ids = []
-            for col, tok in enumerate(tokens):
-                try:
-                    value = int(tok)
-                except ValueError:
-                    what = "user" if col == 0 else "item"
-                    raise DataError(f"{path}:{lineno}: {what} id {tok!r} (field {col + 1}) is not "
-                                    "an integer; the LightGCN format is 'user item item ...' with "
-                                    "0-based integer ids") from None
-                if value < 0:
-                    what = "user" if col == 0 else "item"
-                    raise DataError(f"{path}:{lineno}: negative {what} id {value} (field {col + 1})")
-                ids.append(value)
-            user = ids[0]
-            listed.add(user)
-            users.extend([user] * (len(ids) - 1))
-            items.extend(ids[1:])
+    lineno = 0
+    try:
+        with open(path, "r", encoding="utf-8-sig") as fh:  # (a leading BOM is dropped)
+            for lineno, line in enumerate(fh, 1):
+                tokens = line.split()
+                if not tokens:
+                    continue
+                nonblank += 1
+                ids = [_lightgcn_id(path, lineno, col, tok) for col, tok in enumerate(tokens)]
+                user = ids[0]
+                listed.add(user)
+                users.extend([user] * (len(ids) - 1))
+                items.extend(ids[1:])
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}:{lineno + 1}: not UTF-8 text ({exc.reason} at byte "
+                        f"{exc.start} of the line's chunk)") from None
     if nonblank == 0:
         raise DataError(f"{path}: the file is empty")
     u = np.asarray(users, dtype=np.int64)
