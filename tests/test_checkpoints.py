@@ -108,3 +108,45 @@ def test_a_running_folder_is_locked(tmp_path):
     finally:
         held.release()
     _RunLock(run).release()  # free again once released
+
+
+def _tiny_cfg(out, **kw):
+    from adaptau.train import TrainConfig
+
+    base = dict(data=TINY, out=str(out), epochs=2, dim=16, batch_size=256, negatives=16,
+                warmup=1, lr=0.05, progress="off", backend=CPU_BACKENDS[0])  # cpu when built
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_sparse_adagrad_equals_dense_adagrad(tmp_path):
+    """Adagrad leaves a row whose gradient is zero exactly as it is, so sparse gradients
+    (--sparse-grad adagrad: touched rows only) and dense ones give the same run."""
+    from adaptau.train import Trainer
+
+    sparse = Trainer(_tiny_cfg(tmp_path / "sparse", sparse_grad="adagrad"), log=lambda m: None)
+    s = sparse.fit()
+    dense = Trainer(_tiny_cfg(tmp_path / "dense"), log=lambda m: None)
+    dense.optimizer = torch.optim.Adagrad(dense.model.parameters(), lr=0.05)
+    d = dense.fit()
+    for (name, a), b in zip(sparse.model.state_dict().items(), dense.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    assert abs(s["test"]["recall@20"] - d["test"]["recall@20"]) <= 1e-3
+
+
+def test_sparse_adam_run_resumes_exactly(tmp_path):
+    flags = [*BASE, "--sparse-grad"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert cli.main(["train", *flags, "--epochs", "3", "--out", str(whole)]) == 0
+    assert cli.main(["train", *flags, "--epochs", "2", "--out", str(part)]) == 0
+    assert cli.main(["train", "--resume", str(part), "--epochs", "3"]) == 0
+    a = load_checkpoint(whole / "last.pt")
+    b = load_checkpoint(part / "last.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert json.loads((whole / "config.json").read_text())["sparse_grad"] == "sparse-adam"
+
+
+def test_sparse_grad_is_for_mf(tmp_path, capsys):
+    assert cli.main(["train", *BASE, "--model", "lightgcn", "--sparse-grad",
+                     "--out", str(tmp_path / "r")]) == 2
+    assert "--sparse-grad is for MF" in capsys.readouterr().err

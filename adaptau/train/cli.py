@@ -65,6 +65,10 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=S)
     g.add_argument("--lr", type=float, default=S)
     g.add_argument("--l2", type=float, default=S)
+    g.add_argument("--sparse-grad", nargs="?", const="sparse-adam",
+                   choices=["off", "sparse-adam", "adagrad"], default=S,
+                   help="MF: sparse gradients for both tables, so only the touched rows are "
+                        "updated (bare flag: SparseAdam; 'adagrad': Adagrad)")
     g.add_argument("--epochs", type=int, default=S)
     g.add_argument("--patience", type=int, default=S, help="evaluations without improvement before stopping (0: off); with --tau "
                    "adaptive/global, evaluations during the warm-up do not count")

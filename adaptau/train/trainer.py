@@ -37,6 +37,7 @@ from .data import Dataset, Split, csr_pairs, load_dataset, prepare
 from .evaluate import format_metrics, full_ranking, item_popularity
 from .models import add_row_l2_grad_, build_model, sampled_item_counts, sampled_l2
 from .sampling import SAMPLERS, BatchIterator, NegativeSampler
+from ..loss.ops import compact as adaptau_compact
 
 __all__ = ["TrainConfig", "PRESETS", "Trainer", "train", "evaluate_run", "NonFiniteLossError",
            "load_config_file", "atomic_save", "keep_freed_heap"]
@@ -67,6 +68,7 @@ class TrainConfig:
     batch_size: int = 1024
     lr: float = 1e-2
     l2: float = 1e-6
+    sparse_grad: str = "off"              # MF only: "sparse-adam" | "adagrad" update the touched rows
     epochs: int = 20
     patience: int = 5                     # evaluations without improvement before stopping (0: off;
                                           # with tau adaptive/global, none during the warm-up)
@@ -121,6 +123,11 @@ class TrainConfig:
             raise ValueError(f"--l2 must be >= 0, got {self.l2}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.sparse_grad not in SPARSE_OPTIMIZERS:
+            raise ValueError(f"--sparse-grad must be one of {SPARSE_OPTIMIZERS}, got {self.sparse_grad!r}")
+        if self.sparse_grad != "off" and self.model != "mf":
+            raise ValueError("--sparse-grad is for MF: LightGCN propagates over the whole graph, so "
+                             "its table gradients are dense (it trains with dense Adam)")
         if self.sampler == "in-batch" and self.batch_size < 2:
             raise ValueError("--sampler in-batch needs --batch-size >= 2")
         if not self.topk or min(self.topk) < 1:
@@ -207,6 +214,10 @@ class _RunLock:
         """Drop the lock (closing the file does); idempotent."""
         if not self._fh.closed:
             self._fh.close()
+
+
+#: ``--sparse-grad`` values: off (dense gradients, Adam) or the optimizer of sparse ones.
+SPARSE_OPTIMIZERS = ("off", "sparse-adam", "adagrad")
 
 
 class CheckpointError(ValueError):
@@ -391,8 +402,17 @@ class Trainer:
         # the backbone's part of a step; DistributedDataParallel when world_size > 1
         # (which also broadcasts rank 0's initial weights)
         self.step_module = dist.wrap_model(dist.StepModule(self.model), self.device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr,
-                                          **({"fused": True} if self.device.type in ("cpu", "cuda") else {}))
+        self.sparse = cfg.sparse_grad != "off"
+        if self.sparse and self.world_size > 1:
+            raise ValueError("--sparse-grad runs in one process (DDP all-reduces dense gradients)")
+        self.model.sparse = self.sparse
+        if cfg.sparse_grad == "sparse-adam":
+            self.optimizer = torch.optim.SparseAdam(list(self.model.parameters()), lr=cfg.lr)
+        elif cfg.sparse_grad == "adagrad":
+            self.optimizer = torch.optim.Adagrad(self.model.parameters(), lr=cfg.lr)
+        else:
+            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr,
+                                              **({"fused": True} if self.device.type in ("cpu", "cuda") else {}))
         from ..loss.temperature import AdapTau
 
         self.controller = AdapTau(self.train_users, self.train_items, num_users=self.num_users,
@@ -613,7 +633,8 @@ class Trainer:
             out = softmax_loss(u, item_table, pos, neg, pos_scale, neg_scale,
                                include_pos=cfg.include_pos, normalize=cfg.normalize,
                                neg_logq=neg_logq, remove_accidental_hits=cfg.remove_hits,
-                               return_raw=need_raw, backend=cfg.backend)
+                               return_raw=need_raw, backend=cfg.backend,
+                               item_grad="sparse" if self.sparse else "dense")
             loss, raw = out if need_raw else (out, None)
             if cfg.l2 > 0 and not direct_l2:  # (in-batch: negatives are positives, already counted)
                 loss = loss + cfg.l2 * sampled_l2(ego_u, ego_i, users, pos,
@@ -625,7 +646,8 @@ class Trainer:
                     f"--smoothing. The last good checkpoint is {self.out / 'last.pt'}")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()  # DDP averages the gradients over ranks here
-            l2_value = self._add_l2_grad(*batch_g, ego_u, ego_i) if direct_l2 else 0.0
+            add_l2 = self._add_sparse_l2_grad if self.sparse else self._add_l2_grad
+            l2_value = add_l2(*batch_g, ego_u, ego_i) if direct_l2 else 0.0
             self.optimizer.step()
             if need_raw:
                 self.controller.observe(users, raw)
@@ -660,6 +682,23 @@ class Trainer:
         user_w.grad.index_add_(0, idx, u_rows, alpha=c)
         item_value = add_row_l2_grad_(item_w.grad, item_w, counts, c)  # one pass over the table
         return 0.5 * c * (float(u_rows.pow(2).sum()) + item_value)
+
+    @torch.no_grad()
+    def _add_sparse_l2_grad(self, users: torch.Tensor, pos: torch.Tensor,
+                            neg: Optional[torch.Tensor], user_w: torch.Tensor,
+                            item_w: torch.Tensor) -> float:
+        """:meth:`_add_l2_grad` for sparse gradients (``--sparse-grad``): the same value and
+        gradient, added as sparse rows of the batch's users and touched items only."""
+        c = self.cfg.l2 / users.numel()
+        ids, pos_local, neg_local = adaptau_compact(pos, neg, num_items=item_w.shape[0])
+        counts = sampled_item_counts(pos_local, neg_local, ids.numel(), item_w.dtype)
+        idx = users.long()
+        u_rows = user_w.index_select(0, idx)
+        i_rows = item_w.index_select(0, ids)
+        for w, index, values in ((user_w, idx, u_rows * c), (item_w, ids, i_rows * (c * counts[:, None]))):
+            extra = torch.sparse_coo_tensor(index.unsqueeze(0), values, w.shape, check_invariants=False)
+            w.grad = extra if w.grad is None else w.grad + extra
+        return 0.5 * c * (float(u_rows.pow(2).sum()) + float((i_rows.pow(2).sum(1) * counts).sum()))
 
     def fit(self) -> Dict[str, Any]:
         """Train to the end (or the stop) and return the summary; the run folder's lock is
