@@ -150,3 +150,17 @@ def test_sparse_grad_is_for_mf(tmp_path, capsys):
     assert cli.main(["train", *BASE, "--model", "lightgcn", "--sparse-grad",
                      "--out", str(tmp_path / "r")]) == 2
     assert "--sparse-grad is for MF" in capsys.readouterr().err
+
+
+def test_another_models_checkpoint_is_refused(tmp_path, capsys):
+    mf, lgcn = tmp_path / "mf", tmp_path / "lgcn"
+    assert cli.main(["train", *BASE, "--epochs", "1", "--out", str(mf)]) == 0
+    assert cli.main(["train", *BASE, "--epochs", "1", "--model", "lightgcn", "--out", str(lgcn)]) == 0
+    for name in ("best.pt", "last.pt"):
+        (mf / name).write_bytes((lgcn / name).read_bytes())
+    capsys.readouterr()
+    assert cli.main(["eval", "--run", str(mf)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "written for another model" in err[0] and "model='lightgcn'" in err[0]
+    assert cli.main(["train", "--resume", str(mf), "--epochs", "2"]) == 2
+    assert "written for another model" in capsys.readouterr().err

@@ -246,6 +246,23 @@ def load_checkpoint(path: Path, device: Union[str, torch.device] = "cpu") -> Dic
     return ckpt
 
 
+def check_checkpoint_fits(ckpt: Dict[str, Any], path: Path, cfg: "TrainConfig",
+                          model: torch.nn.Module) -> None:
+    """CheckpointError (one line) when ``ckpt`` was written for another model: another
+    model, dim or (LightGCN) layers in its config, or other tensor names or shapes."""
+    saved = ckpt.get("config") or {}
+    fields = ("model", "dim") + (("layers",) if cfg.model == "lightgcn" else ())
+    differ = [f"{k}={saved.get(k)!r} (this run: {getattr(cfg, k)!r})" for k in fields
+              if k in saved and saved[k] != getattr(cfg, k)]
+    mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in ckpt["model"].items() if isinstance(v, torch.Tensor)}
+    if not differ and mine != theirs:
+        bad = sorted(set(mine) ^ set(theirs)) or [k for k in mine if mine[k] != theirs.get(k)]
+        differ = [f"tensor {bad[0]}: {theirs.get(bad[0])} in the file, {mine.get(bad[0])} here"]
+    if differ:
+        raise CheckpointError(f"{path}: written for another model: {'; '.join(differ)}")
+
+
 def atomic_save(obj: Any, path: Path) -> None:
     """``torch.save`` to a temp file in the same folder, fsync, then ``os.replace``."""
     path = Path(path)
@@ -557,6 +574,7 @@ class Trainer:
 
     def _load_last(self) -> None:
         ckpt = load_checkpoint(self.out / "last.pt", self.device)
+        check_checkpoint_fits(ckpt, self.out / "last.pt", self.cfg, self.model)
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.controller.load_state_dict(ckpt["controller"])
@@ -816,6 +834,7 @@ class Trainer:
         if self.best is not None:
             best_epoch = self.best["epoch"]
             ckpt = load_checkpoint(self.out / "best.pt", self.device)
+            check_checkpoint_fits(ckpt, self.out / "best.pt", self.cfg, self.model)
             current = {k: v.clone() for k, v in self.model.state_dict().items()}
             self.model.load_state_dict(ckpt["model"])
             valid = ckpt["metrics"]
@@ -907,6 +926,7 @@ def evaluate_run(run: str, *, checkpoint: str = "best", log=print,
                                 trainer.split.train, dim=cfg.dim, dropout=cfg.dropout,
                                 layers=cfg.layers, init_std=cfg.init_std).to(trainer.device)
     ckpt = load_checkpoint(ckpt_path, trainer.device)
+    check_checkpoint_fits(ckpt, ckpt_path, cfg, trainer.model)
     trainer.model.load_state_dict(ckpt["model"])
     t0 = time.time()
     rows = {trainer.split.select_name: trainer.evaluate("select")}
