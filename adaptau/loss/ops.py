@@ -149,9 +149,16 @@ def _check_finite(name: str, value: Tensor, limit: float = math.inf) -> None:
                          f"{name}{bad} = {float(value[tuple(bad)]):g}")
 
 
-def _all_finite(*tensors: Tensor) -> bool:
-    """Whether the CPU tensors hold no NaN and no infinity (one pass each, no temporaries)."""
-    return all(torch.ops.adaptau.all_finite(t) for t in tensors)
+def _backend_for(backend: str, user: Tensor, items: Tensor) -> str:
+    """The backend that runs this call: the resolved one, except that a cpu-backend call
+    with a NaN or an infinity in the vectors runs on the reference backend (the cpu
+    kernel's running-max log-sum-exp is written for finite scores; the reference
+    propagates them as PyTorch does). Forward and backward of one call choose alike."""
+    resolved = _resolve_backend(backend, user.device.type)
+    if resolved == "cpu" and not (torch.ops.adaptau.all_finite(user)
+                                  and torch.ops.adaptau.all_finite(items)):
+        return "reference"
+    return resolved
 
 
 def _check_values(num_items: int, pos: Tensor, neg: Tensor, pos_scale: Tensor,
@@ -192,12 +199,7 @@ def _forward_kernel(
     neg_scale: Tensor, neg_logq: Optional[Tensor], neg_mode: int, include_pos: bool,
     normalize: bool, remove_hits: bool, compute_raw: bool, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    resolved = _resolve_backend(backend, user.device.type)
-    # The cpu kernel's running-max log-sum-exp is written for finite scores: a call with a
-    # NaN or an infinity in the vectors runs on the reference backend, which propagates them
-    # as PyTorch does (the backward below makes the same choice).
-    if resolved == "cpu" and not _all_finite(user, items):
-        resolved = "reference"
+    resolved = _backend_for(backend, user, items)
     # The cpu kernel checks the values itself, before it uses any, and raises the same
     # exceptions: every index (vectorized, while converting or sorting them; checking here
     # too would read the [B, M] negatives twice) and the scales' and neg_logq's finiteness
@@ -217,10 +219,7 @@ def _backward_kernel(
     neg_mode: int, include_pos: bool, normalize: bool, remove_hits: bool,
     need_scale_grads: bool, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    resolved = _resolve_backend(backend, user.device.type)
-    if resolved == "cpu" and not _all_finite(user, items):
-        resolved = "reference"
-    _, backward = _implementation(resolved)
+    _, backward = _implementation(_backend_for(backend, user, items))
     grad_user, grad_items, grad_pos_scale, grad_neg_scale = backward(
         grad_loss, user, items, pos, neg, pos_scale, neg_scale, neg_logq, lse,
         neg_mode, include_pos, normalize, remove_hits, need_scale_grads)
@@ -357,7 +356,7 @@ def compact(pos: Tensor, neg: Optional[Tensor] = None, *,
         _check_index_tensor("neg", neg, pos)
     parts = [("pos", pos)] + ([("neg", neg)] if neg is not None else [])
     if num_items is None:
-        num_items = 1 + max(int(t.max()) for _, t in parts if t.numel()) if pos.numel() else 1
+        num_items = 1 + max((int(t.max()) for _, t in parts if t.numel()), default=0)
     num_items = int(num_items)
     total = sum(t.numel() for _, t in parts)
     if (pos.device.type == "cpu" and num_items < 2**31
