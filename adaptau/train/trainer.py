@@ -225,13 +225,16 @@ class CheckpointError(ValueError):
     other than tensors and plain Python values)."""
 
 
-def load_checkpoint(path: Path, device: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
+def load_checkpoint(path: Path, device: Union[str, torch.device] = "cpu", *,
+                    cfg: Optional["TrainConfig"] = None,
+                    model: Optional[torch.nn.Module] = None) -> Dict[str, Any]:
     """Read a checkpoint with ``torch.load(weights_only=True)``: tensors and plain Python
-    values only, so a run folder from someone else cannot execute code when loaded.
+    values only, so a run folder from someone else cannot execute code when loaded. With
+    ``cfg`` and ``model``, also :func:`check_checkpoint_fits` it to them.
 
     Raises:
-        CheckpointError: the file is corrupt, truncated or holds anything else (one line,
-            naming the file).
+        CheckpointError: the file is corrupt, truncated, holds anything else, or was
+            written for another model (one line, naming the file).
     """
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
@@ -243,6 +246,8 @@ def load_checkpoint(path: Path, device: Union[str, torch.device] = "cpu") -> Dic
                               f"plain values only): {type(exc).__name__}: {first}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{path}: not an adaptau checkpoint (no 'model' entry)")
+    if cfg is not None and model is not None:
+        check_checkpoint_fits(ckpt, path, cfg, model)
     return ckpt
 
 
@@ -573,8 +578,7 @@ class Trainer:
         }, self.out / "last.pt")
 
     def _load_last(self) -> None:
-        ckpt = load_checkpoint(self.out / "last.pt", self.device)
-        check_checkpoint_fits(ckpt, self.out / "last.pt", self.cfg, self.model)
+        ckpt = load_checkpoint(self.out / "last.pt", self.device, cfg=self.cfg, model=self.model)
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.controller.load_state_dict(ckpt["controller"])
@@ -833,8 +837,7 @@ class Trainer:
         best_epoch = None
         if self.best is not None:
             best_epoch = self.best["epoch"]
-            ckpt = load_checkpoint(self.out / "best.pt", self.device)
-            check_checkpoint_fits(ckpt, self.out / "best.pt", self.cfg, self.model)
+            ckpt = load_checkpoint(self.out / "best.pt", self.device, cfg=self.cfg, model=self.model)
             current = {k: v.clone() for k, v in self.model.state_dict().items()}
             self.model.load_state_dict(ckpt["model"])
             valid = ckpt["metrics"]
@@ -925,8 +928,7 @@ def evaluate_run(run: str, *, checkpoint: str = "best", log=print,
     trainer.model = build_model(cfg.model, trainer.dataset.num_users, trainer.dataset.num_items,
                                 trainer.split.train, dim=cfg.dim, dropout=cfg.dropout,
                                 layers=cfg.layers, init_std=cfg.init_std).to(trainer.device)
-    ckpt = load_checkpoint(ckpt_path, trainer.device)
-    check_checkpoint_fits(ckpt, ckpt_path, cfg, trainer.model)
+    ckpt = load_checkpoint(ckpt_path, trainer.device, cfg=cfg, model=trainer.model)
     trainer.model.load_state_dict(ckpt["model"])
     t0 = time.time()
     rows = {trainer.split.select_name: trainer.evaluate("select")}
