@@ -166,15 +166,10 @@ def _cmd_train(ns: argparse.Namespace) -> int:
 
 
 def _train_worker(ns: argparse.Namespace) -> int:
-    from .trainer import TrainConfig, train
+    from .trainer import read_run_config, train
 
     if ns.resume:
-        cfg_path = Path(ns.resume) / "config.json"
-        if not cfg_path.is_file():
-            print(f"adaptau train: --resume {ns.resume}: no config.json there", file=sys.stderr)
-            return 2
-        saved = {k: v for k, v in json.loads(cfg_path.read_text()).items() if not k.startswith("_")}
-        cfg = TrainConfig().update(saved)
+        cfg = read_run_config(ns.resume, flag="--resume")
         skip = {"command", "config", "preset", "resume", "overwrite", "nproc", "_argv"}
         cfg.update({k: v for k, v in vars(ns).items() if k not in skip and v is not None}, where="flags")
         cfg.out = ns.resume
@@ -231,7 +226,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if ns.command == "eval":
             return _cmd_eval(ns)
         return _cmd_bench(ns)
-    except (DataError, FileNotFoundError, ValueError) as exc:
+    except (DataError, OSError, ValueError) as exc:  # (RunWriteError, FileNotFoundError)
         print(f"adaptau {ns.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

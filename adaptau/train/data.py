@@ -54,9 +54,19 @@ __all__ = [
 
 SPLITS = ("train", "valid", "test")
 _INTERACTION_EXTS = (".csv", ".tsv", ".inter", ".dat")
-_USER_COLUMNS = ("user_id", "userid", "user", "uid", "u", "users", "customer_id", "visitor_id")
-_ITEM_COLUMNS = ("item_id", "itemid", "item", "iid", "i", "items", "movie_id", "movieid",
-                 "product_id", "artist_id", "business_id", "track_id", "book_id", "song_id")
+#: Header names of the user and the item column, as stems: a name matches when, lower-cased
+#: and without a ``:type`` suffix, an ``_id``/``id`` suffix and a plural ``s``, it is one of them
+#: (``user_id``, ``UserID``, ``customer``, ``songs``, ``movie_id:token`` ...).
+_USER_COLUMNS = ("user", "u", "uid", "customer", "visitor", "client", "member", "account", "person",
+                 "reader", "listener", "viewer", "buyer", "player")
+_ITEM_COLUMNS = ("item", "i", "iid", "movie", "product", "artist", "business", "track", "book",
+                 "song", "video", "article", "venue", "poi", "location", "sku", "game", "recipe",
+                 "post", "news", "film", "show", "restaurant", "hotel", "app")
+
+
+def _column_is(name: str, stems: Sequence[str]) -> bool:
+    stem = re.sub(r"[\s_-]*ids?$", "", name.split(":", 1)[0]) or name
+    return stem in stems or (stem.endswith("s") and stem[:-1] in stems)
 
 
 class DataError(ValueError):
@@ -201,6 +211,34 @@ def _dedupe(users: np.ndarray, items: np.ndarray, num_items: int) -> Tuple[np.nd
     return users[first], items[first], int(users.size - first.size)
 
 
+#: How many ids of a LightGCN file's id space may go unused before loading is refused: the
+#: ids index the embedding tables directly, so a stray large id would allocate its rows.
+MAX_UNUSED_IDS = 1 << 20
+
+
+def _check_dense_ids(what: str, size: int, ids: Dict[str, np.ndarray], files: Dict[str, Path]) -> None:
+    """DataError naming the file of the largest id when the ids 0..size-1 are mostly unused."""
+    used = np.unique(np.concatenate([a for a in ids.values()])).size
+    if size - used <= max(used, MAX_UNUSED_IDS):
+        return
+    split = max(ids, key=lambda s: ids[s].max(initial=-1))
+    line = _line_of(files[split], what, size - 1)
+    raise DataError(f"{files[split]}:{line}: {what} id {size - 1} would make a table of {size:,} rows "
+                    f"for {used:,} distinct ids; LightGCN-format ids index the tables directly and "
+                    "must be dense (0..N-1): renumber them, or give a CSV/TSV file, whose ids are remapped")
+
+
+def _line_of(path: Path, what: str, value: int) -> int:
+    """The first line of a LightGCN file holding ``value`` as a user (field 1) or an item."""
+    tok = str(value)
+    with open(path, "r", encoding="utf-8-sig") as fh:
+        for lineno, line in enumerate(fh, 1):
+            fields = line.split()
+            if (fields[:1] == [tok]) if what == "user" else (tok in fields[1:]):
+                return lineno
+    return 0
+
+
 def load_lightgcn(folder: os.PathLike, name: Optional[str] = None) -> Dataset:
     """Load a LightGCN-format folder (``train.txt``, optional ``valid.txt``, ``test.txt``)."""
     folder = Path(folder)
@@ -217,6 +255,8 @@ def load_lightgcn(folder: os.PathLike, name: Optional[str] = None) -> Dataset:
     num_items = 1 + max(int(r[1].max(initial=-1)) for r in raw.values())
     if num_items <= 0:
         raise DataError(f"{folder}: no interactions in any split")
+    for what, col, size in (("user", 0, num_users), ("item", 1, num_items)):
+        _check_dense_ids(what, size, {s: r[col] for s, r in raw.items()}, files)
     ds = _assemble(name or folder.name, str(folder), num_users, num_items,
                    {s: (r[0], r[1], files[s]) for s, r in raw.items()})
     return ds
@@ -279,8 +319,8 @@ def _header_columns(fields: List[str], path: Path) -> Optional[Tuple[int, int]]:
     names = [f.strip().strip('"').lower() for f in fields]
     bare = [n.split(":", 1)[0] for n in names]
     typed = any(":" in n for n in names) or path.suffix == ".inter"
-    ucol = next((k for k, n in enumerate(bare) if n in _USER_COLUMNS), None)
-    icol = next((k for k, n in enumerate(bare) if n in _ITEM_COLUMNS), None)
+    ucol = next((k for k, n in enumerate(bare) if _column_is(n, _USER_COLUMNS)), None)
+    icol = next((k for k, n in enumerate(bare) if _column_is(n, _ITEM_COLUMNS)), None)
     if ucol is not None and icol is not None and ucol != icol:
         return ucol, icol
     if typed:

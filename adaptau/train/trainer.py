@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import random
+import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -34,9 +37,10 @@ import torch.nn.functional as F
 
 from . import distributed as dist
 from .data import Dataset, Split, csr_pairs, load_dataset, prepare
-from .evaluate import format_metrics, full_ranking, item_popularity
+from .evaluate import METRICS, format_metrics, full_ranking, item_popularity
 from .models import add_row_l2_grad_, build_model, sampled_item_counts, sampled_l2
 from .sampling import SAMPLERS, BatchIterator, NegativeSampler
+from ..loss import ops
 from ..loss.ops import compact as adaptau_compact
 
 __all__ = ["TrainConfig", "PRESETS", "Trainer", "train", "evaluate_run", "NonFiniteLossError",
@@ -44,6 +48,82 @@ __all__ = ["TrainConfig", "PRESETS", "Trainer", "train", "evaluate_run", "NonFin
 
 
 # ------------------------------------------------------------------------------- config
+#: The largest --seed: the negative sampler's generator is seeded with seed + a small offset,
+#: which must stay a valid 64-bit seed.
+MAX_SEED = 2 ** 62
+
+#: (field, low, high, low included): the finite ranges of the float settings.
+_RANGES = (("init_std", 0.0, math.inf, False), ("l2", 0.0, math.inf, True),
+           ("dropout", 0.0, 1.0, True), ("pop_gamma", -math.inf, math.inf, False),
+           ("valid_fraction", 0.0, 1.0, False), ("tau_value", 0.0, math.inf, False),
+           ("smoothing", 0.0, math.inf, False), ("active_quantile", 0.0, 1.0, False))
+
+_TRUE_WORDS = ("true", "yes", "on", "1")
+_FALSE_WORDS = ("false", "no", "off", "0")
+
+
+def _as_int(value: Any) -> Optional[int]:
+    """``value`` as an int when it is one (a YAML int, an integral float, or digits), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+        return int(value)
+    return None
+
+
+def _as_float(value: Any) -> Optional[float]:
+    """``value`` as a float (YAML reads ``1e-3``, without a dot, as a string), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def coerce_setting(name: str, value: Any, where: str = "config") -> Any:
+    """``value`` of the setting ``name`` as its field's type, from a flag, a YAML/JSON file or
+    a Python caller. Numbers written as strings are taken (``lr: 1e-3``), booleans accept
+    true/false/yes/no/on/off/1/0, ``topk`` a list or a comma string; anything else is a
+    one-line ValueError naming ``where`` and the key (``epochs: true`` is not an epoch count)."""
+    kind = _FIELD_KINDS[name]
+    out: Any = None
+    if value is None and kind in ("str?", "float?"):
+        return None
+    if kind == "bool":
+        if isinstance(value, bool):
+            out = value
+        elif isinstance(value, (str, int)) and str(value).strip().lower() in _TRUE_WORDS + _FALSE_WORDS:
+            out = str(value).strip().lower() in _TRUE_WORDS
+        expected = "true or false"
+    elif kind == "int":
+        out, expected = _as_int(value), "an integer"
+    elif kind in ("float", "float?"):
+        out, expected = _as_float(value), "a number"
+    elif kind in ("str", "str?"):
+        out = value if isinstance(value, str) else None
+        expected = "a string"
+    elif kind == "topk":
+        parts = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
+        ints = [_as_int(v) for v in parts]
+        out = None if not ints or any(v is None for v in ints) else ints
+        expected = "a list of integers (or '10,20')"
+    else:  # base: 'mean' or a quantile level
+        out = "mean" if value == "mean" else _as_float(value)
+        expected = "'mean' or a number in (0, 1)"
+    if out is None:
+        raise ValueError(f"{where}: {name.replace('_', '-')}: expected {expected}, got {value!r}")
+    return out
+
+
 @dataclass
 class TrainConfig:
     """Every knob of a run. Field names match the CLI flags (``--batch-size`` → batch_size)."""
@@ -91,16 +171,15 @@ class TrainConfig:
         return [f.name for f in dataclasses.fields(cls)]
 
     def update(self, values: Dict[str, Any], where: str = "config") -> "TrainConfig":
+        """Set fields from ``values`` (names with ``-`` or ``_``), each coerced to its type
+        by :func:`coerce_setting`; ValueError (one line, naming ``where`` and the key) for
+        an unknown key or a value of the wrong type."""
         known = set(self.fields())
         for key, value in values.items():
-            k = key.replace("-", "_")
+            k = str(key).replace("-", "_")
             if k not in known:
                 raise ValueError(f"{where}: unknown setting {key!r}; known: {sorted(known)}")
-            if k == "topk" and isinstance(value, (int, str)):
-                value = [int(v) for v in str(value).split(",")]
-            if k == "base" and isinstance(value, str) and value != "mean":
-                value = float(value)
-            setattr(self, k, value)
+            setattr(self, k, coerce_setting(k, value, where))
         return self
 
     def validate(self) -> None:
@@ -132,6 +211,22 @@ class TrainConfig:
             raise ValueError("--sampler in-batch needs --batch-size >= 2")
         if not self.topk or min(self.topk) < 1:
             raise ValueError(f"--topk must be positive, got {self.topk}")
+        for name, low, high, closed in _RANGES:
+            value = getattr(self, name)
+            inside = low < value < high or (closed and value == low)
+            if not (math.isfinite(value) and inside):
+                bounds = f"{'[' if closed else '('}{low:g}, {high:g})"
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number in {bounds}, got {value}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"--seed must be an integer in [0, 2**62], got {self.seed}")
+        if self.layers < 0 or self.warmup < 0 or self.patience < 0:
+            name = next(n for n in ("layers", "warmup", "patience") if getattr(self, n) < 0)
+            raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        metric, _, k = self.selection_metric.partition("@")
+        if metric not in METRICS or not k.isdigit() or int(k) not in self.topk:
+            raise ValueError(f"--metric {self.selection_metric!r}: expected <metric>@<K> with metric one "
+                             f"of {', '.join(METRICS)} and K one of --topk {self.topk}")
+        _resolve_device(self.device, check_only=True)
 
     @property
     def selection_metric(self) -> str:
@@ -140,6 +235,16 @@ class TrainConfig:
     @property
     def rank_cosine(self) -> bool:
         return self.normalize if self.rank == "auto" else self.rank == "cosine"
+
+
+def _field_kinds() -> Dict[str, str]:
+    """Each TrainConfig field's kind for :func:`coerce_setting`, from its annotation."""
+    table = {"bool": "bool", "int": "int", "float": "float", "str": "str", "Optional[str]": "str?",
+             "Optional[float]": "float?", "List[int]": "topk", "Union[str, float]": "base"}
+    return {f.name: table[str(f.type)] for f in dataclasses.fields(TrainConfig)}
+
+
+_FIELD_KINDS = _field_kinds()
 
 
 #: Hyper-parameters of the paper's Gowalla runs (../shared/data/README.md). The epoch
@@ -268,15 +373,41 @@ def check_checkpoint_fits(ckpt: Dict[str, Any], path: Path, cfg: "TrainConfig",
         raise CheckpointError(f"{path}: written for another model: {'; '.join(differ)}")
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temp file in the same folder, fsync, then ``os.replace``."""
+class RunWriteError(OSError):
+    """A run-folder file could not be written (a full disk, say); one line naming the file.
+    The file's previous version is intact and no temp file is left behind."""
+
+
+def _write_failed(path: Path, exc: BaseException) -> RunWriteError:
+    cause: Optional[BaseException] = exc
+    while cause is not None and not getattr(cause, "strerror", None):  # torch.save wraps the OSError
+        cause = cause.__context__
+    reason = cause.strerror if cause is not None else (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    try:
+        room = f" ({shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free on its disk)"
+    except OSError:
+        room = ""
+    kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
+    return RunWriteError(f"cannot write {path}: {reason}{room}; {kept}")
+
+
+def _replace_atomically(path: Path, write: Callable[[Any], None], mode: str) -> None:
+    """``write(fh)`` into a temp file beside ``path``, fsync, ``os.replace``, fsync the folder.
+    On any failure the temp file is removed; an I/O failure (``torch.save`` reports a full
+    disk as a RuntimeError) becomes a :class:`RunWriteError`."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, mode) as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, (OSError, RuntimeError)):
+            raise _write_failed(path, exc) from None
+        raise
     try:
         dfd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -285,6 +416,28 @@ def atomic_save(obj: Any, path: Path) -> None:
             os.close(dfd)
     except OSError:
         pass
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temp file in the same folder, fsync, then ``os.replace``
+    (:class:`RunWriteError` when it cannot be written)."""
+    _replace_atomically(Path(path), lambda fh: torch.save(obj, fh), "wb")
+
+
+def _append_line(path: Path, line: str) -> None:
+    """Append ``line`` and a newline to ``path``; on failure the file is cut back to its
+    previous length and :class:`RunWriteError` is raised."""
+    with open(path, "a", encoding="utf-8") as fh:
+        size = fh.tell()
+        try:
+            fh.write(line + "\n")
+            fh.flush()
+        except OSError as exc:
+            try:
+                fh.truncate(size)
+            except OSError:
+                pass
+            raise _write_failed(path, exc) from None
 
 
 def _numpy_state_plain(state: tuple) -> list:
@@ -300,12 +453,7 @@ def _numpy_state_from_plain(state: list) -> tuple:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    _replace_atomically(Path(path), lambda fh: fh.write(text), "w")
 
 
 def _json_default(o):
@@ -322,10 +470,20 @@ def _dumps(obj) -> str:
     return json.dumps(obj, indent=2, default=_json_default)
 
 
-def _resolve_device(name: str) -> torch.device:
+def _resolve_device(name: str, check_only: bool = False) -> Optional[torch.device]:
+    """The torch.device of ``--device`` (auto | cpu | cuda | cuda:N); ValueError (one line)
+    for another name or a CUDA device this machine lacks. ``check_only``: validate the name
+    without querying CUDA."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+        return None if check_only else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+    if check_only:
+        return None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda requested but CUDA is not available")
     return dev
@@ -463,7 +621,7 @@ class Trainer:
         self._patience_from = cfg.warmup if cfg.tau in ("adaptive", "global") else 0
         self.train_seconds = 0.0
         self.tau_snapshots: Dict[int, torch.Tensor] = {}
-        self.backend_used: Optional[str] = None
+        self.backend_used = ops._resolve_backend(cfg.backend, self.device.type)
         self.status = "running"
 
         self._overwrite = overwrite
@@ -518,8 +676,7 @@ class Trainer:
         if not self.is_main:
             return
         self.log_fn(msg)
-        with open(self.out / "train.log", "a") as fh:
-            fh.write(msg + "\n")
+        _append_line(self.out / "train.log", msg)
 
     # -- state ----------------------------------------------------------------------------
     def _rng_state(self) -> Dict[str, Any]:
@@ -549,9 +706,16 @@ class Trainer:
         never written to last.pt or best.pt."""
         for name, value in self.model.named_parameters():
             if not bool(torch.isfinite(value.detach()).all()):
-                raise NonFiniteLossError(
-                    f"non-finite weights in {name} after epoch {epoch}; try a lower --lr. "
-                    f"The last good checkpoint is {self.out / 'last.pt'}")
+                raise NonFiniteLossError(f"non-finite weights in {name} after epoch {epoch}; try a "
+                                         f"lower --lr. {self._last_good_checkpoint()}")
+
+    def _last_good_checkpoint(self) -> str:
+        """Where the run can be picked up again after a stop, as a sentence for the user."""
+        last = self.out / "last.pt"
+        if not last.is_file():
+            return "No checkpoint was written (the run stopped in its first epoch)."
+        done = self.history[-1]["epoch"] + 1 if self.history else self.start_epoch
+        return f"The last good checkpoint is {last} (after epoch {done - 1})."
 
     def _save_last(self, epoch_done: int) -> None:
         """Write last.pt on rank 0. Collective when world_size > 1: call it on every rank."""
@@ -620,15 +784,12 @@ class Trainer:
     def _train_epoch(self, epoch: int) -> Dict[str, Any]:
         cfg, model = self.cfg, self.model
         from .. import softmax_loss  # (looked up on the package: tests monkeypatch it)
-        from ..loss import ops
 
         with torch.no_grad():
             model.eval()
             user_table, item_table = model.tables()
             self.controller.begin_epoch(epoch, user_table.detach(), item_table.detach())
         model.train()
-        if self.backend_used is None:
-            self.backend_used = ops._resolve_backend(cfg.backend, self.device.type)
         total, rows = 0.0, 0
         from tqdm.auto import tqdm
 
@@ -637,7 +798,7 @@ class Trainer:
         world, rank = self.world_size, self.rank
         direct_l2 = cfg.l2 > 0 and self._l2_on_leaves()
         need_raw = self.controller.needs_raw_loss  # (global / fixed τ: no raw losses needed)
-        for users, pos in self.batches.epoch(self.shuffle_gen):
+        for step, (users, pos) in enumerate(self.batches.epoch(self.shuffle_gen), 1):
             # (users, pos) is the global batch, identical on every rank
             if users.numel() < (2 if cfg.sampler == "in-batch" else 1) * world:
                 continue  # too small to give every rank its rows (all ranks skip it alike)
@@ -663,9 +824,9 @@ class Trainer:
                                                   None if cfg.sampler == "in-batch" else neg)
             if not bool(torch.isfinite(loss.detach())):
                 raise NonFiniteLossError(
-                    f"non-finite training loss ({float(loss.detach())}) at epoch {epoch}, step {bar.n}: "
-                    f"w0={self.controller.w0:.4g}; try a lower --lr or a larger --tau-value / "
-                    f"--smoothing. The last good checkpoint is {self.out / 'last.pt'}")
+                    f"non-finite training loss ({float(loss.detach())}) at epoch {epoch}, step "
+                    f"{step} of {len(self.batches)}: w0={self.controller.w0:.4g}; try a lower --lr or "
+                    f"a larger --tau-value / --smoothing. {self._last_good_checkpoint()}")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()  # DDP averages the gradients over ranks here
             add_l2 = self._add_sparse_l2_grad if self.sparse else self._add_l2_grad
@@ -751,6 +912,8 @@ class Trainer:
             if not cfg.normalize and cfg.tau != "fixed":
                 self.log("  note: --no-normalize with --tau adaptive/global multiplies raw dot products "
                          "by w0; the usual inner-product baseline is --tau fixed --tau-value 1")
+        elif self.start_epoch >= cfg.epochs or 0 < cfg.patience <= self.bad_evals:
+            return self._already_finished(ds_stats)
         else:
             self.log(f"resuming {self.out} at epoch {self.start_epoch} (of {cfg.epochs})")
         stopped = None
@@ -789,8 +952,7 @@ class Trainer:
             self.history.append(rec)
             self._save_last(epoch + 1)  # collective; rank 0 writes
             if self.is_main:
-                with open(self.out / "metrics.jsonl", "a") as fh:
-                    fh.write(json.dumps(rec, default=_json_default) + "\n")
+                _append_line(self.out / "metrics.jsonl", json.dumps(rec, default=_json_default))
                 self.log(self._epoch_line(rec))
             stop = cfg.patience > 0 and self.bad_evals >= cfg.patience
             if self.world_size > 1:
@@ -805,6 +967,22 @@ class Trainer:
         else:
             self.status = "completed"
         return self._finish(ds_stats, stopped)
+
+    def _already_finished(self, ds_stats: Dict[str, Any]) -> Dict[str, Any]:
+        """A resumed run whose budget is spent (or that stopped early): nothing is trained,
+        and its summary.json is kept as it is (written anew only when it is missing)."""
+        self.status = "completed" if self.start_epoch >= self.cfg.epochs else "early-stopped"
+        summary_path = self.out / "summary.json"
+        try:
+            summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            summary = None
+        if not isinstance(summary, dict):
+            return self._finish(ds_stats, None)
+        self.log(f"{self.out} has finished ({summary.get('status', self.status)} after "
+                 f"{self.start_epoch} epochs): nothing to train; raise --epochs (or --patience) "
+                 "to continue it")
+        return summary if self.is_main else {}
 
     def _epoch_line(self, rec: Dict[str, Any]) -> str:
         parts = [f"epoch {rec['epoch']:4d}", f"loss {rec['loss']:.4f}", f"w0 {rec['w0']:.3g}",
@@ -903,16 +1081,28 @@ def train(cfg: TrainConfig, *, resume: Optional[str] = None, log=print,
     return Trainer(cfg, resume=resume, log=log, overwrite=overwrite).fit()
 
 
+def read_run_config(run: Union[str, Path], flag: str = "--run") -> TrainConfig:
+    """The TrainConfig saved in a run folder's ``config.json``. FileNotFoundError or
+    ValueError (one line, naming the file) when it is missing, not JSON, or not settings."""
+    cfg_path = Path(run) / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{flag} {run}: no config.json (is it a run folder?)")
+    try:
+        saved = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{cfg_path}: not a readable run config ({type(exc).__name__}: {exc})") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{cfg_path}: not a run config (a JSON object of settings)")
+    return TrainConfig().update({k: v for k, v in saved.items() if not str(k).startswith("_")},
+                                where=str(cfg_path))
+
+
 def evaluate_run(run: str, *, checkpoint: str = "best", log=print,
                  data: Optional[str] = None) -> Dict[str, Dict[str, float]]:
     """Re-evaluate a saved run folder: its ``best.pt`` (or ``last.pt``) on the selection
     split and on test. Writes ``eval.json`` into the folder and returns the metrics."""
     run_dir = Path(run)
-    cfg_path = run_dir / "config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"--run {run}: no config.json (is it a run folder?)")
-    values = {k: v for k, v in json.loads(cfg_path.read_text()).items() if not k.startswith("_")}
-    cfg = TrainConfig().update(values)
+    cfg = read_run_config(run_dir, flag="--run")
     if data is not None:
         cfg.data = data
     ckpt_path = run_dir / f"{checkpoint}.pt"
