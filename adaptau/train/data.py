@@ -39,7 +39,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -173,28 +173,35 @@ def _lightgcn_id(path: Path, lineno: int, col: int, tok: str) -> int:
                     "the LightGCN format is 'user item item ...' with 0-based integer ids")
 
 
+def _text_lines(path: Path) -> Iterator[Tuple[int, str]]:
+    """(line number, text) of a UTF-8 file, decoded line by line so that a byte that is not
+    UTF-8 is a DataError naming its file and line; a leading BOM is dropped."""
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text ({exc.reason} at byte {exc.start + 1} "
+                                "of the line)") from None
+            yield lineno, (text[1:] if lineno == 1 and text.startswith("\ufeff") else text)
+
+
 def _read_lightgcn_file(path: Path) -> Tuple[np.ndarray, np.ndarray, int, set]:
     """Pairs of one LightGCN text file; returns users, items, duplicates, users listed."""
     users: List[int] = []
     items: List[int] = []
     listed = set()
     nonblank = 0
-    lineno = 0
-    try:
-        with open(path, "r", encoding="utf-8-sig") as fh:  # (a leading BOM is dropped)
-            for lineno, line in enumerate(fh, 1):
-                tokens = line.split()
-                if not tokens:
-                    continue
-                nonblank += 1
-                ids = [_lightgcn_id(path, lineno, col, tok) for col, tok in enumerate(tokens)]
-                user = ids[0]
-                listed.add(user)
-                users.extend([user] * (len(ids) - 1))
-                items.extend(ids[1:])
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}:{lineno + 1}: not UTF-8 text ({exc.reason} at byte "
-                        f"{exc.start} of the line's chunk)") from None
+    for lineno, line in _text_lines(path):
+        tokens = line.split()
+        if not tokens:
+            continue
+        nonblank += 1
+        ids = [_lightgcn_id(path, lineno, col, tok) for col, tok in enumerate(tokens)]
+        user = ids[0]
+        listed.add(user)
+        users.extend([user] * (len(ids) - 1))
+        items.extend(ids[1:])
     if nonblank == 0:
         raise DataError(f"{path}: the file is empty")
     u = np.asarray(users, dtype=np.int64)
@@ -231,11 +238,10 @@ def _check_dense_ids(what: str, size: int, ids: Dict[str, np.ndarray], files: Di
 def _line_of(path: Path, what: str, value: int) -> int:
     """The first line of a LightGCN file holding ``value`` as a user (field 1) or an item."""
     tok = str(value)
-    with open(path, "r", encoding="utf-8-sig") as fh:
-        for lineno, line in enumerate(fh, 1):
-            fields = line.split()
-            if (fields[:1] == [tok]) if what == "user" else (tok in fields[1:]):
-                return lineno
+    for lineno, line in _text_lines(path):
+        fields = line.split()
+        if (fields[:1] == [tok]) if what == "user" else (tok in fields[1:]):
+            return lineno
     return 0
 
 
@@ -336,9 +342,7 @@ def _header_columns(fields: List[str], path: Path) -> Optional[Tuple[int, int]]:
 
 def _read_interaction_file(path: Path) -> Tuple[List[str], List[str]]:
     """Raw (user, item) id strings of a CSV/TSV/RecBole file (header detected)."""
-    with open(path, "r", encoding="utf-8-sig") as fh:
-        lines = fh.readlines()
-    body = [(n, ln) for n, ln in enumerate(lines, 1) if ln.strip() and not ln.lstrip().startswith("#")]
+    body = [(n, ln) for n, ln in _text_lines(path) if ln.strip() and not ln.lstrip().startswith("#")]
     if not body:
         raise DataError(f"{path}: the file is empty")
     delim = _sniff_delimiter(path, body[0][1])

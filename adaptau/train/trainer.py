@@ -198,10 +198,6 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
-        if self.l2 < 0:
-            raise ValueError(f"--l2 must be >= 0, got {self.l2}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.sparse_grad not in SPARSE_OPTIMIZERS:
             raise ValueError(f"--sparse-grad must be one of {SPARSE_OPTIMIZERS}, got {self.sparse_grad!r}")
         if self.sparse_grad != "off" and self.model != "mf":
