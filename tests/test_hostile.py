@@ -200,6 +200,9 @@ def _lightgcn(folder, train, test):
 def _files(tmp, case):
     """The files a case needs, written under ``tmp``; returns its CLI arguments."""
     run = str(tmp / "run")
+    if case.startswith("bytes:"):
+        (tmp / "c.yaml").write_bytes(case[6:].encode("latin-1"))
+        return ["train", "--data", TINY, "--config", str(tmp / "c.yaml"), "--out", run]
     if case.startswith("yaml:"):
         (tmp / "c.yaml").write_text(case[5:].replace("; ", "\n") + "\n")
         return ["train", "--data", TINY, "--config", str(tmp / "c.yaml"), "--out", run]
@@ -232,6 +235,9 @@ BAD = [
     ("yaml:topk: [10, x]", "topk: expected a list of integers"),
     ("yaml:lr: [1, 2]", "lr: expected a number"),
     ("yaml:learning_rate: 0.1", "unknown setting 'learning_rate'"),
+    ("bytes:a: b: c\n", "c.yaml:1: not valid YAML: mapping values are not allowed here"),
+    ("bytes:lr: \xff\xfe\n", "c.yaml: not UTF-8 text"),
+    ("bytes:- 1\n- 2\n", "c.yaml: expected a mapping of settings, got list"),
     ("flag:--metric recall@50", "--metric 'recall@50'"),
     ("flag:--metric mrr@20", "--metric 'mrr@20'"),
     ("flag:--device foo", "--device 'foo'"),

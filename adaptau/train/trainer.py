@@ -263,13 +263,20 @@ def load_config_file(path: str) -> Dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"--config {path}: no such file")
-    text = p.read_text()
-    if p.suffix == ".json":
-        values = json.loads(text)
-    else:
-        import yaml
+    import yaml
 
-        values = yaml.safe_load(text)
+    try:
+        text = p.read_text(encoding="utf-8")
+        values = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"--config {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--config {path}:{exc.lineno}: not valid JSON: {exc.msg}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"--config {path}{where}: not valid YAML: {what}") from None
     if values is None:
         return {}
     if not isinstance(values, dict):
