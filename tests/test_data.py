@@ -1,4 +1,6 @@
 """Loaders (LightGCN text, CSV/TSV, RecBole .inter), bad data, name resolution, protocols."""
+import random
+
 import numpy as np
 import pytest
 
@@ -219,3 +221,45 @@ def test_synthetic_is_deterministic():
     assert pairs(a.train) == pairs(b.train) and pairs(a.test) == pairs(b.test)
     pop = np.asarray(a.train.sum(0)).ravel()
     assert pop.max() > 2.5 * np.median(pop)  # skewed popularity
+
+
+def test_movielens_ratings_dat_is_read(tmp_path):
+    """MovieLens' ``user::item::rating::timestamp`` lines, no header."""
+    rows = [(u, i, 4, 1000 * u + t) for u in range(1, 7) for t, i in enumerate(range(10, 16))]
+    (tmp_path / "ratings.dat").write_text("".join(f"{u}::{i}::{r}::{ts}\n" for u, i, r, ts in rows))
+    ds = load_dataset(str(tmp_path / "ratings.dat"))
+    assert (ds.num_users, ds.num_items) == (6, 6)
+    assert list(ds.user_ids) == [str(u) for u in range(1, 7)]
+
+
+def test_a_folder_with_one_inter_file_is_split_like_a_file(tmp_path):
+    folder = tmp_path / "shop"
+    folder.mkdir()
+    lines = ["user_id:token\titem_id:token\trating:float\ttimestamp:float"]
+    lines += [f"u{u}\ti{(u + k) % 9}\t5\t{100 * k + u}" for u in range(8) for k in range(5)]
+    (folder / "shop.inter").write_text("\n".join(lines) + "\n")
+    ds = load_dataset(str(folder))
+    assert ds.name == "shop" and ds.num_users == 8 and ds.num_items == 9
+    assert sum(getattr(ds, s).nnz for s in ("train", "valid", "test")) == 40
+
+
+def test_split_time_leaves_the_latest_interactions_out(tmp_path):
+    """--split time: per user, the latest interaction is test and the one before is valid
+    (RecBole's TO ordering, leave-one-out), whatever the order of the file's rows."""
+    rows = []
+    for u in range(5):
+        for k, t in enumerate([30, 10, 50, 20, 40][: 3 + u % 3]):
+            rows.append((u, 10 * u + k, t))
+    random.Random(0).shuffle(rows)
+    (tmp_path / "log.csv").write_text("user,item,timestamp\n" + "".join(f"{u},{i},{t}\n" for u, i, t in rows))
+    ds = load_dataset(str(tmp_path / "log.csv"), split="time")
+    latest = {}
+    for u, i, t in rows:
+        latest.setdefault(u, []).append((t, i))
+    for split, rank in (("test", -1), ("valid", -2)):
+        users, items = csr_pairs(getattr(ds, split))
+        got = {ds.user_ids[a]: ds.item_ids[b] for a, b in zip(users.tolist(), items.tolist())}
+        assert got == {str(u): str(sorted(v)[rank][1]) for u, v in latest.items()}
+    with pytest.raises(DataError, match="needs a timestamp column"):
+        (tmp_path / "plain.csv").write_text("user,item\n1,2\n1,3\n")
+        load_dataset(str(tmp_path / "plain.csv"), split="time")

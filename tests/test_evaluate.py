@@ -107,3 +107,34 @@ def test_bad_shapes():
 def test_format_metrics():
     text = format_metrics({"valid": {"recall@20": 0.5, "ndcg@20": 0.25}}, ks=(20,))
     assert "recall@20" in text and "0.5000" in text
+
+
+def _recbole_mrr_map(top_lists, test_sets, k):
+    """RecBole's MRR@K and MAP@K (recbole/evaluator/metrics.py), written out per user:
+    MRR = 1 / rank of the first hit (0 without one); MAP = Σ_r hit_r · precision@r / min(|T|, K)."""
+    mrr, ap = [], []
+    for top, truth in zip(top_lists, test_sets):
+        hits = np.array([item in truth for item in top[:k]], dtype=float)
+        first = np.flatnonzero(hits)
+        mrr.append(1.0 / (first[0] + 1) if first.size else 0.0)
+        precision = np.cumsum(hits) / np.arange(1, k + 1)
+        ap.append(float((precision * hits).sum()) / min(len(truth), k))
+    return float(np.mean(mrr)), float(np.mean(ap))
+
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_mrr_and_map_match_recbole(seed, k):
+    rng = np.random.default_rng(seed)
+    n_users, n_items, dim = 30, 25, 6
+    users = torch.as_tensor(rng.normal(size=(n_users, dim)))
+    items = torch.as_tensor(rng.normal(size=(n_items, dim)))
+    test_sets = [set(rng.choice(n_items, size=rng.integers(1, 6), replace=False).tolist())
+                 for _ in range(n_users)]
+    test = sp.csr_matrix((np.ones(sum(map(len, test_sets))),
+                          ([u for u, t in enumerate(test_sets) for _ in t],
+                           [i for t in test_sets for i in sorted(t)])), shape=(n_users, n_items))
+    order = torch.argsort(users @ items.T, dim=1, descending=True).numpy()
+    want_mrr, want_map = _recbole_mrr_map(order, test_sets, k)
+    got = full_ranking(users, items, test, ks=[k])
+    assert got[f"mrr@{k}"] == pytest.approx(want_mrr, abs=1e-12)
+    assert got[f"map@{k}"] == pytest.approx(want_map, abs=1e-12)

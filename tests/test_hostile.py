@@ -239,7 +239,7 @@ BAD = [
     ("bytes:lr: \xff\xfe\n", "c.yaml: not UTF-8 text"),
     ("bytes:- 1\n- 2\n", "c.yaml: expected a mapping of settings, got list"),
     ("flag:--metric recall@50", "--metric 'recall@50'"),
-    ("flag:--metric mrr@20", "--metric 'mrr@20'"),
+    ("flag:--metric auc@20", "--metric 'auc@20'"),
     ("flag:--device foo", "--device 'foo'"),
     ("flag:--init-std -1", "--init-std must be a finite number in (0, inf)"),
     ("flag:--pop-gamma nan --sampler popularity", "--pop-gamma must be a finite number"),

@@ -308,3 +308,19 @@ def test_keep_freed_heap_stops_refaulting_freed_blocks():
     # 8 cycles of 2048 pages each by default (fewer with transparent huge pages always on)
     assert res["baseline"] >= 8, res
     assert res["kept"] <= max(8, res["baseline"] // 8), res
+
+
+def test_threads_flag_sets_torch_threads_and_summary_names_the_epoch_base(tmp_path):
+    from adaptau.train import cli
+
+    before = torch.get_num_threads()
+    try:
+        assert cli.main(["train", "--data", "synthetic:num_users=240,num_items=160", "--dim", "8",
+                         "--batch-size", "256", "--negatives", "8", "--epochs", "1", "--threads", "1",
+                         "--progress", "off", "--out", str(tmp_path / "run")]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["threads"] == 1
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["best_epoch"] == 0 and "count from 0" in summary["epoch_numbering"]

@@ -33,6 +33,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--protocol", choices=["clean", "paper"], default=S,
                    help="clean: train on train, select on valid, report test once (default); "
                    "paper: train on train+valid, select the epoch on test (the paper's code)")
+    g.add_argument("--split", choices=["random", "time"], default=S,
+                   help="how a single interaction file is split per user: random (seeded, 80/10/10) "
+                        "or time (the latest interaction to test, the one before to valid)")
     g.add_argument("--valid-fraction", type=float, default=S,
                    help="share of each user's train items carved out as valid when the data has none")
     g = p.add_argument_group("model")
@@ -77,6 +80,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--metric", default=S, help="selection metric (default recall@<first K>)")
     g.add_argument("--seed", type=int, default=S)
     g.add_argument("--device", default=S, help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--threads", type=int, default=S,
+                   help="CPU threads for torch and the kernels (default 0: torch's default)")
     g = p.add_argument_group("run")
     g.add_argument("--config", help="YAML or JSON file of settings (flags override it)")
     g.add_argument("--preset", choices=sorted(PRESETS), help="the paper's hyper-parameters")

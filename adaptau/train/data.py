@@ -54,6 +54,8 @@ __all__ = [
 
 SPLITS = ("train", "valid", "test")
 _INTERACTION_EXTS = (".csv", ".tsv", ".inter", ".dat")
+#: How a single interaction file is split per user (``--split``).
+SPLIT_RULES = ("random", "time")
 #: Header names of the user and the item column, as stems: a name matches when, lower-cased
 #: and without a ``:type`` suffix, an ``_id``/``id`` suffix and a plural ``s``, it is one of them
 #: (``user_id``, ``UserID``, ``customer``, ``songs``, ``movie_id:token`` ...).
@@ -62,6 +64,9 @@ _USER_COLUMNS = ("user", "u", "uid", "customer", "visitor", "client", "member", 
 _ITEM_COLUMNS = ("item", "i", "iid", "movie", "product", "artist", "business", "track", "book",
                  "song", "video", "article", "venue", "poi", "location", "sku", "game", "recipe",
                  "post", "news", "film", "show", "restaurant", "hotel", "app")
+
+
+_TIME_COLUMNS = ("timestamp", "time", "ts", "datetime", "date", "unixtime")
 
 
 def _column_is(name: str, stems: Sequence[str]) -> bool:
@@ -209,12 +214,18 @@ def _read_lightgcn_file(path: Path) -> Tuple[np.ndarray, np.ndarray, int, set]:
     return u, i, nonblank, listed
 
 
-def _dedupe(users: np.ndarray, items: np.ndarray, num_items: int) -> Tuple[np.ndarray, np.ndarray, int]:
-    if users.size == 0:
-        return users, items, 0
+def _first_of_pairs(users: np.ndarray, items: np.ndarray, num_items: int) -> np.ndarray:
+    """Positions of each distinct (user, item) pair's first occurrence, in order."""
     key = users * np.int64(num_items) + items
     _, first = np.unique(key, return_index=True)
     first.sort()
+    return first
+
+
+def _dedupe(users: np.ndarray, items: np.ndarray, num_items: int) -> Tuple[np.ndarray, np.ndarray, int]:
+    if users.size == 0:
+        return users, items, 0
+    first = _first_of_pairs(users, items, num_items)
     return users[first], items[first], int(users.size - first.size)
 
 
@@ -300,6 +311,8 @@ def _assemble(name: str, source: str, num_users: int, num_items: int,
 
 # -------------------------------------------------------------- CSV / TSV / RecBole files
 def _sniff_delimiter(path: Path, first: str) -> Optional[str]:
+    if "::" in first:  # MovieLens ratings.dat: user::item::rating::timestamp
+        return "::"
     if path.suffix == ".inter" or "\t" in first:
         return "\t"
     for d in (",", ";", "|"):
@@ -311,6 +324,8 @@ def _sniff_delimiter(path: Path, first: str) -> Optional[str]:
 def _split_line(line: str, delim: Optional[str]) -> List[str]:
     if delim is None:
         return line.split()
+    if delim == "::":
+        return [f.strip() for f in line.rstrip("\r\n").split("::")]
     if delim == "," and '"' in line:
         return next(csv.reader(io.StringIO(line)))
     return [f.strip() for f in line.rstrip("\r\n").split(delim)]
@@ -318,6 +333,12 @@ def _split_line(line: str, delim: Optional[str]) -> List[str]:
 
 def _is_int(tok: str) -> bool:
     return re.fullmatch(r"[+-]?\d+", tok.strip()) is not None
+
+
+def _time_column(fields: List[str]) -> Optional[int]:
+    """The index of a header's timestamp column (``timestamp``, ``timestamp:float`` ...), or None."""
+    names = [f.strip().strip('"').lower().split(":", 1)[0] for f in fields]
+    return next((k for k, n in enumerate(names) if n in _TIME_COLUMNS), None)
 
 
 def _header_columns(fields: List[str], path: Path) -> Optional[Tuple[int, int]]:
@@ -340,17 +361,19 @@ def _header_columns(fields: List[str], path: Path) -> Optional[Tuple[int, int]]:
     return None
 
 
-def _read_interaction_file(path: Path) -> Tuple[List[str], List[str]]:
-    """Raw (user, item) id strings of a CSV/TSV/RecBole file (header detected)."""
+def _read_interaction_file(path: Path) -> Tuple[List[str], List[str], Optional[np.ndarray]]:
+    """Raw (user, item) id strings of a CSV/TSV/RecBole/MovieLens file (header detected), and
+    the rows' timestamps as float64 when the file has them (a ``timestamp`` header column,
+    or the fourth field of MovieLens' ``user::item::rating::timestamp``), else None."""
     body = [(n, ln) for n, ln in _text_lines(path) if ln.strip() and not ln.lstrip().startswith("#")]
     if not body:
         raise DataError(f"{path}: the file is empty")
     delim = _sniff_delimiter(path, body[0][1])
     first = _split_line(body[0][1], delim)
     cols = _header_columns(first, path)
-    start = 0
+    start, tcol = 0, None
     if cols is not None:
-        start = 1
+        start, tcol = 1, _time_column(first)
     else:
         # no recognizable names: a header if its first two fields are non-integers while
         # the following rows' are integers
@@ -358,13 +381,17 @@ def _read_interaction_file(path: Path) -> Tuple[List[str], List[str]]:
         if (len(first) >= 2 and not (_is_int(first[0]) and _is_int(first[1])) and nxt
                 and all(len(f) >= 2 and _is_int(f[0]) and _is_int(f[1]) for f in nxt)):
             start = 1
+            tcol = _time_column(first)
         cols = (0, 1)
+        if delim == "::" and len(first) >= 4:
+            tcol = 3
     if start == 1 and len(body) == 1:
         raise DataError(f"{path}: the file has a header but no interactions")
     ucol, icol = cols
     need = max(ucol, icol) + 1
     users: List[str] = []
     items: List[str] = []
+    times: List[float] = []
     for lineno, line in body[start:]:
         fields = _split_line(line, delim)
         if len(fields) < need:
@@ -375,7 +402,13 @@ def _read_interaction_file(path: Path) -> Tuple[List[str], List[str]]:
             raise DataError(f"{path}:{lineno}: empty {'user' if not u else 'item'} id: {line.strip()!r}")
         users.append(u)
         items.append(i)
-    return users, items
+        if tcol is not None:
+            try:
+                times.append(float(fields[tcol]))
+            except (IndexError, ValueError):
+                raise DataError(f"{path}:{lineno}: timestamp (field {tcol + 1}) is not a number: "
+                                f"{line.strip()!r}") from None
+    return users, items, (np.asarray(times, dtype=np.float64) if tcol is not None else None)
 
 
 def _id_order(ids: Sequence[str]) -> List[str]:
@@ -410,12 +443,55 @@ def carve_split(users: np.ndarray, items: np.ndarray, fractions: Sequence[float]
     return [(su[part == k], si[part == k]) for k in range(len(fractions) + 1)]
 
 
+def leave_last_out(users: np.ndarray, items: np.ndarray, times: np.ndarray
+                   ) -> List[Tuple[np.ndarray, np.ndarray]]:
+    """Split pairs per user by time (RecBole's ``TO`` ordering, leave-one-out): each user's
+    latest pair goes to test and the one before it to valid (users with at least 3 pairs;
+    ties in time keep file order); the rest is train."""
+    order = np.lexsort((np.arange(users.size), times, users))  # by user, then time, then row
+    u, i = users[order], items[order]
+    starts = np.flatnonzero(np.r_[True, u[1:] != u[:-1]])
+    counts = np.diff(np.r_[starts, u.size])
+    last = starts + counts - 1
+    part = np.zeros(u.size, dtype=np.int64)
+    long_enough = counts >= 3
+    part[last[long_enough]] = 2
+    part[last[long_enough] - 1] = 1
+    return [(u[part == k], i[part == k]) for k in range(3)]
+
+
+def _single_interaction_file(folder: Path) -> Optional[Path]:
+    """The one interaction file of a folder without train/test files: ``<folder>.inter``
+    (RecBole), ``ratings.*`` (MovieLens), or the folder's only interaction file."""
+    found = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in _INTERACTION_EXTS)
+    for pick in ([p for p in found if p.name == folder.name + ".inter"],
+                 [p for p in found if p.stem == "ratings"], found):
+        if len(pick) == 1:
+            return pick[0]
+    return None
+
+
 def load_interactions(path: os.PathLike, name: Optional[str] = None, *, seed: int = 0,
-                      split_fractions: Tuple[float, float] = (0.1, 0.1)) -> Dataset:
-    """Load a CSV/TSV/RecBole ``.inter`` file (split per user into train/valid/test) or a
-    folder of ``train.*``/``valid.*``/``test.*`` interaction files."""
+                      split_fractions: Tuple[float, float] = (0.1, 0.1),
+                      split: str = "random") -> Dataset:
+    """Load a CSV/TSV/RecBole ``.inter``/MovieLens ``::`` file, split per user into
+    train/valid/test (``split="random"``: seeded, ``split_fractions`` of each user's pairs
+    to valid and test; ``"time"``: :func:`leave_last_out` by the file's timestamps), or a
+    folder of ``train.*``/``valid.*``/``test.*`` interaction files, or a folder with one
+    interaction file (``<folder>.inter``, ``ratings.dat``)."""
+    if split not in SPLIT_RULES:
+        raise DataError(f"--split must be one of {SPLIT_RULES}, got {split!r}")
     path = Path(path)
+    if path.is_dir() and not any(p.is_file() and p.suffix in _INTERACTION_EXTS
+                                 and p.stem.split(".")[-1] in SPLITS for p in path.iterdir()):
+        single = _single_interaction_file(path)
+        if single is not None:
+            return load_interactions(single, name or path.name, seed=seed,
+                                     split_fractions=split_fractions, split=split)
     if path.is_dir():
+        if split != "random":
+            raise DataError(f"{path}: --split {split} is for a single interaction file; this folder "
+                            "has its own train/test files")
         files: Dict[str, Path] = {}
         for split in SPLITS:
             hits = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _INTERACTION_EXTS
@@ -426,13 +502,15 @@ def load_interactions(path: os.PathLike, name: Optional[str] = None, *, seed: in
                 files[split] = hits[0]
         if "train" not in files or "test" not in files:
             raise DataError(f"{path}: expected train.* and test.* interaction files")
-        raw = {s: _read_interaction_file(p) for s, p in files.items()}
+        raw = {s: _read_interaction_file(p)[:2] for s, p in files.items()}
         all_users = [u for r in raw.values() for u in r[0]]
         all_items = [i for r in raw.values() for i in r[1]]
     else:
         files = {}
-        raw_u, raw_i = _read_interaction_file(path)
-        all_users, all_items = raw_u, raw_i
+        all_users, all_items, times = _read_interaction_file(path)
+        if split == "time" and times is None:
+            raise DataError(f"{path}: --split time needs a timestamp column (a header field named "
+                            f"one of {', '.join(_TIME_COLUMNS)}, or MovieLens' user::item::rating::timestamp)")
     user_ids = _id_order(all_users)
     item_ids = _id_order(all_items)
     umap = {x: k for k, x in enumerate(user_ids)}
@@ -445,15 +523,27 @@ def load_interactions(path: os.PathLike, name: Optional[str] = None, *, seed: in
     else:
         u = np.fromiter((umap[x] for x in all_users), np.int64, len(all_users))
         i = np.fromiter((imap[x] for x in all_items), np.int64, len(all_items))
-        u, i, ndup = _dedupe(u, i, ni)
-        parts = carve_split(u, i, split_fractions, seed)
+        if split == "time":  # the latest time of a repeated pair counts
+            order = np.argsort(-times, kind="stable")
+            u, i, times = u[order], i[order], times[order]
+        keep = _first_of_pairs(u, i, ni)
+        ndup = int(u.size - keep.size)
+        u, i = u[keep], i[keep]
+        if split == "time":
+            parts = leave_last_out(u, i, times[keep])
+        else:
+            parts = carve_split(u, i, split_fractions, seed)
         pairs = {s: (pu, pi, path) for s, (pu, pi) in zip(SPLITS, parts)}
         ds = _assemble(name or path.stem, str(path), nu, ni, pairs, user_ids, item_ids)
         if ndup:
             ds.duplicates["all"] = ndup
             ds.notes.insert(0, f"{path}: dropped {ndup} duplicate (user, item) pairs")
-        ds.notes.append(f"split per user at random (seed {seed}): "
-                        f"valid {split_fractions[0]:.0%}, test {split_fractions[1]:.0%}")
+        if split == "time":
+            ds.notes.append("split per user by time: the latest interaction to test, the one "
+                            "before to valid (users with at least 3)")
+        else:
+            ds.notes.append(f"split per user at random (seed {seed}): "
+                            f"valid {split_fractions[0]:.0%}, test {split_fractions[1]:.0%}")
         return ds
     return _assemble(name or path.name, str(path), nu, ni, pairs, user_ids, item_ids)
 
@@ -507,8 +597,9 @@ def resolve_data(spec: str) -> Path:
                     f"$ADAPTAU_DATA or the default roots ({tried})")
 
 
-def load_dataset(spec: Optional[str] = None, *, seed: int = 0) -> Dataset:
-    """Load ``spec`` (path or name); ``None``/``"synthetic"`` gives the embedded synthetic set."""
+def load_dataset(spec: Optional[str] = None, *, seed: int = 0, split: str = "random") -> Dataset:
+    """Load ``spec`` (path or name); ``None``/``"synthetic"`` gives the embedded synthetic set.
+    ``split`` (``random`` | ``time``) is how a single interaction file is split."""
     if spec is None or spec == "synthetic" or spec.startswith("synthetic:"):
         kwargs = {}
         if spec and spec.startswith("synthetic:"):
@@ -516,15 +607,22 @@ def load_dataset(spec: Optional[str] = None, *, seed: int = 0) -> Dataset:
                 if part:
                     k, v = part.split("=")
                     kwargs[k.strip()] = int(v)
-        return make_synthetic(**kwargs)
+        return _no_split_rule(make_synthetic(**kwargs), split)
     path = resolve_data(spec)
     if path.is_dir():
         if (path / "train.txt").is_file():
-            return load_lightgcn(path)
-        return load_interactions(path, seed=seed)
+            return _no_split_rule(load_lightgcn(path), split)
+        return load_interactions(path, seed=seed, split=split)
     if path.suffix == ".txt" and path.name in ("train.txt", "test.txt", "valid.txt"):
-        return load_lightgcn(path.parent)
-    return load_interactions(path, seed=seed)
+        return _no_split_rule(load_lightgcn(path.parent), split)
+    return load_interactions(path, seed=seed, split=split)
+
+
+def _no_split_rule(ds: Dataset, split: str) -> Dataset:
+    if split != "random":
+        raise DataError(f"{ds.source or ds.name}: --split {split} is for a single interaction "
+                        "file with timestamps; this dataset comes split")
+    return ds
 
 
 # ---------------------------------------------------------------------------- protocols

@@ -8,6 +8,8 @@ users with a non-empty test row, as in the LightGCN / Adap-τ evaluation code):
 * ``hit@K``       = 1 if L_u ∩ T_u is non-empty
 * ``ndcg@K``      = DCG/IDCG with DCG = Σ_{r<K} [L_u[r] ∈ T_u] / log2(r + 2) and IDCG the same
   sum over the first min(|T_u|, K) positions
+* ``mrr@K``       = 1 / (rank of the first hit in L_u), 0 without a hit (ranks from 1)
+* ``map@K``       = Σ_{r≤K} [L_u[r] ∈ T_u] · precision@r / min(|T_u|, K) (RecBole's MAP@K)
 * ``coverage@K``  = |∪_u L_u| / num_items (share of the catalog recommended to anyone)
 * ``arp@K``       = mean over users of the mean popularity of L_u (needs ``item_popularity``)
 * ``tail@K``      = share of all recommended slots that hold one of the least popular 80%
@@ -32,7 +34,8 @@ from torch import Tensor
 
 __all__ = ["full_ranking", "item_popularity", "format_metrics", "METRICS"]
 
-METRICS = ("recall", "ndcg", "precision", "hit", "arp", "coverage", "tail")
+METRICS = ("recall", "ndcg", "precision", "hit", "mrr", "map", "arp", "coverage", "tail")
+_PER_USER = ("recall", "ndcg", "precision", "hit", "mrr", "map")
 
 
 def item_popularity(interactions: sp.spmatrix) -> np.ndarray:
@@ -75,7 +78,8 @@ def full_ranking(
         chunk_size: users scored at once (default: about 8M scores per chunk).
 
     Returns:
-        ``{"recall@20": …, "ndcg@20": …, "precision@20": …, "hit@20": …, "coverage@20": …,
+        ``{"recall@20": …, "ndcg@20": …, "precision@20": …, "hit@20": …, "mrr@20": …,
+        "map@20": …, "coverage@20": …,
         ["arp@20": …, "tail@20": …]}`` for each K. With no evaluable user every value is 0.
     """
     if user_vectors.dim() != 2 or item_vectors.dim() != 2:
@@ -111,7 +115,8 @@ def full_ranking(
     discount = 1.0 / torch.log2(torch.arange(2, kmax + 2, device=device, dtype=torch.float64))
     ideal = torch.cumsum(discount, 0)
 
-    sums = {f"{m}@{k}": 0.0 for k in ks for m in ("recall", "ndcg", "precision", "hit", "arp", "tail")}
+    sums = {f"{m}@{k}": 0.0 for k in ks for m in _PER_USER + ("arp", "tail")}
+    ranks = torch.arange(1, kmax + 1, device=device, dtype=torch.float64)
     covered = {k: torch.zeros(num_items, dtype=torch.bool, device=device) for k in ks}
     if chunk_size is None:
         chunk_size = max(1, (1 << 23) // max(1, num_items))
@@ -144,6 +149,10 @@ def full_ranking(
             dcg = (h * discount[:kk]).sum(1)
             idcg = ideal[(torch.clamp(n_test, max=kk) - 1).long()]
             sums[f"ndcg@{k}"] += float((dcg / idcg).sum())
+            first = torch.where(h > 0, ranks[:kk], torch.full_like(h, math.inf)).amin(1)
+            sums[f"mrr@{k}"] += float((1.0 / first).sum())
+            precision_at = h.cumsum(1) / ranks[:kk]
+            sums[f"map@{k}"] += float(((precision_at * h).sum(1) / torch.clamp(n_test, max=k)).sum())
             topk_items = top[:, :kk]
             vk = valid[:, :kk]
             covered[k][topk_items[vk]] = True
@@ -155,7 +164,7 @@ def full_ranking(
     out: Dict[str, float] = {}
     for k in ks:
         denom = max(n_eval, 1)
-        for m in ("recall", "ndcg", "precision", "hit"):
+        for m in _PER_USER:
             out[f"{m}@{k}"] = sums[f"{m}@{k}"] / denom
         if pop is not None:
             out[f"arp@{k}"] = sums[f"arp@{k}"] / denom

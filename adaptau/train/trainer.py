@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed as dist
-from .data import Dataset, Split, csr_pairs, load_dataset, prepare
+from .data import SPLIT_RULES, Dataset, Split, csr_pairs, load_dataset, prepare
 from .evaluate import METRICS, format_metrics, full_ranking, item_popularity
 from .models import add_row_l2_grad_, build_model, sampled_item_counts, sampled_l2
 from .sampling import SAMPLERS, BatchIterator, NegativeSampler
@@ -157,11 +157,13 @@ class TrainConfig:
     metric: Optional[str] = None          # selection metric, default recall@<first topk>
     seed: int = 2023
     device: str = "auto"
+    threads: int = 0                      # CPU threads of torch and the kernels (0: torch's default)
     warmup: int = 5
     base: Union[str, float] = "mean"
     smoothing: float = 1.0
     active_quantile: float = 0.2
     valid_fraction: float = 0.1
+    split: str = "random"                 # a single interaction file: "random" | "time"
     name: Optional[str] = None
     out: Optional[str] = None
     progress: str = "auto"                # "auto" | "on" | "off"
@@ -191,6 +193,8 @@ class TrainConfig:
             raise ValueError(f"--tau must be adaptive, global or fixed, got {self.tau!r}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"--sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.split not in SPLIT_RULES:
+            raise ValueError(f"--split must be one of {SPLIT_RULES}, got {self.split!r}")
         if self.rank not in ("auto", "cosine", "dot"):
             raise ValueError(f"--rank must be auto, cosine or dot, got {self.rank!r}")
         for name in ("dim", "batch_size", "epochs", "eval_every"):
@@ -215,8 +219,8 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number in {bounds}, got {value}")
         if not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"--seed must be an integer in [0, 2**62], got {self.seed}")
-        if self.layers < 0 or self.warmup < 0 or self.patience < 0:
-            name = next(n for n in ("layers", "warmup", "patience") if getattr(self, n) < 0)
+        if min(self.layers, self.warmup, self.patience, self.threads) < 0:
+            name = next(n for n in ("layers", "warmup", "patience", "threads") if getattr(self, n) < 0)
             raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
         metric, _, k = self.selection_metric.partition("@")
         if metric not in METRICS or not k.isdigit() or int(k) not in self.topk:
@@ -555,6 +559,8 @@ class Trainer:
         self.cfg = cfg
         self.log_fn = log
         # torchrun workers (WORLD_SIZE > 1) join the group here: gloo on CPU, NCCL on CUDA
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         self.device = dist.init_from_env(_resolve_device(cfg.device))
         self.rank, self.world_size = _dist_info()
         self.is_main = self.rank == 0
@@ -567,7 +573,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
 
         t0 = time.time()
-        self.dataset = dataset if dataset is not None else load_dataset(cfg.data, seed=cfg.seed)
+        self.dataset = dataset if dataset is not None else load_dataset(cfg.data, seed=cfg.seed, split=cfg.split)
         self.split: Split = prepare(self.dataset, cfg.protocol, seed=cfg.seed,
                                     valid_fraction=cfg.valid_fraction)
         self.load_seconds = time.time() - t0
@@ -1027,6 +1033,7 @@ class Trainer:
         epochs_run = len(self.history)
         summary = {
             "status": self.status,
+            "epoch_numbering": "epochs count from 0: best_epoch 0 is the first epoch",
             "message": stopped,
             "protocol": cfg.protocol,
             "protocol_note": self.split.note,
@@ -1115,7 +1122,7 @@ def evaluate_run(run: str, *, checkpoint: str = "best", log=print,
     trainer = Trainer.__new__(Trainer)
     trainer.cfg = cfg
     trainer.device = _resolve_device(cfg.device)
-    trainer.dataset = load_dataset(cfg.data, seed=cfg.seed)
+    trainer.dataset = load_dataset(cfg.data, seed=cfg.seed, split=cfg.split)
     trainer.split = prepare(trainer.dataset, cfg.protocol, seed=cfg.seed, valid_fraction=cfg.valid_fraction)
     trainer.popularity = item_popularity(trainer.split.train)
     trainer.model = build_model(cfg.model, trainer.dataset.num_users, trainer.dataset.num_items,
