@@ -1,11 +1,9 @@
 """Build script for adaptau.
 
-Builds the extension ``adaptau._C`` from ``csrc/*.cpp`` with torch.utils.cpp_extension
+The project's metadata, dependencies and packages are in pyproject.toml; this file builds
+only the extension ``adaptau._C``, from ``csrc/*.cpp`` with torch.utils.cpp_extension
 (ninja). When the installed torch has CUDA, ``csrc/cuda/*.cu`` and the CUDA tensor glue
 ``csrc/cuda/*.cpp`` are added and the extension becomes a CUDAExtension.
-The Python package is ``adaptau`` with the subpackages ``adaptau.loss`` (the operator) and
-``adaptau.train`` (the trainer); the Triton kernels in ``kernels/`` are installed as the
-subpackage ``adaptau.kernels``.
 
 Install without build isolation so the extension is built against the torch you run:
     pip install --no-build-isolation -e ".[test]"
@@ -61,19 +59,6 @@ def _extensions():
 
 
 setup(
-    name="adaptau",
-    version="0.1.0",
-    description="Fused sampled-softmax loss with adaptive temperature (Adap-tau) for PyTorch recommenders",
-    packages=["adaptau", "adaptau.loss", "adaptau.train", "adaptau.kernels"],
-    package_dir={"adaptau": "adaptau", "adaptau.kernels": "kernels"},
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy", "scipy", "tqdm", "matplotlib", "pyyaml"],
-    extras_require={
-        "test": ["pytest", "pytest-timeout", "hypothesis", "scipy", "mpmath", "ninja"],
-        "triton": ["triton>=3.0"],
-    },
-    entry_points={"console_scripts": ["adaptau=adaptau.train.cli:main"]},
-    zip_safe=False,
 )

@@ -17,7 +17,7 @@ the CLI; imported on first use). The old flat module paths (``adaptau.ops``,
 """
 from .loss import BACKENDS, AdapTau, AdapTauLoss, available_backends, compact, lambertw, softmax_loss
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["softmax_loss", "compact", "available_backends", "BACKENDS", "lambertw", "AdapTau",
            "AdapTauLoss", "full_ranking", "load_dataset", "TrainConfig", "Trainer", "__version__"]
