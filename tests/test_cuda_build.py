@@ -320,7 +320,7 @@ def _emu_backend(lib):
 
 def _emu_cases():
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import test_triton_backend as T
+    import _cases as T
 
     cases = [(name, None) for name, spec in T.CASES.items() if not spec.get("api")]
     for dtype in ("bfloat16", "float16"):
@@ -337,7 +337,7 @@ _EMU_CASES = _emu_cases()
                          ids=[f"{n}-{d or 'float32'}" for n, d in _EMU_CASES])
 def test_cuda_kernels_emulated_on_host(emulated_cuda, name, dtype):
     import torch
-    import test_triton_backend as T
+    import _cases as T
 
     fwd, bwd = _emu_backend(emulated_cuda)
     spec = T.CASES[name]

@@ -2,7 +2,6 @@
 import importlib.util
 import math
 
-import pytest
 
 from conftest import REPO_ROOT
 

@@ -26,7 +26,6 @@ Four parts, each a table or a loop of cases:
   uninterrupted run's weights. Skipped, saying why, where tmpfs cannot be mounted.
 """
 import json
-import os
 import random
 import re
 import signal

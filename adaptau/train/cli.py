@@ -6,7 +6,6 @@ Settings come, lowest priority first, from the defaults of :class:`adaptau.train
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import runpy
 import sys

@@ -16,7 +16,7 @@ from typing import Tuple
 
 import numpy as np
 
-__all__ = ["synthetic_interactions", "make_synthetic"]
+__all__ = ["synthetic_interactions"]
 
 
 def synthetic_interactions(num_users: int = 5000, num_items: int = 3000, *, factors: int = 8,
