@@ -1,5 +1,6 @@
 """Every bad input of DESIGN.md §2 raises a clear exception before any kernel runs."""
 import math
+import re
 
 import pytest
 import torch
@@ -222,3 +223,61 @@ def test_double_backward_is_a_clear_error(backend):
                                        create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice"):
         grad_user.pow(2).sum().backward()
+
+
+_HOST_READS = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "nonzero")
+
+
+@pytest.fixture
+def count_host_reads(monkeypatch):
+    """Counts the calls that read a tensor's values back to the host (a device sync on CUDA)."""
+    calls = []
+    for name in _HOST_READS:
+        real = getattr(torch.Tensor, name)
+
+        def wrapper(self, *a, _real=real, _name=name, **k):
+            calls.append(_name)
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+    return calls
+
+
+@pytest.mark.parametrize("neg_kind", ["per_row", "shared", "in_batch", "int32"])
+def test_the_cuda_call_path_reads_nothing_back(monkeypatch, count_host_reads, neg_kind):
+    """With the checks on the device (as for CUDA tensors), the dispatcher's path up to the
+    backend's kernel makes no host read: a stand-in backend on CPU tensors, counted."""
+    from adaptau.loss import ops
+
+    monkeypatch.setattr(ops, "_checks_on_device", lambda t: True)
+    monkeypatch.setattr(ops, "_resolve_backend", lambda backend, device_type: "triton")
+
+    def fake_forward(user, items, pos, neg, a, b, logq, mode, *flags):
+        return user.new_zeros(user.shape[0]), user.new_zeros(user.shape[0]), user.new_zeros(user.shape[0])
+
+    monkeypatch.setattr(ops, "_implementation", lambda name: (fake_forward, None))
+    neg = {"per_row": torch.randint(0, N, (B, M)), "shared": torch.randint(0, N, (M,)),
+           "in_batch": None, "int32": torch.randint(0, N, (B, M), dtype=torch.int32)}[neg_kind]
+    args = good()
+    count_host_reads.clear()
+    adaptau.softmax_loss(args["user"], args["items"], args["pos"], neg, torch.full((B,), 5.0), 5.0,
+                         neg_logq=torch.zeros(N), reduction="none")
+    assert count_host_reads == []
+
+
+@pytest.mark.parametrize("changes,fragment", [
+    (dict(pos=torch.tensor([0, 1, N, 2])), "pos: an index is out of range"),
+    (dict(neg=torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, -1], [0, 0, 0]])), "neg: an index is out of range"),
+    (dict(pos=torch.tensor([0, 1, 2**32 + 1, 2]), neg=torch.zeros(B, M, dtype=torch.int32)),
+     "pos: an index is out of range"),
+    (dict(neg_scale=torch.tensor([1.0, float("nan"), 1.0, 1.0])), "neg_scale must be finite"),
+    (dict(pos_scale=torch.full((B,), 1e9)), "pos_scale must be finite with |value| <= 1e+08"),
+    (dict(neg_logq=torch.full((N,), float("inf"))), "neg_logq must be finite"),
+])
+def test_device_side_checks_refuse_bad_values(monkeypatch, changes, fragment):
+    """The device-side asserts catch what the host checks catch (on CPU they raise at once)."""
+    from adaptau.loss import ops
+
+    monkeypatch.setattr(ops, "_checks_on_device", lambda t: True)
+    with pytest.raises(RuntimeError, match=re.escape(fragment)):
+        call(**changes)

@@ -161,8 +161,36 @@ def _backend_for(backend: str, user: Tensor, items: Tensor) -> str:
     return resolved
 
 
+def _checks_on_device(t: Tensor) -> bool:
+    """True when the value checks of a call on ``t``'s device run as device-side asserts
+    (CUDA, unless ``ADAPTAU_CHECK_INDICES=1``): no host synchronisation per call, and a bad
+    value raises at the next synchronisation, with a message that names the argument."""
+    return t.device.type == "cuda" and os.environ.get("ADAPTAU_CHECK_INDICES") != "1"
+
+
+def _assert_values_async(num_items: int, pos: Tensor, neg: Tensor, pos_scale: Tensor,
+                         neg_scale: Tensor, neg_logq: Optional[Tensor]) -> None:
+    """:func:`_check_values` as ``torch._assert_async`` (queued on the device, never read
+    back). A failed assert stops the device's queue before the backend's kernel runs, so
+    no kernel reads through a bad index; ``ADAPTAU_CHECK_INDICES=1`` gives the exact
+    messages of the host checks instead (one host read per check)."""
+    for name, index in (("pos", pos), ("neg", neg)):
+        if index.numel():
+            torch._assert_async(((index >= 0) & (index < num_items)).all(),
+                                f"{name}: an index is out of range for an item table with "
+                                f"{num_items} rows (ADAPTAU_CHECK_INDICES=1 names it)")
+    for name, scale in (("pos_scale", pos_scale), ("neg_scale", neg_scale)):
+        torch._assert_async((scale.abs() <= MAX_INVERSE_TEMPERATURE).all(),
+                            f"{name} must be finite with |value| <= {MAX_INVERSE_TEMPERATURE:g}")
+    if neg_logq is not None:
+        torch._assert_async(torch.isfinite(neg_logq).all(), "neg_logq must be finite")
+
+
 def _check_values(num_items: int, pos: Tensor, neg: Tensor, pos_scale: Tensor,
                   neg_scale: Tensor, neg_logq: Optional[Tensor]) -> None:
+    if _checks_on_device(pos):
+        _assert_values_async(num_items, pos, neg, pos_scale, neg_scale, neg_logq)
+        return
     _check_index_range("pos", pos, num_items)
     _check_index_range("neg", neg, num_items)
     _check_finite("pos_scale", pos_scale, MAX_INVERSE_TEMPERATURE)
@@ -509,7 +537,12 @@ def softmax_loss(
         # pos ([B]) takes neg's dtype: neg is the big one, and int32 negatives (the CPU
         # trainer's sampler) stay int32. Narrowing is safe once pos is known to be in range.
         if neg.dtype == torch.int32:
-            _check_index_range("pos", pos, num_items)
+            if _checks_on_device(pos):
+                torch._assert_async(((pos >= 0) & (pos < num_items)).all(),
+                                    f"pos: an index is out of range for an item table with "
+                                    f"{num_items} rows (ADAPTAU_CHECK_INDICES=1 names it)")
+            else:
+                _check_index_range("pos", pos, num_items)
         pos = pos.to(neg.dtype)
 
     acc = accumulation_dtype(user.dtype)

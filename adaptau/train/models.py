@@ -54,10 +54,11 @@ def sampled_item_counts(pos: Tensor, neg: Optional[Tensor], num_items: int,
 
 
 @torch.no_grad()
-def add_row_l2_grad_(grad: Tensor, weight: Tensor, counts: Tensor, coef: float) -> float:
+def add_row_l2_grad_(grad: Tensor, weight: Tensor, counts: Tensor, coef: float) -> Tensor:
     """``grad += coef · counts[:, None] · weight`` in place, and returns
-    ``Σ_i counts_i · ‖weight_i‖²``: the gradient and value of ``0.5 · Σ_i counts_i ·
-    ‖weight_i‖²`` (times ``coef``), the item side of :func:`sampled_l2`.
+    ``Σ_i counts_i · ‖weight_i‖²`` as a 0-dim tensor on the table's device (no host read):
+    the gradient and value of ``0.5 · Σ_i counts_i · ‖weight_i‖²`` (times ``coef``), the
+    item side of :func:`sampled_l2`.
 
     ``grad`` and ``weight`` ``[N, D]``, ``counts`` ``[N]`` (as from
     :func:`sampled_item_counts`). On the CPU one parallel pass of
@@ -66,10 +67,10 @@ def add_row_l2_grad_(grad: Tensor, weight: Tensor, counts: Tensor, coef: float) 
     """
     if (grad.device.type == "cpu" and _HAS_ADD_L2_ROWS and grad.is_contiguous()
             and grad.dtype == weight.dtype and grad.dtype in (torch.float32, torch.float64)):
-        return float(torch.ops.adaptau.add_l2_rows_(grad, weight, counts.long(), float(coef)))
+        return torch.ops.adaptau.add_l2_rows_(grad, weight, counts.long(), float(coef))
     c = counts.to(weight.dtype)
     grad.addcmul_(weight, c.unsqueeze(1), value=coef)
-    return float(torch.dot(torch.linalg.vector_norm(weight, dim=1).square_(), c))
+    return torch.dot(torch.linalg.vector_norm(weight, dim=1).square_(), c)
 
 
 def sampled_l2(user_emb: Tensor, item_emb: Tensor, users: Tensor, pos: Tensor,

@@ -328,6 +328,9 @@ class _RunLock:
             self._fh.close()
 
 
+#: Off the CPU, the training loop reads the loss back to the host once every this many steps.
+HOST_CHECK_EVERY = 64
+
 #: ``--sparse-grad`` values: off (dense gradients, Adam) or the optimizer of sparse ones.
 SPARSE_OPTIMIZERS = ("off", "sparse-adam", "adagrad")
 
@@ -799,7 +802,12 @@ class Trainer:
             user_table, item_table = model.tables()
             self.controller.begin_epoch(epoch, user_table.detach(), item_table.detach())
         model.train()
-        total, rows = 0.0, 0
+        # The epoch's loss sum stays on the device; off the CPU the finiteness check reads
+        # it back once every HOST_CHECK_EVERY steps instead of every step (a host read per
+        # step stalls a GPU's launch queue), so a divergence is caught within that many steps.
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        rows, checked = 0, 0
+        check_every = 1 if self.device.type == "cpu" else HOST_CHECK_EVERY
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(self.batches), desc=f"epoch {epoch}", leave=False, unit="batch",
@@ -831,11 +839,6 @@ class Trainer:
             if cfg.l2 > 0 and not direct_l2:  # (in-batch: negatives are positives, already counted)
                 loss = loss + cfg.l2 * sampled_l2(ego_u, ego_i, users, pos,
                                                   None if cfg.sampler == "in-batch" else neg)
-            if not bool(torch.isfinite(loss.detach())):
-                raise NonFiniteLossError(
-                    f"non-finite training loss ({float(loss.detach())}) at epoch {epoch}, step "
-                    f"{step} of {len(self.batches)}: w0={self.controller.w0:.4g}; try a lower --lr or "
-                    f"a larger --tau-value / --smoothing. {self._last_good_checkpoint()}")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()  # DDP averages the gradients over ranks here
             add_l2 = self._add_sparse_l2_grad if self.sparse else self._add_l2_grad
@@ -843,11 +846,25 @@ class Trainer:
             self.optimizer.step()
             if need_raw:
                 self.controller.observe(users, raw)
-            total += (float(loss.detach()) + l2_value) * users.numel()
+            total += (loss.detach() + l2_value).double() * users.numel()
             rows += users.numel()
+            if step % check_every == 0 or step == len(self.batches):
+                self._check_finite_loss(total, epoch, checked + 1, step)
+                checked = step
             bar.update(1)
         bar.close()
-        return {"loss": total / max(rows, 1)}
+        self._check_finite_loss(total, epoch, checked + 1, len(self.batches))
+        return {"loss": float(total) / max(rows, 1)}
+
+    def _check_finite_loss(self, total: torch.Tensor, epoch: int, first: int, last: int) -> None:
+        """NonFiniteLossError when the epoch's loss sum so far is NaN or infinite (a host read)."""
+        if first > last or bool(torch.isfinite(total)):
+            return
+        steps = f"step {last}" if first == last else f"steps {first}..{last}"
+        raise NonFiniteLossError(
+            f"non-finite training loss at epoch {epoch}, {steps} of {len(self.batches)}: "
+            f"w0={self.controller.w0:.4g}; try a lower --lr or a larger --tau-value / "
+            f"--smoothing. {self._last_good_checkpoint()}")
 
     def _l2_on_leaves(self) -> bool:
         """True when the L2 tables (layer-0 embeddings) are parameters, so the L2 gradient
@@ -858,10 +875,10 @@ class Trainer:
 
     @torch.no_grad()
     def _add_l2_grad(self, users: torch.Tensor, pos: torch.Tensor, neg: Optional[torch.Tensor],
-                     user_w: torch.Tensor, item_w: torch.Tensor) -> float:
+                     user_w: torch.Tensor, item_w: torch.Tensor) -> torch.Tensor:
         """Add the gradient of ``l2 · sampled_l2(...)`` of the *global* batch to the tables'
         ``.grad`` (after backward, so after DDP's all-reduce: every rank adds the same) and
-        return its value. Same formula as :func:`adaptau.train.models.sampled_l2`, without the
+        return its value (0-dim, on the device). Same formula as :func:`adaptau.train.models.sampled_l2`, without the
         autograd graph: ``0.5·(Σ‖U[u]‖² + Σ_items count·‖I‖²)/B`` with the item counts of
         :func:`adaptau.train.models.sampled_item_counts`."""
         c = self.cfg.l2 / users.numel()
@@ -873,12 +890,12 @@ class Trainer:
                 w.grad = torch.zeros_like(w)
         user_w.grad.index_add_(0, idx, u_rows, alpha=c)
         item_value = add_row_l2_grad_(item_w.grad, item_w, counts, c)  # one pass over the table
-        return 0.5 * c * (float(u_rows.pow(2).sum()) + item_value)
+        return 0.5 * c * (u_rows.pow(2).sum() + item_value)
 
     @torch.no_grad()
     def _add_sparse_l2_grad(self, users: torch.Tensor, pos: torch.Tensor,
                             neg: Optional[torch.Tensor], user_w: torch.Tensor,
-                            item_w: torch.Tensor) -> float:
+                            item_w: torch.Tensor) -> torch.Tensor:
         """:meth:`_add_l2_grad` for sparse gradients (``--sparse-grad``): the same value and
         gradient, added as sparse rows of the batch's users and touched items only."""
         c = self.cfg.l2 / users.numel()
@@ -890,7 +907,7 @@ class Trainer:
         for w, index, values in ((user_w, idx, u_rows * c), (item_w, ids, i_rows * (c * counts[:, None]))):
             extra = torch.sparse_coo_tensor(index.unsqueeze(0), values, w.shape, check_invariants=False)
             w.grad = extra if w.grad is None else w.grad + extra
-        return 0.5 * c * (float(u_rows.pow(2).sum()) + float((i_rows.pow(2).sum(1) * counts).sum()))
+        return 0.5 * c * (u_rows.pow(2).sum() + (i_rows.pow(2).sum(1) * counts).sum())
 
     def fit(self) -> Dict[str, Any]:
         """Train to the end (or the stop) and return the summary; the run folder's lock is
