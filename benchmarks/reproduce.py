@@ -66,7 +66,7 @@ RULES = ("ip", "fixed0.05", "fixed0.1", "fixed0.2", "fixed0.5", "global", "adapt
 RULE_LABEL = {"ip": "inner product (no norm., τ=1)", "global": "Adap-τ-0 (global)",
               "adaptive": "Adap-τ (adaptive)", **{f"fixed{t}": f"fixed τ={t}" for t in
                                                    ("0.05", "0.1", "0.2", "0.5")}}
-#: The paper's public training logs, Gowalla, test split, K = 20 (../shared/data/README.md).
+#: The paper's public training logs, Gowalla, test split, K = 20 (docs/reproduction.md).
 PAPER = {("mf", "global"): (0.1754, 0.1386, 309), ("mf", "adaptive"): (0.1839, 0.1507, 366),
          ("lightgcn", "global"): (0.1841, 0.1526, 152), ("lightgcn", "adaptive"): (0.1901, 0.1590, 142)}
 TARGET = {("mf", "adaptive"): (0.1802, 0.1477)}  # the project's full-budget target (preset run)
