@@ -18,12 +18,13 @@ in one process (each round: every pattern, then one kernel forward + backward), 
 over --repeats rounds after a warm-up round. A phase close to its pattern has nothing left to remove
 but the pattern itself.
 
-    python benchmarks/bench_floor.py                  # writes results/kernel_floor_cpu.md
+    python benchmarks/bench_floor.py                  # writes results/<machine>/kernel_floor.md
     python benchmarks/bench_floor.py --repeats 9 --out /tmp/floor.md
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import re
 import statistics
@@ -37,8 +38,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 from bench_kernels import machine_info  # noqa: E402
+import _common  # noqa: E402
 
-RESULTS = os.path.join(HERE, "results")
 D = 64
 CHUNK_ROWS = (256 << 10) // (D * 4)  # the kernel's default chunk: 256 KiB of rows
 TABLE_ROWS = 40981                   # Gowalla's item table
@@ -210,8 +211,10 @@ class KernelPhases:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--out", default=os.path.join(RESULTS, "kernel_floor_cpu.md"))
+    ap.add_argument("--out", default=None, help="default benchmarks/results/<machine>/kernel_floor.md")
     args = ap.parse_args(argv)
+    if args.out is None:
+        args.out = os.path.join(_common.results_dir(), "kernel_floor.md")
     if "cpu" not in __import__("adaptau").available_backends("cpu"):
         sys.exit("the adaptau cpu backend is not built")
     flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
@@ -244,6 +247,7 @@ def main(argv=None):
         f"float32, **one thread**; {args.repeats} rounds after a warm-up round, each timing every "
         "pattern and one kernel forward + backward side by side; medians over the rounds.",
         f"- Command: `python benchmarks/bench_floor.py --repeats {args.repeats}`",
+        f"- Commit {_common.commit()}, {datetime.date.today().isoformat()}",
         "",
         "| | ns per pair | what it is |",
         "|---|---|---|",

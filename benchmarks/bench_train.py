@@ -24,7 +24,10 @@ What is measured, side by side in one process:
   formulation's peak is estimated from its measured peak at M = 1024 scaled by (M+1)/1025
   and is not run when that exceeds the machine's available memory.
 
-Writes ``<out>.md`` and ``<out>.csv`` (default ``benchmarks/results/train_gowalla_mf``).
+Writes ``<out>.csv`` and ``<out>.md`` (default ``benchmarks/results/<machine>/train_gowalla_mf``).
+Each invocation is one run: its rows are appended to the CSV with the next ``run`` number
+(``--fresh`` starts the CSV over), and the table gives, per variant, the median and range
+over all runs in the CSV, then the latest run's rows in full.
 
     python benchmarks/bench_train.py                         # full table (~10–20 min on 2 cores)
     python benchmarks/bench_train.py --variants fused --no-epoch --steps 10   # quick
@@ -32,6 +35,7 @@ Writes ``<out>.md`` and ``<out>.csv`` (default ``benchmarks/results/train_gowall
 from __future__ import annotations
 
 import argparse
+import datetime
 import csv
 import os
 import platform
@@ -51,7 +55,7 @@ from host_memory import available_bytes, peak_rss_growth  # noqa: E402
 from adaptau.train.models import sampled_l2  # noqa: E402
 from adaptau.train import PRESETS, Trainer, TrainConfig  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+import _common  # noqa: E402
 
 
 # ------------------------------------------------------------------------------ losses
@@ -176,8 +180,13 @@ def main() -> int:
     ap.add_argument("--long-negatives", type=int, default=16384, help="0 to skip")
     ap.add_argument("--long-steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    ap.add_argument("--out", default=os.path.join(RESULTS, "train_gowalla_mf"))
+    ap.add_argument("--out", default=None,
+                    help="path without extension (default benchmarks/results/<machine>/train_gowalla_mf)")
+    ap.add_argument("--fresh", action="store_true",
+                    help="start the CSV over instead of appending this run to it")
     args = ap.parse_args()
+    if args.out is None:
+        args.out = os.path.join(_common.results_dir(), "train_gowalla_mf")
     for name in ("steps", "slow_steps", "long_steps", "epochs"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1 (skip the long run with --long-negatives 0)")
@@ -211,8 +220,6 @@ def main() -> int:
             epochs_s.append(time.time() - t0)
             print(f"trainer epoch {epoch}: {epochs_s[-1]:.1f}s", flush=True)
         epoch_s = statistics.median(epochs_s)
-        notes.append(f"Trainer epochs: {', '.join(f'{x:.1f}' for x in epochs_s)} s; the table gives "
-                     "their median.")
         t0 = time.time()
         metrics = trainer.evaluate("select")
         eval_s = time.time() - t0
@@ -262,16 +269,17 @@ def main() -> int:
     for v in variants:
         ph = {k: statistics.median(x) * 1000 for k, x in phases[v].items()}
         rows.append(dict(
-            run=f"{v} (step × {steps_per_epoch})", M=cfg.negatives, steps_timed=len(times[v]),
+            variant=f"{v} (step × {steps_per_epoch})", M=cfg.negatives, steps_timed=len(times[v]),
             ms_per_step=med[v] * 1000, train_s_per_epoch=med[v] * steps_per_epoch,
             eval_s=None, vs_fused=med[v] / med["fused"] if "fused" in med else None,
             peak_mib=(peak[v] or 0) / 2**20,
             phases=" / ".join(f"{k} {ph[k]:.1f}" for k in ("sample", "forward", "backward",
                                                             "optimizer", "controller"))))
     if epoch_s is not None:
-        rows.insert(0, dict(run="fused (trainer epoch)", M=cfg.negatives, steps_timed=steps_per_epoch,
+        rows.insert(0, dict(variant="fused (trainer epoch)", M=cfg.negatives, steps_timed=steps_per_epoch,
                             ms_per_step=epoch_s / steps_per_epoch * 1000, train_s_per_epoch=epoch_s,
-                            eval_s=eval_s, vs_fused=None, peak_mib=None, phases=""))
+                            eval_s=eval_s, vs_fused=None, peak_mib=None,
+                            phases="epochs " + ", ".join(f"{x:.1f}" for x in epochs_s) + " s"))
 
     # -- 3. long negatives -------------------------------------------------------------
     if args.long_negatives:
@@ -286,7 +294,7 @@ def main() -> int:
             ts.append(time.perf_counter() - t0)
         m = statistics.median(ts)
         phs = {k: statistics.median(x) * 1000 for k, x in ph.items()}
-        rows.append(dict(run=f"fused, M={M} (step × {steps_per_epoch})", M=M, steps_timed=len(ts),
+        rows.append(dict(variant=f"fused, M={M} (step × {steps_per_epoch})", M=M, steps_timed=len(ts),
                          ms_per_step=m * 1000, train_s_per_epoch=m * steps_per_epoch, eval_s=None,
                          vs_fused=None, peak_mib=pk / 2**20 if pk else None,
                          phases=" / ".join(f"{k} {phs[k]:.1f}" for k in ("sample", "forward", "backward",
@@ -296,7 +304,7 @@ def main() -> int:
             est = peak["eager"] * (M + 1) / (cfg.negatives + 1)
             gathered = cfg.batch_size * (M + 1) * cfg.dim * 4
             avail = available_bytes()
-            rows.append(dict(run=f"eager, M={M} (estimated, not run)", M=M, steps_timed=0,
+            rows.append(dict(variant=f"eager, M={M} (estimated, not run)", M=M, steps_timed=0,
                              ms_per_step=med["eager"] * 1000 * (M + 1) / (cfg.negatives + 1),
                              train_s_per_epoch=med["eager"] * steps_per_epoch * (M + 1) / (cfg.negatives + 1),
                              eval_s=None, vs_fused=None, peak_mib=est / 2**20,
@@ -311,53 +319,109 @@ def main() -> int:
     load_end = loadavg()
     write(args.out, rows, info, notes, dict(steps_per_epoch=steps_per_epoch, compile_s=compile_s,
                                             load=f"{load_start} at start, {load_end} at end",
-                                            argv=" ".join(sys.argv[1:])))
+                                            argv=" ".join(sys.argv[1:]), commit=_common.commit(),
+                                            date=datetime.date.today().isoformat()),
+          fresh=args.fresh)
     return 0
 
 
 def _fmt(v, digits=2):
-    if v is None:
+    if v is None or v == "":
         return "—"
     if isinstance(v, float):
         return f"{v:.{digits}f}"
     return str(v)
 
 
-def write(out: str, rows: List[Dict], info: List[str], notes: List[str], meta: Dict) -> None:
+KEYS = ["run", "commit", "date", "variant", "M", "steps_timed", "ms_per_step", "train_s_per_epoch",
+        "eval_s", "vs_fused", "peak_mib", "phases"]
+NUMERIC = ("ms_per_step", "train_s_per_epoch", "eval_s", "vs_fused", "peak_mib")
+
+
+def read_runs(path: str) -> List[Dict]:
+    """The rows of an existing results CSV (numbers as floats, empty cells as None); [] when
+    there is none, or when its columns are not this script's (then the CSV is started over)."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames != KEYS:
+            print(f"{path} has other columns than {KEYS}; starting it over", flush=True)
+            return []
+        rows = list(reader)
+    for r in rows:
+        r["run"], r["M"], r["steps_timed"] = int(r["run"]), int(r["M"]), int(r["steps_timed"])
+        for k in NUMERIC:
+            r[k] = float(r[k]) if r[k] not in ("", None) else None
+    return rows
+
+
+def _spread(values: List[float], digits: int) -> str:
+    """``median (min–max)`` of the values, or the one value; ``—`` when there are none."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "—"
+    med = f"{statistics.median(values):.{digits}f}"
+    return med if len(values) == 1 else f"{med} ({min(values):.{digits}f}–{max(values):.{digits}f})"
+
+
+def write(out: str, rows: List[Dict], info: List[str], notes: List[str], meta: Dict,
+          fresh: bool = False) -> None:
+    """Append this run's rows to ``<out>.csv`` (or start it over with ``fresh``) and render
+    ``<out>.md`` from every run in it."""
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    keys = ["run", "M", "steps_timed", "ms_per_step", "train_s_per_epoch", "eval_s", "vs_fused",
-            "peak_mib", "phases"]
+    previous = [] if fresh else read_runs(out + ".csv")
+    run = max((r["run"] for r in previous), default=0) + 1
+    new = [dict(r, run=run, commit=meta["commit"], date=meta["date"]) for r in rows]
+    allrows = previous + new
     with open(out + ".csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
+        w = csv.DictWriter(f, fieldnames=KEYS)
         w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k) for k in keys})
+        for r in allrows:
+            w.writerow({k: r.get(k) for k in KEYS})
+    runs = sorted({r["run"] for r in allrows})
     lines = ["# Training throughput: Gowalla MF at the paper's shape", "",
-             "`python benchmarks/bench_train.py " + meta["argv"] + "`", "",
+             *[f"- {x}" for x in info],
+             f"- Commit {meta['commit']}, {meta['date']} (run {run})",
+             f"- Command: `python benchmarks/bench_train.py {meta['argv']}`",
+             f"- Load average (1/5/15 min): {meta['load']}; the CPU is shared, so absolute times "
+             "are inflated by other jobs; ratios are measured side by side", "",
              f"Paper protocol (train ∪ valid = 810,128 pairs, {meta['steps_per_epoch']} steps/epoch), "
              "B = 2048, M = 1024 uniform per-row negatives, D = 64, Adam (fused), L2 1e-9, "
              "10% user dropout, Adap-τ controller. One step = sampling + loss + L2 + backward + Adam "
              "+ controller. Step rows: median step × steps/epoch, variants interleaved in one process. "
-             "Peak = growth of peak RSS over one step (fused: includes its scratch).", "",
-             *[f"- {x}" for x in info],
-             f"- load average (1/5/15 min): {meta['load']} — the CPU was shared; absolute times "
-             "are inflated by that, ratios are side by side", ""]
+             "Trainer epoch: the median of the timed epochs of the real training loop. "
+             "Peak = growth of peak RSS over one step (fused: includes its scratch).", ""]
+    lines += [f"## All runs: median (min–max) over {len(runs)} run{'s' if len(runs) > 1 else ''}", "",
+              "| variant | M | runs | train s/epoch | ms/step | × fused step | peak MiB |",
+              "|---|---|---|---|---|---|---|"]
+    for variant in dict.fromkeys(r["variant"] for r in allrows):
+        rs = [r for r in allrows if r["variant"] == variant]
+        lines.append("| " + " | ".join([
+            variant, str(rs[-1]["M"]), str(len({r["run"] for r in rs})),
+            _spread([r["train_s_per_epoch"] for r in rs], 1), _spread([r["ms_per_step"] for r in rs], 1),
+            _spread([r["vs_fused"] for r in rs], 1), _spread([r["peak_mib"] for r in rs], 0)]) + " |")
+    lines += ["", "| run | commit | date |", "|---|---|---|"]
+    for n in runs:
+        r = next(r for r in allrows if r["run"] == n)
+        lines.append(f"| {n} | {r['commit']} | {r['date']} |")
+    lines += ["", f"## Run {run}", ""]
     if meta.get("compile_s") is not None:
-        lines.append(f"torch.compile warm-up incl. compilation: {meta['compile_s']:.0f} s.")
-        lines.append("")
-    lines += ["| run | M | steps timed | ms/step | train s/epoch | eval s | × fused step | peak MiB | "
+        lines += [f"torch.compile warm-up incl. compilation: {meta['compile_s']:.0f} s.", ""]
+    lines += ["| variant | M | steps timed | ms/step | train s/epoch | eval s | × fused step | peak MiB | "
               "phases, ms (sample / fwd / bwd / Adam / controller) |",
               "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append("| " + " | ".join([r["run"], str(r["M"]), str(r["steps_timed"]), _fmt(r["ms_per_step"], 1),
-                                        _fmt(r["train_s_per_epoch"], 1), _fmt(r["eval_s"], 1),
-                                        _fmt(r["vs_fused"], 1), _fmt(r["peak_mib"], 0), r["phases"] or ""]) + " |")
+    for r in new:
+        lines.append("| " + " | ".join([r["variant"], str(r["M"]), str(r["steps_timed"]),
+                                        _fmt(r["ms_per_step"], 1), _fmt(r["train_s_per_epoch"], 1),
+                                        _fmt(r["eval_s"], 1), _fmt(r["vs_fused"], 1),
+                                        _fmt(r["peak_mib"], 0), r["phases"] or ""]) + " |")
     lines.append("")
     lines += notes
     with open(out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
-    print(f"wrote {out}.md and {out}.csv")
+    print(f"wrote {out}.md and {out}.csv (run {run})")
 
 
 if __name__ == "__main__":

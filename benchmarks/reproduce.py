@@ -1,4 +1,9 @@
-"""Reproduce the Adap-τ paper's comparison and write benchmarks/results/reproduction.md.
+"""Reproduce the Adap-τ paper's comparison and write its report.
+
+The report goes to ``--out`` (default ``benchmarks/results/<machine>/reproduction_<datasets>.md``,
+with ``_<model>`` appended when the selected cells use one model, e.g. ``reproduction_gowalla_mf.md``),
+with its ``.csv`` beside it and, under ``--report-only``, one training-curve plot per cell
+(``<report name>_<cell>.png``).
 
 Grid (every cell is one ``adaptau train`` run):
 
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import datetime
 import fnmatch
 import json
 import os
@@ -46,12 +52,13 @@ from typing import Any, Dict, List, Optional
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
 
 from adaptau.train import PRESETS, TrainConfig, Trainer  # noqa: E402
+import _common  # noqa: E402
 
-RESULTS = HERE / "results"
 DATASETS = ("gowalla", "ml-1m", "lastfm")
 MODELS = ("mf", "lightgcn")
 PROTOCOLS = ("paper", "clean")
@@ -59,10 +66,19 @@ RULES = ("ip", "fixed0.05", "fixed0.1", "fixed0.2", "fixed0.5", "global", "adapt
 RULE_LABEL = {"ip": "inner product (no norm., τ=1)", "global": "Adap-τ-0 (global)",
               "adaptive": "Adap-τ (adaptive)", **{f"fixed{t}": f"fixed τ={t}" for t in
                                                    ("0.05", "0.1", "0.2", "0.5")}}
-#: The paper's public training logs, Gowalla, test split, K = 20 (../shared/data/README.md).
+#: The paper's public training logs, Gowalla, test split, K = 20 (docs/reproduction.md).
 PAPER = {("mf", "global"): (0.1754, 0.1386, 309), ("mf", "adaptive"): (0.1839, 0.1507, 366),
          ("lightgcn", "global"): (0.1841, 0.1526, 152), ("lightgcn", "adaptive"): (0.1901, 0.1590, 142)}
 TARGET = {("mf", "adaptive"): (0.1802, 0.1477)}  # the project's full-budget target (preset run)
+
+
+def default_out(cells) -> str:
+    """``<results_dir()>/reproduction_<datasets>[_<model>].md`` for the selected cells: the
+    datasets in grid order, and the model when every cell uses the same one."""
+    datasets = [d for d in DATASETS if any(c[0] == d for c in cells)] or sorted({c[0] for c in cells})
+    models = sorted({c[1] for c in cells})
+    name = "reproduction_" + "_".join(datasets) + (f"_{models[0]}" if len(models) == 1 else "")
+    return str(Path(_common.results_dir()) / f"{name}.md")
 
 
 def rule_settings(rule: str) -> Dict[str, Any]:
@@ -193,7 +209,7 @@ def fmt(x: Optional[float], d: int = 4) -> str:
 
 def write_report(results: List[Dict[str, Any]], args, wall: float, argv: str, out: Path,
                  show: bool = False) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     keys = ["dataset", "model", "protocol", "rule", "recall@20", "ndcg@20", "select_recall@20",
             "best_epoch", "epochs_run", "status", "s_per_epoch", "lr", "warmup", "folder"]
     with open(out.with_suffix(".csv"), "w", newline="") as f:
@@ -223,6 +239,7 @@ def write_report(results: List[Dict[str, Any]], args, wall: float, argv: str, ou
         f"{sum((r['s_per_epoch'] or 0) * (r['epochs_run'] or 0) for r in results) / 60:.1f} min "
         "(evaluation not included).  ",
         f"Machine: {machine()}; load average at the end {load} (shared CPU).  ",
+        f"Commit {_common.commit()}, {datetime.date.today().isoformat()}.  ",
         "Full run: `python benchmarks/reproduce.py --epochs 1000 --warmup 100 --eval-every 5 --patience 10` "
         "(resumable: rerun the same command after an interruption).", "",
         "Hyper-parameters: the paper's for each model (`--preset gowalla-mf-paper` / "
@@ -305,7 +322,9 @@ def main() -> int:
     ap.add_argument("--resume", dest="fresh", action="store_false", help="continue/reuse run folders (default)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--verbose", action="store_true", help="print every epoch line")
-    ap.add_argument("--out", default=str(RESULTS / "reproduction.md"))
+    ap.add_argument("--out", default=None,
+                    help="the report (.md; the .csv and plots go beside it); default "
+                         "benchmarks/results/<machine>/reproduction_<datasets>[_<model>].md")
     ap.add_argument("--note", action="append", default=[], help="a line of context for the report")
     ap.add_argument("--dry-run", action="store_true", help="list the selected cells and exit")
     ap.add_argument("--report-only", action="store_true",
@@ -336,6 +355,8 @@ def main() -> int:
         cells = [c for c in cells if any(fnmatch.fnmatch("-".join(c), p) for p in pats)]
     for c in cells:
         rule_settings(c[3])
+    if args.out is None:
+        args.out = default_out(cells)
     if args.dry_run:
         print("\n".join("-".join(c) for c in cells))
         return 0

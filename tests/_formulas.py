@@ -1,6 +1,6 @@
 """An independent, loop-per-row float64 formulation of the operator, for tests.
 
-Written from DESIGN.md §2 without sharing code with adaptau.loss.reference: for each row it
+Written from docs/design.md §2 without sharing code with adaptau.loss.reference: for each row it
 lists the candidate logits explicitly and applies logsumexp. Differentiable by autograd.
 """
 import torch

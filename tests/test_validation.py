@@ -1,4 +1,4 @@
-"""Every bad input of DESIGN.md §2 raises a clear exception before any kernel runs."""
+"""Every bad input of docs/design.md §2 raises a clear exception before any kernel runs."""
 import math
 import re
 

@@ -1,6 +1,6 @@
 """The Adap-τ temperature controller and the Lambert W function it needs.
 
-See ``DESIGN.md`` §3 and Chen et al., "Adap-τ: Adaptively Modulating Embedding Magnitude
+See ``docs/design.md`` §3 and Chen et al., "Adap-τ: Adaptively Modulating Embedding Magnitude
 for Recommendation" (WWW 2023). All "temperatures" here are *inverse* temperatures: the
 multiplier of the cosine score.
 """
@@ -111,7 +111,7 @@ class AdapTau:
     pos_scale, neg_scale, return_raw=True)`` → ``ctl.observe(users, raw)`` (the raw losses
     feed mode ``"adaptive"`` only: see :attr:`needs_raw_loss`).
 
-    What ``begin_epoch`` computes (``DESIGN.md`` §3), with n_u the train-interaction
+    What ``begin_epoch`` computes (``docs/design.md`` §3), with n_u the train-interaction
     count of user u, θ the ``active_quantile``-quantile of n_u over users with at least
     one interaction, U′ = {u : n_u > θ}, Y′ their train pairs, |I| the item count::
 
