@@ -247,7 +247,7 @@ def _field_kinds() -> Dict[str, str]:
 _FIELD_KINDS = _field_kinds()
 
 
-#: Hyper-parameters of the paper's Gowalla runs (../shared/data/README.md). The epoch
+#: Hyper-parameters of the paper's Gowalla runs (docs/reproduction.md). The epoch
 #: budget / patience are ours (the paper's logs ran 309–366 epochs for MF, 142–152 for
 #: LightGCN with early stopping).
 PRESETS: Dict[str, Dict[str, Any]] = {
