@@ -23,6 +23,7 @@ if _IMPORT_ERROR is None:
     from .softmax_loss import (  # noqa: F401
         ITEM_GRAD_MODES,
         backward,
+        effective_item_grad_mode,
         forward,
         get_item_grad_mode,
         set_item_grad_mode,
@@ -37,6 +38,7 @@ else:
         raise RuntimeError(f"adaptau.kernels: Triton is not usable here ({_IMPORT_ERROR})")
 
     forward = backward = set_item_grad_mode = get_item_grad_mode = _unavailable
+    effective_item_grad_mode = _unavailable
 
 __all__ = ["AVAILABLE", "forward", "backward", "set_item_grad_mode", "get_item_grad_mode",
-           "ITEM_GRAD_MODES"]
+           "effective_item_grad_mode", "ITEM_GRAD_MODES"]

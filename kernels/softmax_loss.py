@@ -55,7 +55,15 @@ def set_item_grad_mode(mode: str) -> None:
 
 
 def get_item_grad_mode() -> str:
+    """The item-gradient mode that :func:`set_item_grad_mode` (or the environment) chose."""
     return _item_grad_mode
+
+
+def effective_item_grad_mode() -> str:
+    """The mode a backward uses: ``"segment"`` whenever
+    ``torch.use_deterministic_algorithms(True)`` is on (atomics add in a varying order),
+    else the chosen one."""
+    return "segment" if torch.are_deterministic_algorithms_enabled() else _item_grad_mode
 
 
 # ================================================================================ kernels
@@ -644,7 +652,7 @@ def backward(grad_loss: Tensor, user: Tensor, items: Tensor, pos: Tensor, neg: T
     acc = _acc_dtype(user.dtype)
     tl_acc = _TL_DTYPES[acc]
     dev = user.device
-    atomic = _item_grad_mode == "atomic"
+    atomic = effective_item_grad_mode() == "atomic"
     dummy = torch.empty(1, dtype=acc, device=dev)
     ru = _inv_norms(user, acc) if normalize else dummy
     ri = _inv_norms(items, acc) if normalize else dummy

@@ -29,7 +29,6 @@ CASES = [
     ("items 3-D", dict(items=torch.randn(N, D, 1)), ValueError, "items must be 2-D"),
     ("dim mismatch", dict(items=torch.randn(N, D + 1)), ValueError, "sizes must match"),
     ("integer user", dict(user=torch.ones(B, D, dtype=torch.int64)), TypeError, "user must be"),
-    ("mixed float dtypes", dict(items=torch.randn(N, D, dtype=torch.float64)), TypeError, "differs"),
     ("user not a tensor", dict(user=[[0.0] * D] * B), TypeError, "must be a tensor"),
     ("empty batch", dict(user=torch.randn(0, D), pos=torch.zeros(0, dtype=torch.long),
                          neg=torch.zeros(0, M, dtype=torch.long)), ValueError, "at least one row"),
@@ -281,3 +280,73 @@ def test_device_side_checks_refuse_bad_values(monkeypatch, changes, fragment):
     monkeypatch.setattr(ops, "_checks_on_device", lambda t: True)
     with pytest.raises(RuntimeError, match=re.escape(fragment)):
         call(**changes)
+
+
+@pytest.fixture
+def deterministic():
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+def test_deterministic_mode_takes_triton_segment_gradients(deterministic):
+    kernels = pytest.importorskip("adaptau.kernels", reason="needs the Triton kernels module")
+    if not kernels.AVAILABLE:
+        pytest.skip("triton is not installed")
+    kernels.set_item_grad_mode("atomic")
+    assert kernels.effective_item_grad_mode() == "segment"
+    torch.use_deterministic_algorithms(False)
+    assert kernels.effective_item_grad_mode() == "atomic"
+
+
+def test_deterministic_mode_refuses_the_cuda_backward(monkeypatch, deterministic):
+    """The CUDA C++ backend accumulates item gradients with atomics only: under
+    torch.use_deterministic_algorithms(True) its backward raises PyTorch's usual error."""
+    from adaptau.loss import ops
+
+    monkeypatch.setattr(ops, "_resolve_backend", lambda backend, device_type: "cuda")
+
+    def fake_forward(user, items, pos, neg, a, b, logq, mode, *flags):
+        z = user.new_zeros(user.shape[0])
+        return z + (user.sum() + items.sum()) * 0, z, z
+
+    monkeypatch.setattr(ops, "_implementation", lambda name: (fake_forward, None))
+    args = good()
+    user = args["user"].requires_grad_(True)
+    loss = adaptau.softmax_loss(user, args["items"], args["pos"], args["neg"], 5.0, 5.0)
+    with pytest.raises(RuntimeError, match="does not have a deterministic implementation"):
+        loss.backward()
+
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: (loss rtol, gradient atol relative to the largest reference gradient) by the table's dtype:
+#: the computation runs in the table's dtype (accumulating in float32 or float64).
+_PAIR_TOL = {torch.float16: (3e-3, 3e-3), torch.bfloat16: (2e-2, 2e-2), torch.float32: (1e-5, 1e-5),
+             torch.float64: (1e-10, 1e-10)}
+
+
+@pytest.mark.parametrize("user_dtype", _DTYPES, ids=str)
+@pytest.mark.parametrize("items_dtype", _DTYPES, ids=str)
+@pytest.mark.parametrize("backend", [b for b in adaptau.available_backends("cpu") if b != "triton"])
+def test_every_dtype_pair_matches_the_float64_reference(seed, user_dtype, items_dtype, backend):
+    """user and items may differ in dtype: user is cast to the table's dtype, the gradients
+    come back in each input's dtype, and the values match the float64 reference computed
+    on the inputs as rounded to the table's dtype."""
+    g = torch.Generator().manual_seed(seed)
+    u64, i64 = torch.randn(6, 16, generator=g, dtype=torch.float64), torch.randn(30, 16, generator=g, dtype=torch.float64)
+    pos, neg = torch.randint(0, 30, (6,), generator=g), torch.randint(0, 30, (6, 9), generator=g)
+    u = u64.to(user_dtype).detach().clone().requires_grad_(True)
+    it = i64.to(items_dtype).detach().clone().requires_grad_(True)
+    loss = adaptau.softmax_loss(u, it, pos, neg, 8.0, 8.0, reduction="sum", backend=backend)
+    loss.backward()
+    assert u.grad.dtype == user_dtype and it.grad.dtype == items_dtype
+    ru = u64.to(user_dtype).to(items_dtype).double().detach().clone().requires_grad_(True)
+    ri = i64.to(items_dtype).double().detach().clone().requires_grad_(True)
+    ref = adaptau.softmax_loss(ru, ri, pos, neg, 8.0, 8.0, reduction="sum", backend="reference")
+    ref.backward()
+    rtol, gtol = _PAIR_TOL[items_dtype]
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=rtol, atol=rtol)
+    user_gtol = max(gtol, _PAIR_TOL[user_dtype][1])  # (the user gradient is rounded to user's dtype)
+    for got, want, tol in ((u.grad, ru.grad, user_gtol), (it.grad, ri.grad, gtol)):
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * float(want.abs().max()))

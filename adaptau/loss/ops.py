@@ -221,6 +221,19 @@ _LIB.define(
 )
 
 
+def _alert_not_deterministic(what: str) -> None:
+    """PyTorch's error (or, with ``warn_only=True``, warning) for an op without a
+    deterministic implementation under ``torch.use_deterministic_algorithms(True)``."""
+    msg = (f"{what} does not have a deterministic implementation, but you set "
+           "'torch.use_deterministic_algorithms(True)'. You can turn off determinism just for "
+           "this operation, or you can use the 'warn_only=True' option, if that's acceptable "
+           "for your application.")
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(msg)
+    else:
+        raise RuntimeError(msg)
+
+
 @torch.compiler.disable
 def _forward_kernel(
     user: Tensor, items: Tensor, pos: Tensor, neg: Tensor, pos_scale: Tensor,
@@ -247,7 +260,12 @@ def _backward_kernel(
     neg_mode: int, include_pos: bool, normalize: bool, remove_hits: bool,
     need_scale_grads: bool, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    _, backward = _implementation(_backend_for(backend, user, items))
+    resolved = _backend_for(backend, user, items)
+    if resolved == "cuda" and torch.are_deterministic_algorithms_enabled():
+        _alert_not_deterministic("adaptau's cuda backend backward (its item gradient is "
+                                 "accumulated with atomics; the triton backend has a "
+                                 "deterministic mode)")
+    _, backward = _implementation(resolved)
     grad_user, grad_items, grad_pos_scale, grad_neg_scale = backward(
         grad_loss, user, items, pos, neg, pos_scale, neg_scale, neg_logq, lse,
         neg_mode, include_pos, normalize, remove_hits, need_scale_grads)
@@ -457,7 +475,10 @@ def softmax_loss(
 
     Args:
         user: ``[B, D]`` float tensor of query vectors.
-        items: ``[N, D]`` item table, same dtype and device as ``user``.
+        items: ``[N, D]`` item table on ``user``'s device. When the dtypes differ, ``user``
+            is cast to the table's dtype (the table is never copied), so a bf16 tower under
+            ``torch.autocast`` works with an fp32 table; the loss is computed as for two
+            tensors of the table's dtype.
         pos: ``[B]`` int32/int64, each row's positive item index (taken to ``neg``'s
             dtype when they differ).
         neg: ``[B, M]`` per-row negatives, ``[M]`` negatives shared by every row, or
@@ -486,8 +507,7 @@ def softmax_loss(
         float64 inputs); with ``return_raw``, the pair ``(loss, raw)``.
 
     Raises:
-        TypeError: wrong tensor or dtype (non-float vectors, non-integer indices, mixed
-            float dtypes).
+        TypeError: wrong tensor or dtype (non-float vectors, non-integer indices).
         ValueError: wrong rank or shape, device mismatch, empty negative set, in-batch
             with one row, non-finite scale or ``neg_logq``, unknown option.
         IndexError: an index outside ``[0, N)`` (the message names it).
@@ -499,10 +519,13 @@ def softmax_loss(
             raise TypeError(f"{name} must be float16/bfloat16/float32/float64, got {t.dtype}")
         if t.dim() != 2:
             raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
-    if items.dtype != user.dtype:
-        raise TypeError(f"items dtype {items.dtype} differs from user dtype {user.dtype}")
     if items.device != user.device:
         raise ValueError(f"items is on {items.device} but user is on {user.device}")
+    if items.dtype != user.dtype:
+        # The table's dtype rules: the [B, D] query rows are cast to it (a bf16 tower over an
+        # fp32 table, as under torch.autocast), never the [N, D] table; autograd casts the
+        # user gradient back.
+        user = user.to(items.dtype)
     batch, dim = user.shape
     num_items = items.shape[0]
     if batch == 0:
