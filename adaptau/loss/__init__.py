@@ -10,8 +10,9 @@ Modules:
     nn           ``AdapTauLoss``, the loss and a controller as one ``nn.Module``
 """
 from .nn import AdapTauLoss
+from .mixed import Negatives
 from .ops import BACKENDS, available_backends, compact, softmax_loss
 from .temperature import AdapTau, lambertw
 
-__all__ = ["softmax_loss", "compact", "available_backends", "BACKENDS", "AdapTau", "lambertw",
+__all__ = ["softmax_loss", "Negatives", "compact", "available_backends", "BACKENDS", "AdapTau", "lambertw",
            "AdapTauLoss"]

@@ -10,6 +10,7 @@ import functools
 import math
 import os
 import warnings
+from collections.abc import Mapping
 from typing import List, Optional, Tuple, Union
 
 import torch
@@ -21,6 +22,7 @@ from ._contract import FLOAT_DTYPES as _FLOAT_DTYPES
 from ._contract import INDEX_DTYPES as _INDEX_DTYPES
 from ._contract import MAX_INVERSE_TEMPERATURE, NEG_IN_BATCH, NEG_PER_ROW, NEG_SHARED, accumulation_dtype
 from ._contract import REDUCTIONS as _REDUCTIONS
+from .mixed import Negatives, mixed_softmax_loss
 
 # the package works without the extension (reference backend)
 _C_IMPORT_ERROR: Optional[BaseException] = _extension.IMPORT_ERROR
@@ -481,8 +483,11 @@ def softmax_loss(
             tensors of the table's dtype.
         pos: ``[B]`` int32/int64, each row's positive item index (taken to ``neg``'s
             dtype when they differ).
-        neg: ``[B, M]`` per-row negatives, ``[M]`` negatives shared by every row, or
-            ``None`` for in-batch negatives (row b uses the other rows' positives; B ≥ 2).
+        neg: ``[B, M]`` per-row negatives, ``[M]`` negatives shared by every row,
+            ``None`` for in-batch negatives (row b uses the other rows' positives; B ≥ 2),
+            or :class:`adaptau.Negatives` (or a mapping of its fields) to mix in-batch,
+            shared and per-row negatives in one softmax, each with its own logQ
+            (:mod:`adaptau.loss.mixed`).
         pos_scale: float, scalar tensor or ``[B]`` tensor: α (may require grad).
         neg_scale: float, scalar tensor or ``[B]`` tensor: β (may require grad).
         include_pos: put the positive in the denominator (textbook softmax).
@@ -512,6 +517,14 @@ def softmax_loss(
             with one row, non-finite scale or ``neg_logq``, unknown option.
         IndexError: an index outside ``[0, N)`` (the message names it).
     """
+    if isinstance(neg, (Negatives, Mapping)):
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        return mixed_softmax_loss(user, items, pos, neg, pos_scale, neg_scale,
+                                  include_pos=include_pos, normalize=normalize,
+                                  remove_accidental_hits=remove_accidental_hits,
+                                  reduction=reduction, return_raw=return_raw, backend=backend,
+                                  item_grad=item_grad)
     for name, t in (("user", user), ("items", items)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")

@@ -1,0 +1,116 @@
+"""Mixed negatives: in-batch, shared and per-row sources in one softmax, each with its own
+logQ, on every CPU backend, against the one-formula specification
+(:func:`adaptau.loss.mixed.mixed_reference_loss`, autograd, float64).
+
+Tolerances (float64 throughout): loss and every gradient ``rtol = atol = 1e-9`` relative to
+the largest reference magnitude (the backends accumulate in another order than the
+specification's single log-sum-exp).
+"""
+import itertools
+import random
+
+import pytest
+import torch
+
+import adaptau
+from adaptau.loss.mixed import mixed_reference_loss
+
+CPU_BACKENDS = [b for b in adaptau.available_backends("cpu") if b != "triton"]
+SOURCE_SETS = [s for r in (1, 2, 3) for s in itertools.combinations(("in_batch", "shared", "per_row"), r)]
+
+
+def _case(rng: random.Random, sources, *, logq: bool, hits: bool):
+    B, N, D = rng.randint(2, 9), rng.randint(3, 25), rng.choice([1, 3, 8, 17])
+    g = torch.Generator().manual_seed(rng.randrange(2**31))
+    user = torch.randn(B, D, generator=g, dtype=torch.float64)
+    items = torch.randn(N, D, generator=g, dtype=torch.float64)
+    pos = torch.randint(0, N, (B,), generator=g)
+    if hits:  # duplicates, accidental hits, and a row whose every negative is its positive
+        pos[1] = pos[0]
+    fields = {}
+    if "in_batch" in sources:
+        fields["in_batch"] = True
+        if logq:
+            fields["in_batch_logq"] = torch.randn(N if rng.random() < 0.5 else B, generator=g,
+                                                  dtype=torch.float64)
+    if "shared" in sources:
+        fields["shared"] = torch.randint(0, N, (rng.randint(1, 7),), generator=g)
+        if hits:
+            fields["shared"][0] = pos[-1]
+        if logq:
+            fields["shared_logq"] = torch.randn(N, generator=g, dtype=torch.float64)
+    if "per_row" in sources:
+        per_row = torch.randint(0, N, (B, rng.randint(1, 6)), generator=g)
+        if hits:
+            per_row[0] = pos[0]  # row 0: every per-row negative is a hit
+            per_row[1, 0] = pos[1]
+        fields["per_row"] = per_row
+        if logq:
+            fields["per_row_logq"] = torch.randn(N, generator=g, dtype=torch.float64)
+    alpha = 4 * torch.rand(B, generator=g, dtype=torch.float64) + 1
+    beta = 4 * torch.rand(B, generator=g, dtype=torch.float64) + 1
+    return user, items, pos, fields, alpha, beta
+
+
+def _grads(fn, user, items, alpha, beta):
+    leaves = [t.clone().requires_grad_(True) for t in (user, items, alpha, beta)]
+    loss = fn(*leaves)
+    loss.backward(torch.linspace(0.5, 1.5, loss.shape[0], dtype=loss.dtype))
+    return [loss.detach()] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("sources", SOURCE_SETS, ids=lambda s: "+".join(s))
+def test_mixed_matches_the_specification(seed, backend, sources):
+    rng = random.Random(seed)
+    for _ in range(6):
+        logq, hits = rng.random() < 0.6, rng.random() < 0.5
+        user, items, pos, fields, alpha, beta = _case(rng, sources, logq=logq, hits=hits)
+        opts = dict(include_pos=rng.random() < 0.5, normalize=rng.random() < 0.8,
+                    remove_accidental_hits=hits or rng.random() < 0.3)
+        neg = adaptau.Negatives(**fields) if rng.random() < 0.5 else dict(fields)
+        got = _grads(lambda u, i, a, b: adaptau.softmax_loss(u, i, pos, neg, a, b, reduction="none",
+                                                             backend=backend, **opts),
+                     user, items, alpha, beta)
+        want = _grads(lambda u, i, a, b: mixed_reference_loss(u, i, pos, neg, a, b, **opts),
+                      user, items, alpha, beta)
+        for name, g, w in zip(("loss", "user", "items", "pos_scale", "neg_scale"), got, want):
+            assert not torch.isnan(g).any(), name
+            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9 * max(1.0, float(w.abs().max())),
+                                       msg=lambda m: f"{name} ({opts}, logq {logq}): {m}")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_one_source_equals_the_single_source_call(seed, backend):
+    rng = random.Random(seed)
+    user, items, pos, fields, alpha, beta = _case(rng, ("shared", "per_row"), logq=True, hits=False)
+    for name in ("shared", "per_row"):
+        plain = adaptau.softmax_loss(user, items, pos, fields[name], alpha, beta,
+                                     neg_logq=fields[name + "_logq"], reduction="none", backend=backend)
+        mixed = adaptau.softmax_loss(user, items, pos, {name: fields[name], name + "_logq": fields[name + "_logq"]},
+                                     alpha, beta, reduction="none", backend=backend)
+        assert torch.equal(plain, mixed)
+
+
+def test_reductions_and_raw(seed):
+    rng = random.Random(seed)
+    user, items, pos, fields, alpha, beta = _case(rng, ("in_batch", "shared"), logq=False, hits=False)
+    neg = adaptau.Negatives(**fields)
+    rows, raw = adaptau.softmax_loss(user, items, pos, neg, alpha, beta, reduction="none", return_raw=True)
+    ones = torch.ones_like(alpha)
+    assert torch.allclose(raw, mixed_reference_loss(user, items, pos, neg, ones, ones), rtol=1e-12, atol=1e-12)
+    assert torch.allclose(adaptau.softmax_loss(user, items, pos, neg, alpha, beta), rows.mean())
+    assert torch.allclose(adaptau.softmax_loss(user, items, pos, neg, alpha, beta, reduction="sum"), rows.sum())
+
+
+@pytest.mark.parametrize("neg,exc,fragment", [
+    (adaptau.Negatives(), ValueError, "no negative source"),
+    ({"shared": torch.zeros(2, dtype=torch.long), "hard": 1}, TypeError, "unknown negative source"),
+    ({"shared_logq": torch.zeros(10)}, ValueError, "without neg.shared"),
+    ({"in_batch": True, "in_batch_logq": torch.zeros(7)}, ValueError, "in_batch_logq must be"),
+    ({"per_row": torch.zeros(4, dtype=torch.long)}, ValueError, "neg.per_row must be"),
+    ({"shared": torch.tensor([0, 10])}, IndexError, "neg[1] = 10"),
+])
+def test_bad_sources_raise(neg, exc, fragment):
+    with pytest.raises(exc, match=fragment.replace("[", r"\[").replace("]", r"\]")):
+        adaptau.softmax_loss(torch.randn(4, 3), torch.randn(10, 3), torch.tensor([0, 1, 2, 3]), neg, 2.0, 2.0)
