@@ -112,5 +112,9 @@ def test_reductions_and_raw(seed):
     ({"shared": torch.tensor([0, 10])}, IndexError, "neg[1] = 10"),
 ])
 def test_bad_sources_raise(neg, exc, fragment):
+    """Each bad source is named; a single-source neg_logq beside Negatives is refused too."""
+    with pytest.raises(ValueError, match="each source's own"):
+        adaptau.softmax_loss(torch.randn(4, 3), torch.randn(10, 3), torch.tensor([0, 1, 2, 3]),
+                             {"in_batch": True}, 2.0, 2.0, neg_logq=torch.zeros(10))
     with pytest.raises(exc, match=fragment.replace("[", r"\[").replace("]", r"\]")):
         adaptau.softmax_loss(torch.randn(4, 3), torch.randn(10, 3), torch.tensor([0, 1, 2, 3]), neg, 2.0, 2.0)

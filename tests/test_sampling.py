@@ -254,3 +254,44 @@ def test_dropout_mask_op_and_dropout():
     torch.testing.assert_close(x.grad, mask, rtol=1e-6, atol=1e-6)
     assert dropout(x, 0.0) is x
     assert bool((dropout(x, 1.0) == 0).all())
+
+
+@pytest.mark.parametrize("pool", ["uniform", "popularity"])
+def test_mixed_sampler_logq_is_each_sources_expected_count(pool):
+    """--sampler mixed: in-batch negatives with logQ log((B-1)·p(i)), p the items' share of the
+    interactions, and a shared pool of M with logQ log(M·q(i)) (q uniform: log(M/N))."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    import adaptau
+    from adaptau.train.sampling import NegativeSampler
+
+    rows = np.array([0, 0, 1, 2, 2, 2, 3])
+    cols = np.array([0, 1, 1, 1, 2, 4, 4])
+    train = sp.csr_matrix((np.ones(7), (rows, cols)), shape=(4, 6))
+    s = NegativeSampler("mixed", 6, 5, train=train, gamma=1.0, pool=pool)
+    users, pos = torch.tensor([0, 1, 2]), torch.tensor([1, 1, 4])
+    neg, logq = s.sample(users, pos, torch.Generator().manual_seed(0))
+    assert isinstance(neg, adaptau.Negatives) and logq is None and neg.in_batch
+    counts = torch.tensor([1.0, 3.0, 1.0, 0.5, 2.0, 0.5])  # (unseen items: half a count)
+    share = counts / 7.0
+    torch.testing.assert_close(neg.in_batch_logq, torch.log(2 * share).float())
+    assert neg.shared.shape == (5,)
+    if pool == "uniform":
+        torch.testing.assert_close(neg.shared_logq, torch.full((6,), float(np.log(5 / 6))))
+    else:
+        q = torch.tensor([1.0, 3.0, 1.0, 1.0, 2.0, 1.0])  # unseen: the least seen weight
+        torch.testing.assert_close(neg.shared_logq, torch.log(5 * q / q.sum()).float())
+        assert set(neg.shared.tolist()) <= set(range(6))
+
+
+def test_mixed_sampler_trains(tmp_path):
+    from adaptau.train import cli
+
+    assert cli.main(["train", "--data", "synthetic:num_users=300,num_items=200", "--dim", "8",
+                     "--batch-size", "64", "--negatives", "32", "--sampler", "mixed", "--epochs", "2",
+                     "--progress", "off", "--out", str(tmp_path / "run")]) == 0
+    import json
+
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["valid"]["recall@20"] > 0

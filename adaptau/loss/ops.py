@@ -518,6 +518,9 @@ def softmax_loss(
         IndexError: an index outside ``[0, N)`` (the message names it).
     """
     if isinstance(neg, (Negatives, Mapping)):
+        if neg_logq is not None:
+            raise ValueError("neg_logq is for a single negative source; with adaptau.Negatives give "
+                             "each source's own (in_batch_logq, shared_logq, per_row_logq)")
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
         return mixed_softmax_loss(user, items, pos, neg, pos_scale, neg_scale,

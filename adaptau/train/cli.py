@@ -54,6 +54,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--negatives", type=int, default=S, help="negatives per row (default 128)")
     g.add_argument("--sampler", choices=list(SAMPLERS), default=S)
     g.add_argument("--pop-gamma", type=float, default=S, help="popularity sampler exponent γ")
+    g.add_argument("--mixed-pool", choices=["uniform", "popularity"], default=S,
+                   help="--sampler mixed: in-batch negatives plus --negatives shared ones drawn "
+                        "uniformly (default) or by popularity, each source with its logQ")
     _bool_pair(g, "include-pos", "include_pos", "put the positive in the denominator",
                "leave the positive out of the denominator (default, the paper's code)")
     _bool_pair(g, "remove-hits", "remove_hits", "drop negatives equal to the row's positive",

@@ -13,6 +13,12 @@ in checkpoints, so a resumed run draws the same negatives) and returns
   for the uniform distribution) so the loss corrects for the sampling bias.
 * ``shared``     — ``[M]`` uniform negatives shared by every row of the batch.
 * ``in-batch``   — ``None``: each row's negatives are the other rows' positives.
+* ``mixed``      — :class:`adaptau.Negatives`: in-batch negatives plus a pool of ``M`` shared
+  ones, uniform or ∝ count(item)^γ (``pool``), in one softmax (Mixed Negative Sampling, Yang
+  et al. 2020). Each source's logQ is the log of an item's expected count among that
+  source's negatives of a row: ``log((B−1)·p(i))`` in-batch, with p the items' share of the
+  training interactions (how positives are drawn), and ``log(M·q(i))`` for the pool
+  (``log(M/N)`` when uniform), so the mixed denominator estimates the full softmax's.
 
 :func:`dropout` is inverted dropout with its mask from the same parallel generator.
 """
@@ -30,7 +36,9 @@ from .. import _extension
 
 __all__ = ["SAMPLERS", "NegativeSampler", "make_sampler", "BatchIterator", "dropout"]
 
-SAMPLERS = ("uniform", "exclude", "popularity", "shared", "in-batch")
+SAMPLERS = ("uniform", "exclude", "popularity", "shared", "in-batch", "mixed")
+#: Pools of the ``mixed`` sampler's shared negatives.
+MIXED_POOLS = ("uniform", "popularity")
 
 # the extension registers torch.ops.adaptau.uniform_negatives and dropout_mask
 _HAS_PARALLEL_UNIFORM = _extension.has_op("uniform_negatives")
@@ -62,7 +70,8 @@ class NegativeSampler:
 
     def __init__(self, kind: str, num_items: int, num_negatives: int, *,
                  train: Optional[sp.csr_matrix] = None, gamma: float = 1.0,
-                 device: torch.device = torch.device("cpu"), max_rounds: int = 100) -> None:
+                 device: torch.device = torch.device("cpu"), max_rounds: int = 100,
+                 pool: str = "uniform") -> None:
         if kind not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {kind!r}")
         if kind != "in-batch" and num_negatives < 1:
@@ -73,8 +82,24 @@ class NegativeSampler:
         self.neg_logq: Optional[Tensor] = None
         self._probs: Optional[Tensor] = None
         self._keys: Optional[Tensor] = None
-        if kind in ("popularity", "exclude") and train is None:
+        if pool not in MIXED_POOLS:
+            raise ValueError(f"--mixed-pool must be one of {MIXED_POOLS}, got {pool!r}")
+        self.pool = pool
+        if kind in ("popularity", "exclude", "mixed") and train is None:
             raise ValueError(f"sampler {kind!r} needs the train matrix")
+        if kind == "mixed":
+            counts = torch.as_tensor(np.asarray(train.sum(axis=0)).ravel(), dtype=torch.float64)
+            share = counts.clamp(min=0.5) / counts.sum()  # (an unseen item: half a count)
+            self._log_positive_share = share.log().to(self.device, torch.float32)
+            if pool == "popularity":
+                weights = counts.clamp(min=0) ** float(gamma)
+                weights = torch.where(counts > 0, weights, weights[counts > 0].min())
+                q = weights / weights.sum()
+                self._probs = q.to(self.device, torch.float32)
+                self._pool_logq = torch.log(q * self.num_negatives).to(self.device, torch.float32)
+            else:
+                self._pool_logq = torch.full((self.num_items,), float(np.log(self.num_negatives / self.num_items)),
+                                             device=self.device)
         if kind == "popularity":
             counts = torch.as_tensor(np.asarray(train.sum(axis=0)).ravel(), dtype=torch.float64)
             weights = counts.clamp(min=0) ** float(gamma)
@@ -114,6 +139,15 @@ class NegativeSampler:
         batch, m = users.shape[0], self.num_negatives
         if self.kind == "in-batch":
             return None, None
+        if self.kind == "mixed":
+            from ..loss.mixed import Negatives
+
+            if self.pool == "popularity":
+                shared = torch.multinomial(self._probs, m, replacement=True, generator=generator)
+            else:
+                shared = self._uniform((m,), generator)
+            return Negatives(in_batch=True, in_batch_logq=self._log_positive_share + float(np.log(batch - 1)),
+                             shared=shared, shared_logq=self._pool_logq), None
         if self.kind == "shared":
             return self._uniform((m,), generator), None
         if self.kind == "uniform":
@@ -141,9 +175,9 @@ class NegativeSampler:
 
 
 def make_sampler(kind: str, num_items: int, num_negatives: int, train: sp.csr_matrix, *,
-                 gamma: float = 1.0, device="cpu") -> NegativeSampler:
+                 gamma: float = 1.0, device="cpu", pool: str = "uniform") -> NegativeSampler:
     return NegativeSampler(kind, num_items, num_negatives, train=train, gamma=gamma,
-                           device=torch.device(device))
+                           device=torch.device(device), pool=pool)
 
 
 class BatchIterator:

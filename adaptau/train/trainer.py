@@ -39,7 +39,7 @@ from . import distributed as dist
 from .data import SPLIT_RULES, Dataset, Split, csr_pairs, load_dataset, prepare
 from .evaluate import METRICS, format_metrics, full_ranking, item_popularity
 from .models import add_row_l2_grad_, build_model, sampled_item_counts, sampled_l2
-from .sampling import SAMPLERS, BatchIterator, NegativeSampler
+from .sampling import MIXED_POOLS, SAMPLERS, BatchIterator, NegativeSampler
 from ..loss import ops
 from ..loss.ops import compact as adaptau_compact
 
@@ -142,6 +142,7 @@ class TrainConfig:
     negatives: int = 128
     sampler: str = "uniform"
     pop_gamma: float = 0.75               # popularity sampler exponent
+    mixed_pool: str = "uniform"           # sampler "mixed": its shared pool, "uniform" | "popularity"
     include_pos: bool = False
     remove_hits: bool = False
     backend: str = "auto"
@@ -207,8 +208,10 @@ class TrainConfig:
         if self.sparse_grad != "off" and self.model != "mf":
             raise ValueError("--sparse-grad is for MF: LightGCN propagates over the whole graph, so "
                              "its table gradients are dense (it trains with dense Adam)")
-        if self.sampler == "in-batch" and self.batch_size < 2:
-            raise ValueError("--sampler in-batch needs --batch-size >= 2")
+        if self.sampler in ("in-batch", "mixed") and self.batch_size < 2:
+            raise ValueError(f"--sampler {self.sampler} needs --batch-size >= 2")
+        if self.mixed_pool not in MIXED_POOLS:
+            raise ValueError(f"--mixed-pool must be one of {MIXED_POOLS}, got {self.mixed_pool!r}")
         if not self.topk or min(self.topk) < 1:
             raise ValueError(f"--topk must be positive, got {self.topk}")
         for name, low, high, closed in _RANGES:
@@ -595,6 +598,9 @@ class Trainer:
         # (which also broadcasts rank 0's initial weights)
         self.step_module = dist.wrap_model(dist.StepModule(self.model), self.device)
         self.sparse = cfg.sparse_grad != "off"
+        if cfg.sampler == "mixed" and self.world_size > 1:
+            raise ValueError("--sampler mixed runs in one process: its in-batch part would need "
+                             "every rank's positives (use --sampler in-batch or shared under DDP)")
         if self.sparse and self.world_size > 1:
             raise ValueError("--sparse-grad runs in one process (DDP all-reduces dense gradients)")
         self.model.sparse = self.sparse
@@ -612,11 +618,11 @@ class Trainer:
                                   base=cfg.base, smoothing=cfg.smoothing, warmup=cfg.warmup,
                                   active_quantile=cfg.active_quantile)
         self.sampler = NegativeSampler(cfg.sampler, self.num_items, cfg.negatives, train=sp_.train,
-                                       gamma=cfg.pop_gamma, device=self.device)
+                                       gamma=cfg.pop_gamma, device=self.device, pool=cfg.mixed_pool)
         # global batches of cfg.batch_size rows, the same on every rank (shared seed); each
         # rank keeps rows rank, rank + world_size, … of each (see _train_epoch)
         self.batches = BatchIterator(self.train_users, self.train_items, cfg.batch_size,
-                                     drop_last=cfg.sampler == "in-batch" and
+                                     drop_last=cfg.sampler in ("in-batch", "mixed") and
                                      self.train_users.numel() >= cfg.batch_size)
         gen_device = self.device if self.device.type == "cuda" else "cpu"
         self.shuffle_gen = torch.Generator(device=gen_device).manual_seed(cfg.seed)
@@ -817,10 +823,11 @@ class Trainer:
         need_raw = self.controller.needs_raw_loss  # (global / fixed τ: no raw losses needed)
         for step, (users, pos) in enumerate(self.batches.epoch(self.shuffle_gen), 1):
             # (users, pos) is the global batch, identical on every rank
-            if users.numel() < (2 if cfg.sampler == "in-batch" else 1) * world:
+            if users.numel() < (2 if cfg.sampler in ("in-batch", "mixed") else 1) * world:
                 continue  # too small to give every rank its rows (all ranks skip it alike)
             neg, neg_logq = self.sampler.sample(users, pos, self.neg_gen)
-            batch_g = (users, pos, None if cfg.sampler == "in-batch" else neg)
+            sampled = neg.shared if cfg.sampler == "mixed" else neg  # (for the L2: rows beyond the batch's)
+            batch_g = (users, pos, None if cfg.sampler == "in-batch" else sampled)
             if world > 1:  # this rank's rows: rank, rank + world, …
                 mine = torch.arange(rank, users.numel(), world, device=users.device)
                 if cfg.sampler == "in-batch":  # the other rows of the *global* batch
@@ -838,7 +845,7 @@ class Trainer:
             loss, raw = out if need_raw else (out, None)
             if cfg.l2 > 0 and not direct_l2:  # (in-batch: negatives are positives, already counted)
                 loss = loss + cfg.l2 * sampled_l2(ego_u, ego_i, users, pos,
-                                                  None if cfg.sampler == "in-batch" else neg)
+                                                  None if cfg.sampler == "in-batch" else sampled)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()  # DDP averages the gradients over ranks here
             add_l2 = self._add_sparse_l2_grad if self.sparse else self._add_l2_grad
