@@ -118,3 +118,35 @@ def test_bad_sources_raise(neg, exc, fragment):
                              {"in_batch": True}, 2.0, 2.0, neg_logq=torch.zeros(10))
     with pytest.raises(exc, match=fragment.replace("[", r"\[").replace("]", r"\]")):
         adaptau.softmax_loss(torch.randn(4, 3), torch.randn(10, 3), torch.tensor([0, 1, 2, 3]), neg, 2.0, 2.0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_empty_sources_are_left_out(backend):
+    """B = 1 has no in-batch part, and a source of 0 negatives is allowed beside another."""
+    g = torch.Generator().manual_seed(0)
+    user, items = torch.randn(1, 5, generator=g, dtype=torch.float64), torch.randn(9, 5, generator=g, dtype=torch.float64)
+    pos, shared = torch.tensor([3]), torch.tensor([1, 2, 7])
+    one = adaptau.softmax_loss(user, items, pos, {"in_batch": True, "shared": shared,
+                                                  "per_row": torch.zeros(1, 0, dtype=torch.long)},
+                               2.0, 3.0, reduction="none", backend=backend)
+    torch.testing.assert_close(one, adaptau.softmax_loss(user, items, pos, shared, 2.0, 3.0,
+                                                         reduction="none", backend=backend))
+    torch.testing.assert_close(one, mixed_reference_loss(user, items, pos, {"in_batch": True, "shared": shared},
+                                                         2.0, 3.0))
+    with pytest.raises(ValueError, match="every source is empty"):
+        adaptau.softmax_loss(user, items, pos, {"in_batch": True, "shared": torch.zeros(0, dtype=torch.long)},
+                             2.0, 3.0, backend=backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gradcheck(backend):
+    g = torch.Generator().manual_seed(1)
+    user = torch.randn(4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    items = torch.randn(11, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    alpha = torch.full((4,), 3.0, dtype=torch.float64, requires_grad=True)
+    pos = torch.tensor([0, 3, 3, 7])
+    neg = {"in_batch": True, "shared": torch.tensor([1, 3, 9]), "per_row": torch.randint(0, 11, (4, 2), generator=g),
+           "shared_logq": torch.randn(11, generator=g, dtype=torch.float64)}
+    fn = lambda u, i, a: adaptau.softmax_loss(u, i, pos, neg, a, 2.0, include_pos=True,  # noqa: E731
+                                              remove_accidental_hits=True, reduction="none", backend=backend)
+    assert torch.autograd.gradcheck(fn, (user, items, alpha), eps=1e-6, atol=1e-6)

@@ -8,7 +8,8 @@ For row ``b`` with positive ``p`` the denominator is the sum over every source::
 
 ``remove_accidental_hits`` drops, in every source, the negatives equal to the row's positive
 (for in-batch: the rows with the same positive). A row whose denominator is empty
-contributes 0.
+contributes 0. A source with no negatives (in-batch with one row, ``[0]`` shared, ``[B, 0]``
+per-row) is left out, as long as another one is present.
 
 How it runs: one fused call per source (``include_pos=False``, ``reduction="none"``), on any
 backend, then ``loss_b = logsumexp_s(loss_{s,b})`` (plus a zero term for ``include_pos``):
@@ -53,14 +54,15 @@ class Negatives:
     shared_logq: Optional[Tensor] = None
     per_row_logq: Optional[Tensor] = None
 
-    def sources(self) -> List[Tuple[str, Optional[Tensor], Optional[Tensor]]]:
-        """``[(name, neg for softmax_loss, logq)]`` of the sources present."""
+    def sources(self, batch: Optional[int] = None) -> List[Tuple[str, Optional[Tensor], Optional[Tensor]]]:
+        """``[(name, neg for softmax_loss, logq)]`` of the sources present; with ``batch``,
+        only the non-empty ones (no in-batch part for one row, no source of 0 negatives)."""
         out = []
-        if self.in_batch:
+        if self.in_batch and (batch is None or batch >= 2):
             out.append(("in_batch", None, self.in_batch_logq))
-        if self.shared is not None:
+        if self.shared is not None and (batch is None or self.shared.shape[-1] > 0):
             out.append(("shared", self.shared, self.shared_logq))
-        if self.per_row is not None:
+        if self.per_row is not None and (batch is None or self.per_row.shape[-1] > 0):
             out.append(("per_row", self.per_row, self.per_row_logq))
         return out
 
@@ -91,6 +93,9 @@ def _validate(negs: Negatives, pos: Tensor, num_items: int) -> None:
         raise ValueError("neg.in_batch_logq is given without neg.in_batch=True")
     if not negs.sources():
         raise ValueError("neg: no negative source (give in_batch=True, shared= or per_row=)")
+    if not negs.sources(pos.shape[0] if isinstance(pos, Tensor) and pos.dim() else None):
+        raise ValueError("neg: every source is empty (in-batch needs 2 rows; shared and per_row "
+                         "need at least one negative)")
 
 
 def _in_batch_logq_table(logq: Optional[Tensor], pos: Tensor, num_items: int) -> Optional[Tensor]:
@@ -139,7 +144,7 @@ def mixed_softmax_loss(user: Tensor, items: Tensor, pos: Tensor, neg, pos_scale,
     num_items = items.shape[0] if items.dim() == 2 else 0
     _validate(negs, pos, num_items)
     terms, raws, empties = [], [], []
-    for name, source, logq in negs.sources():
+    for name, source, logq in negs.sources(pos.shape[0]):
         if name == "in_batch":
             logq = _in_batch_logq_table(logq, pos, num_items)
         out = softmax_loss(user, items, pos, source, pos_scale, neg_scale, include_pos=False,
@@ -175,7 +180,7 @@ def mixed_reference_loss(user: Tensor, items: Tensor, pos: Tensor, neg, pos_scal
     beta = torch.as_tensor(neg_scale, dtype=u.dtype).expand(batch)
     pos_logit = alpha * (u * it[p]).sum(-1)
     logits, keeps = [], []
-    for name, source, logq in negs.sources():
+    for name, source, logq in negs.sources(batch):
         if name == "in_batch":
             index = p.unsqueeze(0).expand(batch, -1)
             keep = ~torch.eye(batch, dtype=torch.bool, device=u.device)

@@ -57,6 +57,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mixed-pool", choices=["uniform", "popularity"], default=S,
                    help="--sampler mixed: in-batch negatives plus --negatives shared ones drawn "
                         "uniformly (default) or by popularity, each source with its logQ")
+    g.add_argument("--hard-negatives", type=int, default=S, metavar="H",
+                   help="--sampler mixed: also H per-row hard negatives, the best-scoring of 8·H "
+                        "uniform candidates under the current model (default 0)")
     _bool_pair(g, "include-pos", "include_pos", "put the positive in the denominator",
                "leave the positive out of the denominator (default, the paper's code)")
     _bool_pair(g, "remove-hits", "remove_hits", "drop negatives equal to the row's positive",

@@ -143,6 +143,7 @@ class TrainConfig:
     sampler: str = "uniform"
     pop_gamma: float = 0.75               # popularity sampler exponent
     mixed_pool: str = "uniform"           # sampler "mixed": its shared pool, "uniform" | "popularity"
+    hard_negatives: int = 0               # sampler "mixed": per-row hard negatives (0: none)
     include_pos: bool = False
     remove_hits: bool = False
     backend: str = "auto"
@@ -210,6 +211,9 @@ class TrainConfig:
                              "its table gradients are dense (it trains with dense Adam)")
         if self.sampler in ("in-batch", "mixed") and self.batch_size < 2:
             raise ValueError(f"--sampler {self.sampler} needs --batch-size >= 2")
+        if self.hard_negatives < 0 or (self.hard_negatives and self.sampler != "mixed"):
+            raise ValueError(f"--hard-negatives must be >= 0 and is for --sampler mixed, got "
+                             f"{self.hard_negatives} with --sampler {self.sampler}")
         if self.mixed_pool not in MIXED_POOLS:
             raise ValueError(f"--mixed-pool must be one of {MIXED_POOLS}, got {self.mixed_pool!r}")
         if not self.topk or min(self.topk) < 1:
@@ -836,6 +840,8 @@ class Trainer:
                     neg = neg[mine]
                 users, pos = users[mine], pos[mine]
             u, item_table, ego_u, ego_i = self.step_module(users)
+            if cfg.hard_negatives:
+                neg = dataclasses.replace(neg, per_row=self._hard_negatives(u, item_table, pos))
             pos_scale, neg_scale = self.controller.scales(users)
             out = softmax_loss(u, item_table, pos, neg, pos_scale, neg_scale,
                                include_pos=cfg.include_pos, normalize=cfg.normalize,
@@ -872,6 +878,20 @@ class Trainer:
             f"non-finite training loss at epoch {epoch}, {steps} of {len(self.batches)}: "
             f"w0={self.controller.w0:.4g}; try a lower --lr or a larger --tau-value / "
             f"--smoothing. {self._last_good_checkpoint()}")
+
+    @torch.no_grad()
+    def _hard_negatives(self, u: torch.Tensor, item_table: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """``[B, H]`` per-row hard negatives (``--hard-negatives H``): the H best-scoring of
+        8·H uniform candidates per row under the current model, the row's positive excluded.
+        They are chosen by score, not drawn from a distribution, so they carry no logQ."""
+        h = self.cfg.hard_negatives
+        cand = torch.randint(0, item_table.shape[0], (u.shape[0], 8 * h), generator=self.neg_gen,
+                             device=u.device)
+        uq, it = u.detach(), item_table.detach()[cand]
+        if self.cfg.normalize:
+            uq, it = F.normalize(uq, dim=-1), F.normalize(it, dim=-1)
+        scores = torch.einsum("bd,bcd->bc", uq, it).masked_fill(cand == pos.unsqueeze(1), float("-inf"))
+        return cand.gather(1, scores.topk(h, dim=1).indices)
 
     def _l2_on_leaves(self) -> bool:
         """True when the L2 tables (layer-0 embeddings) are parameters, so the L2 gradient
