@@ -452,7 +452,7 @@ SMALL_TUNING = dict(ADAPTAU_CPU_CHUNK_BYTES="1", ADAPTAU_CPU_MAX_PAIRS="100",
 def test_tuning_paths_match_reference(tuning):
     """Tiny chunks, row blocks, sort blocks, tiles and groups; the backward without the
     forward's saved state (recomputed); and blocks of max_pairs rows with one negative each,
-    where the chunking must stop at one chunk for the whole table (it used to grow the
+    where the chunking must stop at one chunk for the whole table (rather than grow the
     chunk to 2^31 rows and fail allocating its buffer). Set before the library reads them."""
     script = textwrap.dedent("""
         import torch, adaptau
