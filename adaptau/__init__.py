@@ -5,6 +5,7 @@ Public API:
     Negatives(in_batch=, shared=, per_row=, *_logq=)                mixed negative sources
     compact(pos, neg)                                               the rows a batch touches
     available_backends(device)                                      usable backends here
+    resolve_backend(backend, device_type)                           the backend a call runs on
     lambertw(x)                                                     principal-branch Lambert W
     AdapTau(user_ids, item_ids, ...)                                the temperature controller
     AdapTauLoss(user_ids, item_ids, ...)                            drop-in nn.Module loss
@@ -17,11 +18,11 @@ the CLI; imported on first use). The old flat module paths (``adaptau.ops``,
 ``adaptau.data`` …) still import, with a ``DeprecationWarning``, for one release.
 """
 from .loss import (BACKENDS, AdapTau, AdapTauLoss, Negatives, available_backends, compact, lambertw,
-                   softmax_loss)
+                   resolve_backend, softmax_loss)
 
 __version__ = "0.2.0"
 
-__all__ = ["softmax_loss", "Negatives", "compact", "available_backends", "BACKENDS", "lambertw", "AdapTau",
+__all__ = ["softmax_loss", "Negatives", "compact", "available_backends", "resolve_backend", "BACKENDS", "lambertw", "AdapTau",
            "AdapTauLoss", "full_ranking", "load_dataset", "TrainConfig", "Trainer", "__version__"]
 
 _LAZY = {"full_ranking": "train.evaluate", "load_dataset": "train.data",

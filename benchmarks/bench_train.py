@@ -203,7 +203,7 @@ def main() -> int:
     t0 = time.time()
     trainer = Trainer(cfg, log=lambda *a, **k: None)
     print(f"setup {time.time() - t0:.1f}s: {trainer.train_users.numel()} train pairs, "
-          f"{len(trainer.batches)} steps/epoch, backend {adaptau.loss.ops._resolve_backend('auto', 'cpu')}",
+          f"{len(trainer.batches)} steps/epoch, backend {adaptau.loss.ops.resolve_backend('auto', 'cpu')}",
           flush=True)
     steps_per_epoch = len(trainer.batches)
     trainer.controller.begin_epoch(0)

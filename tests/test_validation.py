@@ -249,7 +249,7 @@ def test_the_cuda_call_path_reads_nothing_back(monkeypatch, count_host_reads, ne
     from adaptau.loss import ops
 
     monkeypatch.setattr(ops, "_checks_on_device", lambda t: True)
-    monkeypatch.setattr(ops, "_resolve_backend", lambda backend, device_type: "triton")
+    monkeypatch.setattr(ops, "resolve_backend", lambda backend, device_type: "triton")
 
     def fake_forward(user, items, pos, neg, a, b, logq, mode, *flags):
         return user.new_zeros(user.shape[0]), user.new_zeros(user.shape[0]), user.new_zeros(user.shape[0])
@@ -305,7 +305,7 @@ def test_deterministic_mode_refuses_the_cuda_backward(monkeypatch, deterministic
     torch.use_deterministic_algorithms(True) its backward raises PyTorch's usual error."""
     from adaptau.loss import ops
 
-    monkeypatch.setattr(ops, "_resolve_backend", lambda backend, device_type: "cuda")
+    monkeypatch.setattr(ops, "resolve_backend", lambda backend, device_type: "cuda")
 
     def fake_forward(user, items, pos, neg, a, b, logq, mode, *flags):
         z = user.new_zeros(user.shape[0])

@@ -84,7 +84,11 @@ def available_backends(device: Union[str, torch.device] = "cpu") -> List[str]:
 _warned_fallback = set()
 
 
-def _resolve_backend(backend: str, device_type: str) -> str:
+def resolve_backend(backend: str, device_type: str) -> str:
+    """The backend a call with ``backend`` (``"auto"`` or a name) runs on for tensors of
+    ``device_type`` (``"cpu"``, ``"cuda"``): ``"auto"`` takes triton, then cuda on CUDA
+    tensors, cpu on CPU tensors, else the reference backend (with a one-time warning).
+    ValueError for a named backend that is not usable there."""
     usable = available_backends(device_type)
     if backend == "auto":
         if device_type == "cuda" and "triton" in usable:
@@ -156,7 +160,7 @@ def _backend_for(backend: str, user: Tensor, items: Tensor) -> str:
     with a NaN or an infinity in the vectors runs on the reference backend (the cpu
     kernel's running-max log-sum-exp is written for finite scores; the reference
     propagates them as PyTorch does). Forward and backward of one call choose alike."""
-    resolved = _resolve_backend(backend, user.device.type)
+    resolved = resolve_backend(backend, user.device.type)
     if resolved == "cpu" and not (torch.ops.adaptau.all_finite(user)
                                   and torch.ops.adaptau.all_finite(items)):
         return "reference"
