@@ -187,3 +187,28 @@ def test_triton_sparse_matches_dense_reference_interpreted(seed):
     proc = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT.format(seed=seed)], env=env,
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_sparse_adagrad_on_lastfm_matches_dense_adagrad(tmp_path):
+    """2 epochs of MF on Last.fm: sparse gradients with row-wise Adagrad (--sparse-grad
+    adagrad) against dense gradients with torch.optim.Adagrad, the same seed: Adagrad leaves a
+    row without gradient as it is, so the runs agree (Recall@20 within 1e-3). SparseAdam is
+    not compared with dense Adam: SparseAdam updates a row's moments only when the row has a
+    gradient (a lazy Adam), while Adam keeps moving every row on its decaying momentum, so
+    the two are different optimizers (measured on Last.fm, 2 epochs: test Recall@20 0.1850
+    against 0.1966)."""
+    from conftest import shared_data_dir
+
+    from adaptau.train import TrainConfig, Trainer
+
+    if not (shared_data_dir() / "lastfm" / "train.txt").is_file():
+        pytest.skip(f"Last.fm data absent under {shared_data_dir()}")
+    base = dict(data=str(shared_data_dir() / "lastfm"), epochs=2, lr=0.05, progress="off", seed=7)
+    sparse = Trainer(TrainConfig(out=str(tmp_path / "sparse"), sparse_grad="adagrad", **base), log=lambda m: None)
+    s = sparse.fit()
+    dense = Trainer(TrainConfig(out=str(tmp_path / "dense"), **base), log=lambda m: None)
+    dense.optimizer = torch.optim.Adagrad(dense.model.parameters(), lr=0.05)
+    d = dense.fit()
+    assert s["test"]["recall@20"] > 0.01
+    assert abs(s["test"]["recall@20"] - d["test"]["recall@20"]) <= 1e-3, (s["test"], d["test"])
