@@ -57,11 +57,11 @@ def test_lightgcn_gradients_flow():
     assert model.user.weight.grad is not None and model.item.weight.grad.abs().sum() > 0
 
 
-def naive_l2(U, I, users, pos, neg):
+def naive_l2(user_w, item_w, users, pos, neg):
     b = users.shape[0]
-    total = U[users].pow(2).sum() + I[pos].pow(2).sum()
+    total = user_w[users].pow(2).sum() + item_w[pos].pow(2).sum()
     if neg is not None:
-        rows = I[neg] if neg.dim() == 2 else I[neg].unsqueeze(0).expand(b, -1, -1)
+        rows = item_w[neg] if neg.dim() == 2 else item_w[neg].unsqueeze(0).expand(b, -1, -1)
         total = total + rows.pow(2).sum()
     return 0.5 * total / b
 
@@ -69,17 +69,17 @@ def naive_l2(U, I, users, pos, neg):
 @pytest.mark.parametrize("kind", ["per-row", "shared", "in-batch"])
 def test_sampled_l2_matches_gather(kind):
     torch.manual_seed(1)
-    U = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
-    I = torch.randn(11, 4, dtype=torch.float64, requires_grad=True)
+    user_w = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    item_w = torch.randn(11, 4, dtype=torch.float64, requires_grad=True)
     users = torch.tensor([0, 3, 3, 5])
     pos = torch.tensor([1, 1, 4, 10])
     neg = {"per-row": torch.randint(11, (4, 7)), "shared": torch.randint(11, (5,)),
            "in-batch": None}[kind]
-    got = sampled_l2(U, I, users, pos, neg)
-    want = naive_l2(U, I, users, pos, neg)
+    got = sampled_l2(user_w, item_w, users, pos, neg)
+    want = naive_l2(user_w, item_w, users, pos, neg)
     assert torch.allclose(got, want)
-    gu, gi = torch.autograd.grad(got, (U, I))
-    wu, wi = torch.autograd.grad(want, (U, I))
+    gu, gi = torch.autograd.grad(got, (user_w, item_w))
+    wu, wi = torch.autograd.grad(want, (user_w, item_w))
     assert torch.allclose(gu, wu) and torch.allclose(gi, wi)
 
 

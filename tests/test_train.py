@@ -247,8 +247,8 @@ def test_direct_l2_gradient_matches_autograd(neg_kind):
     from adaptau.train import Trainer
     g = torch.Generator().manual_seed(5)
     n_users, n_items, d, b, m = 13, 29, 6, 7, 5
-    U = torch.randn(n_users, d, generator=g, dtype=torch.float64)
-    I = torch.randn(n_items, d, generator=g, dtype=torch.float64)
+    user_w = torch.randn(n_users, d, generator=g, dtype=torch.float64)
+    item_w = torch.randn(n_items, d, generator=g, dtype=torch.float64)
     users = torch.randint(0, n_users, (b,), generator=g)
     users[1] = users[0]  # duplicates
     pos = torch.randint(0, n_items, (b,), generator=g)
@@ -257,10 +257,10 @@ def test_direct_l2_gradient_matches_autograd(neg_kind):
            "shared": torch.randint(0, n_items, (m,), generator=g),
            "in_batch": None}[neg_kind]
     l2 = 0.37
-    Ua, Ia = U.clone().requires_grad_(), I.clone().requires_grad_()
+    Ua, Ia = user_w.clone().requires_grad_(), item_w.clone().requires_grad_()
     want = l2 * sampled_l2(Ua, Ia, users, pos, neg)
     want.backward()
-    Ud, Id = U.clone().requires_grad_(), I.clone().requires_grad_()
+    Ud, Id = user_w.clone().requires_grad_(), item_w.clone().requires_grad_()
     value = Trainer._add_l2_grad(SimpleNamespace(cfg=SimpleNamespace(l2=l2)), users, pos, neg, Ud, Id)
     assert value == pytest.approx(float(want.detach()), rel=1e-12)
     torch.testing.assert_close(Ud.grad, Ua.grad, rtol=1e-12, atol=1e-15)
