@@ -9,6 +9,8 @@ subpackage ``adaptau.kernels``.
 
 Install without build isolation so the extension is built against the torch you run:
     pip install --no-build-isolation -e ".[test]"
+TorchRec sharded tables (``adaptau train --shard-tables``), in this order:
+    pip install --no-build-isolation -e ".[test,torchrec]" && pip install --no-deps torchrec==1.9.2
 """
 import glob
 import os
@@ -73,6 +75,14 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-timeout", "hypothesis", "scipy", "mpmath", "ninja"],
         "triton": ["triton>=3.0"],
+        # --shard-tables (adaptau.train.sharded): TorchRec's pure-Python requirements and
+        # fbgemm's CPU kernels, pinned to versions that load with torch 2.13.0 (fbgemm-gpu-cpu
+        # 1.9.0's library does not). torchrec itself is installed afterwards with --no-deps:
+        #     pip install --no-deps torchrec==1.9.2
+        # because its own requirement `fbgemm-gpu` would put the CUDA build into the same
+        # fbgemm_gpu package folder and break the import (see README, .ci/run).
+        "torchrec": ["fbgemm-gpu-cpu==1.8.0", "tensordict==0.15.3", "torchmetrics==1.0.3",
+                     "pyre-extensions", "tqdm"],
     },
     entry_points={"console_scripts": ["adaptau=adaptau.train.cli:main"]},
     zip_safe=False,
