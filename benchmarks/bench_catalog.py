@@ -350,7 +350,13 @@ def main(argv=None) -> int:
     if args.merge:
         path = os.path.join(results_dir(), "catalog.csv")
         done = {(r["N"], r["route"]) for r in rows}
-        rows += [r for r in read_csv(path) if (r["N"], r["route"]) not in done]
+        for r in read_csv(path):
+            if (r["N"], r["route"]) in done:
+                continue
+            if r["route"] in REPLICATED and r.get("tables_MiB_per_process") is None:
+                r["tables_MiB_per_process"] = (USERS + r["N"]) * D * 4 / 2**20  # (not measured:
+                r["optimizer_MiB_per_process"] = 2 * (USERS + r["N"]) * D * 4 / 2**20  # sizes)
+            rows.append(r)
     print("wrote", write(rows, args))
     return 0
 
