@@ -178,6 +178,23 @@ def test_cli_nproc_sharded_and_resume(tmp_path):
     assert a["history"][-1]["loss"] == b["history"][-1]["loss"]
 
 
+@needs_torchrec
+def test_checkpoints_of_the_other_kind_are_refused(tmp_path):
+    """A sharded last.pt does not resume without --shard-tables, nor an unsharded one with it."""
+    from adaptau.train.trainer import CheckpointError
+
+    base = dict(data=TINY, dim=8, batch_size=64, negatives=8, progress="off", backend=BACKEND,
+                sparse_grad="adagrad")
+    for first, second in (("row-wise", "off"), ("off", "row-wise")):
+        out = tmp_path / first
+        Trainer(TrainConfig(**base, shard_tables=first, epochs=1, out=str(out)),
+                log=lambda m: None).fit()
+        with pytest.raises(CheckpointError, match="--shard-tables"):
+            Trainer(TrainConfig(**base, shard_tables=second, epochs=2, out=str(out)),
+                    resume=str(out), log=lambda m: None)
+        assert not torch.distributed.is_initialized()
+
+
 def _cli_error(tmp_path, *args):
     proc = subprocess.run([sys.executable, "-m", "adaptau", "train", "--data", TINY, "--epochs", "1",
                            "--progress", "off", "--out", str(tmp_path / "x"), *args],

@@ -328,7 +328,7 @@ class ShardedTrainer(Trainer):
     def _sync_mirror(self) -> bool:
         """Gather the shards into rank 0's MF (collective); True when every shard is finite."""
         finite = torch.tensor([float(all(bool(torch.isfinite(self.tables.local_rows(t)).all())
-                                         for t in _TABLES))])
+                                         for t in _TABLES))], device=self.device)
         torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
         user, item = self.tables.gather(0)
         if self.is_main:
