@@ -46,7 +46,6 @@ import warnings
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import distributed as dist
@@ -58,8 +57,8 @@ from ..loss.ops import compact as adaptau_compact
 __all__ = ["TorchRecMissing", "require_torchrec", "ShardedTables", "ShardedTrainer",
            "FUSED_OPTIMIZERS"]
 
-INSTALL_HINT = ("pip install --no-build-isolation -e '.[torchrec]' && pip install --no-deps "
-                "torchrec==1.9.2 (README: 'Sharded tables with TorchRec')")
+INSTALL_HINT = ("pip install --no-build-isolation -e '.[torchrec]' torch==2.13.0 && pip install "
+                "--no-deps torchrec==1.9.2 (in this order; see docs/distributed.md)")
 
 
 class TorchRecMissing(ImportError, ValueError):
