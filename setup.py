@@ -7,6 +7,8 @@ only the extension ``adaptau._C``, from ``csrc/*.cpp`` with torch.utils.cpp_exte
 
 Install without build isolation so the extension is built against the torch you run:
     pip install --no-build-isolation -e ".[test]"
+TorchRec sharded tables (``adaptau train --shard-tables``), in this order:
+    pip install --no-build-isolation -e ".[test,torchrec]" && pip install --no-deps torchrec==1.9.2
 """
 import glob
 import os

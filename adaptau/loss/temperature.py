@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["lambertw", "AdapTau"]
+__all__ = ["lambertw", "AdapTau", "mean_normalized_rows"]
 
 _INV_E = math.exp(-1.0)
 
@@ -101,6 +101,21 @@ def lambertw(x: Tensor, iterations: int = 5) -> Tensor:
 # ------------------------------------------------------------------------------- AdapTau
 def _distributed_ready() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+@torch.no_grad()
+def mean_normalized_rows(rows: Tensor) -> Tensor:
+    """ē: the mean of the L2-normalized rows of a table whose rows are split across the
+    ranks of the default process group (each rank passes its own ``[n_r, D]`` rows; n_r may
+    be 0). Each rank sums its normalized rows and counts them; both are all-reduced, so
+    every rank gets the ``[D]`` float64 mean over the whole table. Without a process group,
+    the mean of ``rows``.
+    """
+    total = torch.cat([F.normalize(rows.detach().double(), dim=-1).sum(0),
+                       rows.new_tensor([rows.shape[0]], dtype=torch.float64)])
+    if _distributed_ready():
+        torch.distributed.all_reduce(total)
+    return total[:-1] / total[-1].clamp(min=1)
 
 
 class AdapTau:
@@ -217,14 +232,18 @@ class AdapTau:
     # -- per epoch ----------------------------------------------------------------------
     @torch.no_grad()
     def begin_epoch(self, epoch: int, user_vectors: Optional[Tensor] = None,
-                    item_vectors: Optional[Tensor] = None) -> None:
+                    item_vectors: Optional[Tensor] = None, *,
+                    alignment_gap: Optional[float] = None) -> None:
         """Compute w₀ and the per-user scales for ``epoch`` (call before its first step).
 
         Args:
             epoch: 0-based epoch number (compared with ``warmup``).
             user_vectors: ``[num_users, D]`` the model's final user vectors (no dropout).
             item_vectors: ``[num_items, D]`` the model's final item vectors. Both are
-                needed only after warm-up in modes ``"adaptive"``/``"global"``.
+                needed only after warm-up in modes ``"adaptive"``/``"global"``, unless
+                ``alignment_gap`` is given.
+            alignment_gap: p̄ − ā computed by the caller, for tables that no process holds
+                whole (:meth:`sharded_alignment_gap`); the tables are then not read.
         """
         self.epoch = int(epoch)
         sums, counts = self._loss_sum, self._loss_count
@@ -237,10 +256,13 @@ class AdapTau:
         elif self.epoch < self.warmup:
             self.w0 = self.c / 1.4
         else:
-            if user_vectors is None or item_vectors is None:
-                raise ValueError("begin_epoch after warm-up needs user_vectors and item_vectors")
-            self._check_tables(user_vectors, item_vectors)
-            gap = self._alignment_gap(user_vectors, item_vectors)
+            if alignment_gap is not None:
+                gap = float(alignment_gap)
+            else:
+                if user_vectors is None or item_vectors is None:
+                    raise ValueError("begin_epoch after warm-up needs user_vectors and item_vectors")
+                self._check_tables(user_vectors, item_vectors)
+                gap = self._alignment_gap(user_vectors, item_vectors)
             if gap > self.MIN_GAP:
                 self.w0 = self.c / (2.0 * gap)
 
@@ -289,6 +311,40 @@ class AdapTau:
         p_bar = float((u * (A @ v)).sum()) / self._pair_users.numel()
         e_bar = v.mean(0)
         a_bar = float((u[self._active.to(u.device)] @ e_bar).mean())
+        return p_bar - a_bar
+
+    @torch.no_grad()
+    def sharded_alignment_gap(self, user_rows: Tensor, user_start: int, item_rows: Tensor,
+                              item_start: int) -> float:
+        """p̄ − ā (as :meth:`begin_epoch` computes it from whole tables) from row blocks of
+        tables sharded across the ranks of the default process group.
+
+        Each rank passes its own contiguous blocks: ``user_rows`` ``[n_u, D]`` are users
+        ``user_start … user_start + n_u − 1`` and ``item_rows`` ``[n_i, D]`` items
+        ``item_start …``; together the blocks of all ranks cover each table once. Collective
+        (call it on every rank); without a process group the blocks are the whole tables.
+        What travels: ē as a sum of normalized local rows and a count
+        (:func:`mean_normalized_rows`), the pair sums ``A[:, block] @ v̂_block`` as one
+        ``[num_users, D]`` float64 all-reduce, and three scalars.
+        """
+        u = F.normalize(user_rows.detach().double(), dim=-1)
+        v = F.normalize(item_rows.detach().double(), dim=-1)
+        dev = u.device
+        e_bar = mean_normalized_rows(item_rows)
+        # Σ over Y′ of cos(u, i) = Σ_u ⟨û_u, Σ_{i ∈ pairs(u)} v̂_i⟩: this rank's items first
+        pu, pi = self._pair_users.to(dev), self._pair_items.to(dev)
+        mine = (pi >= item_start) & (pi < item_start + v.shape[0])
+        partial = torch.zeros(self.num_users, v.shape[1], dtype=torch.float64, device=dev)
+        partial.index_add_(0, pu[mine], v.index_select(0, pi[mine] - item_start))
+        if _distributed_ready():
+            torch.distributed.all_reduce(partial)
+        block = slice(int(user_start), int(user_start) + u.shape[0])
+        active = self._active.to(dev)[block]
+        sums = torch.stack([(u * partial[block]).sum(), (u[active] @ e_bar.double()).sum()])
+        if _distributed_ready():
+            torch.distributed.all_reduce(sums)
+        p_bar = float(sums[0]) / self._pair_users.numel()
+        a_bar = float(sums[1]) / int(self._active.sum())
         return p_bar - a_bar
 
     # -- per step -----------------------------------------------------------------------

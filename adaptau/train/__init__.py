@@ -9,6 +9,8 @@ Modules:
     models       MF and LightGCN, sampled L2
     evaluate     full-ranking metrics
     distributed  torch.distributed: process group, DDP, launcher
+    sharded      TorchRec row-wise sharded MF tables (``--shard-tables``; imports torchrec,
+                 so it is imported only when used)
     plots        training curves and temperature histograms
     cli          the ``adaptau`` command line (``python -m adaptau``)
 

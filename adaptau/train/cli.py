@@ -101,6 +101,11 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="train with N local worker processes (torch.distributed.run; gloo on CPU, "
                    "NCCL on GPU); --batch-size stays the global batch. Several machines: "
                    "torchrun --nnodes … -m adaptau train …")
+    g.add_argument("--shard-tables", choices=["off", "row-wise"], default=S,
+                   help="MF: row-wise shard the user and item tables over the ranks with TorchRec "
+                   "(EmbeddingCollection under DistributedModelParallel, fused optimizer named by "
+                   "--sparse-grad: adagrad on CPU or CUDA, sparse-adam on CUDA); needs the "
+                   "[torchrec] extra")
 
 
 def build_parser() -> argparse.ArgumentParser:

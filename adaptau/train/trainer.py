@@ -152,6 +152,7 @@ class TrainConfig:
     lr: float = 1e-2
     l2: float = 1e-6
     sparse_grad: str = "off"              # MF only: "sparse-adam" | "adagrad" update the touched rows
+    shard_tables: str = "off"             # MF only: "row-wise" = TorchRec row-wise sharded tables
     epochs: int = 20
     patience: int = 5                     # evaluations without improvement before stopping (0: off;
                                           # with tau adaptive/global, none during the warm-up)
@@ -205,11 +206,24 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if self.shard_tables not in SHARDINGS:
+            raise ValueError(f"--shard-tables must be one of {SHARDINGS}, got {self.shard_tables!r}")
+        if self.shard_tables != "off" and self.model != "mf":
+            raise ValueError("--shard-tables is for MF: LightGCN propagates over the whole graph "
+                             "every step, so its tables stay replicated (train it with --nproc N "
+                             "and no --shard-tables)")
         if self.sparse_grad not in SPARSE_OPTIMIZERS:
             raise ValueError(f"--sparse-grad must be one of {SPARSE_OPTIMIZERS}, got {self.sparse_grad!r}")
         if self.sparse_grad != "off" and self.model != "mf":
             raise ValueError("--sparse-grad is for MF: LightGCN propagates over the whole graph, so "
                              "its table gradients are dense (it trains with dense Adam)")
+        if self.shard_tables != "off" and self.sampler == "mixed":
+            raise ValueError("--shard-tables takes one negative source (uniform, popularity, shared, "
+                             "exclude or in-batch), not --sampler mixed")
+        if self.shard_tables != "off" and self.sparse_grad == "off":
+            raise ValueError("--shard-tables trains with TorchRec's fused optimizer: name it with "
+                             "--sparse-grad adagrad (EXACT_ADAGRAD, CPU or CUDA) or --sparse-grad "
+                             "sparse-adam (fused Adam, CUDA only)")
         if self.sampler in ("in-batch", "mixed") and self.batch_size < 2:
             raise ValueError(f"--sampler {self.sampler} needs --batch-size >= 2")
         if self.hard_negatives < 0 or (self.hard_negatives and self.sampler != "mixed"):
@@ -341,6 +355,10 @@ HOST_CHECK_EVERY = 64
 
 #: ``--sparse-grad`` values: off (dense gradients, Adam) or the optimizer of sparse ones.
 SPARSE_OPTIMIZERS = ("off", "sparse-adam", "adagrad")
+
+#: ``--shard-tables`` values: off (each process holds both tables) or TorchRec's row-wise
+#: sharding (:mod:`adaptau.train.sharded`).
+SHARDINGS = ("off", "row-wise")
 
 
 class CheckpointError(ValueError):
@@ -533,6 +551,14 @@ class Trainer:
     the run files of a ``cfg.out`` that already holds a run (else that is a ValueError).
     """
 
+    def __new__(cls, cfg: Optional[TrainConfig] = None, *args, **kwargs):
+        # --shard-tables: the TorchRec trainer (imported only then: it imports torchrec)
+        if cls is Trainer and cfg is not None and getattr(cfg, "shard_tables", "off") != "off":
+            from .sharded import ShardedTrainer
+
+            cls = ShardedTrainer
+        return super().__new__(cls)
+
     def __init__(self, cfg: TrainConfig, *, resume: Optional[str] = None, log=print,
                  dataset: Optional[Dataset] = None, overwrite: bool = False) -> None:
         cfg.validate()
@@ -568,23 +594,10 @@ class Trainer:
         self.model = build_model(cfg.model, self.num_users, self.num_items, sp_.train, dim=cfg.dim,
                                  dropout=cfg.dropout, layers=cfg.layers, init_std=cfg.init_std)
         self.model.to(self.device)
-        # the backbone's part of a step; DistributedDataParallel when world_size > 1
-        # (which also broadcasts rank 0's initial weights)
-        self.step_module = dist.wrap_model(dist.StepModule(self.model), self.device)
-        self.sparse = cfg.sparse_grad != "off"
         if cfg.sampler == "mixed" and self.world_size > 1:
             raise ValueError("--sampler mixed runs in one process: its in-batch part would need "
                              "every rank's positives (use --sampler in-batch or shared under DDP)")
-        if self.sparse and self.world_size > 1:
-            raise ValueError("--sparse-grad runs in one process (DDP all-reduces dense gradients)")
-        self.model.sparse = self.sparse
-        if cfg.sparse_grad == "sparse-adam":
-            self.optimizer = torch.optim.SparseAdam(list(self.model.parameters()), lr=cfg.lr)
-        elif cfg.sparse_grad == "adagrad":
-            self.optimizer = torch.optim.Adagrad(self.model.parameters(), lr=cfg.lr)
-        else:
-            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr,
-                                              **({"fused": True} if self.device.type in ("cpu", "cuda") else {}))
+        self._setup_model()
         from ..loss.temperature import AdapTau
 
         self.controller = AdapTau(self.train_users, self.train_items, num_users=self.num_users,
@@ -625,6 +638,25 @@ class Trainer:
         if resume:
             self._load_last()
         self.metric = cfg.selection_metric
+
+    def _setup_model(self) -> None:
+        """Set ``step_module`` (the backbone's part of a step; DistributedDataParallel when
+        world_size > 1, which also broadcasts rank 0's initial weights), ``sparse`` and
+        ``optimizer`` for ``self.model``."""
+        cfg = self.cfg
+        self.step_module = dist.wrap_model(dist.StepModule(self.model), self.device)
+        self.sparse = cfg.sparse_grad != "off"
+        if self.sparse and self.world_size > 1:
+            raise ValueError("--sparse-grad runs in one process (DDP all-reduces dense gradients); "
+                             "with several processes add --shard-tables row-wise")
+        self.model.sparse = self.sparse
+        if cfg.sparse_grad == "sparse-adam":
+            self.optimizer = torch.optim.SparseAdam(list(self.model.parameters()), lr=cfg.lr)
+        elif cfg.sparse_grad == "adagrad":
+            self.optimizer = torch.optim.Adagrad(self.model.parameters(), lr=cfg.lr)
+        else:
+            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr,
+                                              **({"fused": True} if self.device.type in ("cpu", "cuda") else {}))
 
     # -- folders and logging ------------------------------------------------------------
     def _default_name(self) -> str:
@@ -716,12 +748,13 @@ class Trainer:
             for key in ("loss_sum", "loss_count"):
                 controller[key] = dist.all_reduce_sum(
                     getattr(self.controller, "_" + key)).detach().cpu()
+        model_state, optimizer_state = self._model_state(), self._optimizer_state()
         if not self.is_main:
             return
         atomic_save({
             "epoch": epoch_done,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optimizer_state,
             "controller": controller,
             "rng": self._rng_state(),
             "world_size": self.world_size,
@@ -733,10 +766,26 @@ class Trainer:
             "config": dataclasses.asdict(self.cfg),
         }, self.out / "last.pt")
 
-    def _load_last(self) -> None:
-        ckpt = load_checkpoint(self.out / "last.pt", self.device, cfg=self.cfg, model=self.model)
+    def _model_state(self) -> Dict[str, torch.Tensor]:
+        """The model's state for last.pt (collective in subclasses: call it on every rank)."""
+        return self.model.state_dict()
+
+    def _optimizer_state(self) -> Dict[str, Any]:
+        """The optimizer's state for last.pt (collective in subclasses: call on every rank)."""
+        return self.optimizer.state_dict()
+
+    def _restore_model_and_optimizer(self, ckpt: Dict[str, Any]) -> None:
+        """Load last.pt's model and optimizer state (``ckpt`` already checked to fit)."""
+        if isinstance(ckpt.get("optimizer"), dict) and "torchrec_fused" in ckpt["optimizer"]:
+            raise CheckpointError(f"{self.out / 'last.pt'}: written by a --shard-tables run "
+                                  "(TorchRec fused optimizer state); resume it with --shard-tables "
+                                  f"{ckpt.get('config', {}).get('shard_tables', 'row-wise')}")
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
+
+    def _load_last(self) -> None:
+        ckpt = load_checkpoint(self.out / "last.pt", self.device, cfg=self.cfg, model=self.model)
+        self._restore_model_and_optimizer(ckpt)
         self.controller.load_state_dict(ckpt["controller"])
         if self.rank != 0:  # rank 0 holds the saved (already reduced) sums; the next
             self.controller._loss_sum.zero_()    # begin_epoch all-reduces them
