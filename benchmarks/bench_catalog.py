@@ -59,7 +59,9 @@ from _common import header, results_dir  # noqa: E402
 from host_memory import peak_rss_growth  # noqa: E402
 
 B, M, D, USERS = 2048, 1024, 64, 29858
-REPLICATED = ("dense", "sparse")
+#: dense / sparse item gradients with M per-row negatives ([B, M]: up to B·(M+1) rows touched),
+#: and the same with M negatives shared by the batch ([M]: at most B + M rows touched).
+REPLICATED = ("dense", "sparse", "dense-shared", "sparse-shared")
 ROUTES = REPLICATED + ("torchrec-2r",)
 TABLE_PASSES = 11
 RANKS = 2
@@ -72,7 +74,8 @@ class Step:
                  seed: int):
         self.route, self.users, self.items = route, users, items
         self.gen = torch.Generator().manual_seed(seed)
-        self.sparse = route == "sparse"
+        self.sparse = route.startswith("sparse")
+        self.shared = route.endswith("-shared")
         self.opt = (torch.optim.SparseAdam([users, items], lr=1e-3) if self.sparse
                     else torch.optim.Adam([users, items], lr=1e-3, foreach=True))
         self.touched = 0
@@ -83,24 +86,26 @@ class Step:
         rows = torch.randint(0, USERS, (B,), generator=self.gen)
         pos = torch.randint(0, N, (B,), generator=self.gen)
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self.gen))
-        neg = torch.ops.adaptau.uniform_negatives(B, M, N, seed)
+        neg = torch.ops.adaptau.uniform_negatives(1 if self.shared else B, M, N, seed)
+        neg = neg.view(M) if self.shared else neg
         user = F.embedding(rows, self.users, sparse=self.sparse)
         loss = adaptau.softmax_loss(user, self.items, pos.to(neg.dtype), neg, 10.0, 10.0,
-                                    item_grad=self.route)
+                                    item_grad="sparse" if self.sparse else "dense")
         loss.backward()
         self.touched = (self.items.grad._values().shape[0] if self.sparse else N)
         self.opt.step()
 
 
-def measure(N: int, rounds: int, warmup: int) -> List[Dict]:
+def measure(N: int, rounds: int, warmup: int, routes=REPLICATED) -> List[Dict]:
     gen = torch.Generator().manual_seed(N)
     users = torch.nn.Parameter(torch.randn(USERS, D, generator=gen) * 0.1)
     items = torch.nn.Parameter(torch.empty(N, D).normal_(0, 0.1, generator=gen))
-    steps = {route: Step(route, users, items, seed=k) for k, route in enumerate(REPLICATED)}
+    steps = {route: Step(route, users, items, seed=k) for k, route in enumerate(REPLICATED)
+             if route in routes}
     for step in steps.values():
         for _ in range(warmup):  # also creates the optimizer state
             step()
-    times: Dict[str, List[float]] = {r: [] for r in REPLICATED}
+    times: Dict[str, List[float]] = {r: [] for r in steps}
     for _ in range(rounds):
         for route, step in steps.items():
             t0 = time.perf_counter()
@@ -249,7 +254,8 @@ def write(rows: List[Dict], args) -> str:
     base = {x: min(n for n in sizes if (n, x) in by) for x in routes}
     lines = header("Training step against catalog size: dense vs sparse item gradients, and TorchRec")
     lines += [
-        f"MF step, B = {B}, M = {M} uniform per-row negatives, D = {D}, {USERS:,d} users, fp32, "
+        f"MF step, B = {B}, M = {M} uniform negatives, per row ([B, M]) or, in the -shared routes, "
+        f"shared by the batch ([M]), D = {D}, {USERS:,d} users, fp32, "
         f"{args.rounds} interleaved rounds after {args.warmup} warm-up steps (median, range); "
         "peak extra memory = peak RSS growth of one steady-state step; table bytes = "
         f"{TABLE_PASSES} passes over the touched rows (see the script's docstring). "
@@ -343,7 +349,7 @@ def main(argv=None) -> int:
     replicated = [r for r in routes if not r.startswith("torchrec")]
     if replicated:
         for n in (int(x) for x in args.sizes.split(",")):
-            rows += [r for r in measure(n, args.rounds, args.warmup) if r["route"] in replicated]
+            rows += measure(n, args.rounds, args.warmup, replicated)
     if "torchrec-2r" in routes:
         for n in (int(x) for x in args.torchrec_sizes.split(",")):
             rows += measure_torchrec(n, args.rounds, args.warmup)
