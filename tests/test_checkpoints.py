@@ -15,7 +15,7 @@ import torch
 
 import adaptau
 from adaptau.train import cli
-from adaptau.train.trainer import CheckpointError, load_checkpoint
+from adaptau.train.checkpoints import CheckpointError, load_checkpoint
 
 TINY = "synthetic:num_users=240,num_items=160"
 BASE = ["--data", TINY, "--dim", "16", "--batch-size", "256", "--negatives", "16",
@@ -96,18 +96,18 @@ def test_a_used_folder_is_refused_unless_resumed_or_overwritten(tmp_path, capsys
 
 
 def test_a_running_folder_is_locked(tmp_path):
-    from adaptau.train.trainer import _RunLock
+    from adaptau.train.run_folder import RunLock
 
     run = tmp_path / "run"
     run.mkdir()
-    held = _RunLock(run)
+    held = RunLock(run)
     try:
         with pytest.raises(ValueError, match="in use by another adaptau run"):
-            _RunLock(run)
+            RunLock(run)
         assert cli.main(["train", *BASE, "--epochs", "1", "--out", str(run)]) == 2
     finally:
         held.release()
-    _RunLock(run).release()  # free again once released
+    RunLock(run).release()  # free again once released
 
 
 def _tiny_cfg(out, **kw):

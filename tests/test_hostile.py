@@ -39,7 +39,7 @@ import torch
 import adaptau
 from adaptau.loss._contract import NORM_EPS
 from adaptau.train import cli
-from adaptau.train.trainer import load_checkpoint
+from adaptau.train.checkpoints import load_checkpoint
 
 CPU_BACKENDS = [b for b in adaptau.available_backends("cpu") if b != "triton"]
 FUZZ_CASES = 150

@@ -181,7 +181,7 @@ def test_cli_nproc_sharded_and_resume(tmp_path):
 @needs_torchrec
 def test_checkpoints_of_the_other_kind_are_refused(tmp_path):
     """A sharded last.pt does not resume without --shard-tables, nor an unsharded one with it."""
-    from adaptau.train.trainer import CheckpointError
+    from adaptau.train.checkpoints import CheckpointError
 
     base = dict(data=TINY, dim=8, batch_size=64, negatives=8, progress="off", backend=BACKEND,
                 sparse_grad="adagrad")

@@ -2,7 +2,11 @@
 around :mod:`adaptau.loss`.
 
 Modules:
-    trainer      ``TrainConfig``, ``Trainer``, ``train`` and the run folder
+    config       ``TrainConfig``: every setting, its coercion and validation; presets
+    trainer      ``Trainer``, ``train``, ``evaluate_run``: the training loop
+    run_folder   the run lock and atomic writes of a run folder's files
+    checkpoints  reading checkpoints safely and checking them against a model
+    host         allocator tuning (``keep_freed_heap``)
     data         dataset loaders, name resolution, protocols, ``make_synthetic``
     synthetic    the synthetic interaction generator (arrays only)
     sampling     negative samplers, batch iterator, inverted dropout
@@ -14,28 +18,19 @@ Modules:
     plots        training curves and temperature histograms
     cli          the ``adaptau`` command line (``python -m adaptau``)
 
-The names of :mod:`adaptau.train.trainer` are re-exported here, so
-``from adaptau.train import Trainer, TrainConfig, train`` works as before the split.
+The main names are re-exported here: ``from adaptau.train import Trainer, TrainConfig, train``.
 """
-from .trainer import (
-    PRESETS,
-    NonFiniteLossError,
-    TrainConfig,
-    Trainer,
-    atomic_save,
-    evaluate_run,
-    keep_freed_heap,
-    load_config_file,
-    train,
-)
+from .config import PRESETS, TrainConfig, load_config_file
+from .host import keep_freed_heap
+from .run_folder import atomic_save
+from .trainer import NonFiniteLossError, Trainer, evaluate_run, train
 
 __all__ = ["TrainConfig", "PRESETS", "Trainer", "train", "evaluate_run", "NonFiniteLossError",
            "load_config_file", "atomic_save", "keep_freed_heap"]
 
 
 def __getattr__(name: str):
-    # Before the split adaptau.train was the trainer module itself: its other names
-    # (private helpers, what it imported) stay readable here.
+    # adaptau.train of 0.1 was the trainer module itself: its other names stay readable here.
     from . import trainer
 
     try:

@@ -22,7 +22,7 @@ def _bool_pair(parser: argparse.ArgumentParser, name: str, dest: str, help_on: s
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     from .sampling import SAMPLERS
-    from .trainer import PRESETS
+    from .config import PRESETS
 
     S = argparse.SUPPRESS  # flags not given stay out of the namespace (config/preset win)
     g = p.add_argument_group("data")
@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_config(ns: argparse.Namespace):
     """TrainConfig from defaults < preset < config file < flags."""
-    from .trainer import PRESETS, TrainConfig, load_config_file
+    from .config import PRESETS, TrainConfig, load_config_file
 
     cfg = TrainConfig()
     preset = getattr(ns, "preset", None)
@@ -181,7 +181,8 @@ def _cmd_train(ns: argparse.Namespace) -> int:
 
 
 def _train_worker(ns: argparse.Namespace) -> int:
-    from .trainer import read_run_config, train
+    from .config import read_run_config
+    from .trainer import train
 
     if ns.resume:
         cfg = read_run_config(ns.resume, flag="--resume")

@@ -51,7 +51,8 @@ from torch import Tensor
 from . import distributed as dist
 from .models import sampled_item_counts
 from .sampling import dropout as inverted_dropout
-from .trainer import CheckpointError, NonFiniteLossError, Trainer, _progress_enabled
+from .checkpoints import CheckpointError
+from .trainer import NonFiniteLossError, Trainer, _progress_enabled
 from ..loss.ops import compact as adaptau_compact
 
 __all__ = ["TorchRecMissing", "require_torchrec", "ShardedTables", "ShardedTrainer",

@@ -1,0 +1,135 @@
+"""A run folder's files: the run lock, atomic writes that never leave a partial file or a
+temp file behind, appended log lines, and JSON."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+__all__ = ["RUN_FILES", "RunLock", "RunWriteError", "atomic_save", "atomic_write_text", "append_line",
+           "dumps"]
+
+
+#: The files a run writes into its folder (``--overwrite`` removes exactly these).
+RUN_FILES = ("config.json", "metrics.jsonl", "last.pt", "best.pt", "summary.json", "train.log",
+             "eval.json", "curves.png", "tau_hist.png", "tau_activity.png")
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``<folder>/.lock`` for the life of the trainer (the OS drops
+    it when the process dies, so a killed run never leaves the folder locked)."""
+
+    def __init__(self, folder: Path) -> None:
+        import fcntl
+
+        self.path = Path(folder) / ".lock"
+        self._fh = open(self.path, "a+")
+        try:
+            fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._fh.seek(0)
+            holder = self._fh.read().strip() or "?"
+            self._fh.close()
+            raise ValueError(f"{folder} is in use by another adaptau run (pid {holder}); "
+                             "wait for it, or choose another --out") from None
+        self._fh.seek(0)
+        self._fh.truncate()
+        self._fh.write(str(os.getpid()))
+        self._fh.flush()
+        for stale in Path(folder).glob(".*.tmp-*"):  # left by a run killed mid-write
+            stale.unlink(missing_ok=True)
+
+    def release(self) -> None:
+        """Drop the lock (closing the file does); idempotent."""
+        if not self._fh.closed:
+            self._fh.close()
+
+
+class RunWriteError(OSError):
+    """A run-folder file could not be written (a full disk, say); one line naming the file.
+    The file's previous version is intact and no temp file is left behind."""
+
+
+def _write_failed(path: Path, exc: BaseException) -> RunWriteError:
+    cause: Optional[BaseException] = exc
+    while cause is not None and not getattr(cause, "strerror", None):  # torch.save wraps the OSError
+        cause = cause.__context__
+    reason = cause.strerror if cause is not None else (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    try:
+        room = f" ({shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free on its disk)"
+    except OSError:
+        room = ""
+    kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
+    return RunWriteError(f"cannot write {path}: {reason}{room}; {kept}")
+
+
+def _replace_atomically(path: Path, write: Callable[[Any], None], mode: str) -> None:
+    """``write(fh)`` into a temp file beside ``path``, fsync, ``os.replace``, fsync the folder.
+    On any failure the temp file is removed; an I/O failure (``torch.save`` reports a full
+    disk as a RuntimeError) becomes a :class:`RunWriteError`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, mode) as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, (OSError, RuntimeError)):
+            raise _write_failed(path, exc) from None
+        raise
+    try:
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temp file in the same folder, fsync, then ``os.replace``
+    (:class:`RunWriteError` when it cannot be written)."""
+    _replace_atomically(Path(path), lambda fh: torch.save(obj, fh), "wb")
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append ``line`` and a newline to ``path``; on failure the file is cut back to its
+    previous length and :class:`RunWriteError` is raised."""
+    with open(path, "a", encoding="utf-8") as fh:
+        size = fh.tell()
+        try:
+            fh.write(line + "\n")
+            fh.flush()
+        except OSError as exc:
+            try:
+                fh.truncate(size)
+            except OSError:
+                pass
+            raise _write_failed(path, exc) from None
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    _replace_atomically(Path(path), lambda fh: fh.write(text), "w")
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, indent=2, default=_json_default)
