@@ -297,24 +297,20 @@ def test_mixed_sampler_trains(tmp_path):
     assert summary["status"] == "completed" and summary["valid"]["recall@20"] > 0
 
 
-def test_hard_negatives_are_the_best_scoring_candidates_but_the_positive(tmp_path):
-    from adaptau.train import TrainConfig, Trainer
+def test_hard_negatives_are_the_best_scoring_candidates_but_the_positive():
+    from adaptau.train.sampling import hard_negatives
 
-    cfg = TrainConfig(data="synthetic:num_users=100,num_items=60", out=str(tmp_path / "run"), dim=4,
-                      batch_size=16, negatives=8, sampler="mixed", hard_negatives=3, epochs=1,
-                      progress="off")
-    trainer = Trainer(cfg)
-    angle = torch.linspace(0, 1.5, 60)  # item i at angle i: row 0 (along x) prefers low ids
+    gen = torch.Generator().manual_seed(3)
+    angle = torch.linspace(0, 1.5, 60)  # item i at angle i: a user along x prefers low ids
     items = torch.stack([angle.cos(), angle.sin(), torch.zeros(60), torch.zeros(60)], 1)
     u = torch.tensor([[1.0, 0, 0, 0], [2.0, 0, 0, 0]])
     pos = torch.tensor([5, 0])
-    state = trainer.neg_gen.get_state()
-    hard = trainer._hard_negatives(u, items, pos)
-    trainer.neg_gen.set_state(state)
-    cand = torch.randint(0, 60, (2, 24), generator=trainer.neg_gen)  # the same 8·H candidates
+    state = gen.get_state()
+    hard = hard_negatives(u, items, pos, 3, gen)
+    gen.set_state(state)
+    cand = torch.randint(0, 60, (2, 24), generator=gen)  # the same 8·count candidates
     assert hard.shape == (2, 3)
     for row in range(2):
         others = cand[row][cand[row] != pos[row]]
         assert sorted(hard[row].tolist()) == sorted(others.tolist())[:3]
         assert int(pos[row]) not in hard[row].tolist()
-    trainer._lock.release()

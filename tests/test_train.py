@@ -242,9 +242,8 @@ def test_csv_data_other_samplers_and_id_maps(tmp_path, sampler):
 def test_direct_l2_gradient_matches_autograd(neg_kind):
     # The trainer adds the sampled L2 term's gradient to .grad directly (no graph); value and
     # gradient must equal l2 · sampled_l2 through autograd. float64: exact up to rounding.
-    from types import SimpleNamespace
+    from adaptau.train.models import add_sampled_l2_grad_
     from adaptau.train.models import sampled_l2
-    from adaptau.train import Trainer
     g = torch.Generator().manual_seed(5)
     n_users, n_items, d, b, m = 13, 29, 6, 7, 5
     user_w = torch.randn(n_users, d, generator=g, dtype=torch.float64)
@@ -261,7 +260,7 @@ def test_direct_l2_gradient_matches_autograd(neg_kind):
     want = l2 * sampled_l2(Ua, Ia, users, pos, neg)
     want.backward()
     Ud, Id = user_w.clone().requires_grad_(), item_w.clone().requires_grad_()
-    value = Trainer._add_l2_grad(SimpleNamespace(cfg=SimpleNamespace(l2=l2)), users, pos, neg, Ud, Id)
+    value = add_sampled_l2_grad_(l2, users, pos, neg, Ud, Id)
     assert value == pytest.approx(float(want.detach()), rel=1e-12)
     torch.testing.assert_close(Ud.grad, Ua.grad, rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(Id.grad, Ia.grad, rtol=1e-12, atol=1e-15)

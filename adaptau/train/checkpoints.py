@@ -5,13 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Optional, Union
 
+import random
+
 import numpy as np
 import torch
 
 if TYPE_CHECKING:
     from .config import TrainConfig
 
-__all__ = ["CheckpointError", "load_checkpoint", "check_checkpoint_fits"]
+__all__ = ["CheckpointError", "load_checkpoint", "check_checkpoint_fits", "rng_state", "set_rng_state"]
 
 
 class CheckpointError(ValueError):
@@ -72,3 +74,30 @@ def _numpy_state_plain(state: tuple) -> list:
 def _numpy_state_from_plain(state: list) -> tuple:
     name, keys, pos, has_gauss, gauss = state
     return (name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss)
+
+
+def rng_state(*generators: torch.Generator) -> Dict[str, Any]:
+    """Every random stream a run draws from, as tensors and plain values: the trainer's
+    ``generators`` (shuffling, negatives), torch's, numpy's, Python's and CUDA's."""
+    state = {
+        "generators": [g.get_state() for g in generators],
+        "torch": torch.get_rng_state(),
+        "numpy": _numpy_state_plain(np.random.get_state()),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any], *generators: torch.Generator) -> None:
+    """Restore what :func:`rng_state` saved (the same generators, in the same order; a state
+    saved with ``shuffle_gen``/``neg_gen`` keys is read too)."""
+    saved = state.get("generators") or [state["shuffle_gen"], state["neg_gen"]]
+    for g, s in zip(generators, saved):
+        g.set_state(s)
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(_numpy_state_from_plain(state["numpy"]))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -27,7 +27,8 @@ _HAS_ITEM_COUNTS = _extension.has_op("item_counts")
 _HAS_ADD_L2_ROWS = _extension.has_op("add_l2_rows_")
 
 __all__ = ["MF", "LightGCN", "build_model", "normalized_adjacency", "sampled_l2",
-           "sampled_item_counts", "add_row_l2_grad_"]
+           "sampled_item_counts", "add_row_l2_grad_", "add_sampled_l2_grad_",
+           "add_sparse_sampled_l2_grad_"]
 
 
 def sampled_item_counts(pos: Tensor, neg: Optional[Tensor], num_items: int,
@@ -209,3 +210,42 @@ def build_model(name: str, num_users: int, num_items: int, train: sp.spmatrix, *
     if name == "lightgcn":
         return LightGCN(num_users, num_items, train, dim, layers=layers, init_std=init_std)
     raise ValueError(f"model must be 'mf' or 'lightgcn', got {name!r}")
+
+
+@torch.no_grad()
+def add_sampled_l2_grad_(l2: float, users: Tensor, pos: Tensor, neg: Optional[Tensor],
+                         user_w: Tensor, item_w: Tensor) -> Tensor:
+    """Add the gradient of ``l2 · sampled_l2(user_w, item_w, users, pos, neg)`` of a *global*
+    batch to the tables' ``.grad`` (after backward, so after DDP's all-reduce: every rank adds
+    the same) and return its value (0-dim, on the device): :func:`sampled_l2` without the
+    autograd graph, ``0.5·(Σ‖U[u]‖² + Σ_items count·‖I‖²)/B`` with the item counts of
+    :func:`sampled_item_counts`. ``user_w [U, D]``, ``item_w [N, D]``."""
+    c = l2 / users.numel()
+    counts = sampled_item_counts(pos, neg, item_w.shape[0], torch.int64)
+    idx = users.long()
+    u_rows = user_w.index_select(0, idx)
+    for w in (user_w, item_w):
+        if w.grad is None:
+            w.grad = torch.zeros_like(w)
+    user_w.grad.index_add_(0, idx, u_rows, alpha=c)
+    item_value = add_row_l2_grad_(item_w.grad, item_w, counts, c)  # one pass over the table
+    return 0.5 * c * (u_rows.pow(2).sum() + item_value)
+
+
+@torch.no_grad()
+def add_sparse_sampled_l2_grad_(l2: float, users: Tensor, pos: Tensor, neg: Optional[Tensor],
+                                user_w: Tensor, item_w: Tensor) -> Tensor:
+    """:func:`add_sampled_l2_grad_` for sparse gradients (``--sparse-grad``): the same value
+    and gradient, added as sparse rows of the batch's users and touched items only."""
+    from ..loss.ops import compact
+
+    c = l2 / users.numel()
+    ids, pos_local, neg_local = compact(pos, neg, num_items=item_w.shape[0])
+    counts = sampled_item_counts(pos_local, neg_local, ids.numel(), item_w.dtype)
+    idx = users.long()
+    u_rows = user_w.index_select(0, idx)
+    i_rows = item_w.index_select(0, ids)
+    for w, index, values in ((user_w, idx, u_rows * c), (item_w, ids, i_rows * (c * counts[:, None]))):
+        extra = torch.sparse_coo_tensor(index.unsqueeze(0), values, w.shape, check_invariants=False)
+        w.grad = extra if w.grad is None else w.grad + extra
+    return 0.5 * c * (u_rows.pow(2).sum() + (i_rows.pow(2).sum(1) * counts).sum())

@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-__all__ = ["RUN_FILES", "RunLock", "RunWriteError", "atomic_save", "atomic_write_text", "append_line",
+__all__ = ["RUN_FILES", "choose_run_folder", "RunLock", "RunWriteError", "atomic_save", "atomic_write_text", "append_line",
            "dumps"]
 
 
@@ -133,3 +133,45 @@ def _json_default(o):
 
 def dumps(obj) -> str:
     return json.dumps(obj, indent=2, default=_json_default)
+
+
+def _new_run_folder(cfg, dataset_name: str) -> Path:
+    """``--out``, or ``runs/<name>`` (``--name`` or dataset-model-tau[-paper]), numbered when
+    that name holds a run."""
+    if cfg.out:
+        return Path(cfg.out)
+    base = f"{dataset_name}-{cfg.model}-{cfg.tau}" + ("" if cfg.protocol == "clean" else "-paper")
+    out = Path("runs") / (cfg.name or base)
+    if (out / "last.pt").exists() or (out / "config.json").exists():
+        k = 1
+        while Path(f"{out}-{k}").exists():
+            k += 1
+        out = Path(f"{out}-{k}")
+    return out
+
+
+def choose_run_folder(cfg, dataset_name: str, *, resume: Optional[str], overwrite: bool,
+                      world_size: int = 1, is_main: bool = True) -> Path:
+    """The run's folder, created: ``resume`` (which must hold a ``last.pt``), or a new one
+    (:func:`_new_run_folder`), refused when it already holds a run unless ``overwrite``.
+    Collective when ``world_size > 1``: rank 0 picks and every rank gets its choice."""
+    if resume:
+        out = Path(resume)
+        if not (out / "last.pt").is_file():
+            raise FileNotFoundError(f"--resume {resume}: no last.pt in that folder")
+        return out
+    if world_size > 1:  # rank 0 picks the folder (the default name probes the disk)
+        from . import distributed as dist
+
+        out = Path(dist.broadcast_object(str(_new_run_folder(cfg, dataset_name)) if is_main else None))
+        if is_main:
+            out.mkdir(parents=True, exist_ok=True)
+        return out
+    out = _new_run_folder(cfg, dataset_name)
+    used = [f for f in RUN_FILES if (out / f).exists()]
+    if used and not overwrite:
+        raise ValueError(f"--out {out} already holds a run ({', '.join(used)}): continue it "
+                         f"with --resume {out}, replace it with --overwrite, or choose "
+                         "another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    return out

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .. import _extension
 
-__all__ = ["SAMPLERS", "NegativeSampler", "make_sampler", "BatchIterator", "dropout"]
+__all__ = ["SAMPLERS", "NegativeSampler", "make_sampler", "BatchIterator", "dropout", "hard_negatives"]
 
 SAMPLERS = ("uniform", "exclude", "popularity", "shared", "in-batch", "mixed")
 #: Pools of the ``mixed`` sampler's shared negatives.
@@ -208,3 +208,19 @@ class BatchIterator:
             if self.world_size > 1:
                 idx = idx[self.rank::self.world_size]
             yield self.users[idx], self.items[idx]
+
+
+@torch.no_grad()
+def hard_negatives(user: Tensor, item_table: Tensor, pos: Tensor, count: int,
+                   generator: torch.Generator, normalize: bool = True) -> Tensor:
+    """``[B, count]`` per-row hard negatives (``--hard-negatives``): the ``count`` best-scoring
+    of ``8·count`` uniform candidates per row under the current vectors (``user [B, D]``,
+    ``item_table [N, D]``; cosine when ``normalize``), the row's positive excluded. They are
+    chosen by score, not drawn from a distribution, so they carry no logQ."""
+    cand = torch.randint(0, item_table.shape[0], (user.shape[0], 8 * count), generator=generator,
+                         device=user.device)
+    uq, it = user.detach(), item_table.detach()[cand]
+    if normalize:
+        uq, it = F.normalize(uq, dim=-1), F.normalize(it, dim=-1)
+    scores = torch.einsum("bd,bcd->bc", uq, it).masked_fill(cand == pos.unsqueeze(1), float("-inf"))
+    return cand.gather(1, scores.topk(count, dim=1).indices)

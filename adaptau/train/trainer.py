@@ -34,19 +34,18 @@ import torch.nn.functional as F
 from . import distributed as dist
 from .data import Dataset, Split, csr_pairs, load_dataset, prepare
 from .evaluate import format_metrics, full_ranking, item_popularity
-from .models import add_row_l2_grad_, build_model, sampled_item_counts, sampled_l2
+from .models import add_sampled_l2_grad_, add_sparse_sampled_l2_grad_, build_model, sampled_l2
 from .host import keep_freed_heap
-from .checkpoints import (CheckpointError, _numpy_state_from_plain, _numpy_state_plain,
+from .checkpoints import (CheckpointError, rng_state, set_rng_state,
                           load_checkpoint)
 from .config import (TrainConfig, read_run_config, resolve_device)
-from .run_folder import RUN_FILES, RunLock, atomic_save
+from .run_folder import RUN_FILES, RunLock, atomic_save, choose_run_folder
 from .run_folder import append_line as _append_line
 from .run_folder import atomic_write_text as _atomic_write_text
 from .run_folder import dumps as _dumps
 from .run_folder import _json_default
-from .sampling import BatchIterator, NegativeSampler
+from .sampling import BatchIterator, NegativeSampler, hard_negatives
 from ..loss import ops
-from ..loss.ops import compact as adaptau_compact
 
 __all__ = ["Trainer", "train", "evaluate_run", "NonFiniteLossError"]
 
@@ -163,8 +162,8 @@ class Trainer:
         self.backend_used = ops.resolve_backend(cfg.backend, self.device.type)
         self.status = "running"
 
-        self._overwrite = overwrite
-        self.out = self._run_folder(resume)
+        self.out = choose_run_folder(cfg, self.dataset.name, resume=resume, overwrite=overwrite,
+                                     world_size=self.world_size, is_main=self.is_main)
         self._lock = RunLock(self.out) if self.is_main else None
         if overwrite and not resume and self.is_main:
             for name in RUN_FILES:
@@ -192,44 +191,6 @@ class Trainer:
             self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr,
                                               **({"fused": True} if self.device.type in ("cpu", "cuda") else {}))
 
-    # -- folders and logging ------------------------------------------------------------
-    def _default_name(self) -> str:
-        cfg = self.cfg
-        base = f"{self.dataset.name}-{cfg.model}-{cfg.tau}"
-        return base if cfg.protocol == "clean" else base + "-paper"
-
-    def _run_folder(self, resume: Optional[str]) -> Path:
-        if resume:
-            out = Path(resume)
-            if not (out / "last.pt").is_file():
-                raise FileNotFoundError(f"--resume {resume}: no last.pt in that folder")
-            return out
-        if self.world_size > 1:  # rank 0 picks the folder (the default name probes the disk)
-            out = Path(dist.broadcast_object(str(self._new_run_folder()) if self.is_main else None))
-            if self.is_main:
-                out.mkdir(parents=True, exist_ok=True)
-            return out
-        out = self._new_run_folder()
-        used = [f for f in RUN_FILES if (out / f).exists()]
-        if used and not self._overwrite:
-            raise ValueError(f"--out {out} already holds a run ({', '.join(used)}): continue it "
-                             f"with --resume {out}, replace it with --overwrite, or choose "
-                             "another --out")
-        out.mkdir(parents=True, exist_ok=True)
-        return out
-
-    def _new_run_folder(self) -> Path:
-        if self.cfg.out:
-            out = Path(self.cfg.out)
-        else:
-            out = Path("runs") / (self.cfg.name or self._default_name())
-            if (out / "last.pt").exists() or (out / "config.json").exists():
-                k = 1
-                while Path(f"{out}-{k}").exists():
-                    k += 1
-                out = Path(f"{out}-{k}")
-        return out
-
     def log(self, msg: str) -> None:
         if not self.is_main:
             return
@@ -237,27 +198,6 @@ class Trainer:
         _append_line(self.out / "train.log", msg)
 
     # -- state ----------------------------------------------------------------------------
-    def _rng_state(self) -> Dict[str, Any]:
-        state = {
-            "shuffle_gen": self.shuffle_gen.get_state(),
-            "neg_gen": self.neg_gen.get_state(),
-            "torch": torch.get_rng_state(),
-            "numpy": _numpy_state_plain(np.random.get_state()),
-            "python": random.getstate(),
-        }
-        if torch.cuda.is_available():
-            state["cuda"] = torch.cuda.get_rng_state_all()
-        return state
-
-    def _set_rng_state(self, state: Dict[str, Any]) -> None:
-        self.shuffle_gen.set_state(state["shuffle_gen"])
-        self.neg_gen.set_state(state["neg_gen"])
-        torch.set_rng_state(state["torch"])
-        np.random.set_state(_numpy_state_from_plain(state["numpy"]))
-        random.setstate(state["python"])
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
-
     def _check_finite_weights(self, epoch: int) -> None:
         """NonFiniteLossError when a parameter holds NaN or infinity after an epoch (the
         optimizer's last step can diverge after the last finite loss): such weights are
@@ -290,7 +230,7 @@ class Trainer:
             "model": model_state,
             "optimizer": optimizer_state,
             "controller": controller,
-            "rng": self._rng_state(),
+            "rng": rng_state(self.shuffle_gen, self.neg_gen),
             "world_size": self.world_size,
             "history": self.history,
             "best": self.best,
@@ -324,7 +264,7 @@ class Trainer:
         if self.rank != 0:  # rank 0 holds the saved (already reduced) sums; the next
             self.controller._loss_sum.zero_()    # begin_epoch all-reduces them
             self.controller._loss_count.zero_()
-        self._set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rng"], self.shuffle_gen, self.neg_gen)
         self.start_epoch = int(ckpt["epoch"])
         self.history = list(ckpt["history"])
         self.best = ckpt["best"]
@@ -394,7 +334,8 @@ class Trainer:
                 users, pos = users[mine], pos[mine]
             u, item_table, ego_u, ego_i = self.step_module(users)
             if cfg.hard_negatives:
-                neg = dataclasses.replace(neg, per_row=self._hard_negatives(u, item_table, pos))
+                neg = dataclasses.replace(neg, per_row=hard_negatives(u, item_table, pos, cfg.hard_negatives,
+                                                                     self.neg_gen, cfg.normalize))
             pos_scale, neg_scale = self.controller.scales(users)
             out = softmax_loss(u, item_table, pos, neg, pos_scale, neg_scale,
                                include_pos=cfg.include_pos, normalize=cfg.normalize,
@@ -407,8 +348,8 @@ class Trainer:
                                                   None if cfg.sampler == "in-batch" else sampled)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()  # DDP averages the gradients over ranks here
-            add_l2 = self._add_sparse_l2_grad if self.sparse else self._add_l2_grad
-            l2_value = add_l2(*batch_g, ego_u, ego_i) if direct_l2 else 0.0
+            add_l2 = add_sparse_sampled_l2_grad_ if self.sparse else add_sampled_l2_grad_
+            l2_value = add_l2(cfg.l2, *batch_g, ego_u, ego_i) if direct_l2 else 0.0
             self.optimizer.step()
             if need_raw:
                 self.controller.observe(users, raw)
@@ -432,62 +373,12 @@ class Trainer:
             f"w0={self.controller.w0:.4g}; try a lower --lr or a larger --tau-value / "
             f"--smoothing. {self._last_good_checkpoint()}")
 
-    @torch.no_grad()
-    def _hard_negatives(self, u: torch.Tensor, item_table: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """``[B, H]`` per-row hard negatives (``--hard-negatives H``): the H best-scoring of
-        8·H uniform candidates per row under the current model, the row's positive excluded.
-        They are chosen by score, not drawn from a distribution, so they carry no logQ."""
-        h = self.cfg.hard_negatives
-        cand = torch.randint(0, item_table.shape[0], (u.shape[0], 8 * h), generator=self.neg_gen,
-                             device=u.device)
-        uq, it = u.detach(), item_table.detach()[cand]
-        if self.cfg.normalize:
-            uq, it = F.normalize(uq, dim=-1), F.normalize(it, dim=-1)
-        scores = torch.einsum("bd,bcd->bc", uq, it).masked_fill(cand == pos.unsqueeze(1), float("-inf"))
-        return cand.gather(1, scores.topk(h, dim=1).indices)
-
     def _l2_on_leaves(self) -> bool:
         """True when the L2 tables (layer-0 embeddings) are parameters, so the L2 gradient
         can be added to their ``.grad`` directly (MF and LightGCN)."""
         ego_u, ego_i = self.model.ego()
         params = {id(p) for p in self.model.parameters()}
         return id(ego_u) in params and id(ego_i) in params and ego_u is not ego_i
-
-    @torch.no_grad()
-    def _add_l2_grad(self, users: torch.Tensor, pos: torch.Tensor, neg: Optional[torch.Tensor],
-                     user_w: torch.Tensor, item_w: torch.Tensor) -> torch.Tensor:
-        """Add the gradient of ``l2 · sampled_l2(...)`` of the *global* batch to the tables'
-        ``.grad`` (after backward, so after DDP's all-reduce: every rank adds the same) and
-        return its value (0-dim, on the device). Same formula as :func:`adaptau.train.models.sampled_l2`, without the
-        autograd graph: ``0.5·(Σ‖U[u]‖² + Σ_items count·‖I‖²)/B`` with the item counts of
-        :func:`adaptau.train.models.sampled_item_counts`."""
-        c = self.cfg.l2 / users.numel()
-        counts = sampled_item_counts(pos, neg, item_w.shape[0], torch.int64)
-        idx = users.long()
-        u_rows = user_w.index_select(0, idx)
-        for w in (user_w, item_w):
-            if w.grad is None:
-                w.grad = torch.zeros_like(w)
-        user_w.grad.index_add_(0, idx, u_rows, alpha=c)
-        item_value = add_row_l2_grad_(item_w.grad, item_w, counts, c)  # one pass over the table
-        return 0.5 * c * (u_rows.pow(2).sum() + item_value)
-
-    @torch.no_grad()
-    def _add_sparse_l2_grad(self, users: torch.Tensor, pos: torch.Tensor,
-                            neg: Optional[torch.Tensor], user_w: torch.Tensor,
-                            item_w: torch.Tensor) -> torch.Tensor:
-        """:meth:`_add_l2_grad` for sparse gradients (``--sparse-grad``): the same value and
-        gradient, added as sparse rows of the batch's users and touched items only."""
-        c = self.cfg.l2 / users.numel()
-        ids, pos_local, neg_local = adaptau_compact(pos, neg, num_items=item_w.shape[0])
-        counts = sampled_item_counts(pos_local, neg_local, ids.numel(), item_w.dtype)
-        idx = users.long()
-        u_rows = user_w.index_select(0, idx)
-        i_rows = item_w.index_select(0, ids)
-        for w, index, values in ((user_w, idx, u_rows * c), (item_w, ids, i_rows * (c * counts[:, None]))):
-            extra = torch.sparse_coo_tensor(index.unsqueeze(0), values, w.shape, check_invariants=False)
-            w.grad = extra if w.grad is None else w.grad + extra
-        return 0.5 * c * (u_rows.pow(2).sum() + (i_rows.pow(2).sum(1) * counts).sum())
 
     def fit(self) -> Dict[str, Any]:
         """Train to the end (or the stop) and return the summary; the run folder's lock is
