@@ -91,3 +91,18 @@ def tau_vs_activity(user_scale: np.ndarray, activity: np.ndarray, path: Path,
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def run_plots(history, metric: str, tau_snapshots, user_scale, activity, out) -> None:
+    """A run folder's plots: ``curves.png`` (from the epoch records), ``tau_hist.png`` (the
+    per-user temperatures at the snapshot epochs and at the end) and ``tau_activity.png``."""
+    from pathlib import Path
+
+    out = Path(out)
+    if history:
+        training_curves(history, metric, out / "curves.png")
+    snaps = dict(tau_snapshots)
+    snaps[history[-1]["epoch"] if history else 0] = user_scale
+    tau_histograms({k: v.numpy() for k, v in snaps.items()}, out / "tau_hist.png")
+    tau_vs_activity(user_scale.numpy(), activity, out / "tau_activity.png",
+                    history[-1]["epoch"] if history else None)

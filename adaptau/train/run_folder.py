@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-__all__ = ["RUN_FILES", "choose_run_folder", "RunLock", "RunWriteError", "atomic_save", "atomic_write_text", "append_line",
+__all__ = ["RUN_FILES", "choose_run_folder", "write_run_config", "RunLock", "RunWriteError", "atomic_save", "atomic_write_text", "append_line",
            "dumps"]
 
 
@@ -175,3 +175,19 @@ def choose_run_folder(cfg, dataset_name: str, *, resume: Optional[str], overwrit
                          "another --out")
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def write_run_config(out: Path, cfg, protocol_note: str, dataset) -> None:
+    """``config.json`` (the settings, the protocol note, the dataset's statistics, the
+    versions) and, when the loader remapped ids, ``users.tsv`` / ``items.tsv``."""
+    import dataclasses
+
+    from .. import __version__
+
+    payload = {**dataclasses.asdict(cfg), "_protocol_note": protocol_note, "_dataset": dataset.stats(),
+               "_adaptau_version": __version__, "_torch_version": torch.__version__}
+    atomic_write_text(out / "config.json", dumps(payload))
+    for side, ids in (("users", dataset.user_ids), ("items", dataset.item_ids)):
+        if ids is not None and not (out / f"{side}.tsv").exists():
+            atomic_write_text(out / f"{side}.tsv",
+                              "index\tid\n" + "".join(f"{k}\t{x}\n" for k, x in enumerate(ids)))

@@ -39,7 +39,8 @@ from .host import keep_freed_heap
 from .checkpoints import (CheckpointError, rng_state, set_rng_state,
                           load_checkpoint)
 from .config import (TrainConfig, read_run_config, resolve_device)
-from .run_folder import RUN_FILES, RunLock, atomic_save, choose_run_folder
+from . import plots
+from .run_folder import RUN_FILES, RunLock, atomic_save, choose_run_folder, write_run_config
 from .run_folder import append_line as _append_line
 from .run_folder import atomic_write_text as _atomic_write_text
 from .run_folder import dumps as _dumps
@@ -73,6 +74,44 @@ def _snapshot_epochs(epoch: int) -> bool:
 
 def _dist_info() -> Tuple[int, int]:
     return dist.rank_and_world()
+
+
+class EarlyStopping:
+    """Epoch selection and patience: the best evaluation so far (``{"epoch", "value",
+    "metrics"}``, larger values better) and the evaluations since without improvement, which
+    count only from epoch ``patience_from`` on; ``patience`` 0 never stops."""
+
+    def __init__(self, patience: int, patience_from: int = 0) -> None:
+        self.patience, self.patience_from = patience, patience_from
+        self.best: Optional[Dict[str, Any]] = None
+        self.bad_evals = 0
+
+    def update(self, epoch: int, metrics: Dict[str, float], value: float) -> bool:
+        """Record an evaluation; True when it is the new best."""
+        if self.best is None or value > self.best["value"]:
+            self.best = {"epoch": epoch, "value": value, "metrics": metrics}
+            self.bad_evals = 0
+            return True
+        if epoch >= self.patience_from:
+            self.bad_evals += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return 0 < self.patience <= self.bad_evals
+
+
+def epoch_line(rec: Dict[str, Any], best: Optional[Dict[str, Any]]) -> str:
+    """The log line of one epoch's record (``*`` marks the best evaluation)."""
+    parts = [f"epoch {rec['epoch']:4d}", f"loss {rec['loss']:.4f}", f"w0 {rec['w0']:.3g}",
+             f"tau {rec['tau_min']:.3g}..{rec['tau_max']:.3g} (med {rec['tau_median']:.3g})"]
+    if "metrics" in rec:
+        m = rec["metrics"]
+        shown = [k for k in m if k.split("@")[0] in ("recall", "ndcg")]
+        parts.append(" ".join(f"{k} {m[k]:.4f}" for k in shown)
+                     + (" *" if best and best["epoch"] == rec["epoch"] else ""))
+    parts.append(f"{rec['seconds']:.1f}s")
+    return " | ".join(parts)
 
 
 # ------------------------------------------------------------------------------ trainer
@@ -151,12 +190,10 @@ class Trainer:
 
         self.start_epoch = 0
         self.history: List[Dict[str, Any]] = []
-        self.best: Optional[Dict[str, Any]] = None
-        self.bad_evals = 0
         # Evaluations of warm-up epochs do not count towards patience: the Adap-τ rule
         # (adaptive / global) only starts setting the temperatures after the warm-up, so a
         # run must not stop before it has seen them act.
-        self._patience_from = cfg.warmup if cfg.tau in ("adaptive", "global") else 0
+        self.stopping = EarlyStopping(cfg.patience, cfg.warmup if cfg.tau in ("adaptive", "global") else 0)
         self.train_seconds = 0.0
         self.tau_snapshots: Dict[int, torch.Tensor] = {}
         self.backend_used = ops.resolve_backend(cfg.backend, self.device.type)
@@ -233,8 +270,8 @@ class Trainer:
             "rng": rng_state(self.shuffle_gen, self.neg_gen),
             "world_size": self.world_size,
             "history": self.history,
-            "best": self.best,
-            "bad_evals": self.bad_evals,
+            "best": self.stopping.best,
+            "bad_evals": self.stopping.bad_evals,
             "train_seconds": self.train_seconds,
             "tau_snapshots": self.tau_snapshots,
             "config": dataclasses.asdict(self.cfg),
@@ -267,8 +304,7 @@ class Trainer:
         set_rng_state(ckpt["rng"], self.shuffle_gen, self.neg_gen)
         self.start_epoch = int(ckpt["epoch"])
         self.history = list(ckpt["history"])
-        self.best = ckpt["best"]
-        self.bad_evals = int(ckpt["bad_evals"])
+        self.stopping.best, self.stopping.bad_evals = ckpt["best"], int(ckpt["bad_evals"])
         self.train_seconds = float(ckpt["train_seconds"])
         self.tau_snapshots = dict(ckpt["tau_snapshots"])
         if self.is_main:  # metrics.jsonl may hold lines past the checkpoint: rewrite it
@@ -392,7 +428,7 @@ class Trainer:
     def _fit(self) -> Dict[str, Any]:
         cfg = self.cfg
         if self.is_main:
-            self._write_config()
+            write_run_config(self.out, self.cfg, self.split.note, self.dataset)
         ds_stats = self.dataset.stats()
         if self.start_epoch == 0:
             self.log(f"adaptau train: {self.dataset!r}")
@@ -409,7 +445,7 @@ class Trainer:
             if not cfg.normalize and cfg.tau != "fixed":
                 self.log("  note: --no-normalize with --tau adaptive/global multiplies raw dot products "
                          "by w0; the usual inner-product baseline is --tau fixed --tau-value 1")
-        elif self.start_epoch >= cfg.epochs or 0 < cfg.patience <= self.bad_evals:
+        elif self.start_epoch >= cfg.epochs or self.stopping.should_stop:
             return self._already_finished(ds_stats)
         else:
             self.log(f"resuming {self.out} at epoch {self.start_epoch} (of {cfg.epochs})")
@@ -436,29 +472,24 @@ class Trainer:
                     metrics = self.evaluate("select")
                     rec["metrics"] = metrics
                     rec["eval_seconds"] = round(time.time() - t1, 3)
-                    value = metrics[self.metric]
-                    if self.best is None or value > self.best["value"]:
-                        self.best = {"epoch": epoch, "value": value, "metrics": metrics}
-                        self.bad_evals = 0
+                    if self.stopping.update(epoch, metrics, metrics[self.metric]):
                         atomic_save({"epoch": epoch, "model": self.model.state_dict(),
                                      "controller": self.controller.state_dict(),
                                      "metrics": metrics, "config": dataclasses.asdict(cfg)},
                                     self.out / "best.pt")
-                    elif epoch >= self._patience_from:
-                        self.bad_evals += 1
             self.history.append(rec)
             self._save_last(epoch + 1)  # collective; rank 0 writes
             if self.is_main:
                 _append_line(self.out / "metrics.jsonl", json.dumps(rec, default=_json_default))
-                self.log(self._epoch_line(rec))
-            stop = cfg.patience > 0 and self.bad_evals >= cfg.patience
+                self.log(epoch_line(rec, self.stopping.best))
+            stop = self.stopping.should_stop
             if self.world_size > 1:
                 flag = torch.tensor([int(stop)], device=self.device)
                 torch.distributed.broadcast(flag, 0)
                 stop = bool(flag.item())
             if stop:
                 self.log(f"early stop: {self.metric} did not improve for {cfg.patience} evaluations "
-                         f"(best {self.best['value']:.4f} at epoch {self.best['epoch']})")
+                         f"(best {self.stopping.best['value']:.4f} at epoch {self.stopping.best['epoch']})")
                 self.status = "early-stopped"
                 break
         else:
@@ -481,37 +512,14 @@ class Trainer:
                  "to continue it")
         return summary if self.is_main else {}
 
-    def _epoch_line(self, rec: Dict[str, Any]) -> str:
-        parts = [f"epoch {rec['epoch']:4d}", f"loss {rec['loss']:.4f}", f"w0 {rec['w0']:.3g}",
-                 f"tau {rec['tau_min']:.3g}..{rec['tau_max']:.3g} (med {rec['tau_median']:.3g})"]
-        if "metrics" in rec:
-            m = rec["metrics"]
-            shown = [k for k in m if k.split("@")[0] in ("recall", "ndcg")]
-            parts.append(" ".join(f"{k} {m[k]:.4f}" for k in shown)
-                         + (" *" if self.best and self.best["epoch"] == rec["epoch"] else ""))
-        parts.append(f"{rec['seconds']:.1f}s")
-        return " | ".join(parts)
-
-    def _write_config(self) -> None:
-        cfg = dataclasses.asdict(self.cfg)
-        from .. import __version__
-
-        payload = {**cfg, "_protocol_note": self.split.note, "_dataset": self.dataset.stats(),
-                   "_adaptau_version": __version__, "_torch_version": torch.__version__}
-        _atomic_write_text(self.out / "config.json", _dumps(payload))
-        for side, ids in (("users", self.dataset.user_ids), ("items", self.dataset.item_ids)):
-            if ids is not None and not (self.out / f"{side}.tsv").exists():
-                _atomic_write_text(self.out / f"{side}.tsv",
-                                   "index\tid\n" + "".join(f"{k}\t{x}\n" for k, x in enumerate(ids)))
-
     def _finish(self, ds_stats: Dict[str, Any], stopped: Optional[str]) -> Dict[str, Any]:
         cfg = self.cfg
         if not self.is_main:
             return {}
         valid = test = None
         best_epoch = None
-        if self.best is not None:
-            best_epoch = self.best["epoch"]
+        if self.stopping.best is not None:
+            best_epoch = self.stopping.best["epoch"]
             ckpt = load_checkpoint(self.out / "best.pt", self.device, cfg=self.cfg, model=self.model)
             current = {k: v.clone() for k, v in self.model.state_dict().items()}
             self.model.load_state_dict(ckpt["model"])
@@ -544,7 +552,8 @@ class Trainer:
         }
         _atomic_write_text(self.out / "summary.json", _dumps(summary))
         try:
-            self._plots()
+            plots.run_plots(self.history, self.metric, self.tau_snapshots,
+                            self.controller.user_scale.cpu(), self.activity, self.out)
         except Exception as exc:  # plots are a convenience; never lose a run over them
             self.log(f"warning: plotting failed: {exc!r}")
         if test is not None:
@@ -558,19 +567,6 @@ class Trainer:
                 self.log("NOTE: paper protocol — the epoch was selected on the test split.")
         self.log(f"run folder: {self.out}")
         return summary
-
-    def _plots(self) -> None:
-        from . import plots
-
-        if self.history:
-            plots.training_curves(self.history, self.metric, self.out / "curves.png")
-        snaps = dict(self.tau_snapshots)
-        snaps[self.history[-1]["epoch"] if self.history else 0] = self.controller.user_scale.cpu()
-        plots.tau_histograms({k: v.numpy() for k, v in snaps.items()}, self.out / "tau_hist.png")
-        plots.tau_vs_activity(self.controller.user_scale.cpu().numpy(), self.activity,
-                              self.out / "tau_activity.png",
-                              self.history[-1]["epoch"] if self.history else None)
-
 
 def train(cfg: TrainConfig, *, resume: Optional[str] = None, log=print,
           overwrite: bool = False) -> Dict[str, Any]:
