@@ -28,6 +28,7 @@
 namespace adaptau {
 namespace cpu {
 namespace {
+using namespace ADAPTAU_CPU_CAPABILITY;  // DEFAULT: this file is compiled once, with the baseline flags
 
 template <typename I>
 bool in_range(const at::Tensor& t, int64_t N) {
