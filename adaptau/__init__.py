@@ -4,6 +4,7 @@ Public API:
     softmax_loss(user, items, pos, neg, pos_scale, neg_scale, ...)  the fused operator
     compact(pos, neg)                                               the rows a batch touches
     available_backends(device)                                      usable backends here
+    cpu_capability()                                                the cpu backend's SIMD level
     lambertw(x)                                                     principal-branch Lambert W
     AdapTau(user_ids, item_ids, ...)                                the temperature controller
     AdapTauLoss(user_ids, item_ids, ...)                            drop-in nn.Module loss
@@ -15,11 +16,12 @@ imported here) and :mod:`adaptau.train` (data, samplers, models, evaluation, the
 the CLI; imported on first use). The old flat module paths (``adaptau.ops``,
 ``adaptau.data`` …) still import, with a ``DeprecationWarning``, for one release.
 """
-from .loss import BACKENDS, AdapTau, AdapTauLoss, available_backends, compact, lambertw, softmax_loss
+from .loss import (BACKENDS, AdapTau, AdapTauLoss, available_backends, compact, cpu_capability, lambertw,
+                   softmax_loss)
 
 __version__ = "0.1.0"
 
-__all__ = ["softmax_loss", "compact", "available_backends", "BACKENDS", "lambertw", "AdapTau",
+__all__ = ["softmax_loss", "compact", "available_backends", "cpu_capability", "BACKENDS", "lambertw", "AdapTau",
            "AdapTauLoss", "full_ranking", "load_dataset", "TrainConfig", "Trainer", "__version__"]
 
 _LAZY = {"full_ranking": "train.evaluate", "load_dataset": "train.data",

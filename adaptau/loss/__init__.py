@@ -10,8 +10,8 @@ Modules:
     nn           ``AdapTauLoss``, the loss and a controller as one ``nn.Module``
 """
 from .nn import AdapTauLoss
-from .ops import BACKENDS, available_backends, compact, softmax_loss
+from .ops import BACKENDS, available_backends, compact, cpu_capability, softmax_loss
 from .temperature import AdapTau, lambertw
 
-__all__ = ["softmax_loss", "compact", "available_backends", "BACKENDS", "AdapTau", "lambertw",
-           "AdapTauLoss"]
+__all__ = ["softmax_loss", "compact", "available_backends", "cpu_capability", "BACKENDS", "AdapTau",
+           "lambertw", "AdapTauLoss"]

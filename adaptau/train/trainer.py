@@ -38,6 +38,7 @@ from .evaluate import format_metrics, full_ranking, item_popularity
 from .models import add_row_l2_grad_, build_model, sampled_item_counts, sampled_l2
 from .sampling import SAMPLERS, BatchIterator, NegativeSampler
 from ..loss.ops import compact as adaptau_compact
+from ..loss.ops import cpu_capability
 
 __all__ = ["TrainConfig", "PRESETS", "Trainer", "train", "evaluate_run", "NonFiniteLossError",
            "load_config_file", "atomic_save", "keep_freed_heap"]
@@ -753,6 +754,8 @@ class Trainer:
                          "by w0; the usual inner-product baseline is --tau fixed --tau-value 1")
         else:
             self.log(f"resuming {self.out} at epoch {self.start_epoch} (of {cfg.epochs})")
+        if cpu_capability() is not None:
+            self.log(f"  cpu kernels: {cpu_capability()} (ADAPTAU_CPU_CAPABILITY=default|avx2|avx512 forces a level)")
         stopped = None
         for epoch in range(self.start_epoch, cfg.epochs):
             t0 = time.time()
