@@ -34,8 +34,8 @@ negs = {"per_row": torch.randint(0, N, (B, M), generator=g), "shared": torch.ran
 
 
 def loss_and_grads(backend, dtype, neg):
-    u = user.to(dtype).requires_grad_()
-    it = items.to(dtype).requires_grad_()
+    u = user.detach().to(dtype).requires_grad_()
+    it = items.detach().to(dtype).requires_grad_()
     loss = adaptau.softmax_loss(u, it, pos, neg, 5.0, 7.0, backend=backend)
     loss.backward()
     return [loss.detach().double(), u.grad.double(), it.grad.double()]
