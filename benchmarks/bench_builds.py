@@ -39,7 +39,8 @@ def step():
 for _ in range(warmup):
     step()
 times = [step() for _ in range(repeats)]
-print(json.dumps({"times": times, "capability": getattr(adaptau, "cpu_capability", lambda: None)(), "file": adaptau.__file__}))
+capability = getattr(adaptau, "cpu_capability", lambda: None)()  # (a build without it: None)
+print(json.dumps({"times": times, "capability": capability, "file": adaptau.__file__}))
 """
 
 

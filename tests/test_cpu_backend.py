@@ -1,4 +1,4 @@
-"""The fused CPU backend (csrc/softmax_loss_cpu.cpp) against the float64 reference.
+"""The fused CPU backend (csrc/softmax_loss_cpu.cpp, kernels in csrc/cpu/) against the float64 reference.
 
 Every comparison runs the reference backend on float64 copies of the inputs and checks
 the loss, raw, lse and every gradient (user, items, pos_scale, neg_scale). Every test runs
