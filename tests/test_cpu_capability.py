@@ -9,7 +9,7 @@ is tests/test_cpu_backend.py, which runs every test once per capability this CPU
   * a level above the CPU's, or an unknown name, is a ValueError, not a crash. On a CPU
     with every level, "above the CPU" is simulated with ADAPTAU_TEST_CPU_MAX, which lowers
     the detected level and nothing else (the check that refuses the level is the same);
-  * the per-capability helpers (all_finite, the sampling kernels) agree with the
+  * the per-capability helpers (all_finite, the sampling kernels, compact_indices) agree with the
     default level: integer results bitwise, float sums within rounding;
   * the binary: shared code (outside the AVX2 / AVX512 namespaces) that uses AVX
     instructions is only ever called from kernels of a capability that has them.
@@ -168,7 +168,7 @@ def test_all_finite_finds_every_non_finite_position(cpu_capability, dtype):
                 assert not torch.ops.adaptau.all_finite(y), (n, pos, bad)
 
 
-def test_sampling_kernels_match_the_default_level(cpu_capability, seed):
+def test_sampling_and_compact_kernels_match_the_default_level(cpu_capability, seed):
     def sample():
         return (torch.ops.adaptau.uniform_negatives(37, 19, 1001, seed),
                 torch.ops.adaptau.dropout_mask(13, 29, 0.3, seed))
@@ -177,6 +177,14 @@ def test_sampling_kernels_match_the_default_level(cpu_capability, seed):
     assert torch.equal(neg, neg0) and torch.equal(mask, mask0)
     idx = torch.randint(0, 300, (70000,))
     assert torch.equal(torch.ops.adaptau.item_counts(idx, 300), torch.bincount(idx, minlength=300))
+    for dtype in (torch.int32, torch.int64):
+        pos, neg = torch.randint(0, 5000, (40,), dtype=dtype), torch.randint(0, 5000, (40, 90), dtype=dtype)
+        got = torch.ops.adaptau.compact_indices(pos, neg, 5000)
+        want = torch.unique(torch.cat([pos, neg.flatten()]).long())
+        assert torch.equal(got[0], want)
+        assert torch.equal(want[got[1].long()], pos.long()) and torch.equal(want[got[2].long()], neg.long())
+        for a, b in zip(got, _at("default", lambda: torch.ops.adaptau.compact_indices(pos, neg, 5000))):
+            assert torch.equal(a, b)
     for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
         for D in (1, 3, 17, 64):
             w = torch.randn(300, D, dtype=dtype)
