@@ -6,6 +6,7 @@ Public API:
     compact(pos, neg)                                               the rows a batch touches
     available_backends(device)                                      usable backends here
     resolve_backend(backend, device_type)                           the backend a call runs on
+    cpu_capability()                                                the cpu backend's SIMD level
     lambertw(x)                                                     principal-branch Lambert W
     AdapTau(user_ids, item_ids, ...)                                the temperature controller
     AdapTauLoss(user_ids, item_ids, ...)                            drop-in nn.Module loss
@@ -17,12 +18,13 @@ imported here) and :mod:`adaptau.train` (data, samplers, models, evaluation, the
 the CLI; imported on first use). The old flat module paths (``adaptau.ops``,
 ``adaptau.data`` …) still import, with a ``DeprecationWarning``, for one release.
 """
-from .loss import (BACKENDS, AdapTau, AdapTauLoss, Negatives, available_backends, compact, lambertw,
-                   resolve_backend, softmax_loss)
+from .loss import (BACKENDS, AdapTau, AdapTauLoss, Negatives, available_backends, compact, cpu_capability,
+                   lambertw, resolve_backend, softmax_loss)
 
 __version__ = "0.2.0"
 
-__all__ = ["softmax_loss", "Negatives", "compact", "available_backends", "resolve_backend", "BACKENDS", "lambertw", "AdapTau",
+__all__ = ["softmax_loss", "Negatives", "compact", "available_backends", "resolve_backend", "cpu_capability",
+           "BACKENDS", "lambertw", "AdapTau",
            "AdapTauLoss", "full_ranking", "load_dataset", "TrainConfig", "Trainer", "__version__"]
 
 _LAZY = {"full_ranking": "train.evaluate", "load_dataset": "train.data",

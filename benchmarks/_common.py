@@ -76,7 +76,7 @@ def header(title: str) -> List[str]:
         f"- Machine: {cpu_model()} ({os.cpu_count()} logical cores, widest SIMD: "
         f"{widest_simd()}); torch threads: {torch.get_num_threads()}",
         f"- Software: torch {torch.__version__}, adaptau {adaptau.__version__}, "
-        f"python {platform.python_version()}",
+        f"python {platform.python_version()}; adaptau cpu kernels: {adaptau.cpu_capability() or 'not built'}",
         f"- Commit {commit()}, {datetime.date.today().isoformat()}",
         f"- Command: `python {' '.join([os.path.relpath(sys.argv[0], os.path.dirname(HERE))] + sys.argv[1:])}`",
         "",

@@ -1,6 +1,6 @@
 """Where the CPU kernel's time goes, against what this machine can do at all.
 
-The per-row kernel (csrc/softmax_loss_cpu.cpp) spends its time in three phases per
+The per-row kernel (csrc/cpu/per_row.h) spends its time in three phases per
 (row, negative) pair: the sort by item chunk, the score pass (ŝ = <û, r̂> against a
 normalized row of an L2-resident chunk, then the row's Σe·r̂) and the item pass (the pair's
 d·û added to its item's accumulator row). This script times the bare memory-and-FMA

@@ -28,6 +28,12 @@ Writes benchmarks/results/kernels_<device>.md, .csv and .png (time against M, lo
     python benchmarks/bench_kernels.py --quick         # paper shape + small shape only
     python benchmarks/bench_kernels.py --device cuda   # triton / cuda backends
     python benchmarks/bench_kernels.py --shapes paper_mf,d128 --repeats 5
+    python benchmarks/bench_kernels.py --shapes paper_mf,d128 --modes per_row \
+        --capabilities default,avx2,avx512 --name kernels_by_capability
+
+--capabilities times the "cpu" backend once per CPU capability (methods cpu[default],
+cpu[avx2], cpu[avx512]), side by side in the same interleaved rounds, switching the level
+before each call; levels this CPU lacks are reported as skipped.
 """
 from __future__ import annotations
 
@@ -48,6 +54,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also under runpy (adaptau bench)
 import adaptau  # noqa: E402
+from adaptau.loss.ops import _cpu_capabilities, _set_cpu_capability  # noqa: E402
 from host_memory import available_bytes, peak_rss_growth, trim  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -145,6 +152,9 @@ def probe_fused_memory(s: Shape, backend: str, threads: int) -> Optional[float]:
 def _probe_memory_main(spec: str) -> None:
     mode, B, M, D, N, backend, threads = spec.split(",")
     torch.set_num_threads(int(threads))
+    if backend.startswith("cpu["):  # cpu[<capability>]
+        _set_cpu_capability(backend[4:-1])
+        backend = "cpu"
     s = Shape("probe", mode, int(B), int(M), int(D), int(N))
     # one tiny call first: one-time costs (imports, op registration) are not the kernel's
     tiny = Shape("tiny", mode, 4, 3 if mode != "in_batch" else 3, int(D), 50)
@@ -244,6 +254,18 @@ def run_shape(s: Shape, args, rows: List[Dict]):
             continue
         if backend == "triton" and device == "cpu":
             continue
+        if backend == "cpu" and args.capabilities:
+            for cap in args.capabilities:
+                if cap not in _cpu_capabilities():
+                    notes[f"cpu[{cap}]"] = f"skipped (this CPU supports {', '.join(_cpu_capabilities())})"
+                    continue
+
+                def with_capability(cap=cap):
+                    _set_cpu_capability(cap)
+                    return adaptau.softmax_loss(user, items, pos, neg, alpha, beta, backend="cpu")
+
+                methods[f"cpu[{cap}]"] = with_capability
+            continue
         methods[backend] = (lambda b=backend: adaptau.softmax_loss(
             user, items, pos, neg, alpha, beta, backend=b))
 
@@ -280,7 +302,7 @@ def run_shape(s: Shape, args, rows: List[Dict]):
                          threads=threads if device == "cpu" else "", fwd_ms=None, bwd_ms=None,
                          total_ms=None, peak_mib=None, note=note))
         print(f"  {s.mode:8s} {s.name:13s} {name:9s} {note}", flush=True)
-    del user, items, pos, neg, methods
+    user = items = pos = neg = methods = None  # (free this shape's tensors before the next)
     trim()
 
 
@@ -310,6 +332,8 @@ def machine_info(device: str) -> List[str]:
         lines.append(f"GPU: {torch.cuda.get_device_name()}; CUDA {torch.version.cuda}")
     lines.append(f"torch {torch.__version__}, adaptau {adaptau.__version__}, python "
                  f"{platform.python_version()}, backends here: {adaptau.available_backends(device)}")
+    lines.append(f"adaptau cpu kernels: {adaptau.cpu_capability() or 'not built'} (this CPU supports: "
+                 f"{', '.join(_cpu_capabilities()) or '-'})")
     return lines
 
 
@@ -319,7 +343,7 @@ def fmt(v, digits=2):
 
 def write_results(rows: List[Dict], info: List[str], args, extra: List[str]):
     os.makedirs(args.out_dir, exist_ok=True)
-    prefix = os.path.join(args.out_dir, f"kernels_{args.device}")
+    prefix = os.path.join(args.out_dir, args.name or f"kernels_{args.device}")
     keys = ["mode", "shape", "B", "M", "D", "N", "method", "threads", "fwd_ms", "bwd_ms",
             "total_ms", "peak_mib", "note"]
     with open(prefix + ".csv", "w", newline="") as f:
@@ -329,7 +353,7 @@ def write_results(rows: List[Dict], info: List[str], args, extra: List[str]):
             w.writerow({k: (fmt(r[k], 3) if isinstance(r[k], float) else r[k]) for k in keys})
     with open(prefix + ".md", "w") as f:
         f.write(f"# Kernel microbenchmarks ({args.device})\n\n")
-        for line in info + extra:
+        for line in info + extra + ([args.note] if args.note else []):
             f.write(f"- {line}\n")
         f.write(f"- Command: `{' '.join(sys.argv)}`\n")
         f.write(f"- Medians of {args.repeats} runs after {args.warmup} warm-up runs "
@@ -399,8 +423,13 @@ def main():
                     help="shape at which every --threads value is timed (others: first value)")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--out-dir", default=RESULTS)
+    ap.add_argument("--capabilities", default="",
+                    help="time the cpu backend at each of these CPU capabilities, e.g. default,avx2,avx512")
+    ap.add_argument("--name", default="", help="results file name without extension (default kernels_<device>)")
+    ap.add_argument("--note", default="", help="a line added to the results header")
     ap.add_argument("--probe-memory", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.capabilities = [c for c in args.capabilities.split(",") if c]
     if args.probe_memory:
         _probe_memory_main(args.probe_memory)
         return
@@ -433,6 +462,8 @@ def main():
         extra.append(f"Load average at end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     except OSError:
         pass
+    if args.capabilities and _cpu_capabilities():
+        _set_cpu_capability(_cpu_capabilities()[-1])
     write_results(rows, info, args, extra)
 
 

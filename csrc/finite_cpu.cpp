@@ -6,32 +6,18 @@
 // One pass, no temporaries (at::isfinite(t).all() writes a bool tensor as large as t):
 // x·0 is ±0 for a finite x and NaN for ±inf or NaN, so the sum of x·0 over the tensor is
 // zero exactly when every element is finite. Parallel over blocks; no early exit (it
-// vectorizes).
+// vectorizes). The scan is compiled per CPU capability (csrc/cpu/finite_kernel_impl.h).
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <atomic>
 #include <cstdint>
 
-#include "cpu_simd.h"
+#include "cpu/capability.h"
+#include "cpu/finite_kernel.h"
 
 namespace adaptau {
 namespace cpu {
 namespace {
-
-template <typename T>
-bool block_finite(const T* p, int64_t n) {
-  using V = Vec<T>;
-  constexpr int W = V::W;
-  typename V::R acc = V::zero();
-  const typename V::R zero = V::zero();
-  int64_t i = 0;
-  for (; i + W <= n; i += W) acc = V::fma(V::load(p + i), zero, acc);
-  T s = V::hsum(acc);
-  for (; i < n; ++i) s += p[i] * T(0);
-  return s == T(0);
-}
 
 bool all_finite_cpu(const at::Tensor& t) {
   TORCH_CHECK(t.device().is_cpu(), "adaptau::all_finite: expected a CPU tensor");
@@ -40,14 +26,8 @@ bool all_finite_cpu(const at::Tensor& t) {
   if (t.scalar_type() != at::kFloat && t.scalar_type() != at::kDouble)
     return at::isfinite(t).all().item<bool>();
   const at::Tensor c = t.contiguous();
-  std::atomic<bool> finite{true};
-  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "adaptau_all_finite", [&] {
-    const scalar_t* p = c.data_ptr<scalar_t>();
-    at::parallel_for(0, c.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
-      if (!block_finite(p + begin, end - begin)) finite.store(false, std::memory_order_relaxed);
-    });
-  });
-  return finite.load();
+  if (c.scalar_type() == at::kFloat) return ADAPTAU_CPU_DISPATCH(all_finite, c.data_ptr<float>(), c.numel());
+  return ADAPTAU_CPU_DISPATCH(all_finite, c.data_ptr<double>(), c.numel());
 }
 
 }  // namespace

@@ -9,6 +9,8 @@
 //   csrc/finite_cpu.cpp            all_finite (whether a tensor holds no NaN and no infinity)
 //   csrc/compact_cpu.cpp           compact_indices (the distinct rows a batch touches, and
 //                                  its indices as positions among them)
+//   csrc/cpu/capability.cpp        cpu_capability, cpu_capabilities, _set_cpu_capability (which
+//                                  CPU kernels run: default, avx2 or avx512)
 // The contract (shapes, dtypes, meaning of outputs) is documented in adaptau/ops.py.
 #include <Python.h>
 #include <torch/library.h>
@@ -16,6 +18,7 @@
 #include <vector>
 
 #include "contract.h"
+#include "cpu/capability.h"
 
 extern "C" {
 // Makes `import adaptau._C` work; the ops register themselves when the library loads.
@@ -51,5 +54,8 @@ TORCH_LIBRARY(adaptau, m) {
   m.def("add_l2_rows_(Tensor(a!) grad, Tensor weight, Tensor counts, float coef) -> float");
   m.def("all_finite(Tensor t) -> bool");
   m.def("contract_constants() -> float[]", &contract_constants);
+  m.def("cpu_capability() -> str", &adaptau::cpu::cpu_capability_op);
+  m.def("cpu_capabilities() -> str[]", &adaptau::cpu::cpu_capabilities_op);
+  m.def("_set_cpu_capability(str name) -> str", &adaptau::cpu::set_cpu_capability_op);
   m.def("compact_indices(Tensor pos, Tensor neg, int num_items) -> (Tensor, Tensor, Tensor)");
 }

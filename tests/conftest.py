@@ -32,3 +32,27 @@ def pytest_runtest_makereport(item, call):
         for key, value in item.user_properties:
             if key == "seed":
                 print(f"\n[{item.nodeid}] replay with ADAPTAU_TEST_SEED={value}")
+
+
+CPU_CAPABILITIES = ("default", "avx2", "avx512")
+_CPU_CAPABILITY_NEEDS = {"avx2": "AVX2 and FMA", "avx512": "AVX-512 F/BW/DQ/VL"}
+
+
+@pytest.fixture(params=CPU_CAPABILITIES)
+def cpu_capability(request, monkeypatch):
+    """Runs the test with the ``cpu`` backend's kernels at one CPU capability (and, through
+    ``ADAPTAU_CPU_CAPABILITY``, any subprocess it starts); skips, saying why, a level this
+    CPU or build lacks. The level before the test is restored after it."""
+    from adaptau.loss import ops
+
+    level = request.param
+    supported = ops._cpu_capabilities()
+    if not supported:
+        pytest.skip("the adaptau C++ extension is not built")
+    if level not in supported:
+        pytest.skip(f"the {level} kernels need a CPU with {_CPU_CAPABILITY_NEEDS[level]} (and an x86-64 "
+                    f"build); this one supports {', '.join(supported)}")
+    before = ops._set_cpu_capability(level)
+    monkeypatch.setenv("ADAPTAU_CPU_CAPABILITY", level)
+    yield level
+    ops._set_cpu_capability(before or supported[-1])

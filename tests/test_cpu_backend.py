@@ -1,7 +1,9 @@
-"""The fused CPU backend (csrc/softmax_loss_cpu.cpp) against the float64 reference.
+"""The fused CPU backend (csrc/softmax_loss_cpu.cpp, kernels in csrc/cpu/) against the float64 reference.
 
 Every comparison runs the reference backend on float64 copies of the inputs and checks
-the loss, raw, lse and every gradient (user, items, pos_scale, neg_scale).
+the loss, raw, lse and every gradient (user, items, pos_scale, neg_scale). Every test runs
+once per CPU capability (default, avx2, avx512: the ``cpu_capability`` fixture of
+conftest.py), skipping the levels this CPU lacks; the same tolerances hold for each.
 
 Tolerances (relative to the magnitude ``scale = max(1, max|reference|)`` of each output):
   * float32 kernel vs float64 reference: rtol 1e-4, atol 1e-5·scale (inverse temperatures
@@ -29,6 +31,7 @@ import torch
 import adaptau
 
 pytestmark = [
+    pytest.mark.usefixtures("cpu_capability"),
     pytest.mark.skipif("cpu" not in adaptau.available_backends("cpu"),
                        reason="the adaptau C++ CPU kernel is not built (adaptau._C missing or "
                               "without a CPU kernel)"),

@@ -272,7 +272,7 @@ def emulated_cuda(tmp_path_factory):
     if proc.returncode != 0:
         pytest.fail("host emulation build failed:\n" + " ".join(cmd) + "\n" + proc.stderr[-4000:])
     lib = ctypes.CDLL(str(lib_path))
-    P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int  # noqa: E741 (the C types, by their C names)
     lib.emu_forward.argtypes = [I, I, P, P, P, P, P, P, P, I64, I64, I64, I64, I, I, I, I, I,
                                 P, P, P]
     lib.emu_backward.argtypes = [I, I, P, P, P, P, P, P, P, I64, I64, I64, I64, I, I, I, I,

@@ -11,8 +11,8 @@ Modules:
 """
 from .nn import AdapTauLoss
 from .mixed import Negatives
-from .ops import BACKENDS, available_backends, compact, resolve_backend, softmax_loss
+from .ops import BACKENDS, available_backends, compact, cpu_capability, resolve_backend, softmax_loss
 from .temperature import AdapTau, lambertw
 
-__all__ = ["softmax_loss", "Negatives", "compact", "available_backends", "resolve_backend", "BACKENDS", "AdapTau", "lambertw",
-           "AdapTauLoss"]
+__all__ = ["softmax_loss", "Negatives", "compact", "available_backends", "resolve_backend", "cpu_capability",
+           "BACKENDS", "AdapTau", "lambertw", "AdapTauLoss"]

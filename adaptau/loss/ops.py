@@ -27,7 +27,7 @@ from .mixed import Negatives, mixed_softmax_loss
 # the package works without the extension (reference backend)
 _C_IMPORT_ERROR: Optional[BaseException] = _extension.IMPORT_ERROR
 
-__all__ = ["softmax_loss", "compact", "available_backends", "BACKENDS"]
+__all__ = ["softmax_loss", "compact", "available_backends", "BACKENDS", "cpu_capability"]
 
 #: Every backend name ``softmax_loss`` knows, besides ``"auto"``.
 BACKENDS = ("reference", "cpu", "triton", "cuda")
@@ -79,6 +79,39 @@ def available_backends(device: Union[str, torch.device] = "cpu") -> List[str]:
             found.append("triton")
     found.append("reference")
     return found
+
+
+def cpu_capability() -> Optional[str]:
+    """The instruction-set level of the ``"cpu"`` backend's kernels in this process.
+
+    ``"avx512"`` (AVX-512 F/BW/DQ/VL, 16 float32 lanes), ``"avx2"`` (AVX2 + FMA, 8 lanes)
+    or ``"default"`` (portable x86-64 without AVX, or a non-x86 build; one lane); ``None``
+    when the C++ extension is not built. The extension carries every level its
+    architecture has and picks the highest the CPU supports on first use; the environment
+    variable ``ADAPTAU_CPU_CAPABILITY=default|avx2|avx512``, read then, forces a level at or
+    below it. Results agree across levels within rounding, not bitwise; on one level they
+    are bitwise reproducible across runs and thread counts.
+
+    Raises ``ValueError`` when ``ADAPTAU_CPU_CAPABILITY`` names no level, or one above what
+    the CPU supports (the same error the first ``"cpu"`` backend call would raise).
+    """
+    if not _extension.has_op("cpu_capability"):
+        return None
+    return torch.ops.adaptau.cpu_capability()
+
+
+def _cpu_capabilities() -> List[str]:
+    """The levels this CPU and build support, lowest first (``[]`` without the extension)."""
+    if not _extension.has_op("cpu_capabilities"):
+        return []
+    return list(torch.ops.adaptau.cpu_capabilities())
+
+
+def _set_cpu_capability(name: str) -> str:
+    """Switches the ``"cpu"`` backend to level ``name`` for the rest of the process (tests,
+    benchmarks); returns the level before ("" when none was chosen yet). ``ValueError``
+    for a level the CPU does not support."""
+    return torch.ops.adaptau._set_cpu_capability(name)
 
 
 _warned_fallback = set()

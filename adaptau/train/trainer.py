@@ -47,6 +47,7 @@ from .run_folder import dumps as _dumps
 from .run_folder import _json_default
 from .sampling import BatchIterator, NegativeSampler, hard_negatives
 from ..loss import ops
+from ..loss.ops import cpu_capability
 
 __all__ = ["Trainer", "train", "evaluate_run", "NonFiniteLossError"]
 
@@ -449,6 +450,8 @@ class Trainer:
             return self._already_finished(ds_stats)
         else:
             self.log(f"resuming {self.out} at epoch {self.start_epoch} (of {cfg.epochs})")
+        if cpu_capability() is not None:
+            self.log(f"  cpu kernels: {cpu_capability()} (ADAPTAU_CPU_CAPABILITY=default|avx2|avx512 forces a level)")
         stopped = None
         for epoch in range(self.start_epoch, cfg.epochs):
             t0 = time.time()

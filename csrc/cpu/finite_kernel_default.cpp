@@ -1,0 +1,6 @@
+// The all_finite scan for the DEFAULT CPU capability: setup.py compiles this file with
+// the baseline flags (x86-64 without AVX, or any other architecture).
+#define ADAPTAU_CPU_CAPABILITY DEFAULT
+#define ADAPTAU_CPU_CAPABILITY_DEFAULT 1
+#include "finite_kernel_impl.h"
+
