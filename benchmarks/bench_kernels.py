@@ -22,7 +22,10 @@ Memory, CUDA: torch.cuda.max_memory_allocated() growth over the step.
 Shapes eager cannot run (estimated peak > 60% of available memory) are reported as
 'OOM/skipped (needs ~X GiB)' without running them.
 
-Writes benchmarks/results/kernels_<device>.md, .csv and .png (time against M, log scale).
+Writes kernels.md, .csv and .png (time against M, log scale) into this machine's results folder
+(benchmarks/results/<machine>/; kernels_paper.* for --shapes paper_mf; --name, --out-dir).
+--append adds the run to the CSV (a run column) and the table shows the median and range of
+fwd+bwd over all runs.
 
     python benchmarks/bench_kernels.py                 # full CPU suite
     python benchmarks/bench_kernels.py --quick         # paper shape + small shape only
@@ -341,16 +344,67 @@ def fmt(v, digits=2):
     return "" if v is None else f"{v:.{digits}f}"
 
 
+_CSV_KEYS = ["run", "mode", "shape", "B", "M", "D", "N", "method", "threads", "fwd_ms", "bwd_ms",
+             "total_ms", "peak_mib", "note"]
+
+
+def _earlier_runs(path: str) -> List[Dict]:
+    """The rows of an existing results CSV (``--append``), numbers parsed."""
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for k in ("run", "B", "M", "D", "N"):
+            r[k] = int(r[k]) if r.get(k) not in (None, "") else 1
+        for k in ("fwd_ms", "bwd_ms", "total_ms", "peak_mib"):
+            r[k] = float(r[k]) if r.get(k) not in (None, "") else None
+        r["threads"] = int(r["threads"]) if r.get("threads") not in (None, "") else ""
+    return rows
+
+
+def _over_runs(rows: List[Dict]) -> List[Dict]:
+    """One row per measurement (mode, shape, method, threads): the latest run's figures,
+    with the fwd+bwd median and range over every run (``total_med``, ``total_min``,
+    ``total_max``, ``runs``)."""
+    groups: Dict[tuple, List[Dict]] = {}
+    for r in rows:
+        groups.setdefault((r["mode"], r["shape"], r["B"], r["M"], r["D"], r["method"], r["threads"]),
+                          []).append(r)
+    out = []
+    for group in groups.values():
+        latest = dict(max(group, key=lambda r: r["run"]))
+        totals = [r["total_ms"] for r in group if r["total_ms"] is not None]
+        latest.update(runs=len(totals), total_med=statistics.median(totals) if totals else None,
+                      total_min=min(totals) if totals else None, total_max=max(totals) if totals else None)
+        out.append(latest)
+    return out
+
+
+def _default_out_dir(device: str) -> str:
+    """This machine's results folder: ``_common.results_dir()`` for the CPU, ``gpu-<model>``
+    for a GPU."""
+    import _common
+
+    if device == "cpu":
+        return _common.results_dir()
+    name = "-".join(w for w in torch.cuda.get_device_name().lower().replace("nvidia", "").split() if w)
+    return os.path.join(RESULTS, f"gpu-{name}")
+
+
 def write_results(rows: List[Dict], info: List[str], args, extra: List[str]):
+    args.out_dir = args.out_dir or _default_out_dir(args.device)
     os.makedirs(args.out_dir, exist_ok=True)
-    prefix = os.path.join(args.out_dir, args.name or f"kernels_{args.device}")
-    keys = ["mode", "shape", "B", "M", "D", "N", "method", "threads", "fwd_ms", "bwd_ms",
-            "total_ms", "peak_mib", "note"]
+    prefix = os.path.join(args.out_dir, args.name or ("kernels_paper" if args.shapes == "paper_mf" else "kernels"))
+    earlier = _earlier_runs(prefix + ".csv") if args.append else []
+    run = 1 + max((r["run"] for r in earlier), default=0)
+    rows = earlier + [dict(r, run=run) for r in rows]
     with open(prefix + ".csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
+        w = csv.DictWriter(f, fieldnames=_CSV_KEYS)
         w.writeheader()
         for r in rows:
-            w.writerow({k: (fmt(r[k], 3) if isinstance(r[k], float) else r[k]) for k in keys})
+            w.writerow({k: (fmt(r[k], 3) if isinstance(r[k], float) else r[k]) for k in _CSV_KEYS})
+    rows = _over_runs(rows)
     with open(prefix + ".md", "w") as f:
         f.write(f"# Kernel microbenchmarks ({args.device})\n\n")
         for line in info + extra + ([args.note] if args.note else []):
@@ -360,6 +414,9 @@ def write_results(rows: List[Dict], info: List[str], args, extra: List[str]):
                 f"(eager/compile/reference at big shapes: {args.slow_repeats} after 1, compile 2), the "
                 "methods taking turns in interleaved rounds; loss = mean, "
                 "include_pos=False, normalize=True, alpha = beta = 5.\n\n")
+        if run > 1:
+            f.write(f"{run} runs in `{os.path.basename(prefix)}.csv` (`--append`): fwd+bwd is the "
+                    "median over the runs with its range; the other columns are the latest run's.\n\n")
         f.write("| mode | shape | B | M | D | method | fwd ms | bwd ms | fwd+bwd ms | "
                 "vs eager | vs compile | peak extra MiB |\n")
         f.write("|---|---|---|---|---|---|---|---|---|---|---|---|\n")
@@ -369,16 +426,17 @@ def write_results(rows: List[Dict], info: List[str], args, extra: List[str]):
             ratio = {}
             for ref in ("eager", "compile"):
                 b = base.get(ref)
-                ratio[ref] = ("" if (r["total_ms"] is None or b is None or b["total_ms"] is None
+                ratio[ref] = ("" if (r["total_med"] is None or b is None or b["total_med"] is None
                                      or r["method"] == ref)
-                              else f"{b['total_ms'] / r['total_ms']:.1f}x")
+                              else f"{b['total_med'] / r['total_med']:.1f}x")
             if r["note"]:
                 f.write(f"| {r['mode']} | {r['shape']} | {r['B']} | {r['M']} | {r['D']} | "
                         f"{r['method']} | {r['note']} | | | | | |\n")
                 continue
             name = r["method"] + (f" ({r['threads']}T)" if r["threads"] != "" else "")
             f.write(f"| {r['mode']} | {r['shape']} | {r['B']} | {r['M']} | {r['D']} | {name} | "
-                    f"{fmt(r['fwd_ms'])} | {fmt(r['bwd_ms'])} | {fmt(r['total_ms'])} | "
+                    f"{fmt(r['fwd_ms'])} | {fmt(r['bwd_ms'])} | {fmt(r['total_med'])}"
+                    + (f" ({fmt(r['total_min'])}–{fmt(r['total_max'])})" if r["runs"] > 1 else "") + " | "
                     f"{ratio['eager']} | {ratio['compile']} | {fmt(r['peak_mib'], 1)} |\n")
     try:
         import matplotlib
@@ -422,11 +480,16 @@ def main():
     ap.add_argument("--scaling-shape", default="paper_mf",
                     help="shape at which every --threads value is timed (others: first value)")
     ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--out-dir", default=RESULTS)
+    ap.add_argument("--out-dir", default=None,
+                    help="default: benchmarks/results/<machine> (cpu) or benchmarks/results/gpu-<name>")
     ap.add_argument("--capabilities", default="",
                     help="time the cpu backend at each of these CPU capabilities, e.g. default,avx2,avx512")
-    ap.add_argument("--name", default="", help="results file name without extension (default kernels_<device>)")
+    ap.add_argument("--name", default="", help="results file name without extension (default: kernels, "
+                                               "kernels_paper for --shapes paper_mf)")
     ap.add_argument("--note", default="", help="a line added to the results header")
+    ap.add_argument("--append", action="store_true",
+                    help="add this run to the results CSV (a run column) and show the median and "
+                         "range over all runs")
     ap.add_argument("--probe-memory", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.capabilities = [c for c in args.capabilities.split(",") if c]
