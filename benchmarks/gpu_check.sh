@@ -13,8 +13,10 @@
 #   step          cap   expected  what
 #   env           10 s    ~3 s    nvidia-smi, torch/Triton versions
 #   build         75 s   ~45 s    pip install -e . (CUDA extension, card's arch only);
-#                                 CPU stand-in: the CPU-only build takes ~40 s on 2 cores,
-#                                 the .cu adds one nvcc -O3 compile (~10-20 s on 16 cores)
+#                                 CPU stand-in: the CPU-only build (ADAPTAU_NO_CUDA=1, 6 C++
+#                                 files, ninja) took 108 s on 2 shared cores, ~220 core-s:
+#                                 ~15-30 s on 16 cores; the .cu adds one nvcc -O3 compile
+#                                 (8 s here) and the CUDA glue one more torch-header file
 #   build_nocuda  30 s   (only when the CUDA build failed) the same with ADAPTAU_NO_CUDA=1;
 #                                 the Triton backend needs no extension and runs either way
 #   check         35 s   ~20 s    paper shape, every fused backend vs the float64 reference,
