@@ -15,14 +15,23 @@ Python wrappers run unchanged on small CPU tensors and nothing is launched (thei
 outputs are never read). The worker relies on these two Triton internals; when a Triton
 version lacks them, or lacks the NVIDIA backend / ptxas, the test skips and says which.
 
-Checks per compiled kernel: a cubin was produced, the PTX targets sm_90, and the shared
-memory a block needs is at most 227 KiB (the most an sm_90 block can be given).
+Checks per compiled kernel: a cubin was produced, the PTX targets sm_90, the shared
+memory a block needs is at most 227 KiB (the most an sm_90 block can be given), and
+ptxas's ``-v`` report (Triton's own, or ptxas run again on the PTX) shows at most 255
+registers per thread and no spill stores or loads. The paper shape's specializations
+(B=2048, M=1024, D=64, N=40981, per-row, fp32 and bf16) are compiled too, and their
+occupancy on sm_90 (resident warps per SM, from registers, warps and shared memory) is
+printed (``pytest -s``), and the per-row kernels are compiled at text-embedding widths
+(D = 512, 768, 1024) and checked the same way.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -32,6 +41,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 SM90_MAX_SHARED_BYTES = 227 * 1024
+SM90_MAX_REGS_PER_THREAD = 255
+SM90_REGS_PER_SM = 65536
+SM90_WARPS_PER_SM = 64
+SM90_BLOCKS_PER_SM = 32
+SM90_SMEM_PER_SM = 228 * 1024
+PAPER_SHAPE = (2048, 1024, 64, 40981)  # B, M, D, N
+LARGE_D = (512, 768, 1024)  # text-embedding widths
 DTYPES = ("float32", "bfloat16")
 TIMEOUT_S = 900
 
@@ -77,19 +93,31 @@ def _worker(out_path: str) -> None:
     driver.set_active(Sm90Target())
     run = jit.JITFunction.run
     seen = set()
+    try:  # Triton prints ptxas's -v report of each kernel it assembles
+        from triton import knobs
+        knobs.nvidia.dump_ptxas_log = True
+    except Exception:  # older Triton: ptxas is run again below
+        pass
+    phase = {"name": "tests"}
 
     def compile_only(self, *args, grid, warmup, **kwargs):
-        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
-        key = (self.__name__, getattr(kernel, "hash", id(kernel)))
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
+        key = (phase["name"], self.__name__, getattr(kernel, "hash", id(kernel)))
         if key not in seen:
             seen.add(key)
             asm = getattr(kernel, "asm", {})
+            regs, spills = _ptxas_resources(buf.getvalue(), asm.get("ptx", ""))
             report["kernels"].append({
                 "name": self.__name__,
+                "phase": phase["name"],
                 "shared": int(kernel.metadata.shared),
                 "num_warps": int(kernel.metadata.num_warps),
                 "cubin_bytes": len(asm.get("cubin", b"")),
-                "ptx_sm90": ".target sm_90" in asm.get("ptx", ""),
+                "ptx_sm90": ".target sm_90" in asm.get("ptx", ""),  # sm_90 or sm_90a
+                "n_regs": regs,
+                "n_spills": spills,
             })
         return kernel
 
@@ -118,8 +146,63 @@ def _worker(out_path: str) -> None:
                 except Exception as exc:
                     report["errors"].append(f"{case} {dtype} {gmode}: {type(exc).__name__}: "
                                             f"{str(exc)[:3000]}")
+    # the paper shape (per-row negatives, normalize): its specializations, for occupancy;
+    # then text-embedding widths (per-row, small B/M/N: the specialization depends on D)
+    g = torch.Generator().manual_seed(0)
+    shapes = [("paper", PAPER_SHAPE, dt, gm) for dt in DTYPES for gm in T.ITEM_GRAD_MODES]
+    shapes += [(f"D{d}", (16, 8, d, 64), dt, "atomic") for d in LARGE_D for dt in DTYPES]
+    for phase_name, (B, M, D, N), dtype, gmode in shapes:
+        phase["name"] = phase_name
+        kernels.set_item_grad_mode(gmode)
+        dt = getattr(torch, dtype)
+        user = torch.randn(B, D, generator=g).to(dt)
+        items = torch.randn(N, D, generator=g).to(dt)
+        pos = torch.randint(0, N, (B,), generator=g)
+        neg = torch.randint(0, N, (B, M), generator=g)
+        scale = torch.full((B,), 10.0)
+        flags = (False, True, False, True)
+        try:
+            _, lse, _ = kernels.forward(user, items, pos, neg, scale, scale, None, 0,
+                                        *flags)
+            kernels.backward(torch.ones(B), user, items, pos, neg, scale, scale, None,
+                             torch.zeros(B), 0, *flags)
+        except Exception as exc:
+            report["errors"].append(f"{phase_name} {dtype} {gmode}: {type(exc).__name__}: "
+                                    f"{str(exc)[:3000]}")
     kernels.set_item_grad_mode("atomic")
     json.dump(report, open(out_path, "w"), indent=1)
+
+
+def _ptxas_resources(log: str, ptx: str):
+    """(registers per thread, spill bytes stored + loaded) from ptxas's ``-v`` report;
+    runs the ptxas that Triton ships on the PTX when the log does not hold the report."""
+    if "Used" not in log and ptx:
+        import tempfile
+
+        from triton.backends.nvidia.compiler import get_ptxas
+        with tempfile.TemporaryDirectory() as d:
+            src = os.path.join(d, "k.ptx")
+            open(src, "w").write(ptx)
+            target = re.search(r"\.target\s+(sm_\w+)", ptx)
+            arch = target.group(1) if target else "sm_90a"
+            proc = subprocess.run([get_ptxas(90).path, "-v", f"--gpu-name={arch}", src, "-o",
+                                   os.path.join(d, "k.cubin")], capture_output=True, text=True)
+            log = proc.stdout + proc.stderr
+    regs = [int(m) for m in re.findall(r"Used (\d+) registers", log)]
+    spills = [int(a) + int(b) for a, b in
+              re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)]
+    return (max(regs) if regs else None), (sum(spills) if spills else None)
+
+
+def occupancy_warps(n_regs: int, num_warps: int, shared: int) -> int:
+    """Resident warps per SM on sm_90 for a kernel of ``num_warps`` warps per block:
+    65536 registers (allocated per warp in units of 256), 64 warps, 32 blocks and 228 KiB
+    of shared memory per SM (1 KiB of it reserved per block)."""
+    regs_per_warp = -(-max(n_regs, 1) * 32 // 256) * 256
+    by_regs = SM90_REGS_PER_SM // (regs_per_warp * num_warps)
+    by_warps = SM90_WARPS_PER_SM // num_warps
+    by_smem = SM90_SMEM_PER_SM // (shared + 1024) if shared else SM90_BLOCKS_PER_SM
+    return min(by_regs, by_warps, by_smem, SM90_BLOCKS_PER_SM) * num_warps
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +240,87 @@ def test_sm90_cubins_and_shared_memory(sm90_report):
            if k["cubin_bytes"] == 0 or not k["ptx_sm90"] or k["shared"] > SM90_MAX_SHARED_BYTES]
     assert sm90_report["kernels"], "no kernel was compiled"
     assert not bad, f"kernels without an sm_90 cubin or over {SM90_MAX_SHARED_BYTES} B of shared memory: {bad}"
+
+
+# ptxas reports register spills for these kernels in some specializations the GPU tests
+# launch (the tile kernels with dots, and the per-row backward with hits removal / logq):
+# up to ~49 KB of spill traffic per thread in the tile backward kernels. Issue 19, item 6.
+SPILLING_KERNELS = {"_bwd_rows_kernel", "_fwd_tiles_kernel", "_bwd_tiles_rows_kernel",
+                    "_bwd_tiles_cols_kernel"}
+
+
+def _spill_report(kernels):
+    unknown = [k["name"] for k in kernels if k["n_regs"] is None or k["n_spills"] is None]
+    assert not unknown, f"no ptxas -v report for: {unknown}"
+    return [(k["name"], k["phase"], k["n_regs"], k["n_spills"]) for k in kernels
+            if k["n_spills"] != 0 or k["n_regs"] > SM90_MAX_REGS_PER_THREAD]
+
+
+def test_no_register_spills_and_at_most_255_registers(sm90_report):
+    kernels = [k for k in sm90_report["kernels"] if k["name"] not in SPILLING_KERNELS]
+    assert kernels, "no kernel outside SPILLING_KERNELS was compiled"
+    bad = _spill_report(kernels)
+    assert not bad, f"(kernel, phase, registers, spill bytes) over the limits: {bad}"
+
+
+def test_paper_shape_kernels_do_not_spill(sm90_report):
+    bad = _spill_report([k for k in sm90_report["kernels"] if k["phase"] == "paper"])
+    assert not bad, f"(kernel, phase, registers, spill bytes) over the limits: {bad}"
+
+
+@pytest.mark.xfail(strict=True, reason="ptxas reports spills in the tile kernels and some "
+                   "per-row backward specializations (SPILLING_KERNELS); strict, so this "
+                   "fails once they stop spilling and the list must shrink")
+def test_spilling_kernels_do_not_spill(sm90_report):
+    bad = _spill_report([k for k in sm90_report["kernels"] if k["name"] in SPILLING_KERNELS])
+    print("\nspilling specializations (kernel, phase, registers, spill bytes):")
+    for row in bad:
+        print("  ", row)
+    assert not bad
+
+
+def test_paper_shape_occupancy(sm90_report):
+    paper = [k for k in sm90_report["kernels"] if k["phase"] == "paper"]
+    assert paper, "no kernel was compiled at the paper shape"
+    print("\nsm_90 occupancy at the paper shape (B, M, D, N = %s):" % (PAPER_SHAPE,))
+    for k in sorted(paper, key=lambda k: k["name"]):
+        warps = occupancy_warps(k["n_regs"], k["num_warps"], k["shared"])
+        print(f"  {k['name']:<26} warps/block {k['num_warps']:>2}  regs {k['n_regs']:>3}  "
+              f"smem {k['shared']:>6} B  -> {warps:>2}/64 warps per SM")
+        assert 1 <= warps <= SM90_WARPS_PER_SM, k
+
+
+def test_large_d_kernels_compile(sm90_report):
+    phases = {k["phase"] for k in sm90_report["kernels"]}
+    assert {f"D{d}" for d in LARGE_D} <= phases, f"large-D phases compiled: {sorted(phases)}"
+
+
+def _large_d(report, widths):
+    return [k for k in report["kernels"] if k["phase"] in {f"D{d}" for d in widths}]
+
+
+def test_large_d_kernels_do_not_spill(sm90_report):
+    large = _large_d(sm90_report, (512, 768))
+    print("\nper-row kernels at D = 512, 768 (kernel, phase, registers, spill bytes):")
+    for k in large:
+        print("  ", (k["name"], k["phase"], k["n_regs"], k["n_spills"]))
+    bad = _spill_report(large)
+    assert not bad, f"(kernel, phase, registers, spill bytes) over the limits: {bad}"
+
+
+@pytest.mark.xfail(strict=True, reason="_bwd_rows_kernel in float32 at D=1024 reaches 255 "
+                   "registers and spills 28 bytes (bfloat16 and the other kernels do not); "
+                   "strict, so this fails once it stops spilling")
+def test_d1024_kernels_do_not_spill(sm90_report):
+    bad = _spill_report(_large_d(sm90_report, (1024,)))
+    assert not bad, f"(kernel, phase, registers, spill bytes) over the limits: {bad}"
+
+
+def test_occupancy_arithmetic():
+    assert occupancy_warps(32, 4, 0) == 64        # 32 regs: register file allows 2048 threads
+    assert occupancy_warps(64, 8, 0) == 32        # 64 regs x 256 threads: 4 blocks
+    assert occupancy_warps(255, 4, 0) == 8        # 256 regs/thread after rounding: 2 blocks
+    assert occupancy_warps(32, 4, 100 * 1024) == 8  # shared memory: 2 blocks of 101 KiB
 
 
 if __name__ == "__main__":
