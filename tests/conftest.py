@@ -56,3 +56,23 @@ def cpu_capability(request, monkeypatch):
     monkeypatch.setenv("ADAPTAU_CPU_CAPABILITY", level)
     yield level
     ops._set_cpu_capability(before or supported[-1])
+
+
+def train_in_one_process(settings):
+    """``(trainer, summary)`` of one in-process run of ``TrainConfig(**settings)`` at one
+    thread (the comparison point of the multi-process tests), quiet."""
+    from adaptau.train import TrainConfig, Trainer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainer = Trainer(TrainConfig(**settings), log=lambda msg: None)
+        summary = trainer.fit()
+    finally:
+        torch.set_num_threads(threads)
+    return trainer, summary
+
+
+def metrics_close(a, b, tol):
+    """Recall@20 and NDCG@20 of two metric dicts within ``tol``."""
+    return all(abs(a[k] - b[k]) <= tol for k in ("recall@20", "ndcg@20"))

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import adaptau
+from conftest import metrics_close, train_in_one_process
 from adaptau.train import distributed as dist
-from adaptau.train import Trainer, TrainConfig
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = "synthetic:num_users=200,num_items=150"
@@ -61,21 +61,6 @@ def _settings(out, **kw):
     return s
 
 
-def _one_process(settings):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        trainer = Trainer(TrainConfig(**settings), log=lambda msg: None)
-        summary = trainer.fit()
-    finally:
-        torch.set_num_threads(threads)
-    return trainer, summary
-
-
-def _close(a, b, tol):
-    return all(abs(a[k] - b[k]) <= tol for k in ("recall@20", "ndcg@20"))
-
-
 def test_two_ranks_identical_and_match_one_process(tmp_path):
     """torchrun with 2 gloo workers: identical ranks; metrics as the 1-process run."""
     settings = _settings(tmp_path / "ddp")
@@ -98,14 +83,14 @@ def test_two_ranks_identical_and_match_one_process(tmp_path):
     assert r1["summary"] == {}  # only rank 0 reports
     assert not any(p.name.startswith("rank1") and p.suffix != ".pt" for p in (tmp_path / "ddp").iterdir())
 
-    single, single_summary = _one_process(_settings(tmp_path / "single"))
+    single, single_summary = train_in_one_process(_settings(tmp_path / "single"))
     assert single_summary["world_size"] == 1
     for name, p in single.model.state_dict().items():
         diff = float((p - r0["params"][name]).abs().max())
         assert diff <= 2e-3, (name, diff)
     assert torch.allclose(single.controller.user_scale, r0["scale"], rtol=1e-3)
-    assert _close(single_summary["valid"], summary["valid"], 1e-3), (single_summary["valid"], summary["valid"])
-    assert _close(single_summary["test"], summary["test"], 1e-3)
+    assert metrics_close(single_summary["valid"], summary["valid"], 1e-3), (single_summary["valid"], summary["valid"])
+    assert metrics_close(single_summary["test"], summary["test"], 1e-3)
 
 
 def test_cli_nproc_lightgcn_in_batch(tmp_path):
@@ -121,9 +106,9 @@ def test_cli_nproc_lightgcn_in_batch(tmp_path):
     assert "world size 2" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["rows_per_rank"] == 64
-    _, single = _one_process(_settings(tmp_path / "single", model="lightgcn", layers=2, sampler="in-batch",
+    _, single = train_in_one_process(_settings(tmp_path / "single", model="lightgcn", layers=2, sampler="in-batch",
                                        epochs=1, dropout=0.0))
-    assert _close(single["valid"], summary["valid"], 1e-3), (single["valid"], summary["valid"])
+    assert metrics_close(single["valid"], summary["valid"], 1e-3), (single["valid"], summary["valid"])
 
 
 def test_global_in_batch_negatives_reproduce_in_batch_loss():

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import adaptau
+from conftest import metrics_close, train_in_one_process
 from adaptau.train import TrainConfig, Trainer
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -58,21 +59,6 @@ def _torchrun(tmp_path, script: str, *args: str, timeout=150):
                            "--nproc-per-node=2", str(path), *args], cwd=tmp_path, env=_env(),
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-
-def _one_process(settings):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        trainer = Trainer(TrainConfig(**settings), log=lambda msg: None)
-        summary = trainer.fit()
-    finally:
-        torch.set_num_threads(threads)
-    return trainer, summary
-
-
-def _close(a, b, tol):
-    return all(abs(a[k] - b[k]) <= tol for k in ("recall@20", "ndcg@20"))
 
 
 # ------------------------------------------------------------------ 2 ranks, Last.fm
@@ -125,14 +111,14 @@ def test_two_ranks_row_wise_lastfm_match_one_process(tmp_path):
             assert info["plan"][t] == [[0, half], [half, n - half]]
     assert ranks[0]["w0"] == ranks[1]["w0"] and ranks[0]["scale"] == ranks[1]["scale"]
 
-    single, single_summary = _one_process({**settings, "out": str(tmp_path / "single")})
+    single, single_summary = train_in_one_process({**settings, "out": str(tmp_path / "single")})
     assert type(single) is Trainer and single_summary["world_size"] == 1
-    assert _close(single_summary["valid"], summary["valid"], 1e-3), (single_summary["valid"], summary["valid"])
-    assert _close(single_summary["test"], summary["test"], 1e-3), (single_summary["test"], summary["test"])
+    assert metrics_close(single_summary["valid"], summary["valid"], 1e-3), (single_summary["valid"], summary["valid"])
+    assert metrics_close(single_summary["test"], summary["test"], 1e-3), (single_summary["test"], summary["test"])
     assert abs(single.controller.w0 - ranks[0]["w0"]) <= 1e-3 * single.controller.w0
     # the checkpoints are a plain MF's: the unsharded evaluation reads the sharded run's best.pt
     best = adaptau.train.evaluate_run(str(out), log=lambda msg: None)
-    assert _close(best["valid"], summary["valid"], 1e-9)
+    assert metrics_close(best["valid"], summary["valid"], 1e-9)
 
 
 # -------------------------------------------------------------- CLI, resume, refusals
