@@ -1,6 +1,7 @@
 """Kernel microbenchmarks: adaptau.softmax_loss backends vs eager PyTorch and torch.compile.
 
-For every negative mode (per-row [B, M], shared [M], in-batch) and a few shapes, times the
+For every negative mode (per-row [B, M], shared [M], in-batch, and mixed: in-batch + shared +
+per-row in one softmax, each source with its logQ) and a few shapes, times the
 eager PyTorch formulation (gather + normalize + bmm/matmul + logsumexp + .backward()), the
 same function under torch.compile, and every adaptau backend usable on the device
 ('reference' only at small shapes, 'triton' never on CPU): forward, backward and
@@ -34,6 +35,9 @@ fwd+bwd over all runs.
     python benchmarks/bench_kernels.py --shapes paper_mf,d128 --modes per_row \
         --capabilities default,avx2,avx512 --name kernels_by_capability
 
+In the mixed mode, ``<backend>×3 single`` times the three single-source calls the one mixed
+call replaces, and the header gives the ratio.
+
 --capabilities times the "cpu" backend once per CPU capability (methods cpu[default],
 cpu[avx2], cpu[avx512]), side by side in the same interleaved rounds, switching the level
 before each call; levels this CPU lacks are reported as skipped.
@@ -66,11 +70,12 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 @dataclass
 class Shape:
     name: str
-    mode: str  # per_row | shared | in_batch
+    mode: str  # per_row | shared | in_batch | mixed
     B: int
-    M: int  # negatives per row (in-batch: B - 1)
+    M: int  # negatives per row (in-batch: B - 1; mixed: the shared pool)
     D: int
     N: int = 40981
+    M_row: int = 0  # mixed: per-row negatives beside the in-batch and shared ones
 
 
 def all_shapes() -> List[Shape]:
@@ -88,6 +93,7 @@ def all_shapes() -> List[Shape]:
     shapes += [Shape("small", "in_batch", 256, 255, 32, 5000),
                Shape("inbatch_2048", "in_batch", 2048, 2047, 64),
                Shape("inbatch_4096", "in_batch", 4096, 4095, 64)]
+    shapes += [Shape("mixed_paper", "mixed", 2048, 1024, 64, M_row=64)]
     return shapes
 
 
@@ -112,10 +118,38 @@ def eager_loss(user, items, pos, neg, alpha: float, beta: float, mode: str):
     return (lse - alpha * pos_s).mean()
 
 
+def eager_mixed_loss(user, items, pos, neg: "adaptau.Negatives", alpha: float, beta: float):
+    """Plain PyTorch for the mixed mode: the union of the in-batch, shared and per-row
+    candidates scored and gathered into one ``[B, (B-1) + M + M_row]`` logit block, each
+    source's logQ subtracted, one logsumexp (include_pos=False)."""
+    u = F.normalize(user, dim=-1)
+    ip = F.normalize(items[pos], dim=-1)
+    pos_s = (u * ip).sum(-1)
+    in_batch = (beta * (u @ ip.T) - neg.in_batch_logq[pos][None, :]).masked_fill(
+        torch.eye(u.shape[0], dtype=torch.bool, device=u.device), float("-inf"))
+    shared = beta * (u @ F.normalize(items[neg.shared], dim=-1).T) - neg.shared_logq[neg.shared][None, :]
+    per_row = beta * torch.bmm(F.normalize(items[neg.per_row], dim=-1), u[:, :, None]).squeeze(-1)
+    lse = torch.logsumexp(torch.cat([in_batch, shared, per_row], 1), dim=1)
+    return (lse - alpha * pos_s).mean()
+
+
+def single_source_calls(user, items, pos, neg: "adaptau.Negatives", alpha: float, beta: float,
+                        backend: str):
+    """The three single-source adaptau calls a mixed call replaces, their losses summed (what
+    a user without mixed negatives runs; not the same loss)."""
+    return (adaptau.softmax_loss(user, items, pos, None, alpha, beta, neg_logq=neg.in_batch_logq,
+                                 backend=backend)
+            + adaptau.softmax_loss(user, items, pos, neg.shared, alpha, beta, neg_logq=neg.shared_logq,
+                                   backend=backend)
+            + adaptau.softmax_loss(user, items, pos, neg.per_row, alpha, beta, backend=backend))
+
+
 def eager_bytes(s: Shape) -> float:
     """Rough peak of the eager formulation: ~6 live copies of the gathered block."""
     if s.mode == "per_row":
         return 6.0 * s.B * (s.M + 1) * s.D * 4
+    if s.mode == "mixed":
+        return 6.0 * s.B * (s.B + s.M + s.M_row) * 4 + 6.0 * s.B * s.M_row * s.D * 4
     return 6.0 * s.B * (s.M + 1) * 4 + 3.0 * (s.M + s.B) * s.D * 4
 
 
@@ -144,7 +178,7 @@ def probe_fused_memory(s: Shape, backend: str, threads: int) -> Optional[float]:
     in-process measurement would miss whatever earlier shapes left in the pool).
     """
     cmd = [sys.executable, os.path.abspath(__file__), "--probe-memory",
-           f"{s.mode},{s.B},{s.M},{s.D},{s.N},{backend},{threads}"]
+           f"{s.mode},{s.B},{s.M},{s.D},{s.N},{backend},{threads},{s.M_row}"]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         return float(out.stdout.strip().splitlines()[-1])
@@ -153,14 +187,14 @@ def probe_fused_memory(s: Shape, backend: str, threads: int) -> Optional[float]:
 
 
 def _probe_memory_main(spec: str) -> None:
-    mode, B, M, D, N, backend, threads = spec.split(",")
+    mode, B, M, D, N, backend, threads, M_row = spec.split(",")
     torch.set_num_threads(int(threads))
     if backend.startswith("cpu["):  # cpu[<capability>]
         _set_cpu_capability(backend[4:-1])
         backend = "cpu"
-    s = Shape("probe", mode, int(B), int(M), int(D), int(N))
+    s = Shape("probe", mode, int(B), int(M), int(D), int(N), M_row=int(M_row))
     # one tiny call first: one-time costs (imports, op registration) are not the kernel's
-    tiny = Shape("tiny", mode, 4, 3 if mode != "in_batch" else 3, int(D), 50)
+    tiny = Shape("tiny", mode, 4, 3, int(D), 50, M_row=min(int(M_row), 2))
     tu, ti, tp, tn = make_inputs(tiny, "cpu")
     adaptau.softmax_loss(tu, ti, tp, tn, 5.0, 5.0, backend=backend).backward()
     user, items, pos, neg = make_inputs(s, "cpu")
@@ -224,6 +258,13 @@ def make_inputs(s: Shape, device: str, seed: int = 0):
         neg = torch.randint(0, s.N, (s.B, s.M), generator=gen).to(device)
     elif s.mode == "shared":
         neg = torch.randint(0, s.N, (s.M,), generator=gen).to(device)
+    elif s.mode == "mixed":  # in-batch and shared with popularity logQ, per-row uniform
+        popularity = (1.0 - torch.rand(s.N, generator=gen, dtype=torch.float64)) ** (-1 / 1.2)  # Pareto
+        logq = (popularity / popularity.sum()).log().float().to(device)
+        neg = adaptau.Negatives(in_batch=True, in_batch_logq=logq + torch.log(torch.tensor(s.B - 1.0)),
+                                shared=torch.randint(0, s.N, (s.M,), generator=gen).to(device),
+                                shared_logq=logq + torch.log(torch.tensor(float(s.M))),
+                                per_row=torch.randint(0, s.N, (s.B, s.M_row), generator=gen).to(device))
     else:
         neg = None
     return user, items, pos, neg
@@ -242,15 +283,20 @@ def run_shape(s: Shape, args, rows: List[Dict]):
     if eager_bytes(s) > 0.6 * avail:
         notes["eager"] = f"OOM/skipped (needs ~{eager_bytes(s) / 2**30:.1f} GiB)"
     else:
-        methods["eager"] = lambda: eager_loss(user, items, pos, neg, alpha, beta, s.mode)
+        methods["eager"] = (lambda: eager_mixed_loss(user, items, pos, neg, alpha, beta)) if s.mode == "mixed" \
+            else (lambda: eager_loss(user, items, pos, neg, alpha, beta, s.mode))
     if args.no_compile:
         notes["compile"] = "skipped (--no-compile)"
     elif compile_bytes(s) > 0.6 * avail:
         notes["compile"] = f"OOM/skipped (needs ~{compile_bytes(s) / 2**30:.1f} GiB)"
     else:
         torch._dynamo.reset()
-        compiled = torch.compile(eager_loss)
-        methods["compile"] = lambda: compiled(user, items, pos, neg, alpha, beta, s.mode)
+        if s.mode == "mixed":
+            compiled_mixed = torch.compile(eager_mixed_loss)
+            methods["compile"] = lambda: compiled_mixed(user, items, pos, neg, alpha, beta)
+        else:
+            compiled = torch.compile(eager_loss)
+            methods["compile"] = lambda: compiled(user, items, pos, neg, alpha, beta, s.mode)
     small = s.B * (s.M + 1) * s.D <= 2**22
     for backend in adaptau.available_backends(device):
         if backend == "reference" and not small:
@@ -271,6 +317,9 @@ def run_shape(s: Shape, args, rows: List[Dict]):
             continue
         methods[backend] = (lambda b=backend: adaptau.softmax_loss(
             user, items, pos, neg, alpha, beta, backend=b))
+        if s.mode == "mixed":
+            methods[f"{backend}×3 single"] = (lambda b=backend: single_source_calls(
+                user, items, pos, neg, alpha, beta, b))
 
     threads = torch.get_num_threads()
     # Slow methods (eager, compile, reference at large shapes) run --slow-repeats times, once
@@ -290,7 +339,7 @@ def run_shape(s: Shape, args, rows: List[Dict]):
                 p.grad = None
             fwd().backward()
 
-        if device == "cpu" and name not in ("eager", "compile", "reference"):
+        if device == "cpu" and name not in ("eager", "compile", "reference") and "×" not in name:
             peak = probe_fused_memory(s, name, torch.get_num_threads())
         else:
             peak = measure_peak(step, device)
@@ -471,7 +520,7 @@ def main():
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--quick", action="store_true", help="paper shape and the small shape only")
     ap.add_argument("--shapes", default="", help="comma list of shape names (see all_shapes)")
-    ap.add_argument("--modes", default="per_row,shared,in_batch")
+    ap.add_argument("--modes", default="per_row,shared,in_batch,mixed")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--slow-repeats", type=int, default=3,
                     help="repeats for eager/compile/reference at large shapes")
@@ -501,7 +550,7 @@ def main():
     modes = args.modes.split(",")
     shapes = [s for s in all_shapes() if s.mode in modes]
     if args.quick:
-        shapes = [s for s in shapes if s.name in ("paper_mf", "small", "inbatch_2048")]
+        shapes = [s for s in shapes if s.name in ("paper_mf", "small", "inbatch_2048", "mixed_paper")]
     if args.shapes:
         wanted = args.shapes.split(",")
         shapes = [s for s in shapes if s.name in wanted]
@@ -525,6 +574,13 @@ def main():
         extra.append(f"Load average at end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     except OSError:
         pass
+    for r in rows:  # the mixed call against the single-source calls it replaces
+        single = next((x for x in rows if x["mode"] == r["mode"] == "mixed" and x["shape"] == r["shape"]
+                       and x["threads"] == r["threads"] and x["method"] == f"{r['method']}×3 single"
+                       and x["total_ms"] and r["total_ms"]), None)
+        if single:
+            extra.append(f"mixed {r['shape']} ({r['threads']}T): one {r['method']} call over the three sources "
+                         f"takes {r['total_ms'] / single['total_ms']:.2f}× the three single-source calls")
     if args.capabilities and _cpu_capabilities():
         _set_cpu_capability(_cpu_capabilities()[-1])
     write_results(rows, info, args, extra)

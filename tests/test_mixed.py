@@ -5,9 +5,19 @@ logQ, on every CPU backend, against the one-formula specification
 Tolerances (float64 throughout): loss and every gradient ``rtol = atol = 1e-9`` relative to
 the largest reference magnitude (the backends accumulate in another order than the
 specification's single log-sum-exp).
+
+The Triton backend runs in Triton's interpreter (``TRITON_INTERPRET=1``, set in a subprocess
+before Triton is imported) in float32, against the float64 specification on the same
+float32-rounded inputs: ``rtol = 1e-4``, ``atol = 1e-4`` relative to the largest reference
+magnitude (float32 rounding of sums over at most ~40 terms at inverse temperatures ≤ 5).
 """
+import importlib.util
 import itertools
+import json
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,6 +26,8 @@ import adaptau
 from adaptau.loss.mixed import mixed_reference_loss
 
 CPU_BACKENDS = [b for b in adaptau.available_backends("cpu") if b != "triton"]
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
 SOURCE_SETS = [s for r in (1, 2, 3) for s in itertools.combinations(("in_batch", "shared", "per_row"), r)]
 
 
@@ -150,3 +162,51 @@ def test_gradcheck(backend):
     fn = lambda u, i, a: adaptau.softmax_loss(u, i, pos, neg, a, 2.0, include_pos=True,  # noqa: E731
                                               remove_accidental_hits=True, reduction="none", backend=backend)
     assert torch.autograd.gradcheck(fn, (user, items, alpha), eps=1e-6, atol=1e-6)
+
+
+def _triton_worker(out_path: str, seed: int) -> None:
+    """Runs in a subprocess with TRITON_INTERPRET=1: every source set through the Triton
+    backend in float32 against the float64 specification; writes the problems found."""
+    rng = random.Random(seed)
+    problems = []
+    for sources in SOURCE_SETS:
+        for _ in range(2):
+            logq, hits = rng.random() < 0.6, rng.random() < 0.5
+            user, items, pos, fields, alpha, beta = _case(rng, sources, logq=logq, hits=hits)
+            opts = dict(include_pos=rng.random() < 0.5, normalize=rng.random() < 0.8,
+                        remove_accidental_hits=hits or rng.random() < 0.3)
+            rounded = [t.float().double() for t in (user, items, alpha, beta)]
+            fields32 = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v)
+                        for k, v in fields.items()}
+            fields64 = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v)
+                        for k, v in fields32.items()}
+            got = _grads(lambda u, i, a, b: adaptau.softmax_loss(u, i, pos, fields32, a, b, reduction="none",
+                                                                 backend="triton", **opts),
+                         *[t.float() for t in rounded])
+            want = _grads(lambda u, i, a, b: mixed_reference_loss(u, i, pos, fields64, a, b, **opts), *rounded)
+            for name, g, w in zip(("loss", "user", "items", "pos_scale", "neg_scale"), got, want):
+                tol = 1e-4 * max(1.0, float(w.abs().max()))
+                if g.dtype != torch.float32 or torch.isnan(g).any() or not torch.allclose(
+                        g.double(), w, rtol=1e-4, atol=tol):
+                    problems.append(f"{'+'.join(sources)} {name} ({opts}, logq {logq}, hits {hits}): "
+                                    f"max |diff| {float((g.double() - w).abs().max()):.3g}, dtype {g.dtype}")
+    with open(out_path, "w") as fh:
+        json.dump(problems, fh)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                    reason="triton is not installed: its interpreter cannot run here")
+def test_triton_interpreter_mixed(seed, tmp_path):
+    """Every source set on the Triton backend (interpreter, float32) against the specification."""
+    out = tmp_path / "problems.json"
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--triton-worker", str(out), str(seed)],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and out.exists(), f"worker failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
+    problems = json.loads(out.read_text())
+    assert not problems, "\n".join(problems)
+
+
+if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--triton-worker":
+    torch.set_num_threads(1)
+    _triton_worker(sys.argv[2], int(sys.argv[3]))
