@@ -22,7 +22,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import cpu_model  # noqa: E402
+import _common  # noqa: E402
 
 CHILD = r"""
 import json, sys, time, torch, adaptau
@@ -54,6 +54,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--note", default="")
     ap.add_argument("--out", default="")
+    _common.add_pause_argument(ap)
     args = ap.parse_args()
     builds = []
     for spec in args.build:
@@ -64,6 +65,31 @@ def main():
     B, M, D, N = map(int, args.shape.split(","))
     times = {name: [] for name, _, _ in builds}
     info = {}
+    with _common.paused(args.pause) as pids:
+        measure_rounds(args, builds, (B, M, D, N), times, info)
+    first = statistics.median(times[builds[0][0]])
+    lines = [f"# adaptau builds side by side: cpu backend, per-row B={B} M={M} D={D} N={N}, "
+             f"{args.threads} threads", "",
+             f"- {_common.machine_line()}",
+             f"- {_common.paused_line(args.pause, pids)}",
+             f"- {args.rounds} rounds, each one process per build in turn ({args.repeats} timed steps after "
+             f"{args.warmup} warm-up); medians over all steps of a build",
+             f"- Command: `python {' '.join(sys.argv)}`"] + ([f"- {args.note}"] if args.note else []) + [""]
+    lines += _common.markdown_table(
+        ["build", "kernels", "fwd+bwd ms (median)", "min ms", "vs first"],
+        [(name, info[name][0] or "n/a (no cpu_capability)", f"{1e3 * statistics.median(times[name]):.2f}",
+          f"{1e3 * min(times[name]):.2f}", f"{first / statistics.median(times[name]):.3f}x")
+         for name, _, _ in builds])
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+
+
+def measure_rounds(args, builds, shape, times, info) -> None:
+    """``args.rounds`` rounds, each running one process per build in turn."""
+    B, M, D, N = shape
     for r in range(args.rounds):
         for name, path, env in builds:
             e = dict(os.environ, PYTHONPATH=path, **env)
@@ -74,23 +100,6 @@ def main():
             times[name] += res["times"]
             info[name] = (res["capability"], res["file"])
             print(f"round {r}: {name:10s} median {1e3 * statistics.median(res['times']):7.2f} ms", flush=True)
-    first = statistics.median(times[builds[0][0]])
-    lines = [f"# adaptau builds side by side: cpu backend, per-row B={B} M={M} D={D} N={N}, "
-             f"{args.threads} threads", "",
-             f"- CPU: {cpu_model()} ({os.cpu_count()} logical cores)",
-             f"- {args.rounds} rounds, each one process per build in turn ({args.repeats} timed steps after "
-             f"{args.warmup} warm-up); medians over all steps of a build",
-             f"- Command: `python {' '.join(sys.argv)}`"] + ([f"- {args.note}"] if args.note else []) + [
-             "", "| build | kernels | fwd+bwd ms (median) | min ms | vs first |", "|---|---|---|---|---|"]
-    for name, path, env in builds:
-        t = times[name]
-        lines.append(f"| {name} | {info[name][0] or 'n/a (no cpu_capability)'} | {1e3 * statistics.median(t):.2f} | "
-                     f"{1e3 * min(t):.2f} | {first / statistics.median(t):.3f}x |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import adaptau  # noqa: E402
+import _common  # noqa: E402
 from _common import header, results_dir  # noqa: E402
 from host_memory import peak_rss_growth  # noqa: E402
 
@@ -330,6 +331,7 @@ def main(argv=None) -> int:
     p.add_argument("--merge", action="store_true",
                    help="keep the rows of the existing catalog.csv that this run does not measure")
     p.add_argument("--note", default="", help="a line for the results file (e.g. what ran beside it)")
+    _common.add_pause_argument(p)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
@@ -347,12 +349,14 @@ def main(argv=None) -> int:
         p.error(f"unknown routes {unknown}; known: {list(ROUTES)}")
     rows: List[Dict] = []
     replicated = [r for r in routes if not r.startswith("torchrec")]
-    if replicated:
-        for n in (int(x) for x in args.sizes.split(",")):
-            rows += measure(n, args.rounds, args.warmup, replicated)
-    if "torchrec-2r" in routes:
-        for n in (int(x) for x in args.torchrec_sizes.split(",")):
-            rows += measure_torchrec(n, args.rounds, args.warmup)
+    with _common.paused(args.pause) as pids:
+        if replicated:
+            for n in (int(x) for x in args.sizes.split(",")):
+                rows += measure(n, args.rounds, args.warmup, replicated)
+        if "torchrec-2r" in routes:
+            for n in (int(x) for x in args.torchrec_sizes.split(",")):
+                rows += measure_torchrec(n, args.rounds, args.warmup)
+    args.note = "; ".join(x for x in (args.note, _common.paused_line(args.pause, pids)) if x)
     if args.merge:
         path = os.path.join(results_dir(), "catalog.csv")
         done = {(r["N"], r["route"]) for r in rows}

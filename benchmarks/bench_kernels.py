@@ -62,6 +62,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also under runpy (adaptau bench)
 import adaptau  # noqa: E402
 from adaptau.loss.ops import _cpu_capabilities, _set_cpu_capability  # noqa: E402
+import _common  # noqa: E402
 from host_memory import available_bytes, peak_rss_growth, trim  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -360,20 +361,7 @@ def run_shape(s: Shape, args, rows: List[Dict]):
 
 # ------------------------------------------------------------------------- reporting
 def machine_info(device: str) -> List[str]:
-    lines = []
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-        flags = open("/proc/cpuinfo").read()
-        isa = "avx512f" if " avx512f" in flags else ("avx2" if " avx2" in flags else "baseline")
-    except OSError:
-        isa = "?"
-    lines.append(f"CPU: {cpu} ({os.cpu_count()} logical cores, widest SIMD: {isa}); "
-                 f"torch threads: {torch.get_num_threads()}")
+    lines = [_common.machine_line()]
     try:
         load = os.getloadavg()
         lines.append(f"Load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
@@ -433,8 +421,6 @@ def _over_runs(rows: List[Dict]) -> List[Dict]:
 def _default_out_dir(device: str) -> str:
     """This machine's results folder: ``_common.results_dir()`` for the CPU, ``gpu-<model>``
     for a GPU."""
-    import _common
-
     if device == "cpu":
         return _common.results_dir()
     name = "-".join(w for w in torch.cuda.get_device_name().lower().replace("nvidia", "").split() if w)
@@ -507,7 +493,8 @@ def write_results(rows: List[Dict], info: List[str], args, extra: List[str]):
         ax.set_ylabel("forward+backward time (ms)")
         ax.set_title(f"adaptau softmax_loss vs PyTorch ({args.device})")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        if ax.get_lines():
+            ax.legend()
         fig.tight_layout()
         fig.savefig(prefix + ".png", dpi=120)
     except Exception as exc:  # plotting is optional
@@ -539,6 +526,7 @@ def main():
     ap.add_argument("--append", action="store_true",
                     help="add this run to the results CSV (a run column) and show the median and "
                          "range over all runs")
+    _common.add_pause_argument(ap)
     ap.add_argument("--probe-memory", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.capabilities = [c for c in args.capabilities.split(",") if c]
@@ -560,15 +548,16 @@ def main():
     print("\n".join(info), flush=True)
     rows: List[Dict] = []
     t_start = time.time()
-    for s in shapes:
-        for i, nt in enumerate(threads):
-            if i > 0 and s.name != args.scaling_shape:
-                continue
-            if args.device == "cpu":
-                torch.set_num_threads(nt)
-            run_shape(s, args, rows)
+    with _common.paused(args.pause) as paused:
+        for s in shapes:
+            for i, nt in enumerate(threads):
+                if i > 0 and s.name != args.scaling_shape:
+                    continue
+                if args.device == "cpu":
+                    torch.set_num_threads(nt)
+                run_shape(s, args, rows)
     torch.set_num_threads(threads[0])
-    extra = [f"Suite wall time {time.time() - t_start:.0f} s"]
+    extra = [f"Suite wall time {time.time() - t_start:.0f} s", _common.paused_line(args.pause, paused)]
     try:
         load = os.getloadavg()
         extra.append(f"Load average at end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")

@@ -23,11 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import statistics
-import subprocess
 import sys
-import time
 
 import torch
 
@@ -35,21 +31,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import _common  # noqa: E402
 from adaptau.train.data import load_dataset, prepare  # noqa: E402
 from adaptau.train.models import normalized_adjacency  # noqa: E402
-
-
-def _median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def _pids(pattern: str):
-    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
-    return [int(p) for p in out if int(p) != os.getpid()]
 
 
 def main(argv=None) -> None:
@@ -60,8 +41,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--batch-size", type=int, default=2048, help="for the steps per epoch")
-    ap.add_argument("--pause", default="benchmarks/reproduce.py",
-                    help="pgrep -f pattern of background jobs to stop while timing ('' for none)")
+    _common.add_pause_argument(ap)
     ap.add_argument("--out", default=None, help="default: <results_dir>/propagation.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -88,14 +68,8 @@ def main(argv=None) -> None:
         ("gather+reduce", gather_reduce, nnz * (4 * row_bytes + 16) + nodes * row_bytes),
         ("copy", lambda: buf.copy_(src), nnz * 2 * row_bytes),
     ]
-    paused = _pids(args.pause) if args.pause else []
-    for pid in paused:
-        os.kill(pid, signal.SIGSTOP)
-    try:
-        results = [(name, _median_ms(fn, args.repeats), nbytes) for name, fn, nbytes in cases]
-    finally:
-        for pid in paused:
-            os.kill(pid, signal.SIGCONT)
+    with _common.paused(args.pause) as paused:
+        results = [(name, _common.median_ms(fn, args.repeats), nbytes) for name, fn, nbytes in cases]
 
     load = os.getloadavg()[0]
     steps = -(-split.train.nnz // args.batch_size)
@@ -104,18 +78,17 @@ def main(argv=None) -> None:
     lines += [
         f"- Graph: {nodes:,} nodes ({ds.num_users:,} users + {ds.num_items:,} items), "
         f"{nnz:,} non-zeros ({args.protocol} protocol), D = {dim}, float32",
-        f"- Background jobs paused while timing: {len(paused)} process(es) matching "
-        f"`{args.pause}`" if args.pause else "- No background jobs paused",
+        "- " + _common.paused_line(args.pause, paused),
         f"- Median of {args.repeats} calls after one warm-up; bytes are what each must move "
         "(rows read and written, indices), GB/s = bytes / time",
         f"- Load average (1 min) at the end: {load:.2f} on {os.cpu_count()} cores; compare "
         "the rows with each other, not with another machine's",
         "",
-        "| operation | ms | GB/s | vs spmm |",
-        "|---|---:|---:|---:|",
     ]
-    for name, ms, nbytes in results:
-        lines.append(f"| {name} | {ms:.1f} | {nbytes / ms / 1e6:.1f} | {ms / spmm_ms:.2f}× |")
+    lines += _common.markdown_table(
+        ["operation", "ms", "GB/s", "vs spmm"],
+        [(name, f"{ms:.1f}", f"{nbytes / ms / 1e6:.1f}", f"{ms / spmm_ms:.2f}×") for name, ms, nbytes in results],
+        align="lrrr")
     lines += [
         "",
         f"A training step runs 6 products (3 layers, forward and backward): {6 * spmm_ms / 1e3:.3f} s; "

@@ -40,7 +40,6 @@ import csv
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from typing import Dict, List, Optional
@@ -138,24 +137,10 @@ class Stepper:
 
 # ------------------------------------------------------------------------------ report
 def machine_info() -> List[str]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except OSError:
-        commit = "?"
-    return [f"CPU: {cpu}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}",
+    return [_common.machine_line(),
             f"memory available at start: {available_bytes() / 2**30:.1f} GiB",
             f"torch {torch.__version__}, Python {platform.python_version()}, adaptau {adaptau.__version__}, "
-            f"commit {commit}",
+            f"commit {_common.commit()}",
             f"backends usable here: {adaptau.available_backends('cpu')}"]
 
 
@@ -184,7 +169,14 @@ def main() -> int:
                     help="path without extension (default benchmarks/results/<machine>/train_gowalla_mf)")
     ap.add_argument("--fresh", action="store_true",
                     help="start the CSV over instead of appending this run to it")
+    _common.add_pause_argument(ap)
     args = ap.parse_args()
+    with _common.paused(args.pause) as pids:
+        return run(args, ap, pids)
+
+
+def run(args, ap, paused_pids: List[int]) -> int:
+    """The measurements and the report of one invocation (background jobs paused)."""
     if args.out is None:
         args.out = os.path.join(_common.results_dir(), "train_gowalla_mf")
     for name in ("steps", "slow_steps", "long_steps", "epochs"):
@@ -193,7 +185,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     variants = [v for v in args.variants.split(",") if v]
-    info = machine_info()
+    info = machine_info() + [_common.paused_line(args.pause, paused_pids)]
     load_start = loadavg()
     print("\n".join(info), flush=True)
 

@@ -44,7 +44,6 @@ import datetime
 import fnmatch
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -191,16 +190,9 @@ def partial_summary(history: List[Dict[str, Any]], protocol: str, metric: str) -
 
 
 def machine() -> str:
-    cpu = platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {dev}; torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return (f"{_common.cpu_model()}, {os.cpu_count()} cores, {dev}; torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")
 
 
 def fmt(x: Optional[float], d: int = 4) -> str:
