@@ -26,8 +26,10 @@ overrides any other setting for every run (recorded in the report).
 Run folders live under ``--runs`` (default ``runs/reproduce/<dataset>-<model>-<protocol>-<rule>``).
 A finished folder whose budget is met is reused as is; an unfinished one (or one with a
 smaller budget) is continued from its ``last.pt`` (``--resume``, the default; ``--fresh``
-starts over). So a long reproduction can be stopped and restarted at will, and a short
-run can later be extended by raising ``--epochs``.
+starts over). A folder that is not continued (``--fresh``, or settings other than the
+saved ones) is renamed ``<name>.set-aside-<UTC time>``, never deleted. So a long
+reproduction can be stopped and restarted at will, and a short run can later be extended
+by raising ``--epochs``.
 
     # a few minutes: lastfm, both models, paper protocol, three rules, 10 epochs
     python benchmarks/reproduce.py --datasets lastfm --protocols paper --rules ip,global,adaptive --epochs 10
@@ -56,6 +58,7 @@ sys.path.insert(0, str(HERE))
 import torch  # noqa: E402
 
 from adaptau.train import PRESETS, TrainConfig, Trainer  # noqa: E402
+from adaptau.train.run_folder import RunLock  # noqa: E402
 import _common  # noqa: E402
 
 DATASETS = ("gowalla", "ml-1m", "lastfm")
@@ -119,18 +122,45 @@ def cell_config(dataset: str, model: str, protocol: str, rule: str, args) -> Tra
     return cfg
 
 
+#: Settings a cell may change between invocations and still continue its run (the budget).
+BUDGET_SETTINGS = ("epochs", "patience", "progress", "out", "eval_every")
+
+
+def settings_differ(saved: Dict[str, Any], cfg: TrainConfig) -> List[str]:
+    """The settings of ``cfg`` that differ from a run folder's saved ``config.json``, the
+    budget excepted. A setting the saved file lacks (it predates that setting) counts as
+    its default, which is what the trainer reads it as."""
+    def as_json(c: TrainConfig) -> Dict[str, Any]:
+        return json.loads(json.dumps({k: getattr(c, k) for k in TrainConfig.fields() if k not in BUDGET_SETTINGS}))
+
+    default = as_json(TrainConfig())
+    return [k for k, v in as_json(cfg).items() if saved.get(k, default[k]) != v]
+
+
+def set_aside(folder: Path) -> Path:
+    """Rename a run folder that is not continued to ``<name>.set-aside-<UTC time>`` (a
+    number appended if taken): nothing trained is deleted."""
+    RunLock(folder).release()  # ValueError while another run holds the folder
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    target, n = folder.with_name(f"{folder.name}.set-aside-{stamp}"), 1
+    while target.exists():
+        n += 1
+        target = folder.with_name(f"{folder.name}.set-aside-{stamp}-{n}")
+    folder.rename(target)
+    return target
+
+
 def run_cell(name: str, cfg: TrainConfig, folder: Path, args, log) -> Dict[str, Any]:
-    """Train (or continue, or reuse) one cell; return its summary."""
+    """Train (or continue, or reuse) one cell; return its summary. A folder that is not
+    continued (other settings, or ``--fresh``) is set aside, never deleted."""
     cfg.out = str(folder)
     summary_path = folder / "summary.json"
     resume = None
     if not args.fresh and (folder / "last.pt").is_file():
         saved = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
-        same = all(saved.get(k) == v for k, v in json.loads(json.dumps(
-            {k: getattr(cfg, k) for k in TrainConfig.fields() if k not in ("epochs", "patience", "progress",
-                                                                          "out", "eval_every")})).items())
-        if not same:
-            log(f"[{name}] the settings differ from the saved run in {folder}; starting over")
+        differ = settings_differ(saved, cfg)
+        if differ:
+            log(f"[{name}] the settings {differ} differ from the saved run in {folder}; starting over")
         else:
             if summary_path.is_file():
                 s = json.loads(summary_path.read_text())
@@ -141,8 +171,8 @@ def run_cell(name: str, cfg: TrainConfig, folder: Path, args, log) -> Dict[str, 
             resume = str(folder)
             log(f"[{name}] continuing {folder} up to {cfg.epochs} epochs")
     if resume is None:
-        for f in ("last.pt", "best.pt", "metrics.jsonl", "summary.json", "train.log"):
-            (folder / f).unlink(missing_ok=True)
+        if folder.exists() and any(folder.iterdir()):
+            log(f"[{name}] the previous run is kept in {set_aside(folder)}")
         log(f"[{name}] training {cfg.epochs} epochs -> {folder}")
     t0 = time.time()
     quiet = (lambda msg: None) if not args.verbose else (lambda msg: log(f"  {msg}"))

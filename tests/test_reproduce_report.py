@@ -44,3 +44,48 @@ def test_partial_summary_empty(reproduce, tmp_path):
     _write(tmp_path / "noeval", [{"epoch": 0, "loss": 1.0, "seconds": 5}])
     s = reproduce.partial_summary(reproduce.run_history(tmp_path / "noeval"), "paper", "recall@20")
     assert s["epochs_run"] == 1 and s["best_epoch"] is None and s["test"] is None
+
+
+TINY = "synthetic:num_users=120,num_items=80"
+
+
+def _cell(reproduce, **over):
+    from adaptau.train import TrainConfig
+
+    return TrainConfig().update(dict(dict(data=TINY, dim=8, batch_size=64, negatives=8, epochs=2,
+                                          progress="off", seed=3), **over))
+
+
+def test_a_setting_the_saved_config_predates_counts_as_its_default(reproduce):
+    cfg = _cell(reproduce)
+    saved = json.loads(json.dumps({k: getattr(cfg, k) for k in type(cfg).fields()}))
+    assert reproduce.settings_differ(saved, cfg) == []
+    del saved["hard_negatives"]  # a run folder written before the setting existed
+    assert reproduce.settings_differ(saved, cfg) == []
+    saved["lr"] = cfg.lr * 2
+    assert reproduce.settings_differ(saved, cfg) == ["lr"]
+    saved["lr"], saved["epochs"] = cfg.lr, 999  # the budget may change
+    assert reproduce.settings_differ(saved, cfg) == []
+
+
+def test_a_cell_is_continued_or_set_aside_never_deleted(reproduce, tmp_path):
+    """Rerunning a cell continues it (also when its config.json lacks a newer setting); with
+    other settings the old folder is kept beside the new one, files intact."""
+    import argparse
+
+    args = argparse.Namespace(fresh=False, verbose=False)
+    logs = []
+    folder = tmp_path / "cell"
+    reproduce.run_cell("cell", _cell(reproduce, epochs=1), folder, args, logs.append)
+    config = json.loads((folder / "config.json").read_text())
+    del config["hard_negatives"]
+    (folder / "config.json").write_text(json.dumps(config))
+    reproduce.run_cell("cell", _cell(reproduce, epochs=2), folder, args, logs.append)
+    assert any("continuing" in m for m in logs), logs
+    assert [r["epoch"] for r in reproduce.run_history(folder)] == [0, 1]
+    before = (folder / "last.pt").read_bytes()
+    reproduce.run_cell("cell", _cell(reproduce, epochs=1, lr=0.05), folder, args, logs.append)
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("cell.set-aside-")]
+    assert len(kept) == 1 and (kept[0] / "last.pt").read_bytes() == before, logs
+    assert any("['lr']" in m for m in logs) and any(str(kept[0]) in m for m in logs), logs
+    assert [r["epoch"] for r in reproduce.run_history(folder)] == [0]
