@@ -321,6 +321,98 @@ def write_report(results: List[Dict[str, Any]], args, wall: float, argv: str, ou
         print("\n".join(lines))
 
 
+def compare_rules(cells, args) -> None:
+    """For every (dataset, model, protocol) whose Adap-τ and Adap-τ-0 runs both have
+    evaluations: their test curves in one plot, ``<report stem>_<dataset>-<model>-<protocol>_rules.png``
+    (listed in the report)."""
+    from adaptau.train.plots import rule_comparison
+
+    for d, m, p in dict.fromkeys((c[0], c[1], c[2]) for c in cells):
+        histories = {RULE_LABEL[r]: run_history(Path(args.runs) / f"{d}-{m}-{p}-{r}") for r in ("adaptive", "global")}
+        if all(any(h.get("metrics") for h in hist) for hist in histories.values()):
+            png = Path(args.out).with_name(f"{Path(args.out).stem}_{d}-{m}-{p}_rules.png")
+            rule_comparison(histories, ["recall@20", "ndcg@20"], f"{d} {m} ({p} protocol)", png)
+            args.curves.append((f"{d}-{m}-{p}: Adap-τ against Adap-τ-0", png.name))
+
+
+#: Cell status, from most to least final.
+_STATUS_RANK = {"early-stopped": 0, "completed": 0, "diverged": 1, "in progress": 2}
+#: The issue's targets for Gowalla LightGCN, paper protocol (98% of the paper's Adap-τ).
+LIGHTGCN_TARGET = (0.1863, 0.1558)
+
+
+def collect(results_root: Path, out: Path) -> List[str]:
+    """One report from every machine's ``reproduction_*.csv`` under ``results_root``: per
+    cell the most final row (converged before in progress, then the most epochs), one table
+    per dataset and protocol with the paper's figure beside each cell, whether each cell
+    converged or is still running, Adap-τ against Adap-τ-0, and links to the curves.
+    Writes ``out`` and returns its lines."""
+    cells: Dict[tuple, Dict[str, Any]] = {}
+    for path in sorted(results_root.glob("*/reproduction_*.csv")):
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                for k in ("recall@20", "ndcg@20", "s_per_epoch"):
+                    row[k] = float(row[k]) if row.get(k) not in (None, "", "None") else None
+                for k in ("best_epoch", "epochs_run"):
+                    row[k] = int(float(row[k])) if row.get(k) not in (None, "", "None") else None
+                row["machine"], row["source"] = path.parent.name, path
+                key = (row["dataset"], row["model"], row["protocol"], row["rule"])
+                rank = (_STATUS_RANK.get(row["status"], 3), -(row["epochs_run"] or 0))
+                if key not in cells or rank < cells[key]["_rank"]:
+                    cells[key] = dict(row, _rank=rank)
+    lines = ["# Adap-τ reproduction: every cell run so far", "",
+             "Collected by `python benchmarks/reproduce.py --collect` from the per-machine reports "
+             "`benchmarks/results/<machine>/reproduction_*.md` (their headers give the command, budget and "
+             "machine of each run). Per cell the most final run is shown: converged (early-stopped) before "
+             "still running, then the most epochs. **A cell marked *still running* is not a final figure.**",
+             "", "Paper protocol = train on train ∪ valid and select the epoch on test, as the paper's code "
+             "(optimistic); clean = train on train, select on valid, report test once. The paper's figures "
+             "(its public Gowalla logs) are given for Gowalla, paper protocol; it reports no others in a "
+             "form given here.", ""]
+    groups: Dict[tuple, List[Dict[str, Any]]] = {}
+    for key in sorted(cells, key=lambda k: (DATASETS.index(k[0]) if k[0] in DATASETS else 9, k[2] != "paper",
+                                            MODELS.index(k[1]) if k[1] in MODELS else 9,
+                                            RULES.index(k[3]) if k[3] in RULES else 99)):
+        groups.setdefault(key[:1] + key[2:3], []).append(cells[key])
+    for (ds, proto), rows in groups.items():
+        lines += [f"## {ds}, {proto} protocol", ""]
+        table = []
+        for r in rows:
+            p = PAPER.get((r["model"], r["rule"])) if (ds == "gowalla" and proto == "paper") else None
+            state = ("converged" if r["status"] in ("early-stopped", "completed") else
+                     "**still running**" if r["status"] == "in progress" else r["status"])
+            table.append((r["model"], RULE_LABEL.get(r["rule"], r["rule"]), fmt(r["recall@20"]),
+                          f"{p[0]:.4f}" if p else "—", fmt(r["ndcg@20"]), f"{p[1]:.4f}" if p else "—",
+                          "—" if r["best_epoch"] is None else r["best_epoch"], r["epochs_run"], state,
+                          f"[{r['machine']}]({r['machine']}/{r['source'].name[:-4]}.md)"))
+        lines += _common.markdown_table(["model", "rule", "Recall@20", "paper", "NDCG@20", "paper", "best epoch",
+                                         "epochs reached", "state", "report"], table, align="llrrrrrrll")
+        lines.append("")
+        for model in MODELS:
+            by = {r["rule"]: r for r in rows if r["model"] == model}
+            if "adaptive" in by and "global" in by and None not in (by["adaptive"]["recall@20"],
+                                                                    by["global"]["recall@20"]):
+                a, g = by["adaptive"], by["global"]
+                ok = a["recall@20"] >= g["recall@20"] and a["ndcg@20"] >= g["ndcg@20"]
+                running = [n for n, r in (("Adap-τ", a), ("Adap-τ-0", g)) if r["status"] == "in progress"]
+                lines.append(f"- {model}: Adap-τ {'≥' if ok else 'is NOT ≥'} Adap-τ-0 on both metrics "
+                             f"(Δ Recall@20 {a['recall@20'] - g['recall@20']:+.4f}, Δ NDCG@20 "
+                             f"{a['ndcg@20'] - g['ndcg@20']:+.4f})"
+                             + (f"; provisional: {' and '.join(running)} still running" if running else ""))
+            if ds == "gowalla" and proto == "paper" and model == "lightgcn" and "adaptive" in by:
+                a, (tr, tn) = by["adaptive"], LIGHTGCN_TARGET
+                met = a["recall@20"] is not None and a["recall@20"] >= tr and a["ndcg@20"] >= tn
+                lines.append(f"- lightgcn Adap-τ against the target (≥ {tr} Recall@20, ≥ {tn} NDCG@20, 98% of "
+                             f"the paper): {'met' if met else 'not met'}"
+                             + (" so far (still running)" if a["status"] == "in progress" else ""))
+        for png in sorted(results_root.glob(f"*/reproduction_*_{ds}-*-{proto}_rules.png")):
+            lines.append(f"- Curves, Adap-τ against Adap-τ-0: [{png.parent.name}/{png.name}]"
+                         f"({png.parent.name}/{png.name})")
+        lines.append("")
+    out.write_text("\n".join(lines) + "\n")
+    return lines
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", default=",".join(DATASETS))
@@ -349,10 +441,18 @@ def main() -> int:
                          "benchmarks/results/<machine>/reproduction_<datasets>[_<model>].md")
     ap.add_argument("--note", action="append", default=[], help="a line of context for the report")
     ap.add_argument("--dry-run", action="store_true", help="list the selected cells and exit")
+    ap.add_argument("--collect", action="store_true",
+                    help="train nothing: gather every benchmarks/results/<machine>/reproduction_*.csv into "
+                         "benchmarks/results/reproduction.md, the one report")
     ap.add_argument("--report-only", action="store_true",
                     help="train nothing: write the report from the run folders as they are (unfinished "
                          "runs show their best evaluation so far, marked 'in progress')")
     args = ap.parse_args()
+    if args.collect:
+        out = Path(_common.RESULTS) / "reproduction.md"
+        print("\n".join(collect(Path(_common.RESULTS), out)))
+        print(f"wrote {out}")
+        return 0
     args.curves = []
     args.epochs_for = {k: int(v) for k, _, v in (x.partition("=") for x in args.epochs_for)}
     args.overrides = {}
@@ -417,6 +517,8 @@ def main() -> int:
             "s_per_epoch": s.get("seconds_per_epoch"), "lr": cfg.lr, "warmup": cfg.warmup,
             "folder": str(Path(args.runs) / name)}))
         write_report(results, args, time.time() - t0, argv, Path(args.out))  # after every cell
+    if args.report_only:
+        compare_rules(cells, args)
     if results:
         write_report(results, args, time.time() - t0, argv, Path(args.out), show=True)
         print(f"wrote {args.out} and {Path(args.out).with_suffix('.csv')}")

@@ -46,6 +46,25 @@ def training_curves(history: List[Dict], metric: str, path: Path) -> None:
     plt.close(fig)
 
 
+def rule_comparison(histories: Dict[str, List[Dict]], metrics: List[str], title: str, path: Path) -> None:
+    """The evaluated ``metrics`` (e.g. recall@20, ndcg@20) against the epoch, one panel per
+    metric and one line per run: ``histories`` maps a label (``Adap-τ``) to a run's epoch
+    records (``metrics.jsonl``)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 3.8), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for label, history in histories.items():
+            ev = [h for h in history if metric in (h.get("metrics") or {})]
+            ax.plot([h["epoch"] for h in ev], [h["metrics"][metric] for h in ev], marker=".", label=label)
+        ax.set_title(f"{title}: {metric}")
+        ax.set_xlabel("epoch")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def tau_histograms(snapshots: Dict[int, np.ndarray], path: Path, max_panels: int = 4) -> None:
     """Histogram of the per-user τ = 1/β at a few epochs."""
     plt = _plt()
