@@ -268,7 +268,13 @@ class ShardedTables:
 class ShardedTrainer(Trainer):
     """:class:`adaptau.train.Trainer` with TorchRec row-wise sharded MF tables
     (``cfg.shard_tables == "row-wise"``); see the module docstring. ``Trainer(cfg)`` returns
-    one when ``cfg.shard_tables`` is set."""
+    one when ``cfg.shard_tables`` is set.
+
+    It keeps the trainer's run and epoch loop and replaces the parts the tables change: the
+    model setup, :meth:`train_step`, the start of an epoch, the optimizer's state in
+    ``last.pt`` and the finiteness check of the weights (which gathers the shards into rank
+    0's MF, so that ``last.pt`` / ``best.pt`` hold the whole tables).
+    """
 
     def __init__(self, cfg, **kwargs) -> None:
         require_torchrec()
@@ -293,6 +299,7 @@ class ShardedTrainer(Trainer):
             self._own_group = False
 
     def fit(self) -> Dict[str, Any]:
+        """:meth:`Trainer.fit`; the 1-rank process group started here ends with it."""
         try:
             return super().fit()
         finally:
@@ -308,14 +315,11 @@ class ShardedTrainer(Trainer):
         self.step_module = self.tables.module
         self.optimizer = self.tables.module.fused_optimizer
 
-    def _model_state(self) -> Dict[str, Tensor]:
-        return self.model.state_dict()  # (the gathered tables: see _sync_mirror)
-
     def _optimizer_state(self) -> Dict[str, Any]:
         return {"torchrec_fused": self.tables.gather_optimizer_state(0)}
 
     def _restore_model_and_optimizer(self, ckpt: Dict[str, Any]) -> None:
-        where = str(self.out / "last.pt")
+        where = str(self.checkpoints.last_path)
         saved = ckpt.get("optimizer")
         if not (isinstance(saved, dict) and "torchrec_fused" in saved):
             raise CheckpointError(f"{where}: written by a run without --shard-tables; resume it "
