@@ -101,7 +101,6 @@ class Trainer(EpochLoop):
                  dataset: Optional[Dataset] = None, overwrite: bool = False) -> None:
         cfg.validate()
         self.cfg = cfg
-        self.log_fn = log
         # torchrun workers (WORLD_SIZE > 1) join the group here: gloo on CPU, NCCL on CUDA
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -136,7 +135,7 @@ class Trainer(EpochLoop):
             raise ValueError("--sampler mixed runs in one process: its in-batch part would need "
                              "every rank's positives (use --sampler in-batch or shared under DDP)")
         self._setup_model()
-        self.direct_l2 = cfg.l2 > 0 and self._l2_on_leaves()
+        self.direct_l2 = cfg.l2 > 0 and self._l2_on_leaves()  # the L2 gradient added to .grad (train_step)
         from ..loss.temperature import AdapTau
 
         self.controller = AdapTau(self.train_users, self.train_items, num_users=self.num_users,
