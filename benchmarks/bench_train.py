@@ -82,7 +82,7 @@ def fused_loss(user, items, pos, neg, pos_scale, neg_scale):
 class Stepper:
     """One training step of the trainer, with the loss function swapped in.
 
-    Mirrors ``Trainer._train_epoch``'s loop body; phases are timed separately
+    Mirrors ``Trainer.train_step``; phases are timed separately
     (``sample``, ``forward`` = tables + dropout + scales + loss + L2, ``backward``,
     ``optimizer``, ``controller``).
     """

@@ -3,9 +3,11 @@ around :mod:`adaptau.loss`.
 
 Modules:
     config       ``TrainConfig``: every setting, its coercion and validation; presets
-    trainer      ``Trainer``, ``train``, ``evaluate_run``: the training loop
-    run_folder   the run lock and atomic writes of a run folder's files
-    checkpoints  reading checkpoints safely and checking them against a model
+    trainer      ``Trainer``, ``train``, ``evaluate_run``: a run from start to end
+    epoch        ``EpochLoop``: one epoch of training and its step (``train_step``)
+    run_folder   ``RunFolder``: a run folder's files, the run lock, atomic writes
+    checkpoints  ``Checkpointer``: last.pt and best.pt; reading checkpoints safely
+    summary      the end of a run: summary.json, the closing and per-epoch log lines
     host         allocator tuning (``keep_freed_heap``)
     data         dataset loaders, name resolution, protocols, ``make_synthetic``
     synthetic    the synthetic interaction generator (arrays only)
@@ -30,10 +32,12 @@ __all__ = ["TrainConfig", "PRESETS", "Trainer", "train", "evaluate_run", "NonFin
 
 
 def __getattr__(name: str):
-    # adaptau.train of 0.1 was the trainer module itself: its other names stay readable here.
-    from . import trainer
+    # adaptau.train of 0.1 was the trainer module itself: the names it held stay readable
+    # here, from the trainer module and the modules of the trainer's parts.
+    import importlib
 
-    try:
-        return getattr(trainer, name)
-    except AttributeError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    for part in ("trainer", "epoch", "summary", "checkpoints", "run_folder"):
+        module = importlib.import_module(f".{part}", __name__)
+        if hasattr(module, name):
+            return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

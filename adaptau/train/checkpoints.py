@@ -1,11 +1,12 @@
-"""Checkpoints: read safely (tensors and plain values only), checked against the model they
-are loaded into, and the numpy RNG state in a form ``weights_only`` loading accepts."""
+"""Checkpoints: :class:`Checkpointer` (a run's ``last.pt`` and ``best.pt``), read safely
+(tensors and plain values only), checked against the model they are loaded into, and the
+RNG states in a form ``weights_only`` loading accepts."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Optional, Union
-
+import dataclasses
 import random
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -13,7 +14,8 @@ import torch
 if TYPE_CHECKING:
     from .config import TrainConfig
 
-__all__ = ["CheckpointError", "load_checkpoint", "check_checkpoint_fits", "rng_state", "set_rng_state"]
+__all__ = ["Checkpointer", "CheckpointError", "load_checkpoint", "check_checkpoint_fits", "rng_state",
+           "set_rng_state"]
 
 
 class CheckpointError(ValueError):
@@ -101,3 +103,88 @@ def set_rng_state(state: Dict[str, Any], *generators: torch.Generator) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Checkpointer:
+    """A run's checkpoints in its ``folder``, written atomically
+    (:func:`adaptau.train.run_folder.atomic_save`) and read with :func:`load_checkpoint`,
+    checked against ``cfg`` and the model they are loaded into.
+
+    * ``last.pt`` — everything a resumed run continues from: ``epoch`` (epochs done),
+      ``model``, ``optimizer``, ``controller``, ``rng`` (:func:`rng_state`),
+      ``world_size``, ``history`` (the epoch records), ``best`` / ``bad_evals`` (the early
+      stopping state), ``train_seconds``, ``tau_snapshots`` and ``config``.
+    * ``best.pt`` — the best evaluation so far: ``epoch``, ``model``, ``controller``,
+      ``metrics`` and ``config``.
+
+    The caller decides which rank writes (rank 0).
+    """
+
+    def __init__(self, folder: Path, cfg: "TrainConfig", device: Union[str, torch.device] = "cpu") -> None:
+        self.folder = Path(folder)
+        self.cfg = cfg
+        self.device = device
+        self.last_path = self.folder / "last.pt"
+        self.best_path = self.folder / "best.pt"
+
+    @staticmethod
+    def is_snapshot_epoch(epoch: int) -> bool:
+        """Epochs whose per-user scales ``last.pt`` keeps for the τ histogram: 0, 1, 2, 4, 8, …"""
+        return epoch == 0 or (epoch & (epoch - 1)) == 0
+
+    # -- writing ----------------------------------------------------------------------------
+    def save_last(self, epochs_done: int, *, model: Dict[str, Any], optimizer: Dict[str, Any],
+                  controller: Dict[str, Any], generators: Sequence[torch.Generator], world_size: int,
+                  history: List[Dict[str, Any]], best: Optional[Dict[str, Any]], bad_evals: int,
+                  train_seconds: float, tau_snapshots: Dict[int, torch.Tensor]) -> None:
+        """Write ``last.pt`` after ``epochs_done`` epochs (the RNG states are read here)."""
+        from .run_folder import atomic_save
+
+        atomic_save({
+            "epoch": epochs_done,
+            "model": model,
+            "optimizer": optimizer,
+            "controller": controller,
+            "rng": rng_state(*generators),
+            "world_size": world_size,
+            "history": history,
+            "best": best,
+            "bad_evals": bad_evals,
+            "train_seconds": train_seconds,
+            "tau_snapshots": tau_snapshots,
+            "config": dataclasses.asdict(self.cfg),
+        }, self.last_path)
+
+    def save_best(self, epoch: int, *, model: Dict[str, Any], controller: Dict[str, Any],
+                  metrics: Dict[str, float]) -> None:
+        """Write ``best.pt``: the state after ``epoch`` and its ``metrics``."""
+        from .run_folder import atomic_save
+
+        atomic_save({"epoch": epoch, "model": model, "controller": controller,
+                     "metrics": metrics, "config": dataclasses.asdict(self.cfg)}, self.best_path)
+
+    # -- reading ----------------------------------------------------------------------------
+    def load_last(self, model: torch.nn.Module) -> Dict[str, Any]:
+        """``last.pt``, checked to fit ``model`` (:class:`CheckpointError` when it does not)."""
+        return load_checkpoint(self.last_path, self.device, cfg=self.cfg, model=model)
+
+    def load_best(self, model: torch.nn.Module) -> Dict[str, Any]:
+        """``best.pt``, checked to fit ``model`` (:class:`CheckpointError` when it does not)."""
+        return load_checkpoint(self.best_path, self.device, cfg=self.cfg, model=model)
+
+    @staticmethod
+    def restore_progress(ckpt: Dict[str, Any], *generators: torch.Generator
+                         ) -> Tuple[int, List[Dict[str, Any]], Optional[Dict[str, Any]], int, float,
+                                    Dict[int, torch.Tensor]]:
+        """Set the RNG states ``last.pt`` saved (``generators`` in the order saved) and return
+        where the run stands: ``(epochs done, history, best, bad_evals, train_seconds,
+        tau_snapshots)``."""
+        set_rng_state(ckpt["rng"], *generators)
+        return (int(ckpt["epoch"]), list(ckpt["history"]), ckpt["best"], int(ckpt["bad_evals"]),
+                float(ckpt["train_seconds"]), dict(ckpt["tau_snapshots"]))
+
+    def last_good(self, epochs_done: int) -> str:
+        """Where a stopped run can be picked up again, as a sentence for the user."""
+        if not self.last_path.is_file():
+            return "No checkpoint was written (the run stopped in its first epoch)."
+        return f"The last good checkpoint is {self.last_path} (after epoch {epochs_done - 1})."

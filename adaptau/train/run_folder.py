@@ -1,18 +1,39 @@
-"""A run folder's files: the run lock, atomic writes that never leave a partial file or a
-temp file behind, appended log lines, and JSON."""
+"""A run folder's files: :class:`RunFolder` (the folder of one run and its files by name),
+the run lock, atomic writes that never leave a partial file or a temp file behind, appended
+log lines, and JSON.
+
+A run folder (``--out``, default ``runs/<name>``) holds
+
+* ``config.json``   the resolved configuration (plus protocol note, dataset statistics)
+* ``metrics.jsonl`` one JSON object per epoch (loss, w₀, τ range, seconds, metrics when evaluated)
+* ``last.pt``       everything needed to resume: model, optimizer, controller, RNG states
+* ``best.pt``       the model and controller of the best evaluation so far
+* ``summary.json``  best_epoch, valid and test metrics, seconds_per_epoch, world_size, data, backend
+* ``train.log``     the log lines, ``curves.png``, ``tau_hist.png``, ``tau_activity.png``
+* ``users.tsv`` / ``items.tsv``  the id mapping when the loader remapped ids
+
+``last.pt`` and ``best.pt`` are written by :class:`adaptau.train.checkpoints.Checkpointer`.
+Every file is written atomically (temp file in the same folder, fsync, ``os.replace``).
+A folder that already holds a run is refused unless the run is resumed or ``overwrite``
+is given, and a running trainer holds an exclusive lock on ``.lock`` in its folder, so two
+runs never write one folder; temp files that a killed run left behind are removed when the
+next run takes the lock.
+"""
 from __future__ import annotations
 
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
 
-__all__ = ["RUN_FILES", "choose_run_folder", "write_run_config", "RunLock", "RunWriteError", "atomic_save", "atomic_write_text", "append_line",
-           "dumps"]
+from . import plots
+
+__all__ = ["RUN_FILES", "RunFolder", "choose_run_folder", "write_run_config", "RunLock", "RunWriteError",
+           "atomic_save", "atomic_write_text", "append_line", "dumps"]
 
 
 #: The files a run writes into its folder (``--overwrite`` removes exactly these).
@@ -118,6 +139,7 @@ def append_line(path: Path, line: str) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (:class:`RunWriteError` when it cannot be written)."""
     _replace_atomically(Path(path), lambda fh: fh.write(text), "w")
 
 
@@ -132,6 +154,7 @@ def _json_default(o):
 
 
 def dumps(obj) -> str:
+    """``obj`` as indented JSON; numpy scalars and paths become numbers and strings."""
     return json.dumps(obj, indent=2, default=_json_default)
 
 
@@ -191,3 +214,87 @@ def write_run_config(out: Path, cfg, protocol_note: str, dataset) -> None:
         if ids is not None and not (out / f"{side}.tsv").exists():
             atomic_write_text(out / f"{side}.tsv",
                               "index\tid\n" + "".join(f"{k}\t{x}\n" for k, x in enumerate(ids)))
+
+
+class RunFolder:
+    """The folder of one run and its files by name: the log, ``config.json``,
+    ``metrics.jsonl``, ``summary.json`` and the plots (``last.pt`` / ``best.pt``: see
+    :class:`adaptau.train.checkpoints.Checkpointer`).
+
+    Only rank 0 writes: on other ranks (``is_main`` False) the writing methods do nothing.
+    ``echo`` receives every log line (``print`` by default).
+    """
+
+    def __init__(self, path: Path, *, is_main: bool = True, echo: Callable[[str], Any] = print) -> None:
+        self.path = Path(path)
+        self.is_main = is_main
+        self.echo = echo
+        self.lock: Optional[RunLock] = None
+
+    @classmethod
+    def open(cls, cfg, dataset_name: str, *, resume: Optional[str] = None, overwrite: bool = False,
+             world_size: int = 1, is_main: bool = True,
+             echo: Callable[[str], Any] = print) -> "RunFolder":
+        """The run's folder (:func:`choose_run_folder`), locked by rank 0 (:class:`RunLock`);
+        with ``overwrite`` and no ``resume``, the files of the run it held are removed."""
+        folder = cls(choose_run_folder(cfg, dataset_name, resume=resume, overwrite=overwrite,
+                                       world_size=world_size, is_main=is_main),
+                     is_main=is_main, echo=echo)
+        if is_main:
+            folder.lock = RunLock(folder.path)
+            if overwrite and not resume:
+                for name in RUN_FILES:
+                    (folder.path / name).unlink(missing_ok=True)
+        return folder
+
+    def release(self) -> None:
+        """Drop the run lock (idempotent)."""
+        if self.lock is not None:
+            self.lock.release()
+
+    def log(self, msg: str) -> None:
+        """Echo ``msg`` and append it to ``train.log``."""
+        if self.is_main:
+            self.echo(msg)
+            append_line(self.path / "train.log", msg)
+
+    def write_config(self, cfg, protocol_note: str, dataset) -> None:
+        """``config.json`` and the id mappings (:func:`write_run_config`)."""
+        if self.is_main:
+            write_run_config(self.path, cfg, protocol_note, dataset)
+
+    def append_metrics(self, record: Dict[str, Any]) -> None:
+        """One epoch's record as a line of ``metrics.jsonl``."""
+        if self.is_main:
+            append_line(self.path / "metrics.jsonl", json.dumps(record, default=_json_default))
+
+    def rewrite_metrics(self, history: List[Dict[str, Any]]) -> None:
+        """``metrics.jsonl`` holding exactly ``history`` (a resumed run drops the lines of
+        epochs after its checkpoint)."""
+        if self.is_main:
+            atomic_write_text(self.path / "metrics.jsonl",
+                              "".join(json.dumps(h, default=_json_default) + "\n" for h in history))
+
+    def read_summary(self) -> Optional[Dict[str, Any]]:
+        """``summary.json``, or None when it is missing or not a JSON object."""
+        try:
+            summary = json.loads((self.path / "summary.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return summary if isinstance(summary, dict) else None
+
+    def write_summary(self, summary: Dict[str, Any]) -> None:
+        """``summary.json``."""
+        if self.is_main:
+            atomic_write_text(self.path / "summary.json", dumps(summary))
+
+    def write_plots(self, history: List[Dict[str, Any]], metric: str, tau_snapshots,
+                    user_scale: torch.Tensor, activity) -> None:
+        """``curves.png``, ``tau_hist.png`` and ``tau_activity.png``; a failure is logged as a
+        warning, never raised (the plots are a convenience)."""
+        if not self.is_main:
+            return
+        try:
+            plots.run_plots(history, metric, tau_snapshots, user_scale, activity, self.path)
+        except Exception as exc:
+            self.log(f"warning: plotting failed: {exc!r}")

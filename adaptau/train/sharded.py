@@ -52,7 +52,7 @@ from . import distributed as dist
 from .models import sampled_item_counts
 from .sampling import dropout as inverted_dropout
 from .checkpoints import CheckpointError
-from .trainer import NonFiniteLossError, Trainer, _progress_enabled
+from .trainer import NonFiniteLossError, Trainer
 from ..loss.ops import compact as adaptau_compact
 
 __all__ = ["TorchRecMissing", "require_torchrec", "ShardedTables", "ShardedTrainer",
@@ -268,7 +268,13 @@ class ShardedTables:
 class ShardedTrainer(Trainer):
     """:class:`adaptau.train.Trainer` with TorchRec row-wise sharded MF tables
     (``cfg.shard_tables == "row-wise"``); see the module docstring. ``Trainer(cfg)`` returns
-    one when ``cfg.shard_tables`` is set."""
+    one when ``cfg.shard_tables`` is set.
+
+    It keeps the trainer's run and epoch loop and replaces the parts the tables change: the
+    model setup, :meth:`train_step`, the start of an epoch, the optimizer's state in
+    ``last.pt`` and the finiteness check of the weights (which gathers the shards into rank
+    0's MF, so that ``last.pt`` / ``best.pt`` hold the whole tables).
+    """
 
     def __init__(self, cfg, **kwargs) -> None:
         require_torchrec()
@@ -293,6 +299,7 @@ class ShardedTrainer(Trainer):
             self._own_group = False
 
     def fit(self) -> Dict[str, Any]:
+        """:meth:`Trainer.fit`; the 1-rank process group started here ends with it."""
         try:
             return super().fit()
         finally:
@@ -308,14 +315,11 @@ class ShardedTrainer(Trainer):
         self.step_module = self.tables.module
         self.optimizer = self.tables.module.fused_optimizer
 
-    def _model_state(self) -> Dict[str, Tensor]:
-        return self.model.state_dict()  # (the gathered tables: see _sync_mirror)
-
     def _optimizer_state(self) -> Dict[str, Any]:
         return {"torchrec_fused": self.tables.gather_optimizer_state(0)}
 
     def _restore_model_and_optimizer(self, ckpt: Dict[str, Any]) -> None:
-        where = str(self.out / "last.pt")
+        where = str(self.checkpoints.last_path)
         saved = ckpt.get("optimizer")
         if not (isinstance(saved, dict) and "torchrec_fused" in saved):
             raise CheckpointError(f"{where}: written by a run without --shard-tables; resume it "
@@ -345,6 +349,13 @@ class ShardedTrainer(Trainer):
     # -- Adap-τ -----------------------------------------------------------------------------
     @torch.no_grad()
     def _begin_epoch(self, epoch: int) -> None:
+        """Start the controller's epoch from the shards (the whole-table quantities summed
+        per shard and all-reduced); the first epoch of the run also logs the table layout."""
+        if epoch == self.start_epoch:
+            (u0, nu), (i0, ni) = self.tables.blocks["user"], self.tables.blocks["item"]
+            self.log(f"  tables: TorchRec row-wise over {self.world_size} rank(s), fused "
+                     f"{self.tables.emb_optim}; rank 0 holds users {u0}..{u0 + nu - 1}, items "
+                     f"{i0}..{i0 + ni - 1}; evaluation and checkpoints gather them to rank 0")
         ctl = self.controller
         gap = None
         if ctl.mode != "fixed" and epoch >= ctl.warmup:
@@ -354,65 +365,48 @@ class ShardedTrainer(Trainer):
         ctl.begin_epoch(epoch, alignment_gap=gap)
 
     # -- training -------------------------------------------------------------------------
-    def _train_epoch(self, epoch: int) -> Dict[str, Any]:
+    def train_step(self, users: Tensor, pos: Tensor, *, epoch: int = 0,
+                   step: int = 0) -> Tuple[Tensor, int]:
+        """One step on the global batch ``(users, pos)`` with the sharded tables: this rank's
+        rows and their negatives compacted to unique item ids, looked up in the shards, the
+        loss summed over the rank's rows over the *global* batch size plus the sampled L2,
+        all-reduced (NonFiniteLossError on every rank when it is not finite, before the
+        tables change), and the backward, in which the fused optimizer updates the shards.
+
+        Returns the global batch's mean loss (float64) and the global batch size."""
         cfg = self.cfg
         from .. import softmax_loss  # (looked up on the package: tests monkeypatch it)
 
-        if epoch == self.start_epoch:
-            (u0, nu), (i0, ni) = self.tables.blocks["user"], self.tables.blocks["item"]
-            self.log(f"  tables: TorchRec row-wise over {self.world_size} rank(s), fused "
-                     f"{self.tables.emb_optim}; rank 0 holds users {u0}..{u0 + nu - 1}, items "
-                     f"{i0}..{i0 + ni - 1}; evaluation and checkpoints gather them to rank 0")
-        self._begin_epoch(epoch)
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(self.batches), desc=f"epoch {epoch}", leave=False, unit="batch",
-                   disable=not (self.is_main and _progress_enabled(cfg.progress)))
-        world, rank = self.world_size, self.rank
-        need_raw = self.controller.needs_raw_loss
         in_batch = cfg.sampler == "in-batch"
-        sums = torch.zeros(2, dtype=torch.float64)  # loss · rows, rows (this rank)
-        for step, (users, pos) in enumerate(self.batches.epoch(self.shuffle_gen), 1):
-            if users.numel() < (2 if in_batch else 1) * world:
-                continue  # too small to give every rank its rows (all ranks skip it alike)
-            global_batch = users.numel()
-            neg, neg_logq = self.sampler.sample(users, pos, self.neg_gen)
-            if world > 1:  # this rank's rows: rank, rank + world, …
-                mine = torch.arange(rank, users.numel(), world, device=users.device)
-                if in_batch:  # the other rows of the *global* batch
-                    neg = dist.global_in_batch_negatives(pos, mine)
-                elif neg is not None and neg.dim() == 2:
-                    neg = neg[mine]
-                users, pos = users[mine], pos[mine]
-            ids, pos_local, neg_local = adaptau_compact(pos, neg, num_items=self.num_items)
-            ego_u, item_rows = self.tables.lookup(users, ids)
-            u = ego_u
-            if cfg.dropout > 0:
-                u = inverted_dropout(ego_u, cfg.dropout)
-            pos_scale, neg_scale = self.controller.scales(users)
-            out = softmax_loss(u, item_rows, pos_local, neg_local, pos_scale, neg_scale,
-                               include_pos=cfg.include_pos, normalize=cfg.normalize,
-                               neg_logq=None if neg_logq is None else neg_logq[ids],
-                               remove_accidental_hits=cfg.remove_hits, reduction="sum",
-                               return_raw=need_raw, backend=cfg.backend)
-            loss, raw = out if need_raw else (out, None)
-            loss = loss / global_batch  # summed over ranks: the global batch's mean
-            if cfg.l2 > 0:  # (in-batch: negatives are positives, already counted)
-                counts = sampled_item_counts(pos_local, None if in_batch else neg_local,
-                                             ids.numel(), item_rows.dtype)
-                loss = loss + cfg.l2 * 0.5 * (ego_u.pow(2).sum()
-                                              + (item_rows.pow(2).sum(1) * counts).sum()) / global_batch
-            value = loss.detach().double().reshape(1)
-            total = dist.all_reduce_sum(value)  # the global batch's loss, on every rank
-            if not bool(torch.isfinite(total).all()):
-                raise NonFiniteLossError(
-                    f"non-finite training loss ({float(total)}) at epoch {epoch}, step {step} of "
-                    f"{len(self.batches)}: w0={self.controller.w0:.4g}; try a lower --lr or a larger "
-                    f"--tau-value / --smoothing. {self._last_good_checkpoint()}")
-            loss.backward()  # all-to-all to the owning shards; the fused optimizer updates them
-            if need_raw:
-                self.controller.observe(users, raw)
-            sums += torch.tensor([float(total) * global_batch, global_batch], dtype=torch.float64)
-            bar.update(1)
-        bar.close()
-        return {"loss": float(sums[0] / max(float(sums[1]), 1.0))}
+        global_batch = users.numel()
+        neg, neg_logq = self.sampler.sample(users, pos, self.neg_gen)
+        users, pos, neg = self._rank_rows(users, pos, neg)
+        ids, pos_local, neg_local = adaptau_compact(pos, neg, num_items=self.num_items)
+        ego_u, item_rows = self.tables.lookup(users, ids)
+        u = ego_u
+        if cfg.dropout > 0:
+            u = inverted_dropout(ego_u, cfg.dropout)
+        need_raw = self.controller.needs_raw_loss
+        pos_scale, neg_scale = self.controller.scales(users)
+        out = softmax_loss(u, item_rows, pos_local, neg_local, pos_scale, neg_scale,
+                           include_pos=cfg.include_pos, normalize=cfg.normalize,
+                           neg_logq=None if neg_logq is None else neg_logq[ids],
+                           remove_accidental_hits=cfg.remove_hits, reduction="sum",
+                           return_raw=need_raw, backend=cfg.backend)
+        loss, raw = out if need_raw else (out, None)
+        loss = loss / global_batch  # summed over ranks: the global batch's mean
+        if cfg.l2 > 0:  # (in-batch: negatives are positives, already counted)
+            counts = sampled_item_counts(pos_local, None if in_batch else neg_local,
+                                         ids.numel(), item_rows.dtype)
+            loss = loss + cfg.l2 * 0.5 * (ego_u.pow(2).sum()
+                                          + (item_rows.pow(2).sum(1) * counts).sum()) / global_batch
+        total = dist.all_reduce_sum(loss.detach().double().reshape(1))  # on every rank
+        if not bool(torch.isfinite(total).all()):
+            raise NonFiniteLossError(
+                f"non-finite training loss ({float(total)}) at epoch {epoch}, step {step} of "
+                f"{len(self.batches)}: w0={self.controller.w0:.4g}; try a lower --lr or a larger "
+                f"--tau-value / --smoothing. {self._last_good_checkpoint()}")
+        loss.backward()  # all-to-all to the owning shards; the fused optimizer updates them
+        if need_raw:
+            self.controller.observe(users, raw)
+        return total.reshape(()), global_batch

@@ -1,28 +1,23 @@
-"""The training loop: :class:`Trainer` (one run), :func:`train` and :func:`evaluate_run`.
+"""A training run from start to end: :class:`Trainer` (one run), :func:`train` and
+:func:`evaluate_run`.
 
-A run folder (``--out``, default ``runs/<name>``) holds
+The trainer is built from parts, each in its own module:
 
-* ``config.json``   the resolved configuration (plus protocol note, dataset statistics)
-* ``metrics.jsonl`` one JSON object per epoch (loss, w₀, τ range, seconds, metrics when evaluated)
-* ``last.pt``       everything needed to resume: model, optimizer, controller, RNG states
-* ``best.pt``       the model and controller of the best evaluation so far
-* ``summary.json``  best_epoch, valid and test metrics, seconds_per_epoch, world_size, data, backend
-* ``train.log``     the log lines, ``curves.png``, ``tau_hist.png``, ``tau_activity.png``
-* ``users.tsv`` / ``items.tsv``  the id mapping when the loader remapped ids
-
-Checkpoints are written atomically (temp file in the same folder, fsync, ``os.replace``).
-A folder that already holds a run is refused unless the run is resumed or ``overwrite``
-is given, and a running trainer holds an exclusive lock on ``.lock`` in its folder, so two
-runs never write one folder; temp files that a killed run left behind are removed when the
-next run takes the lock.
+* :class:`~adaptau.train.run_folder.RunFolder` — the run folder and its files (the log,
+  ``config.json``, ``metrics.jsonl``, ``summary.json``, the plots; the list of files is in
+  :mod:`adaptau.train.run_folder`) and the lock that keeps a second run out of it;
+* :class:`~adaptau.train.checkpoints.Checkpointer` — ``last.pt`` (resume) and ``best.pt``;
+* :class:`EarlyStopping` (here) — epoch selection and patience;
+* :class:`~adaptau.train.epoch.EpochLoop` — one epoch and its step,
+  :meth:`~adaptau.train.epoch.EpochLoop.train_step` (:class:`Trainer` is one;
+  :class:`~adaptau.train.sharded.ShardedTrainer` replaces the step, not the loop);
+* :mod:`adaptau.train.summary` — the end of the run: ``summary.json``, the plots, the
+  closing log lines.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -32,51 +27,25 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed as dist
+from .checkpoints import Checkpointer, CheckpointError, load_checkpoint
+from .config import TrainConfig, read_run_config, resolve_device
+from .epoch import EpochLoop, NonFiniteLossError
 from .data import Dataset, Split, csr_pairs, load_dataset, prepare
 from .evaluate import format_metrics, full_ranking, item_popularity
-from .models import add_sampled_l2_grad_, add_sparse_sampled_l2_grad_, build_model, sampled_l2
 from .host import keep_freed_heap
-from .checkpoints import (CheckpointError, rng_state, set_rng_state,
-                          load_checkpoint)
-from .config import (TrainConfig, read_run_config, resolve_device)
-from . import plots
-from .run_folder import RUN_FILES, RunLock, atomic_save, choose_run_folder, write_run_config
-from .run_folder import append_line as _append_line
+from .models import build_model
+from .run_folder import RunFolder
 from .run_folder import atomic_write_text as _atomic_write_text
 from .run_folder import dumps as _dumps
-from .run_folder import _json_default
-from .sampling import BatchIterator, NegativeSampler, hard_negatives
+from .sampling import BatchIterator, NegativeSampler
+from .summary import epoch_line, finish_run, finished_run
 from ..loss import ops
 from ..loss.ops import cpu_capability
 
-__all__ = ["Trainer", "train", "evaluate_run", "NonFiniteLossError"]
+__all__ = ["Trainer", "train", "evaluate_run", "NonFiniteLossError", "EarlyStopping", "epoch_line"]
 
 
-# ---------------------------------------------------------------------------- utilities
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite."""
-
-
-#: Off the CPU, the training loop reads the loss back to the host once every this many steps.
-HOST_CHECK_EVERY = 64
-
-def _progress_enabled(mode: str) -> bool:
-    if mode == "on":
-        return True
-    if mode == "off":
-        return False
-    return sys.stderr.isatty() and os.environ.get("CI", "").lower() not in ("true", "1")
-
-
-def _snapshot_epochs(epoch: int) -> bool:
-    """Epochs whose per-user scales are kept for the τ histogram: 0, 1, 2, 4, 8, …"""
-    return epoch == 0 or (epoch & (epoch - 1)) == 0
-
-
-def _dist_info() -> Tuple[int, int]:
-    return dist.rank_and_world()
-
-
+# ----------------------------------------------------------------------- early stopping
 class EarlyStopping:
     """Epoch selection and patience: the best evaluation so far (``{"epoch", "value",
     "metrics"}``, larger values better) and the evaluations since without improvement, which
@@ -99,29 +68,25 @@ class EarlyStopping:
 
     @property
     def should_stop(self) -> bool:
+        """True once ``patience`` evaluations in a row did not improve (never when 0)."""
         return 0 < self.patience <= self.bad_evals
 
 
-def epoch_line(rec: Dict[str, Any], best: Optional[Dict[str, Any]]) -> str:
-    """The log line of one epoch's record (``*`` marks the best evaluation)."""
-    parts = [f"epoch {rec['epoch']:4d}", f"loss {rec['loss']:.4f}", f"w0 {rec['w0']:.3g}",
-             f"tau {rec['tau_min']:.3g}..{rec['tau_max']:.3g} (med {rec['tau_median']:.3g})"]
-    if "metrics" in rec:
-        m = rec["metrics"]
-        shown = [k for k in m if k.split("@")[0] in ("recall", "ndcg")]
-        parts.append(" ".join(f"{k} {m[k]:.4f}" for k in shown)
-                     + (" *" if best and best["epoch"] == rec["epoch"] else ""))
-    parts.append(f"{rec['seconds']:.1f}s")
-    return " | ".join(parts)
-
-
 # ------------------------------------------------------------------------------ trainer
-class Trainer:
+class Trainer(EpochLoop):
     """One run. ``Trainer(cfg).fit()`` trains and returns the summary dict.
 
     ``resume``: a run folder whose ``last.pt`` is continued (same optimizer, RNG and
     controller state); ``cfg.epochs`` may be raised to train further. ``overwrite``: replace
     the run files of a ``cfg.out`` that already holds a run (else that is a ValueError).
+
+    Attributes:
+        run: the :class:`~adaptau.train.run_folder.RunFolder` (``out``: its path).
+        checkpoints: the :class:`~adaptau.train.checkpoints.Checkpointer` of ``last.pt`` /
+            ``best.pt``.
+        stopping: the :class:`EarlyStopping` state.
+        start_epoch, history, train_seconds, tau_snapshots: where the run stands (restored
+            from ``last.pt`` on resume).
     """
 
     def __new__(cls, cfg: Optional[TrainConfig] = None, *args, **kwargs):
@@ -136,12 +101,11 @@ class Trainer:
                  dataset: Optional[Dataset] = None, overwrite: bool = False) -> None:
         cfg.validate()
         self.cfg = cfg
-        self.log_fn = log
         # torchrun workers (WORLD_SIZE > 1) join the group here: gloo on CPU, NCCL on CUDA
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.device = dist.init_from_env(resolve_device(cfg.device))
-        self.rank, self.world_size = _dist_info()
+        self.rank, self.world_size = dist.rank_and_world()
         self.is_main = self.rank == 0
         # reuse freed host memory instead of page-faulting it in again every step
         self.heap_kept = (self.device.type == "cpu" and os.environ.get("ADAPTAU_KEEP_FREED_HEAP") != "0"
@@ -171,6 +135,7 @@ class Trainer:
             raise ValueError("--sampler mixed runs in one process: its in-batch part would need "
                              "every rank's positives (use --sampler in-batch or shared under DDP)")
         self._setup_model()
+        self.direct_l2 = cfg.l2 > 0 and self._l2_on_leaves()  # the L2 gradient added to .grad (train_step)
         from ..loss.temperature import AdapTau
 
         self.controller = AdapTau(self.train_users, self.train_items, num_users=self.num_users,
@@ -180,7 +145,7 @@ class Trainer:
         self.sampler = NegativeSampler(cfg.sampler, self.num_items, cfg.negatives, train=sp_.train,
                                        gamma=cfg.pop_gamma, device=self.device, pool=cfg.mixed_pool)
         # global batches of cfg.batch_size rows, the same on every rank (shared seed); each
-        # rank keeps rows rank, rank + world_size, … of each (see _train_epoch)
+        # rank keeps rows rank, rank + world_size, … of each (see _rank_rows)
         self.batches = BatchIterator(self.train_users, self.train_items, cfg.batch_size,
                                      drop_last=cfg.sampler in ("in-batch", "mixed") and
                                      self.train_users.numel() >= cfg.batch_size)
@@ -200,12 +165,10 @@ class Trainer:
         self.backend_used = ops.resolve_backend(cfg.backend, self.device.type)
         self.status = "running"
 
-        self.out = choose_run_folder(cfg, self.dataset.name, resume=resume, overwrite=overwrite,
-                                     world_size=self.world_size, is_main=self.is_main)
-        self._lock = RunLock(self.out) if self.is_main else None
-        if overwrite and not resume and self.is_main:
-            for name in RUN_FILES:
-                (self.out / name).unlink(missing_ok=True)
+        self.run = RunFolder.open(cfg, self.dataset.name, resume=resume, overwrite=overwrite,
+                                  world_size=self.world_size, is_main=self.is_main, echo=log)
+        self.out = self.run.path
+        self.checkpoints = Checkpointer(self.out, cfg, self.device)
         if resume:
             self._load_last()
         self.metric = cfg.selection_metric
@@ -230,10 +193,8 @@ class Trainer:
                                               **({"fused": True} if self.device.type in ("cpu", "cuda") else {}))
 
     def log(self, msg: str) -> None:
-        if not self.is_main:
-            return
-        self.log_fn(msg)
-        _append_line(self.out / "train.log", msg)
+        """Show ``msg`` and append it to ``train.log`` (rank 0 only)."""
+        self.run.log(msg)
 
     # -- state ----------------------------------------------------------------------------
     def _check_finite_weights(self, epoch: int) -> None:
@@ -247,13 +208,9 @@ class Trainer:
 
     def _last_good_checkpoint(self) -> str:
         """Where the run can be picked up again after a stop, as a sentence for the user."""
-        last = self.out / "last.pt"
-        if not last.is_file():
-            return "No checkpoint was written (the run stopped in its first epoch)."
-        done = self.history[-1]["epoch"] + 1 if self.history else self.start_epoch
-        return f"The last good checkpoint is {last} (after epoch {done - 1})."
+        return self.checkpoints.last_good(self.history[-1]["epoch"] + 1 if self.history else self.start_epoch)
 
-    def _save_last(self, epoch_done: int) -> None:
+    def _save_last(self, epochs_done: int) -> None:
         """Write last.pt on rank 0. Collective when world_size > 1: call it on every rank."""
         controller = self.controller.state_dict()
         if self.world_size > 1:  # the epoch's per-user loss sums of every rank, reduced
@@ -261,22 +218,12 @@ class Trainer:
                 controller[key] = dist.all_reduce_sum(
                     getattr(self.controller, "_" + key)).detach().cpu()
         model_state, optimizer_state = self._model_state(), self._optimizer_state()
-        if not self.is_main:
-            return
-        atomic_save({
-            "epoch": epoch_done,
-            "model": model_state,
-            "optimizer": optimizer_state,
-            "controller": controller,
-            "rng": rng_state(self.shuffle_gen, self.neg_gen),
-            "world_size": self.world_size,
-            "history": self.history,
-            "best": self.stopping.best,
-            "bad_evals": self.stopping.bad_evals,
-            "train_seconds": self.train_seconds,
-            "tau_snapshots": self.tau_snapshots,
-            "config": dataclasses.asdict(self.cfg),
-        }, self.out / "last.pt")
+        if self.is_main:
+            self.checkpoints.save_last(
+                epochs_done, model=model_state, optimizer=optimizer_state, controller=controller,
+                generators=(self.shuffle_gen, self.neg_gen), world_size=self.world_size,
+                history=self.history, best=self.stopping.best, bad_evals=self.stopping.bad_evals,
+                train_seconds=self.train_seconds, tau_snapshots=self.tau_snapshots)
 
     def _model_state(self) -> Dict[str, torch.Tensor]:
         """The model's state for last.pt (collective in subclasses: call it on every rank)."""
@@ -289,32 +236,29 @@ class Trainer:
     def _restore_model_and_optimizer(self, ckpt: Dict[str, Any]) -> None:
         """Load last.pt's model and optimizer state (``ckpt`` already checked to fit)."""
         if isinstance(ckpt.get("optimizer"), dict) and "torchrec_fused" in ckpt["optimizer"]:
-            raise CheckpointError(f"{self.out / 'last.pt'}: written by a --shard-tables run "
+            raise CheckpointError(f"{self.checkpoints.last_path}: written by a --shard-tables run "
                                   "(TorchRec fused optimizer state); resume it with --shard-tables "
                                   f"{ckpt.get('config', {}).get('shard_tables', 'row-wise')}")
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
 
     def _load_last(self) -> None:
-        ckpt = load_checkpoint(self.out / "last.pt", self.device, cfg=self.cfg, model=self.model)
+        """Continue from last.pt: weights, optimizer, controller, RNG states and progress."""
+        ckpt = self.checkpoints.load_last(self.model)
         self._restore_model_and_optimizer(ckpt)
         self.controller.load_state_dict(ckpt["controller"])
         if self.rank != 0:  # rank 0 holds the saved (already reduced) sums; the next
             self.controller._loss_sum.zero_()    # begin_epoch all-reduces them
             self.controller._loss_count.zero_()
-        set_rng_state(ckpt["rng"], self.shuffle_gen, self.neg_gen)
-        self.start_epoch = int(ckpt["epoch"])
-        self.history = list(ckpt["history"])
-        self.stopping.best, self.stopping.bad_evals = ckpt["best"], int(ckpt["bad_evals"])
-        self.train_seconds = float(ckpt["train_seconds"])
-        self.tau_snapshots = dict(ckpt["tau_snapshots"])
-        if self.is_main:  # metrics.jsonl may hold lines past the checkpoint: rewrite it
-            _atomic_write_text(self.out / "metrics.jsonl",
-                               "".join(json.dumps(h, default=_json_default) + "\n" for h in self.history))
+        (self.start_epoch, self.history, self.stopping.best, self.stopping.bad_evals,
+         self.train_seconds, self.tau_snapshots) = self.checkpoints.restore_progress(
+            ckpt, self.shuffle_gen, self.neg_gen)
+        self.run.rewrite_metrics(self.history)  # it may hold lines past the checkpoint
 
     # -- evaluation -----------------------------------------------------------------------
     @torch.no_grad()
     def ranking_tables(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The user and item tables that rank items (eval mode; normalized with ``rank_cosine``)."""
         was = self.model.training
         self.model.eval()
         users, items = self.model.tables()
@@ -324,6 +268,7 @@ class Trainer:
         return users.detach(), items.detach()
 
     def evaluate(self, which: str = "select") -> Dict[str, float]:
+        """Full-ranking metrics on the selection split (``"select"``) or on ``"test"``."""
         users, items = self.ranking_tables()
         if which == "select":
             test, exclude = self.split.select, self.split.select_exclude
@@ -332,122 +277,23 @@ class Trainer:
         return full_ranking(users, items, test, exclude, ks=self.cfg.topk,
                             item_popularity=self.popularity)
 
-    # -- training -------------------------------------------------------------------------
-    def _train_epoch(self, epoch: int) -> Dict[str, Any]:
-        cfg, model = self.cfg, self.model
-        from .. import softmax_loss  # (looked up on the package: tests monkeypatch it)
-
-        with torch.no_grad():
-            model.eval()
-            user_table, item_table = model.tables()
-            self.controller.begin_epoch(epoch, user_table.detach(), item_table.detach())
-        model.train()
-        # The epoch's loss sum stays on the device; off the CPU the finiteness check reads
-        # it back once every HOST_CHECK_EVERY steps instead of every step (a host read per
-        # step stalls a GPU's launch queue), so a divergence is caught within that many steps.
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        rows, checked = 0, 0
-        check_every = 1 if self.device.type == "cpu" else HOST_CHECK_EVERY
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(self.batches), desc=f"epoch {epoch}", leave=False, unit="batch",
-                   disable=not (self.is_main and _progress_enabled(cfg.progress)))
-        world, rank = self.world_size, self.rank
-        direct_l2 = cfg.l2 > 0 and self._l2_on_leaves()
-        need_raw = self.controller.needs_raw_loss  # (global / fixed τ: no raw losses needed)
-        for step, (users, pos) in enumerate(self.batches.epoch(self.shuffle_gen), 1):
-            # (users, pos) is the global batch, identical on every rank
-            if users.numel() < (2 if cfg.sampler in ("in-batch", "mixed") else 1) * world:
-                continue  # too small to give every rank its rows (all ranks skip it alike)
-            neg, neg_logq = self.sampler.sample(users, pos, self.neg_gen)
-            sampled = neg.shared if cfg.sampler == "mixed" else neg  # (for the L2: rows beyond the batch's)
-            batch_g = (users, pos, None if cfg.sampler == "in-batch" else sampled)
-            if world > 1:  # this rank's rows: rank, rank + world, …
-                mine = torch.arange(rank, users.numel(), world, device=users.device)
-                if cfg.sampler == "in-batch":  # the other rows of the *global* batch
-                    neg = dist.global_in_batch_negatives(pos, mine)
-                elif neg is not None and neg.dim() == 2:
-                    neg = neg[mine]
-                users, pos = users[mine], pos[mine]
-            u, item_table, ego_u, ego_i = self.step_module(users)
-            if cfg.hard_negatives:
-                neg = dataclasses.replace(neg, per_row=hard_negatives(u, item_table, pos, cfg.hard_negatives,
-                                                                     self.neg_gen, cfg.normalize))
-            pos_scale, neg_scale = self.controller.scales(users)
-            out = softmax_loss(u, item_table, pos, neg, pos_scale, neg_scale,
-                               include_pos=cfg.include_pos, normalize=cfg.normalize,
-                               neg_logq=neg_logq, remove_accidental_hits=cfg.remove_hits,
-                               return_raw=need_raw, backend=cfg.backend,
-                               item_grad="sparse" if self.sparse else "dense")
-            loss, raw = out if need_raw else (out, None)
-            if cfg.l2 > 0 and not direct_l2:  # (in-batch: negatives are positives, already counted)
-                loss = loss + cfg.l2 * sampled_l2(ego_u, ego_i, users, pos,
-                                                  None if cfg.sampler == "in-batch" else sampled)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # DDP averages the gradients over ranks here
-            add_l2 = add_sparse_sampled_l2_grad_ if self.sparse else add_sampled_l2_grad_
-            l2_value = add_l2(cfg.l2, *batch_g, ego_u, ego_i) if direct_l2 else 0.0
-            self.optimizer.step()
-            if need_raw:
-                self.controller.observe(users, raw)
-            total += (loss.detach() + l2_value).double() * users.numel()
-            rows += users.numel()
-            if step % check_every == 0 or step == len(self.batches):
-                self._check_finite_loss(total, epoch, checked + 1, step)
-                checked = step
-            bar.update(1)
-        bar.close()
-        self._check_finite_loss(total, epoch, checked + 1, len(self.batches))
-        return {"loss": float(total) / max(rows, 1)}
-
-    def _check_finite_loss(self, total: torch.Tensor, epoch: int, first: int, last: int) -> None:
-        """NonFiniteLossError when the epoch's loss sum so far is NaN or infinite (a host read)."""
-        if first > last or bool(torch.isfinite(total)):
-            return
-        steps = f"step {last}" if first == last else f"steps {first}..{last}"
-        raise NonFiniteLossError(
-            f"non-finite training loss at epoch {epoch}, {steps} of {len(self.batches)}: "
-            f"w0={self.controller.w0:.4g}; try a lower --lr or a larger --tau-value / "
-            f"--smoothing. {self._last_good_checkpoint()}")
-
-    def _l2_on_leaves(self) -> bool:
-        """True when the L2 tables (layer-0 embeddings) are parameters, so the L2 gradient
-        can be added to their ``.grad`` directly (MF and LightGCN)."""
-        ego_u, ego_i = self.model.ego()
-        params = {id(p) for p in self.model.parameters()}
-        return id(ego_u) in params and id(ego_i) in params and ego_u is not ego_i
-
+    # -- the run --------------------------------------------------------------------------
     def fit(self) -> Dict[str, Any]:
         """Train to the end (or the stop) and return the summary; the run folder's lock is
         released when it returns or raises."""
         try:
             return self._fit()
         finally:
-            if self._lock is not None:
-                self._lock.release()
+            self.run.release()
 
     def _fit(self) -> Dict[str, Any]:
         cfg = self.cfg
-        if self.is_main:
-            write_run_config(self.out, self.cfg, self.split.note, self.dataset)
+        self.run.write_config(cfg, self.split.note, self.dataset)
         ds_stats = self.dataset.stats()
         if self.start_epoch == 0:
-            self.log(f"adaptau train: {self.dataset!r}")
-            for note in self.dataset.notes:
-                self.log(f"  note: {note}")
-            self.log(f"  {self.split.note}")
-            self.log(f"  model {cfg.model} dim {cfg.dim}, tau {cfg.tau}, sampler {cfg.sampler}"
-                     f" ({cfg.negatives if cfg.sampler != 'in-batch' else cfg.batch_size - 1} neg),"
-                     f" batch {cfg.batch_size}, lr {cfg.lr}, l2 {cfg.l2}, {len(self.batches)} steps/epoch,"
-                     f" device {self.device}, world size {self.world_size} -> {self.out}")
-            if self.heap_kept:
-                self.log("  host memory: freed heap blocks are kept for reuse (keep_freed_heap;"
-                         " ADAPTAU_KEEP_FREED_HEAP=0 turns it off)")
-            if not cfg.normalize and cfg.tau != "fixed":
-                self.log("  note: --no-normalize with --tau adaptive/global multiplies raw dot products "
-                         "by w0; the usual inner-product baseline is --tau fixed --tau-value 1")
+            self._log_start()
         elif self.start_epoch >= cfg.epochs or self.stopping.should_stop:
-            return self._already_finished(ds_stats)
+            return finished_run(self, ds_stats)
         else:
             self.log(f"resuming {self.out} at epoch {self.start_epoch} (of {cfg.epochs})")
         if cpu_capability() is not None:
@@ -466,24 +312,14 @@ class Trainer:
             seconds = time.time() - t0
             self.train_seconds += seconds
             rec = {"epoch": epoch, **rec, "seconds": round(seconds, 3), **self.controller.summary()}
-            if _snapshot_epochs(epoch):
+            if Checkpointer.is_snapshot_epoch(epoch):
                 self.tau_snapshots[epoch] = self.controller.user_scale.detach().cpu().clone()
-            last = epoch + 1 == cfg.epochs
-            if (epoch + 1) % cfg.eval_every == 0 or last:
-                if self.is_main:
-                    t1 = time.time()
-                    metrics = self.evaluate("select")
-                    rec["metrics"] = metrics
-                    rec["eval_seconds"] = round(time.time() - t1, 3)
-                    if self.stopping.update(epoch, metrics, metrics[self.metric]):
-                        atomic_save({"epoch": epoch, "model": self.model.state_dict(),
-                                     "controller": self.controller.state_dict(),
-                                     "metrics": metrics, "config": dataclasses.asdict(cfg)},
-                                    self.out / "best.pt")
+            if ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs) and self.is_main:
+                self._evaluate_epoch(epoch, rec)
             self.history.append(rec)
             self._save_last(epoch + 1)  # collective; rank 0 writes
+            self.run.append_metrics(rec)
             if self.is_main:
-                _append_line(self.out / "metrics.jsonl", json.dumps(rec, default=_json_default))
                 self.log(epoch_line(rec, self.stopping.best))
             stop = self.stopping.should_stop
             if self.world_size > 1:
@@ -497,79 +333,36 @@ class Trainer:
                 break
         else:
             self.status = "completed"
-        return self._finish(ds_stats, stopped)
+        return finish_run(self, ds_stats, stopped)
 
-    def _already_finished(self, ds_stats: Dict[str, Any]) -> Dict[str, Any]:
-        """A resumed run whose budget is spent (or that stopped early): nothing is trained,
-        and its summary.json is kept as it is (written anew only when it is missing)."""
-        self.status = "completed" if self.start_epoch >= self.cfg.epochs else "early-stopped"
-        summary_path = self.out / "summary.json"
-        try:
-            summary = json.loads(summary_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            summary = None
-        if not isinstance(summary, dict):
-            return self._finish(ds_stats, None)
-        self.log(f"{self.out} has finished ({summary.get('status', self.status)} after "
-                 f"{self.start_epoch} epochs): nothing to train; raise --epochs (or --patience) "
-                 "to continue it")
-        return summary if self.is_main else {}
-
-    def _finish(self, ds_stats: Dict[str, Any], stopped: Optional[str]) -> Dict[str, Any]:
+    def _log_start(self) -> None:
+        """The log lines that open a new run: the data, the protocol and the settings."""
         cfg = self.cfg
-        if not self.is_main:
-            return {}
-        valid = test = None
-        best_epoch = None
-        if self.stopping.best is not None:
-            best_epoch = self.stopping.best["epoch"]
-            ckpt = load_checkpoint(self.out / "best.pt", self.device, cfg=self.cfg, model=self.model)
-            current = {k: v.clone() for k, v in self.model.state_dict().items()}
-            self.model.load_state_dict(ckpt["model"])
-            valid = ckpt["metrics"]
-            test = self.evaluate("test") if self.split.select_name != "test" else dict(valid)
-            self.model.load_state_dict(current)
-        epochs_run = len(self.history)
-        summary = {
-            "status": self.status,
-            "epoch_numbering": "epochs count from 0: best_epoch 0 is the first epoch",
-            "message": stopped,
-            "protocol": cfg.protocol,
-            "protocol_note": self.split.note,
-            "selection_split": self.split.select_name,
-            "selection_metric": self.metric,
-            "best_epoch": best_epoch,
-            "valid": valid,
-            "test": test,
-            "epochs_run": epochs_run,
-            "seconds_per_epoch": self.train_seconds / max(1, epochs_run),
-            "train_seconds": self.train_seconds,
-            "world_size": self.world_size,
-            "global_batch": cfg.batch_size,
-            "rows_per_rank": -(-cfg.batch_size // self.world_size),
-            "device": str(self.device),
-            "backend": self.backend_used,
-            "dataset": ds_stats,
-            "final_w0": float(self.controller.w0),
-            "final_tau": self.controller.summary(),
-        }
-        _atomic_write_text(self.out / "summary.json", _dumps(summary))
-        try:
-            plots.run_plots(self.history, self.metric, self.tau_snapshots,
-                            self.controller.user_scale.cpu(), self.activity, self.out)
-        except Exception as exc:  # plots are a convenience; never lose a run over them
-            self.log(f"warning: plotting failed: {exc!r}")
-        if test is not None:
-            rows = {self.split.select_name: valid}
-            if self.split.select_name != "test":
-                rows["test"] = test
-            self.log(f"best epoch {best_epoch} (selected on {self.split.select_name} by {self.metric}); "
-                     f"{summary['seconds_per_epoch']:.2f} s/epoch, backend {self.backend_used}")
-            self.log(format_metrics(rows, cfg.topk))
-            if cfg.protocol == "paper":
-                self.log("NOTE: paper protocol — the epoch was selected on the test split.")
-        self.log(f"run folder: {self.out}")
-        return summary
+        self.log(f"adaptau train: {self.dataset!r}")
+        for note in self.dataset.notes:
+            self.log(f"  note: {note}")
+        self.log(f"  {self.split.note}")
+        self.log(f"  model {cfg.model} dim {cfg.dim}, tau {cfg.tau}, sampler {cfg.sampler}"
+                 f" ({cfg.negatives if cfg.sampler != 'in-batch' else cfg.batch_size - 1} neg),"
+                 f" batch {cfg.batch_size}, lr {cfg.lr}, l2 {cfg.l2}, {len(self.batches)} steps/epoch,"
+                 f" device {self.device}, world size {self.world_size} -> {self.out}")
+        if self.heap_kept:
+            self.log("  host memory: freed heap blocks are kept for reuse (keep_freed_heap;"
+                     " ADAPTAU_KEEP_FREED_HEAP=0 turns it off)")
+        if not cfg.normalize and cfg.tau != "fixed":
+            self.log("  note: --no-normalize with --tau adaptive/global multiplies raw dot products "
+                     "by w0; the usual inner-product baseline is --tau fixed --tau-value 1")
+
+    def _evaluate_epoch(self, epoch: int, rec: Dict[str, Any]) -> None:
+        """Rank 0: evaluate on the selection split into ``rec``; best.pt when it is the best."""
+        t1 = time.time()
+        metrics = self.evaluate("select")
+        rec["metrics"] = metrics
+        rec["eval_seconds"] = round(time.time() - t1, 3)
+        if self.stopping.update(epoch, metrics, metrics[self.metric]):
+            self.checkpoints.save_best(epoch, model=self.model.state_dict(),
+                                       controller=self.controller.state_dict(), metrics=metrics)
+
 
 def train(cfg: TrainConfig, *, resume: Optional[str] = None, log=print,
           overwrite: bool = False) -> Dict[str, Any]:
