@@ -150,21 +150,51 @@ def _with_positive(lse, pos_logit, INCLUDE_POS: tl.constexpr):
 
 
 @triton.jit
-def _tile_scores(U, items_ptr, cand_ptr, ri_ptr, ru, rows, rmask, p, n0, M, D, cols, dmask,
-                 IN_BATCH: tl.constexpr, NORMALIZE: tl.constexpr, REMOVE_HITS: tl.constexpr,
-                 BLOCK_N: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _chunked_scores(user_ptr, items_ptr, rows, rmask, idx, cmask, D,
+                    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_K: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Raw scores ``<user[rows], items[idx]>`` as ``BLOCK_D / BLOCK_K`` dots over ``BLOCK_K``
+    columns each, loaded chunk by chunk: the operands a thread holds stay ``BLOCK_K`` wide
+    (float32/float64 dots run on FMA units, whose operand layout keeps the whole reduction
+    width per thread)."""
+    S = tl.zeros([BLOCK_B, BLOCK_N], ACC)
+    for k0 in tl.static_range(0, BLOCK_D, BLOCK_K):
+        kc = k0 + tl.arange(0, BLOCK_K)
+        km = kc < D
+        Uk = tl.load(user_ptr + rows.to(tl.int64)[:, None] * D + kc[None, :],
+                     mask=rmask[:, None] & km[None, :], other=0)
+        Ck = tl.load(items_ptr + idx[:, None] * D + kc[None, :],
+                     mask=cmask[:, None] & km[None, :], other=0)
+        S = tl.dot(Uk, tl.trans(Ck), acc=S, input_precision=DOT_PRECISION, out_dtype=ACC)
+    return S
+
+
+@triton.jit
+def _tile_scores(U, user_ptr, items_ptr, cand_ptr, ri_ptr, ru, rows, rmask, p, n0, M, D, cols,
+                 dmask, IN_BATCH: tl.constexpr, NORMALIZE: tl.constexpr,
+                 REMOVE_HITS: tl.constexpr, NEED_C: tl.constexpr, BLOCK_B: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+                 ACC: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Scores of a ``[BLOCK_B, BLOCK_N]`` tile of shared/in-batch candidates starting at ``n0``.
 
     Returns ``(idx, cmask, C, S, rc, keep)``: candidate item ids, their mask, the gathered raw
-    rows, the (normalized) scores, the candidates' inverse norms (1 without ``NORMALIZE``)
-    and which (row, candidate) pairs count.
+    rows (``[BLOCK_N, BLOCK_D]``; zeros unless ``NEED_C`` or the score dot is one
+    full-width dot, ``BLOCK_K == BLOCK_D``), the (normalized) scores, the candidates'
+    inverse norms (1 without ``NORMALIZE``) and which (row, candidate) pairs count.
     """
     cn = n0 + tl.arange(0, BLOCK_N)
     cmask = cn < M
     idx = tl.load(cand_ptr + cn, mask=cmask, other=0).to(tl.int64)
-    C = tl.load(items_ptr + idx[:, None] * D + cols[None, :],
-                mask=cmask[:, None] & dmask[None, :], other=0)
-    S = tl.dot(U, tl.trans(C), input_precision=DOT_PRECISION, out_dtype=ACC)
+    if NEED_C or BLOCK_K == BLOCK_D:
+        C = tl.load(items_ptr + idx[:, None] * D + cols[None, :],
+                    mask=cmask[:, None] & dmask[None, :], other=0)
+    else:
+        C = tl.zeros([BLOCK_N, BLOCK_D], U.dtype)
+    if BLOCK_K == BLOCK_D:
+        S = tl.dot(U, tl.trans(C), input_precision=DOT_PRECISION, out_dtype=ACC)
+    else:
+        S = _chunked_scores(user_ptr, items_ptr, rows, rmask, idx, cmask, D, BLOCK_B, BLOCK_N,
+                            BLOCK_D, BLOCK_K, ACC, DOT_PRECISION)
     if NORMALIZE:
         rc = tl.load(ri_ptr + idx, mask=cmask, other=0)
         S = S * ru[:, None] * rc[None, :]
@@ -273,8 +303,12 @@ def _fwd_rows_kernel(user_ptr, items_ptr, pos_ptr, neg_ptr, alpha_ptr, beta_ptr,
 # merge kernel (forward, row backward) or a sum over the slices (column backward) combines
 # them in a fixed order, so the result does not depend on timing, only on the block shape.
 def _tile_configs():
-    shapes = ((64, 64, 4), (64, 64, 8), (32, 64, 4), (64, 32, 4), (32, 32, 4), (16, 32, 4),
-              (16, 16, 4))
+    """(BLOCK_B, BLOCK_N, warps): 4 warps and blocks up to 64 x 64 for 16-bit inputs
+    (tensor-core dots); 8 warps and blocks up to 32 x 16 for float32/float64 (FMA dots
+    hold their operands in registers: on sm_90, 64 x 64 tiles spill kilobytes and 32 x 32
+    tiles 8 bytes in some specializations)."""
+    shapes = ((64, 64, 4), (32, 64, 4), (64, 32, 4), (32, 32, 4), (16, 32, 4), (16, 16, 4),
+              (32, 16, 8), (16, 32, 8), (16, 16, 8))
     return [triton.Config({"BLOCK_B": bb, "BLOCK_N": bn}, num_warps=w) for bb, bn, w in shapes]
 
 
@@ -284,16 +318,17 @@ def _tile_cap(block_d: int) -> int:
 
 
 def _prune_tile_configs(configs, named_args, **kwargs):
-    """The block shapes worth timing for one (B, M, D, dtype): blocks no wider than the
-    problem (at least 16, ``tl.dot``'s minimum) and than ``_tile_cap(BLOCK_D)``, at most
-    three. One shape (the largest) under Triton's interpreter, and when ``TUNE_TAG`` is 1
+    """The block shapes worth timing for one (B, M, D, dtype): the dtype's warp count
+    (``_tile_configs``), blocks no wider than the problem (at least 16, ``tl.dot``'s
+    minimum) and than ``_tile_cap(BLOCK_D)``, at most three. One shape (the largest) under Triton's interpreter, and when ``TUNE_TAG`` is 1
     (``torch.use_deterministic_algorithms(True)``: a fixed shape, so a fixed summation
     order across processes)."""
     cap = _tile_cap(kwargs["BLOCK_D"])
     bb_max = max(16, min(cap, triton.next_power_of_2(int(named_args["B"]))))
     bn_max = max(16, min(cap, triton.next_power_of_2(int(named_args["M"]))))
-    fits = [c for c in configs
-            if c.kwargs["BLOCK_B"] <= bb_max and c.kwargs["BLOCK_N"] <= bn_max]
+    warps = 4 if named_args["user_ptr"].dtype in (torch.float16, torch.bfloat16) else 8
+    fits = [c for c in configs if c.num_warps == warps
+            and c.kwargs["BLOCK_B"] <= bb_max and c.kwargs["BLOCK_N"] <= bn_max]
     fits.sort(key=lambda c: -(c.kwargs["BLOCK_B"] * c.kwargs["BLOCK_N"]))
     if _interpreting() or int(named_args.get("TUNE_TAG", 0)) == 1:
         return fits[:1]
@@ -324,7 +359,8 @@ def _fwd_tiles_kernel(user_ptr, items_ptr, pos_ptr, cand_ptr, beta_ptr, logq_ptr
                       IN_BATCH: tl.constexpr, HAS_LOGQ: tl.constexpr,
                       NORMALIZE: tl.constexpr, REMOVE_HITS: tl.constexpr,
                       COMPUTE_RAW: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_D: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                      BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr):
     """Partial log-sum-exps of one block of rows over one slice of the candidates:
     ``part[k, split, row]``, k = 0/1 the running (max, scaled sum) of the loss, 2/3 of the
     raw (α = β = 1) loss."""
@@ -347,8 +383,9 @@ def _fwd_tiles_kernel(user_ptr, items_ptr, pos_ptr, cand_ptr, beta_ptr, logq_ptr
     lo, hi = _split_range(M, NSPLIT, BLOCK_N)
     for n0 in range(lo, hi, BLOCK_N):
         idx, cmask, C, S, rc, keep = _tile_scores(
-            U, items_ptr, cand_ptr, ri_ptr, ru, rows, rmask, p, n0, hi, D, cols, dmask,
-            IN_BATCH, NORMALIZE, REMOVE_HITS, BLOCK_N, ACC, DOT_PRECISION)
+            U, user_ptr, items_ptr, cand_ptr, ri_ptr, ru, rows, rmask, p, n0, hi, D, cols,
+            dmask, IN_BATCH, NORMALIZE, REMOVE_HITS, False, BLOCK_B, BLOCK_N, BLOCK_D, BLOCK_K,
+            ACC, DOT_PRECISION)
         logit = beta[:, None] * S
         if HAS_LOGQ:
             lq = tl.load(logq_ptr + idx, mask=cmask, other=0).to(ACC)
@@ -512,8 +549,8 @@ def _bwd_tiles_rows_kernel(grad_loss_ptr, user_ptr, items_ptr, pos_ptr, cand_ptr
                            B, M, D, NSPLIT, TUNE_TAG, IN_BATCH: tl.constexpr,
                            HAS_LOGQ: tl.constexpr, NORMALIZE: tl.constexpr,
                            REMOVE_HITS: tl.constexpr, BLOCK_B: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
-                           DOT_PRECISION: tl.constexpr):
+                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+                           ACC: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One block of rows over one slice of the candidates: the partial user gradient
     (before the positive's term and the normalization Jacobian) ``gu_part[split, row]``, and
     ``sums_part[0, split, row]`` = Σ dl·ŝ (the β gradient), ``sums_part[1, split, row]`` =
@@ -541,8 +578,9 @@ def _bwd_tiles_rows_kernel(grad_loss_ptr, user_ptr, items_ptr, pos_ptr, cand_ptr
     lo, hi = _split_range(M, NSPLIT, BLOCK_N)
     for n0 in range(lo, hi, BLOCK_N):
         idx, cmask, C, S, rc, keep = _tile_scores(
-            U, items_ptr, cand_ptr, ri_ptr, ru, rows, rmask, p, n0, hi, D, cols, dmask,
-            IN_BATCH, NORMALIZE, REMOVE_HITS, BLOCK_N, ACC, DOT_PRECISION)
+            U, user_ptr, items_ptr, cand_ptr, ri_ptr, ru, rows, rmask, p, n0, hi, D, cols,
+            dmask, IN_BATCH, NORMALIZE, REMOVE_HITS, True, BLOCK_B, BLOCK_N, BLOCK_D, BLOCK_K,
+            ACC, DOT_PRECISION)
         logit = beta[:, None] * S
         if HAS_LOGQ:
             logit = logit - tl.load(logq_ptr + idx, mask=cmask, other=0).to(ACC)[None, :]
@@ -628,7 +666,8 @@ def _bwd_tiles_cols_kernel(grad_loss_ptr, user_ptr, items_ptr, pos_ptr, cand_ptr
                            TUNE_TAG, IN_BATCH: tl.constexpr, HAS_LOGQ: tl.constexpr,
                            NORMALIZE: tl.constexpr, REMOVE_HITS: tl.constexpr,
                            BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                           ACC: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                           BLOCK_K: tl.constexpr, ACC: tl.constexpr,
+                           DOT_PRECISION: tl.constexpr):
     """One block of candidates over one slice of the rows: the partial candidate gradient
     ``gc_part[split, candidate] = Σ_rows w·û`` (before the normalization Jacobian)."""
     cn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -636,8 +675,9 @@ def _bwd_tiles_cols_kernel(grad_loss_ptr, user_ptr, items_ptr, pos_ptr, cand_ptr
     cols = tl.arange(0, BLOCK_D)
     dmask = cols < D
     idx = tl.load(cand_ptr + cn, mask=cmask, other=0).to(tl.int64)
-    C = tl.load(items_ptr + idx[:, None] * D + cols[None, :],
-                mask=cmask[:, None] & dmask[None, :], other=0)
+    if BLOCK_K == BLOCK_D:
+        C = tl.load(items_ptr + idx[:, None] * D + cols[None, :],
+                    mask=cmask[:, None] & dmask[None, :], other=0)
     if NORMALIZE:
         rc = tl.load(ri_ptr + idx, mask=cmask, other=0)
     if HAS_LOGQ:
@@ -654,7 +694,11 @@ def _bwd_tiles_cols_kernel(grad_loss_ptr, user_ptr, items_ptr, pos_ptr, cand_ptr
         g = tl.where(empty, 0.0, tl.load(grad_loss_ptr + rows, mask=rmask, other=0).to(ACC))
         lse = tl.where(empty, 0.0, lse)
         beta = tl.load(beta_ptr + rows, mask=rmask, other=0).to(ACC)
-        S = tl.dot(U, tl.trans(C), input_precision=DOT_PRECISION, out_dtype=ACC)
+        if BLOCK_K == BLOCK_D:
+            S = tl.dot(U, tl.trans(C), input_precision=DOT_PRECISION, out_dtype=ACC)
+        else:
+            S = _chunked_scores(user_ptr, items_ptr, rows, rmask, idx, cmask, D, BLOCK_B,
+                                BLOCK_N, BLOCK_D, BLOCK_K, ACC, DOT_PRECISION)
         if NORMALIZE:
             ru = tl.load(ru_ptr + rows, mask=rmask, other=0)
             S = S * ru[:, None] * rc[None, :]
@@ -758,6 +802,23 @@ def _rows_block_m(block_d: int, m: int) -> int:
     return max(16, min(128, 8192 // block_d, triton.next_power_of_2(m)))
 
 
+def _rows_block_m_bwd(block_d: int, m: int) -> int:
+    """The per-row backward's negatives per step. It holds more ``[BLOCK_M, BLOCK_D]``
+    tiles than the forward (gathered rows, the user-gradient accumulator, the item-gradient
+    products and their addresses): up to D = 256 at most 4096 elements (64 rows at
+    D = 64, with 8 warps: 16 per thread), then 16 rows at D = 512 and 8 at D = 1024."""
+    if block_d >= 512:
+        return 8192 // block_d
+    return max(16, min(64, 4096 // block_d, triton.next_power_of_2(m)))
+
+
+def _bwd_rows_warps(block_d: int, block_m: int) -> int:
+    """8 warps for tiles of 4096 elements or more, except 4 at D = 512 (16 rows)."""
+    if block_d == 512:
+        return 4
+    return 8 if block_m * block_d >= 4096 else 4
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot``'s input precision: ``"ieee"`` except for float32 inputs, where
     ``ADAPTAU_TRITON_FP32_DOT`` (``ieee``, ``tf32``, ``tf32x3``) rules when set, else
@@ -767,6 +828,21 @@ def _dot_precision(dtype: torch.dtype) -> str:
     if FP32_DOT_PRECISION:
         return FP32_DOT_PRECISION
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+#: Tests: True gives every tile kernel one full-width score dot (BLOCK_K = BLOCK_D) for
+#: float32/float64 too, the shape 16-bit inputs always use.
+_full_width_dots = False
+
+
+def _score_chunk(dtype: torch.dtype, block_d: int) -> int:
+    """``BLOCK_K``: the width of each score dot in the tile kernels. 16-bit inputs: one dot
+    over ``BLOCK_D`` (tensor cores take their operands from shared memory); float32 and
+    float64: chunks of 32 columns (FMA dots keep the whole reduction width per thread in
+    registers)."""
+    if dtype in (torch.float16, torch.bfloat16) or _full_width_dots:
+        return block_d
+    return min(block_d, 32)
 
 
 def _num_warps(block_elems: int) -> int:
@@ -928,7 +1004,8 @@ def forward(user: Tensor, items: Tensor, pos: Tensor, neg: Tensor, pos_scale: Te
                 _tune_tag(), IN_BATCH=neg_mode == NEG_IN_BATCH,
                 HAS_LOGQ=neg_logq is not None, NORMALIZE=bool(normalize),
                 REMOVE_HITS=bool(remove_hits), COMPUTE_RAW=bool(compute_raw),
-                BLOCK_D=block_d, ACC=tl_acc, DOT_PRECISION=_dot_precision(user.dtype))
+                BLOCK_D=block_d, BLOCK_K=_score_chunk(user.dtype, block_d), ACC=tl_acc,
+                DOT_PRECISION=_dot_precision(user.dtype))
         block_dm = min(block_d, 128)
         block_r = max(1, min(64, 2048 // block_dm))
         _launch(_fwd_merge_kernel, (triton.cdiv(batch, block_r),),
@@ -1004,11 +1081,11 @@ def backward(grad_loss: Tensor, user: Tensor, items: Tensor, pos: Tensor, neg: T
     if neg_mode == NEG_PER_ROW:
         m = neg.shape[1]
         w = dummy if atomic else _empty((batch, m), acc, dev)
-        block_m = _rows_block_m(block_d, m)
+        block_m = _rows_block_m_bwd(block_d, m)
         _launch(_bwd_rows_kernel, (batch,),
                 grad_loss, user, items, pos, neg, pos_scale, neg_scale, logq, lse, ru, ri,
                 grad_user, gi, w, wpos, galpha, gbeta, m, dim, INCLUDE_POS=bool(include_pos),
-                ATOMIC=atomic, BLOCK_M=block_m, num_warps=_num_warps(block_m * block_d),
+                ATOMIC=atomic, BLOCK_M=block_m, num_warps=_bwd_rows_warps(block_d, block_m),
                 **flags)
         if not atomic:
             src = user.to(acc) * ru[:, None] if normalize else user.to(acc)
@@ -1021,7 +1098,7 @@ def backward(grad_loss: Tensor, user: Tensor, items: Tensor, pos: Tensor, neg: T
         cand = neg if neg_mode == NEG_SHARED else pos
         m = cand.shape[0]
         tiles = dict(IN_BATCH=neg_mode == NEG_IN_BATCH, DOT_PRECISION=_dot_precision(user.dtype),
-                     **flags)
+                     BLOCK_K=_score_chunk(user.dtype, block_d), **flags)
         tag = _tune_tag()
         nsplit = _split_count(triton.cdiv(batch, 64), triton.cdiv(m, 128), dev)
         gu_part = _empty((nsplit, batch, dim), acc, dev)

@@ -20,8 +20,10 @@ also runs, under the interpreter:
   forced to 1, 2, 3 and 7 slices of the negatives (rows for the column backward), at odd
   sizes (B = 1 and 2, M below, at and not a multiple of the block, duplicates, accidental
   hits, logQ, include_pos), loss, lse, raw and every gradient against the float64
-  reference, both item-gradient modes; the slice count chosen for an H200's 132 SMs;
-  the block shapes the autotuner may time;
+  reference, both item-gradient modes; D = 40 and 72 take the float32 score dots in
+  32-column chunks, and the 7-slice runs take one full-width dot instead (the 16-bit
+  inputs' shape); the slice count chosen for an H200's 132 SMs; the block shapes the
+  autotuner may time;
 * ``TOUCHED_CASES``: a 2,000,000-row table (D = 8) with a few touched rows, every mode:
   the same results as the reference, and no launch with more programs than the batch
   has indices (the launches are counted through ``softmax_loss._launch_log``);
@@ -88,14 +90,14 @@ SPLIT_CASES = {
     "shared-B2-all": {"mode": 1, "B": 2, "M": 21, "N": 30, "include_pos": True, "logq": True,
                       "remove_hits": True, "force_hits": True},
     "shared-M-below-block": {"mode": 1, "B": 7, "M": 5, "dup": True},
-    "shared-many": {"mode": 1, "B": 70, "M": 150, "D": 20, "dup": True, "remove_hits": True,
+    "shared-many": {"mode": 1, "B": 70, "M": 150, "D": 40, "dup": True, "remove_hits": True,
                     "force_hits": True, "include_pos": True},
     "shared-M64": {"mode": 1, "B": 40, "M": 64, "N": 90, "D": 24, "normalize": False,
                    "logq": True},
     "shared-empty-rows": {"mode": 1, "remove_hits": True, "empty_rows": True},
     "inbatch-B2": {"mode": 2, "B": 2, "include_pos": True},
     "inbatch-dup": {"mode": 2, "B": 9, "dup": True, "logq": True},
-    "inbatch-many": {"mode": 2, "B": 75, "N": 40, "D": 20, "remove_hits": True,
+    "inbatch-many": {"mode": 2, "B": 75, "N": 40, "D": 72, "remove_hits": True,
                      "include_pos": True},
     "inbatch-large-scale": {"mode": 2, "B": 33, "N": 60, "D": 16, "scale": 1e4,
                             "include_pos": True},
@@ -133,11 +135,14 @@ def _worker_extra(results):
                 def run(name=name, spec=spec, gmode=gmode, split=split):
                     kernels.set_item_grad_mode(gmode)
                     K._force_split(split)
+                    # 7 slices: one full-width score dot (the 16-bit inputs' shape)
+                    K._full_width_dots = split == 7
                     try:
                         return check_backend_functions(f"split-{name}", spec, kernels.forward,
                                                        kernels.backward)
                     finally:
                         K._force_split(None)
+                        K._full_width_dots = False
                         kernels.set_item_grad_mode("atomic")
                 record(f"split-{name}-{split}[{gmode}]", run)
 
@@ -242,8 +247,8 @@ def _worker_extra(results):
             configs = K._tile_configs()
             for B, M, bd, tag in ((2048, 1024, 64, 0), (3, 5, 16, 0), (2048, 1024, 1024, 0),
                                   (2048, 1024, 64, 1)):
-                kept = K._prune_tile_configs(configs, {"B": B, "M": M, "TUNE_TAG": tag},
-                                             BLOCK_D=bd)
+                kept = K._prune_tile_configs(configs, {"B": B, "M": M, "TUNE_TAG": tag,
+                                                       "user_ptr": torch.empty(1)}, BLOCK_D=bd)
                 cap = K._tile_cap(bd)
                 if not 1 <= len(kept) <= (1 if tag else 3):
                     problems.append(f"{(B, M, bd, tag)}: {len(kept)} configs")
@@ -252,8 +257,8 @@ def _worker_extra(results):
                         problems.append(f"{(B, M, bd, tag)}: {c} over the cap {cap}")
         finally:
             K._interpreting = interp
-        if len(K._prune_tile_configs(configs, {"B": 2048, "M": 1024, "TUNE_TAG": 0},
-                                     BLOCK_D=64)) != 1:
+        if len(K._prune_tile_configs(configs, {"B": 2048, "M": 1024, "TUNE_TAG": 0,
+                                               "user_ptr": torch.empty(1)}, BLOCK_D=64)) != 1:
             problems.append("more than one config under the interpreter")
         return problems
     record("tuning", tuning)
