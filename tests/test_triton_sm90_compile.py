@@ -130,8 +130,9 @@ def _worker(out_path: str) -> None:
                 "ptx_sm90": ".target sm_90" in asm.get("ptx", ""),  # sm_90 or sm_90a
                 "n_regs": regs,
                 "n_spills": spills,
-                # what the specialization is: the vectors' dtype and the block shape
-                "meta": " ".join([str(getattr(args[1], "dtype", "")).replace("torch.", "")] + [
+                # what the specialization is: the inputs' dtype (a 16-bit one when any of
+                # the first tensors is) and the block shape
+                "meta": " ".join([_input_dtype(args)] + [
                     f"{k}={v}" for k, v in sorted(kwargs.items())
                     if k.startswith("BLOCK") or k == "num_warps"]),
             })
@@ -188,6 +189,13 @@ def _worker(out_path: str) -> None:
                                     f"{str(exc)[:3000]}")
     kernels.set_item_grad_mode("atomic")
     json.dump(report, open(out_path, "w"), indent=1)
+
+
+def _input_dtype(args) -> str:
+    dtypes = [str(a.dtype).replace("torch.", "") for a in args[:4]
+              if getattr(a, "dtype", None) is not None and a.dtype.is_floating_point]
+    half = [d for d in dtypes if d in ("bfloat16", "float16")]
+    return (half or dtypes or ["-"])[0]
 
 
 def _ptxas_resources(log: str, ptx: str):
