@@ -317,6 +317,28 @@ _forward_op = torch.ops.adaptau.softmax_loss_forward.default
 _backward_op = torch.ops.adaptau.softmax_loss_backward.default
 
 
+def _autocast_kernel(op, dispatch_key):
+    """The op's kernel under ``torch.autocast``: it runs with autocast off, in the dtype of
+    its inputs (``softmax_loss`` has already cast ``user`` to the table's dtype), so a
+    backend's internal products (the reference's matmuls) are not lowered to the autocast
+    dtype. Losses stay float32 (float64 for float64 inputs)."""
+    keys = torch._C.DispatchKeySet(dispatch_key)
+
+    def kernel(_keyset, *args):
+        with torch._C._ExcludeDispatchKeyGuard(keys):
+            return op(*args)
+
+    return kernel
+
+
+for _device in ("cpu", "cuda"):
+    _autocast_key = "Autocast" + torch._C._dispatch_key_for_device(_device)
+    for _name, _op in (("softmax_loss_forward", _forward_op),
+                       ("softmax_loss_backward", _backward_op)):
+        _LIB.impl(_name, _autocast_kernel(_op, getattr(torch._C.DispatchKey, _autocast_key)),
+                  _autocast_key, with_keyset=True)
+
+
 @torch.library.register_fake("adaptau::softmax_loss_forward", lib=_LIB)
 def _forward_fake(user, items, pos, neg, pos_scale, neg_scale, neg_logq, neg_mode,
                   include_pos, normalize, remove_hits, compute_raw, backend):
