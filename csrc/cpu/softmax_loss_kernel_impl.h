@@ -43,17 +43,15 @@
 // process-wide pool; blocks of 512 KiB and more are transparent huge pages.
 // ADAPTAU_CPU_PROFILE=1 prints per-phase times to stderr.
 //
-// Cost at the paper's shape (B=2048, M=1024, D=64, AVX2 kernels): ~98 instructions per pair for
-// forward+backward inside this library under callgrind, at ~2 per cycle, so instruction
-// count is what matters: the per-run micro-kernels are forced inline, the inner loops keep
-// the row stride a compile-time constant and the sort stores each pair's row offset in the
-// chunk buffer (an addressing mode of the loads, no index arithmetic), lanes are
-// broadcast by immediate (no control registers to spill), the scatter's loads stay in
-// their own register, the sort runs on unsigned indices unrolled by 4 with a vectorized
-// range check (which raises Python's IndexError; ops.py leaves the indices to this
-// backend), and in the common case (normalized, no logq, no hit removal, |β| small
-// enough for the fixed reference) a run's exps and sums are one loop with masked tails and
-// no running max, and the backward reuses the forward's exps. See benchmarks/README.md.
+// Hot loops: the per-run micro-kernels are forced inline, the inner loops keep the row
+// stride a compile-time constant and the sort stores each pair's row offset in the chunk
+// buffer (an addressing mode of the loads, no index arithmetic), lanes are broadcast by
+// immediate (no control registers to spill), the scatter's loads stay in their own
+// register, the sort runs on unsigned indices unrolled by 4 with a vectorized range check
+// (which raises Python's IndexError; ops.py leaves the indices to this backend), and in the
+// common case (normalized, no logq, no hit removal, |β| small enough for the fixed
+// reference) a run's exps and sums are one loop with masked tails and no running max, and
+// the backward reuses the forward's exps. What they cost: docs/performance.md.
 #include <ATen/ATen.h>
 #pragma once
 
