@@ -28,8 +28,8 @@ namespace cpu {
 namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> compact_indices_cpu(const at::Tensor& pos_in,
-                                                                    const at::Tensor& neg_in,
-                                                                    int64_t num_items) {
+                                                                   const at::Tensor& neg_in,
+                                                                   int64_t num_items) {
   TORCH_CHECK(pos_in.device().is_cpu() && neg_in.device().is_cpu(),
               "adaptau::compact_indices: expected CPU tensors");
   TORCH_CHECK(num_items >= 1 && num_items <= INT32_MAX,

@@ -69,8 +69,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_meta(
     bool normalize, bool remove_hits, bool need_scale_grads) {
   const auto scale_options = user.options().dtype(accumulation_dtype(user));
   const c10::SymInt batch = user.sym_size(0);
-  return {at::empty_symint(user.sym_sizes(), user.options()), at::empty_symint(items.sym_sizes(), items.options()),
-          at::empty_symint({batch}, scale_options), at::empty_symint({batch}, scale_options)};
+  return {at::empty_symint(user.sym_sizes(), user.options()),
+          at::empty_symint(items.sym_sizes(), items.options()), at::empty_symint({batch}, scale_options),
+          at::empty_symint({batch}, scale_options)};
 }
 
 // [num_items] int64 counts.

@@ -30,8 +30,8 @@ namespace cpu {
 namespace {
 
 at::Tensor uniform_negatives_cpu(int64_t rows, int64_t cols, int64_t num_items, int64_t seed) {
-  TORCH_CHECK(rows >= 0 && cols >= 0, "adaptau uniform_negatives: rows and cols must be >= 0, got ",
-              rows, " and ", cols);
+  TORCH_CHECK(rows >= 0 && cols >= 0, "adaptau uniform_negatives: rows and cols must be >= 0, got ", rows,
+              " and ", cols);
   TORCH_CHECK(num_items >= 1 && num_items <= (int64_t(1) << 31) - 1,
               "adaptau uniform_negatives: num_items must be in [1, 2^31 - 1], got ", num_items);
   at::Tensor out = at::empty({rows, cols}, at::TensorOptions().dtype(at::kInt));
@@ -41,8 +41,8 @@ at::Tensor uniform_negatives_cpu(int64_t rows, int64_t cols, int64_t num_items, 
 }
 
 at::Tensor dropout_mask_cpu(int64_t rows, int64_t cols, double p, int64_t seed) {
-  TORCH_CHECK(rows >= 0 && cols >= 0, "adaptau dropout_mask: rows and cols must be >= 0, got ",
-              rows, " and ", cols);
+  TORCH_CHECK(rows >= 0 && cols >= 0, "adaptau dropout_mask: rows and cols must be >= 0, got ", rows, " and ",
+              cols);
   TORCH_CHECK(p >= 0.0 && p < 1.0, "adaptau dropout_mask: p must be in [0, 1), got ", p);
   at::Tensor out = at::empty({rows, cols}, at::TensorOptions().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
@@ -93,10 +93,10 @@ double add_l2_rows_cpu(at::Tensor& grad, const at::Tensor& weight, const at::Ten
               "adaptau add_l2_rows_: counts must be int64 [N=", weight.size(0), "]");
   const at::Tensor w = weight.contiguous(), c = counts.contiguous();
   if (weight.scalar_type() == at::kFloat)
-    return ADAPTAU_CPU_DISPATCH(add_l2_rows, grad.data_ptr<float>(), w.data_ptr<float>(), c.data_ptr<int64_t>(), w.size(0),
-                       w.size(1), coef);
-  return ADAPTAU_CPU_DISPATCH(add_l2_rows, grad.data_ptr<double>(), w.data_ptr<double>(), c.data_ptr<int64_t>(), w.size(0),
-                     w.size(1), coef);
+    return ADAPTAU_CPU_DISPATCH(add_l2_rows, grad.data_ptr<float>(), w.data_ptr<float>(),
+                                c.data_ptr<int64_t>(), w.size(0), w.size(1), coef);
+  return ADAPTAU_CPU_DISPATCH(add_l2_rows, grad.data_ptr<double>(), w.data_ptr<double>(),
+                              c.data_ptr<int64_t>(), w.size(0), w.size(1), coef);
 }
 
 }  // namespace

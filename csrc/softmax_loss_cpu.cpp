@@ -42,8 +42,8 @@ void check_finite_values(const at::Tensor& t, const char* name, double limit) {
       const char* v = std::isnan(p[i]) ? "nan" : (p[i] > 0 ? "inf" : "-inf");
       TORCH_CHECK_VALUE(false, name, " must be finite; ", name, "[", i, "] = ", v);
     }
-    TORCH_CHECK_VALUE(false, name, " must be an inverse temperature with |value| <= ", limit, "; ", name,
-                      "[", i, "] = ", double(p[i]));
+    TORCH_CHECK_VALUE(false, name, " must be an inverse temperature with |value| <= ", limit, "; ", name, "[",
+                      i, "] = ", double(p[i]));
   }
 }
 
@@ -76,8 +76,10 @@ Inputs check_inputs(const at::Tensor& user, const at::Tensor& items, const at::T
   TORCH_CHECK(inputs.B >= 1 && inputs.D >= 1 && inputs.N >= 1 && items.size(1) == inputs.D,
               "adaptau cpu: need user [B>=1, D>=1] and items [N>=1, D], got ", user.sizes(), " and ",
               items.sizes());
-  TORCH_CHECK(inputs.N < (int64_t(1) << 31) - 1, "adaptau cpu: the item table has too many rows for int32 indexing");
-  TORCH_CHECK(pos.dim() == 1 && pos.size(0) == inputs.B, "adaptau cpu: pos must be [B=", inputs.B, "], got ", pos.sizes());
+  TORCH_CHECK(inputs.N < (int64_t(1) << 31) - 1,
+              "adaptau cpu: the item table has too many rows for int32 indexing");
+  TORCH_CHECK(pos.dim() == 1 && pos.size(0) == inputs.B, "adaptau cpu: pos must be [B=", inputs.B, "], got ",
+              pos.sizes());
   TORCH_CHECK(pos.scalar_type() == at::kLong || pos.scalar_type() == at::kInt,
               "adaptau cpu: pos must be int32 or int64, got ", pos.scalar_type());
   TORCH_CHECK(neg.scalar_type() == at::kLong || neg.scalar_type() == at::kInt,
@@ -86,10 +88,11 @@ Inputs check_inputs(const at::Tensor& user, const at::Tensor& items, const at::T
     TORCH_CHECK(neg.dim() == 2 && neg.size(0) == inputs.B && neg.size(1) >= 1,
                 "adaptau cpu: per-row neg must be [B=", inputs.B, ", M>=1], got ", neg.sizes());
     inputs.M = neg.size(1);
-    TORCH_CHECK(inputs.B * inputs.M < (int64_t(1) << 31) - 1,
-                "adaptau cpu: B*M = ", inputs.B * inputs.M, " pairs is too many for one call; split the batch");
+    TORCH_CHECK(inputs.B * inputs.M < (int64_t(1) << 31) - 1, "adaptau cpu: B*M = ", inputs.B * inputs.M,
+                " pairs is too many for one call; split the batch");
   } else if (neg_mode == kNegShared) {
-    TORCH_CHECK(neg.dim() == 1 && neg.size(0) >= 1, "adaptau cpu: shared neg must be [M>=1], got ", neg.sizes());
+    TORCH_CHECK(neg.dim() == 1 && neg.size(0) >= 1, "adaptau cpu: shared neg must be [M>=1], got ",
+                neg.sizes());
     inputs.M = neg.size(0);
   } else if (neg_mode == kNegInBatch) {
     TORCH_CHECK(inputs.B >= 2, "adaptau cpu: in-batch negatives need B >= 2");
@@ -142,8 +145,8 @@ SavedKey call_key(std::initializer_list<const at::Tensor*> tensors, std::vector<
 
 // The key of a fused_forward / fused_backward call on these inputs and options (the same
 // for a forward and the backward of the same call).
-SavedKey op_key(const at::Tensor& user, const at::Tensor& items, const at::Tensor& pos,
-                const at::Tensor& neg, const at::Tensor& pos_scale, const at::Tensor& neg_scale,
+SavedKey op_key(const at::Tensor& user, const at::Tensor& items, const at::Tensor& pos, const at::Tensor& neg,
+                const at::Tensor& pos_scale, const at::Tensor& neg_scale,
                 const std::optional<at::Tensor>& neg_logq, const LossOptions& options) {
   return call_key({&user, &items, &pos, &neg, &pos_scale, &neg_scale, neg_logq ? &*neg_logq : nullptr},
                   {options.neg_mode, options.include_pos, options.normalize, options.remove_hits,
@@ -171,9 +174,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
     const std::optional<at::Tensor>& neg_logq, const at::Tensor& lse, int64_t neg_mode, bool include_pos,
     bool normalize, bool remove_hits, bool need_scale_grads) {
   Inputs inputs = check_inputs(user, items, pos, neg, pos_scale, neg_scale, neg_logq, neg_mode);
-  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == inputs.B && lse.dim() == 1 && lse.size(0) == inputs.B,
-              "adaptau cpu: grad_loss and lse must be [B=", inputs.B, "], got ", grad_loss.sizes(), " and ",
-              lse.sizes());
+  TORCH_CHECK(
+      grad_loss.dim() == 1 && grad_loss.size(0) == inputs.B && lse.dim() == 1 && lse.size(0) == inputs.B,
+      "adaptau cpu: grad_loss and lse must be [B=", inputs.B, "], got ", grad_loss.sizes(), " and ",
+      lse.sizes());
   const LossOptions options{neg_mode, include_pos, normalize, remove_hits};
   at::Tensor grad_loss_acc = grad_loss.to(inputs.acc_dtype).contiguous();
   at::Tensor lse_acc = lse.to(inputs.acc_dtype).contiguous();
@@ -183,8 +187,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
   at::Tensor grad_alpha = at::empty({inputs.B}, opts);
   at::Tensor grad_beta = at::empty({inputs.B}, opts);
   const SavedKey key = op_key(user, items, pos, neg, pos_scale, neg_scale, neg_logq, options);
-  ADAPTAU_CPU_DISPATCH(softmax_loss_backward, inputs, options, key, grad_loss_acc, lse_acc, need_scale_grads, grad_user, grad_items,
-                       grad_alpha, grad_beta);
+  ADAPTAU_CPU_DISPATCH(softmax_loss_backward, inputs, options, key, grad_loss_acc, lse_acc, need_scale_grads,
+                       grad_user, grad_items, grad_alpha, grad_beta);
   if (inputs.in_dtype != inputs.acc_dtype) {
     grad_user = grad_user.to(inputs.in_dtype);
     grad_items = grad_items.to(inputs.in_dtype);

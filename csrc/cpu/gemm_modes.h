@@ -17,8 +17,8 @@ struct Candidates {
   int64_t Mc = 0, Mp = 0;
   std::vector<int32_t> idx;  // [Mc] item of each candidate
   Buf<T> chat;               // [Mc][Dp] normalized candidate rows
-  Buf<T> panels;                 // candidates in panels of 2W columns (see score_tile), zero padded
-  std::vector<T> logq;         // [Mp] logq of each candidate (0 past Mc)
+  Buf<T> panels;             // candidates in panels of 2W columns (see score_tile), zero padded
+  std::vector<T> logq;       // [Mp] logq of each candidate (0 past Mc)
   std::vector<T> cnorm;      // [Mc]
 };
 
@@ -26,8 +26,9 @@ template <typename T>
 Candidates<T> prepare_candidates(const LossContext<T>& context, const at::Tensor& neg) {
   Candidates<T> candidates;
   constexpr int W = Vec<T>::W;
-  candidates.idx = context.neg_mode == kNegShared ? indices_to_i32(neg, context.N, "neg")
-                                       : std::vector<int32_t>(context.pos, context.pos + context.B);
+  candidates.idx = context.neg_mode == kNegShared
+                       ? indices_to_i32(neg, context.N, "neg")
+                       : std::vector<int32_t>(context.pos, context.pos + context.B);
   candidates.Mc = static_cast<int64_t>(candidates.idx.size());
   candidates.Mp = round_up(candidates.Mc, 2 * W);
   const int64_t Mc = candidates.Mc, Mp = candidates.Mp, D = context.D, Dp = context.Dp;
@@ -38,7 +39,8 @@ Candidates<T> prepare_candidates(const LossContext<T>& context, const at::Tensor
   at::parallel_for(0, Mc, grain(4 * D), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       T* row = candidates.chat.get() + m * Dp;
-      candidates.cnorm[m] = load_row(row, context.items + int64_t(candidates.idx[m]) * D, D, Dp, context.normalize);
+      candidates.cnorm[m] =
+          load_row(row, context.items + int64_t(candidates.idx[m]) * D, D, Dp, context.normalize);
       T* panel = candidates.panels.get() + (m / (2 * W)) * D * 2 * W + (m % (2 * W));
       for (int64_t d = 0; d < D; ++d) panel[d * 2 * W] = row[d];
       if (context.logq) candidates.logq[m] = context.logq[candidates.idx[m]];
@@ -59,8 +61,8 @@ struct SavedTiles {
 
 // Logits of one tile row: lg[c] for columns [c0, c0+nc) of row b (padded with -inf to ncp).
 template <typename T>
-inline void tile_logits(const LossContext<T>& context, const Candidates<T>& candidates, int64_t b, const T* s, int64_t c0,
-                        int64_t nc, T scale, bool with_logq, T shift, T* lg) {
+inline void tile_logits(const LossContext<T>& context, const Candidates<T>& candidates, int64_t b, const T* s,
+                        int64_t c0, int64_t nc, T scale, bool with_logq, T shift, T* lg) {
   const int32_t p = context.pos[b];
   const int64_t cend = std::min(nc, candidates.Mc - c0);
   for (int64_t c = 0; c < cend; ++c)
@@ -73,7 +75,8 @@ inline void tile_logits(const LossContext<T>& context, const Candidates<T>& cand
 }
 
 template <typename T, int NV>
-void gemm_forward(LossContext<T>& context, const at::Tensor& neg, T* loss, T* lse_out, T* raw, bool compute_raw) {
+void gemm_forward(LossContext<T>& context, const at::Tensor& neg, T* loss, T* lse_out, T* raw,
+                  bool compute_raw) {
   const Tuning& settings = tuning();
   constexpr int W = Vec<T>::W;
   PhaseTimer timer;
@@ -100,7 +103,8 @@ void gemm_forward(LossContext<T>& context, const at::Tensor& neg, T* loss, T* ls
       for (int64_t c0 = 0; c0 < candidates.Mp; c0 += col_block) {
         const int64_t nc = std::min(col_block, candidates.Mp - c0);
         T* S = keep ? kept.get() + r0 * lds + c0 : tile.get();
-        score_tile(context.uhat + r0 * Dp, Dp, nr, candidates.panels.get() + c0 * context.D, nc, context.D, S, lds);
+        score_tile(context.uhat + r0 * Dp, Dp, nr, candidates.panels.get() + c0 * context.D, nc, context.D, S,
+                   lds);
         for (int64_t r = 0; r < nr; ++r) {
           const int64_t b = r0 + r;
           tile_logits(context, candidates, b, S + r * lds, c0, nc, context.beta[b], true, T(0), lg.data());
@@ -149,14 +153,15 @@ void gemm_forward(LossContext<T>& context, const at::Tensor& neg, T* loss, T* ls
 
 template <typename T, int NV>
 void gemm_backward(LossContext<T>& context, std::shared_ptr<SavedTiles<T>> saved, const at::Tensor& neg,
-                   const T* grad_loss, const T* lse, T* grad_user, T* grad_items, T* grad_alpha,
-                   T* grad_beta, bool need_scale) {
+                   const T* grad_loss, const T* lse, T* grad_user, T* grad_items, T* grad_alpha, T* grad_beta,
+                   bool need_scale) {
   using V = Vec<T>;
   constexpr int W = V::W;
   const Tuning& settings = tuning();
   PhaseTimer timer;
   // the forward's candidates and scores when it kept them, else computed here
-  Candidates<T> candidates = saved != nullptr ? std::move(saved->candidates) : prepare_candidates(context, neg);
+  Candidates<T> candidates =
+      saved != nullptr ? std::move(saved->candidates) : prepare_candidates(context, neg);
   const T* kept = saved != nullptr ? saved->scores.get() : nullptr;
   RowGrad<T> row_grads = row_grad(context, grad_loss, lse);
   timer.mark(saved != nullptr ? "bwd candidates (saved)" : "bwd candidates");
@@ -165,7 +170,8 @@ void gemm_backward(LossContext<T>& context, std::shared_ptr<SavedTiles<T>> saved
   const int64_t col_block = round_up(std::max<int64_t>(2 * W, settings.col_block), 2 * W);
   const int64_t nblk = (B + row_block - 1) / row_block;
   const int64_t per = Mc * Dp * int64_t(sizeof(T));
-  int64_t G = std::min<int64_t>({settings.max_groups, nblk, std::max<int64_t>(1, settings.partial_bytes / per)});
+  int64_t G =
+      std::min<int64_t>({settings.max_groups, nblk, std::max<int64_t>(1, settings.partial_bytes / per)});
   G = std::max<int64_t>(G, 1);
   Buf<T> gc_parts = make_buf<T>(G * Mc * Dp);
   Buf<T> gu = make_zero_buf<T>(B * Dp);
@@ -184,7 +190,9 @@ void gemm_backward(LossContext<T>& context, std::shared_ptr<SavedTiles<T>> saved
           const int64_t nc = std::min(col_block, candidates.Mp - c0);
           const int64_t ncv = std::min(nc, Mc - c0);  // valid columns
           const T* S = kept != nullptr ? kept + r0 * lds + c0 : tile.get();
-          if (kept == nullptr) score_tile(context.uhat + r0 * Dp, Dp, nr, candidates.panels.get() + c0 * context.D, nc, D, tile.get(), col_block);
+          if (kept == nullptr)
+            score_tile(context.uhat + r0 * Dp, Dp, nr, candidates.panels.get() + c0 * context.D, nc, D,
+                       tile.get(), col_block);
           for (int64_t r = 0; r < nr; ++r) {
             const int64_t b = r0 + r;
             T* d = dS.get() + r * col_block;
@@ -208,7 +216,8 @@ void gemm_backward(LossContext<T>& context, std::shared_ptr<SavedTiles<T>> saved
             q[b] += qs;
           }
           // dU[rows] += dS·C[cols];  dC[cols] += dSᵀ·Û[rows]
-          tile_gemm(gu.get() + r0 * Dp, Dp, dS.get(), col_block, 1, candidates.chat.get() + c0 * Dp, Dp, nr, ncv, Dp, true);
+          tile_gemm(gu.get() + r0 * Dp, Dp, dS.get(), col_block, 1, candidates.chat.get() + c0 * Dp, Dp, nr,
+                    ncv, Dp, true);
           tile_gemm(gc + c0 * Dp, Dp, dS.get(), 1, col_block, context.uhat + r0 * Dp, Dp, ncv, nr, Dp, true);
         }
       }
@@ -240,7 +249,10 @@ void gemm_backward(LossContext<T>& context, std::shared_ptr<SavedTiles<T>> saved
     T* out = grad_items + int64_t(it) * D;
     const T* src = gc_parts.get() + m * Dp;
     for (int64_t i = 0; i < D; ++i) out[i] += src[i];
-    if (!seen[it]) { seen[it] = 1; touched.push_back(it); }
+    if (!seen[it]) {
+      seen[it] = 1;
+      touched.push_back(it);
+    }
   }
   for (int64_t b = 0; b < B; ++b) {
     const int32_t it = context.pos[b];
@@ -248,7 +260,10 @@ void gemm_backward(LossContext<T>& context, std::shared_ptr<SavedTiles<T>> saved
     T* out = grad_items + int64_t(it) * D;
     const T* u = context.uhat + b * Dp;
     for (int64_t i = 0; i < D; ++i) out[i] += dp * u[i];
-    if (!seen[it]) { seen[it] = 1; touched.push_back(it); }
+    if (!seen[it]) {
+      seen[it] = 1;
+      touched.push_back(it);
+    }
   }
   timer.mark("bwd scatter");
   if (context.normalize) {

@@ -77,7 +77,8 @@ std::vector<int32_t> indices_to_i32(const at::Tensor& t, int64_t N, const char* 
 // Normalized user rows and positive scores (both modes), or the ones a forward kept.
 // (Each row gathers its positive's table row, a likely cache miss: hence the small grain.)
 template <typename T>
-void prepare_rows(LossContext<T>& context, const at::Tensor& pos, std::shared_ptr<const PreparedRows<T>> kept) {
+void prepare_rows(LossContext<T>& context, const at::Tensor& pos,
+                  std::shared_ptr<const PreparedRows<T>> kept) {
   if (kept == nullptr) {
     const int64_t B = context.B, D = context.D, Dp = context.Dp;
     auto prepared = std::make_shared<PreparedRows<T>>();

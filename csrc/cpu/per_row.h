@@ -35,8 +35,8 @@ namespace {
 // The n indices neg[off, off + n) as int32: neg itself when it is int32, else converted
 // into li. ok = every one is inside [0, N); when it is not, nothing may use them. The checks
 // are max-reductions (vectorized), not a branch per index.
-inline const int32_t* block_items(const void* neg, bool is64, int64_t off, int64_t n, int64_t N,
-                                  int32_t* li, bool& ok) {
+inline const int32_t* block_items(const void* neg, bool is64, int64_t off, int64_t n, int64_t N, int32_t* li,
+                                  bool& ok) {
   if (!is64) {
     const int32_t* p = static_cast<const int32_t*>(neg) + off;
     ok = indices_below(p, n, static_cast<uint32_t>(N));
@@ -64,21 +64,21 @@ inline void finish_row(bool include_pos, T m, T s, T pos_logit, T& lse, T& loss)
 }
 
 struct Plan {
-  int shift = 4;                // chunk c holds table rows [c << shift, (c + 1) << shift)
-  int64_t chunk_rows = 16;              // rows of a chunk buffer: 2^shift, or N when one chunk is the table
+  int shift = 4;            // chunk c holds table rows [c << shift, (c + 1) << shift)
+  int64_t chunk_rows = 16;  // rows of a chunk buffer: 2^shift, or N when one chunk is the table
   int64_t C = 1, r0 = 0, nb = 0, M = 0;
-  int64_t block_rows = 64;              // rows per sort block
-  std::vector<int32_t> off;     // [nblocks][C*block_rows + 1] run starts inside each block's slots
+  int64_t block_rows = 64;   // rows per sort block
+  std::vector<int32_t> off;  // [nblocks][C*block_rows + 1] run starts inside each block's slots
   // [nb*M] the pairs' items, per block of block_rows rows ordered by (chunk, row, m), each as the
   // element offset of its row in the chunk's buffer, (item - base)·Dp (< 2^31): the gathers
   // address a row straight from it; local_row() gives back item - base.
   Buf<int32_t> sorted;
-  int64_t Dp = 0;               // row stride of the chunk buffers
-  int row_shift = -1;           // log2(Dp) when Dp is a power of two
+  int64_t Dp = 0;      // row stride of the chunk buffers
+  int row_shift = -1;  // log2(Dp) when Dp is a power of two
   int64_t local_row(int32_t off) const {
     return row_shift >= 0 ? int64_t(uint32_t(off) >> row_shift) : int64_t(uint32_t(off)) / Dp;
   }
-  std::vector<int64_t> chunk_pairs;    // [C] pairs per chunk
+  std::vector<int64_t> chunk_pairs;   // [C] pairs per chunk
   std::vector<int64_t> group_chunks;  // [G+1] chunk ranges of the groups
   int64_t capacity = 0;
   // f(bl, k0, k1) for every row bl (in order) with a non-empty run [k0, k1) in chunk c.
@@ -111,14 +111,17 @@ int chunk_shift(int64_t row_bytes, int64_t row_elems, int64_t chunk_bytes, int64
 
 template <typename T>
 void build_plan(const LossContext<T>& context, Plan& plan, int64_t r0, int64_t nb) {
-  const int64_t M = context.M, N = context.N, C = plan.C, block_rows = plan.block_rows, E = C * block_rows + 1;
+  const int64_t M = context.M, N = context.N, C = plan.C, block_rows = plan.block_rows,
+                E = C * block_rows + 1;
   const int shift = plan.shift;
   const int64_t nblk = (nb + block_rows - 1) / block_rows;
   plan.r0 = r0;
   plan.nb = nb;
   plan.M = M;
   plan.Dp = context.Dp;
-  plan.row_shift = (context.Dp & (context.Dp - 1)) == 0 ? __builtin_ctzll(static_cast<unsigned long long>(context.Dp)) : -1;
+  plan.row_shift = (context.Dp & (context.Dp - 1)) == 0
+                       ? __builtin_ctzll(static_cast<unsigned long long>(context.Dp))
+                       : -1;
   plan.off.resize(nblk * E);
   if (plan.capacity < nb * M) {
     plan.sorted = make_buf<int32_t>(nb * M);
@@ -139,13 +142,14 @@ void build_plan(const LossContext<T>& context, Plan& plan, int64_t r0, int64_t n
     std::vector<uint32_t> cnt(block_rows * C);
     const int sh = shift;  // a local: the captured one is re-read after every counter store
     // what a pair stores: its row's element offset in the chunk buffer
-    const uint32_t low = static_cast<uint32_t>((int64_t(1) << shift) - 1), dp32 = static_cast<uint32_t>(context.Dp);
+    const uint32_t low = static_cast<uint32_t>((int64_t(1) << shift) - 1),
+                   dp32 = static_cast<uint32_t>(context.Dp);
     bool ok = true;
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t rows = std::min(block_rows, nb - j * block_rows);
       bool in_range = true;
-      const int32_t* __restrict__ l =
-          block_items(context.neg, context.neg_is_int64, (r0 + j * block_rows) * M, rows * M, N, li.data(), in_range);
+      const int32_t* __restrict__ l = block_items(
+          context.neg, context.neg_is_int64, (r0 + j * block_rows) * M, rows * M, N, li.data(), in_range);
       if (!in_range) {
         ok = false;
         continue;
@@ -222,13 +226,12 @@ void build_plan(const LossContext<T>& context, Plan& plan, int64_t r0, int64_t n
 // the plan's order and the merged running state of each row's negatives.
 template <typename T>
 struct PairState {
-  Buf<T> score;            // [nb*M] ŝ of each pair, or e = exp(β·ŝ - |β|) when exp_scores
-  bool exp_scores = false; // the score pass used the fixed reference (see fixed_reference)
-  std::vector<T> m, s, w;  // [nb] max logit, Σe^{l-m}, Σe^{l-m}·ŝ
-  Buf<T> v;                // [nb][Dp] Σe^{l-m}·r̂
-  std::vector<T> rm, rs;   // [nb] max and Σe^{l'-m'} of the raw logits l' = ŝ - logq (compute_raw)
+  Buf<T> score;             // [nb*M] ŝ of each pair, or e = exp(β·ŝ - |β|) when exp_scores
+  bool exp_scores = false;  // the score pass used the fixed reference (see fixed_reference)
+  std::vector<T> m, s, w;   // [nb] max logit, Σe^{l-m}, Σe^{l-m}·ŝ
+  Buf<T> v;                 // [nb][Dp] Σe^{l-m}·r̂
+  std::vector<T> rm, rs;    // [nb] max and Σe^{l'-m'} of the raw logits l' = ŝ - logq (compute_raw)
 };
-
 
 template <typename T>
 struct Saved {
@@ -252,13 +255,15 @@ ADAPTAU_HOT_INLINE void with_row_len(int64_t D, F&& f) {
 // (Kept out of line: inlined, it changes the register allocation of the score pass's
 // run loops for the worse.)
 template <typename T, int NV>
-__attribute__((noinline)) void load_chunk(const LossContext<T>& context, const Plan& plan, int64_t c, int64_t base, int64_t nloc, T* buf,
-                std::vector<int64_t>& stamp, int64_t id) {
+__attribute__((noinline)) void load_chunk(const LossContext<T>& context, const Plan& plan, int64_t c,
+                                          int64_t base, int64_t nloc, T* buf, std::vector<int64_t>& stamp,
+                                          int64_t id) {
   const int64_t D = context.D, Dp = context.Dp;
   if (plan.chunk_pairs[c] >= nloc / 2) {
     with_row_len<T, NV>(D, [&](auto kd) {
       constexpr int64_t kD = decltype(kd)::value;
-      for (int64_t r = 0; r < nloc; ++r) load_row<kD>(buf + r * Dp, context.items + (base + r) * D, D, Dp, context.normalize);
+      for (int64_t r = 0; r < nloc; ++r)
+        load_row<kD>(buf + r * Dp, context.items + (base + r) * D, D, Dp, context.normalize);
     });
     return;
   }
@@ -277,8 +282,9 @@ __attribute__((noinline)) void load_chunk(const LossContext<T>& context, const P
 // (-inf for an accidental hit when remove_hits; item k = base + plan.local_row(off[k])),
 // padded with -inf to a multiple of W. Returns their max.
 template <typename T>
-inline T run_logits(const LossContext<T>& context, const Plan& plan, int64_t base, const int32_t* __restrict__ idx,
-                    const T* __restrict__ sc, int64_t n, T scale, T shift, int32_t p, T* __restrict__ lg) {
+inline T run_logits(const LossContext<T>& context, const Plan& plan, int64_t base,
+                    const int32_t* __restrict__ idx, const T* __restrict__ sc, int64_t n, T scale, T shift,
+                    int32_t p, T* __restrict__ lg) {
   using V = Vec<T>;
   constexpr int W = V::W;
   const int64_t npad = round_up(n, W);
@@ -356,10 +362,10 @@ template <typename T>
 struct FixedRunArgs {
   const T* buf;
   int64_t Dp;
-  T* sc;              // [kBlock + W] scores scratch
-  T *m, *s, *w, *v;   // states: max (|β|), Σe, Σe·ŝ, Σe·row ([Dp] each)
+  T* sc;             // [kBlock + W] scores scratch
+  T *m, *s, *w, *v;  // states: max (|β|), Σe, Σe·ŝ, Σe·row ([Dp] each)
   bool compute_raw;
-  T *rm, *rs;         // raw loss states (compute_raw)
+  T *rm, *rs;  // raw loss states (compute_raw)
 };
 
 // One block (at most kBlock pairs) of a run in the fixed-reference case: the scores
@@ -407,7 +413,8 @@ void score_pass(const LossContext<T>& context, const Plan& plan, PairState<T>& s
   using Ops = RunOps<T, NV>;
   using V = Vec<T>;
   constexpr int W = V::W;
-  const int64_t nb = plan.nb, M = plan.M, Dp = context.Dp, N = context.N, chunk_rows = plan.chunk_rows, r0 = plan.r0;
+  const int64_t nb = plan.nb, M = plan.M, Dp = context.Dp, N = context.N, chunk_rows = plan.chunk_rows,
+                r0 = plan.r0;
   const int shift = plan.shift;
   const int64_t G = static_cast<int64_t>(plan.group_chunks.size()) - 1;
   if (state.score.get() == nullptr) state.score = make_buf<T>(nb * M);
@@ -420,7 +427,8 @@ void score_pass(const LossContext<T>& context, const Plan& plan, PairState<T>& s
   // scores, both exps in one loop, no per-run logits buffer or scalar tails.
   const bool plain = raw_fixed_ref && !context.remove_hits;
   bool fixed = plain;
-  for (int64_t b = r0; b < r0 + nb && fixed; ++b) fixed = std::abs(context.beta[b]) <= fixed_reference_max_beta<T>();
+  for (int64_t b = r0; b < r0 + nb && fixed; ++b)
+    fixed = std::abs(context.beta[b]) <= fixed_reference_max_beta<T>();
   state.exp_scores = fixed;
   at::parallel_for(0, G, grain(3 * nb * M * Dp / G), [&](int64_t g0, int64_t g1) {
     Buf<T> buf = make_buf<T>(chunk_rows * Dp);
@@ -436,8 +444,8 @@ void score_pass(const LossContext<T>& context, const Plan& plan, PairState<T>& s
         const int64_t nloc = std::min(chunk_rows, N - base);
         load_chunk<T, NV>(context, plan, c, base, nloc, buf.get(), stamp, c + r0 * plan.C);
         if (fixed) {
-          const FixedRunArgs<T> run_args{buf.get(), Dp, sc, gm.data(), gs.data(), gw.data(), gv.get(),
-                                   compute_raw, grm.data(), grs.data()};
+          const FixedRunArgs<T> run_args{buf.get(), Dp,       sc,          gm.data(),  gs.data(),
+                                         gw.data(), gv.get(), compute_raw, grm.data(), grs.data()};
           // (pointers captured by value, not through the enclosing lambda's references: they
           // stay in registers across the calls instead of being reloaded after each)
           const int64_t gnb = g * nb, stride = Dp;
@@ -445,11 +453,12 @@ void score_pass(const LossContext<T>& context, const Plan& plan, PairState<T>& s
           const int32_t* const sorted = plan.sorted.get();
           const T* const betas = context.beta + r0;
           const T* const users = context.uhat + r0 * Dp;
-          plan.for_runs(c, [&run_args, gnb, stride, score, sorted, betas, users](int64_t bl, int64_t k0, int64_t k1) {
-            for (int64_t kk = k0; kk < k1; kk += kBlock)
-              fixed_run<T, NV>(run_args, gnb + bl, users + bl * stride, betas[bl], sorted + kk,
-                               std::min(kBlock, k1 - kk), score + kk);
-          });
+          plan.for_runs(
+              c, [&run_args, gnb, stride, score, sorted, betas, users](int64_t bl, int64_t k0, int64_t k1) {
+                for (int64_t kk = k0; kk < k1; kk += kBlock)
+                  fixed_run<T, NV>(run_args, gnb + bl, users + bl * stride, betas[bl], sorted + kk,
+                                   std::min(kBlock, k1 - kk), score + kk);
+              });
           continue;
         }
         plan.for_runs(c, [&](int64_t bl, int64_t k0, int64_t k1) {
@@ -573,7 +582,8 @@ template <typename T>
 std::pair<int64_t, int> per_row_blocking(const LossContext<T>& context) {
   const Tuning& settings = tuning();
   const int64_t Bb = std::max<int64_t>(1, std::min<int64_t>(context.B, settings.max_pairs / context.M));
-  const int shift = chunk_shift(context.Dp * int64_t(sizeof(T)), context.Dp, settings.chunk_bytes, context.N, Bb, settings.max_pairs);
+  const int shift = chunk_shift(context.Dp * int64_t(sizeof(T)), context.Dp, settings.chunk_bytes, context.N,
+                                Bb, settings.max_pairs);
   return {Bb, shift};
 }
 
@@ -584,9 +594,11 @@ void init_plan(const LossContext<T>& context, Plan& plan, int shift) {
   // The pairs carry their rows' offsets in a chunk buffer as int32 (Plan::sorted):
   // chunk_shift keeps chunks below 2^31 elements unless a single row of 16-row chunks
   // is already too long, which only an absurd embedding size can make.
-  TORCH_CHECK(plan.chunk_rows * context.Dp <= (int64_t(1) << 31),
-              "adaptau cpu backend: embedding dimension ", context.D, " is too large for the per-row "
-              "kernel (a chunk of ", plan.chunk_rows, " rows would exceed 2^31 elements)");
+  TORCH_CHECK(plan.chunk_rows * context.Dp <= (int64_t(1) << 31), "adaptau cpu backend: embedding dimension ",
+              context.D,
+              " is too large for the per-row "
+              "kernel (a chunk of ",
+              plan.chunk_rows, " rows would exceed 2^31 elements)");
   plan.C = ((context.N - 1) >> shift) + 1;
   plan.block_rows = std::max<int64_t>(1, std::min(tuning().sort_rows, (int64_t(1) << 18) / context.M));
 }
@@ -608,7 +620,8 @@ void per_row_forward(LossContext<T>& context, T* loss, T* lse_out, T* raw, bool 
     timer.mark("fwd scores");
     for (int64_t bl = 0; bl < nb; ++bl) {
       const int64_t b = r0 + bl;
-      finish_row(context.include_pos, state.m[bl], state.s[bl], context.alpha[b] * context.spos[b], lse_out[b], loss[b]);
+      finish_row(context.include_pos, state.m[bl], state.s[bl], context.alpha[b] * context.spos[b],
+                 lse_out[b], loss[b]);
       if (compute_raw) {
         T unused;
         finish_row(context.include_pos, state.rm[bl], state.rs[bl], context.spos[b], unused, raw[b]);
@@ -637,7 +650,8 @@ RowGrad<T> row_grad(const LossContext<T>& context, const T* grad_loss, const T* 
   for (int64_t b = 0; b < context.B; ++b) {
     const bool empty = !(lse[b] > neg_inf<T>());
     const T g = empty ? T(0) : grad_loss[b];
-    const T pp = (context.include_pos && !empty) ? std::exp(context.alpha[b] * context.spos[b] - lse[b]) : T(0);
+    const T pp =
+        (context.include_pos && !empty) ? std::exp(context.alpha[b] * context.spos[b] - lse[b]) : T(0);
     row_grads.g[b] = g;
     row_grads.p_pos[b] = pp;
     row_grads.dpos[b] = g * context.alpha[b] * (pp - T(1));
@@ -649,9 +663,9 @@ RowGrad<T> row_grad(const LossContext<T>& context, const T* grad_loss, const T* 
 // partials [nparts][nb][Dp] in order, plus the positive's term), and the scale gradients
 // (q: Σ_k P_k ŝ_k per row, in nparts partials).
 template <typename T>
-void finish_rows(const LossContext<T>& context, const RowGrad<T>& row_grads, int64_t r0, int64_t nb, const T* gu_parts,
-                 int64_t nparts, const T* q_parts, T* grad_user, T* grad_alpha, T* grad_beta,
-                 bool need_scale) {
+void finish_rows(const LossContext<T>& context, const RowGrad<T>& row_grads, int64_t r0, int64_t nb,
+                 const T* gu_parts, int64_t nparts, const T* q_parts, T* grad_user, T* grad_alpha,
+                 T* grad_beta, bool need_scale) {
   const int64_t D = context.D, Dp = context.Dp;
   at::parallel_for(0, nb, grain(4 * (nparts + 2) * Dp), [&](int64_t b0, int64_t b1) {
     std::vector<T> gu(Dp), ph(Dp);
@@ -687,13 +701,14 @@ void finish_rows(const LossContext<T>& context, const RowGrad<T>& row_grads, int
 // the chunk's rows of grad_items: written (single block), or summed over the blocks with
 // the normalization's Jacobian applied after the last one.
 template <typename T, int NV>
-void item_grad_pass(const LossContext<T>& context, const Plan& plan, const PairState<T>& state, const RowGrad<T>& row_grads,
-                    const T* lse, const std::vector<int32_t>& pstart, const std::vector<int32_t>& prow,
-                    T* grad_items, bool first, bool last, bool single) {
+void item_grad_pass(const LossContext<T>& context, const Plan& plan, const PairState<T>& state,
+                    const RowGrad<T>& row_grads, const T* lse, const std::vector<int32_t>& pstart,
+                    const std::vector<int32_t>& prow, T* grad_items, bool first, bool last, bool single) {
   using Ops = RunOps<T, NV>;
   using V = Vec<T>;
   constexpr int W = V::W;
-  const int64_t nb = plan.nb, Dp = context.Dp, D = context.D, N = context.N, chunk_rows = plan.chunk_rows, r0 = plan.r0;
+  const int64_t nb = plan.nb, Dp = context.Dp, D = context.D, N = context.N, chunk_rows = plan.chunk_rows,
+                r0 = plan.r0;
   const int shift = plan.shift;
   const int64_t G = static_cast<int64_t>(plan.group_chunks.size()) - 1;
   const bool plain = context.logq == nullptr && !context.remove_hits;  // logits are β·ŝ
@@ -702,7 +717,8 @@ void item_grad_pass(const LossContext<T>& context, const Plan& plan, const PairS
   std::vector<T> efac(state.exp_scores ? nb : 0);
   for (int64_t bl = 0; bl < static_cast<int64_t>(efac.size()); ++bl) {
     const int64_t b = r0 + bl;
-    efac[bl] = row_grads.g[b] == T(0) ? T(0) : row_grads.g[b] * context.beta[b] * std::exp(state.m[bl] - lse[b]);
+    efac[bl] =
+        row_grads.g[b] == T(0) ? T(0) : row_grads.g[b] * context.beta[b] * std::exp(state.m[bl] - lse[b]);
   }
   at::parallel_for(0, G, grain(2 * nb * plan.M * Dp / G), [&](int64_t g0, int64_t g1) {
     Buf<T> acc = make_zero_buf<T>(chunk_rows * Dp);  // zero between chunks: rows are cleared as written
@@ -734,7 +750,8 @@ void item_grad_pass(const LossContext<T>& context, const Plan& plan, const PairS
               }
               if (plain) {  // d = g·β·exp(β·ŝ - lse) straight from the scores
                 const typename V::R vb = V::set1(beta), vl = V::set1(l_b);
-                map_run(sc, n, lg, [&](typename V::R x) { return V::mul(vg, V::exp(V::sub(V::mul(vb, x), vl))); });
+                map_run(sc, n, lg,
+                        [&](typename V::R x) { return V::mul(vg, V::exp(V::sub(V::mul(vb, x), vl))); });
               } else {
                 run_logits(context, plan, base, idx, sc, n, beta, l_b, p, lg);
                 for (int64_t k = 0; k < npad; k += W) V::store(lg + k, V::mul(vg, V::exp(V::load(lg + k))));
@@ -790,8 +807,9 @@ void item_grad_pass(const LossContext<T>& context, const Plan& plan, const PairS
 // Backward, per block of rows: the forward's plan and state when the cache has them (one
 // block), else the sort and score pass again; then the item-gradient pass and the rows.
 template <typename T, int NV>
-void per_row_backward(LossContext<T>& context, std::shared_ptr<Saved<T>> saved, const T* grad_loss, const T* lse,
-                      T* grad_user, T* grad_items, T* grad_alpha, T* grad_beta, bool need_scale) {
+void per_row_backward(LossContext<T>& context, std::shared_ptr<Saved<T>> saved, const T* grad_loss,
+                      const T* lse, T* grad_user, T* grad_items, T* grad_alpha, T* grad_beta,
+                      bool need_scale) {
   const int64_t B = context.B, Dp = context.Dp;
   PhaseTimer timer;
   RowGrad<T> row_grads = row_grad(context, grad_loss, lse);
@@ -823,13 +841,15 @@ void per_row_backward(LossContext<T>& context, std::shared_ptr<Saved<T>> saved, 
       score_pass<T, NV>(context, plan, state, false);
       timer.mark("bwd recompute");
     }
-    item_grad_pass<T, NV>(context, plan, state, row_grads, lse, pstart, prow, grad_items, r0 == 0, r0 + nb == B, single);
+    item_grad_pass<T, NV>(context, plan, state, row_grads, lse, pstart, prow, grad_items, r0 == 0,
+                          r0 + nb == B, single);
     timer.mark("bwd items");
     // Negatives' user gradient (normalized space) and Σ_k P_k ŝ_k from the state.
     at::parallel_for(0, nb, grain(2 * Dp), [&](int64_t b0, int64_t b1) {
       for (int64_t bl = b0; bl < b1; ++bl) {
         const int64_t b = r0 + bl;
-        const T f = (row_grads.g[b] == T(0) || state.m[bl] == neg_inf<T>()) ? T(0) : std::exp(state.m[bl] - lse[b]);
+        const T f =
+            (row_grads.g[b] == T(0) || state.m[bl] == neg_inf<T>()) ? T(0) : std::exp(state.m[bl] - lse[b]);
         const T cu = row_grads.g[b] * context.beta[b] * f;
         const T* v = state.v.get() + bl * Dp;
         T* o = gu.get() + bl * Dp;
@@ -837,7 +857,8 @@ void per_row_backward(LossContext<T>& context, std::shared_ptr<Saved<T>> saved, 
         q[bl] = f * state.w[bl];
       }
     });
-    finish_rows(context, row_grads, r0, nb, gu.get(), 1, q.data(), grad_user, grad_alpha, grad_beta, need_scale);
+    finish_rows(context, row_grads, r0, nb, gu.get(), 1, q.data(), grad_user, grad_alpha, grad_beta,
+                need_scale);
     timer.mark("bwd rows");
   }
 }

@@ -91,18 +91,30 @@ int64_t padded_dim(int64_t D) {
 template <typename T, typename F>
 void with_nv(int64_t D, F&& f) {
   switch (choose_nv<T>(D)) {
-    case 1: f(std::integral_constant<int, 1>()); break;
-    case 2: f(std::integral_constant<int, 2>()); break;
-    case 4: f(std::integral_constant<int, 4>()); break;
-    case 8: f(std::integral_constant<int, 8>()); break;
-    case 16: f(std::integral_constant<int, 16>()); break;
-    default: f(std::integral_constant<int, 0>()); break;
+    case 1:
+      f(std::integral_constant<int, 1>());
+      break;
+    case 2:
+      f(std::integral_constant<int, 2>());
+      break;
+    case 4:
+      f(std::integral_constant<int, 4>());
+      break;
+    case 8:
+      f(std::integral_constant<int, 8>());
+      break;
+    case 16:
+      f(std::integral_constant<int, 16>());
+      break;
+    default:
+      f(std::integral_constant<int, 0>());
+      break;
   }
 }
 
-
 template <typename T>
-LossContext<T> make_context(const Inputs& inputs, const LossOptions& options, std::shared_ptr<const PreparedRows<T>> kept = nullptr) {
+LossContext<T> make_context(const Inputs& inputs, const LossOptions& options,
+                            std::shared_ptr<const PreparedRows<T>> kept = nullptr) {
   LossContext<T> context;
   context.B = inputs.B;
   context.N = inputs.N;
@@ -127,8 +139,8 @@ LossContext<T> make_context(const Inputs& inputs, const LossOptions& options, st
 // The entry points (declared in softmax_loss_kernel.h), outside the anonymous namespace.
 }  // namespace
 
-void softmax_loss_forward(const Inputs& inputs, const LossOptions& options, const SavedKey& key, bool compute_raw,
-                          at::Tensor& loss, at::Tensor& lse, at::Tensor& raw) {
+void softmax_loss_forward(const Inputs& inputs, const LossOptions& options, const SavedKey& key,
+                          bool compute_raw, at::Tensor& loss, at::Tensor& lse, at::Tensor& raw) {
   AT_DISPATCH_FLOATING_TYPES(inputs.user.scalar_type(), "adaptau_fused_forward_cpu", [&] {
     using T = scalar_t;
     PhaseTimer timer;
@@ -172,9 +184,9 @@ void softmax_loss_backward(const Inputs& inputs, const LossOptions& options, con
     with_nv<T>(inputs.D, [&](auto nvc) {
       constexpr int NV = decltype(nvc)::value;
       if (options.neg_mode == kNegPerRow)
-        per_row_backward<T, NV>(context, saved, grad_loss.data_ptr<T>(), lse.data_ptr<T>(), grad_user.data_ptr<T>(),
-                                grad_items.data_ptr<T>(), grad_alpha.data_ptr<T>(), grad_beta.data_ptr<T>(),
-                                need_scale_grads);
+        per_row_backward<T, NV>(context, saved, grad_loss.data_ptr<T>(), lse.data_ptr<T>(),
+                                grad_user.data_ptr<T>(), grad_items.data_ptr<T>(), grad_alpha.data_ptr<T>(),
+                                grad_beta.data_ptr<T>(), need_scale_grads);
       else
         gemm_backward<T, NV>(context, tiles, inputs.neg, grad_loss.data_ptr<T>(), lse.data_ptr<T>(),
                              grad_user.data_ptr<T>(), grad_items.data_ptr<T>(), grad_alpha.data_ptr<T>(),

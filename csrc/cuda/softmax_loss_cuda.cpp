@@ -33,19 +33,16 @@ int dtype_code(at::ScalarType type) {
   return -1;
 }
 
-at::ScalarType acc_type(at::ScalarType type) {
-  return type == at::kDouble ? at::kDouble : at::kFloat;
-}
+at::ScalarType acc_type(at::ScalarType type) { return type == at::kDouble ? at::kDouble : at::kFloat; }
 
 void check_cuda(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, "adaptau CUDA backend: ", what, " failed: ",
-              cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, "adaptau CUDA backend: ", what, " failed: ", cudaGetErrorString(err));
 }
 
 void check_on_device(const at::Tensor& t, const at::Tensor& like, const char* name) {
   TORCH_CHECK(t.is_cuda(), "adaptau CUDA backend: ", name, " must be a CUDA tensor");
-  TORCH_CHECK(t.device() == like.device(), "adaptau CUDA backend: ", name, " is on ",
-              t.device(), " but user is on ", like.device());
+  TORCH_CHECK(t.device() == like.device(), "adaptau CUDA backend: ", name, " is on ", t.device(),
+              " but user is on ", like.device());
 }
 
 // Inputs normalised for the launchers (contiguous, matching index dtypes, acc-typed scales);
@@ -56,9 +53,9 @@ struct Prepared {
 };
 
 Prepared prepare(const at::Tensor& user, const at::Tensor& items, const at::Tensor& pos,
-                 const at::Tensor& neg, const at::Tensor& pos_scale,
-                 const at::Tensor& neg_scale, const std::optional<at::Tensor>& neg_logq,
-                 int64_t neg_mode, bool include_pos, bool normalize, bool remove_hits) {
+                 const at::Tensor& neg, const at::Tensor& pos_scale, const at::Tensor& neg_scale,
+                 const std::optional<at::Tensor>& neg_logq, int64_t neg_mode, bool include_pos,
+                 bool normalize, bool remove_hits) {
   TORCH_CHECK(user.dim() == 2 && items.dim() == 2 && user.size(1) == items.size(1),
               "adaptau CUDA backend: user [B, D] and items [N, D] expected");
   TORCH_CHECK(user.scalar_type() == items.scalar_type(),
@@ -132,13 +129,12 @@ Prepared prepare(const at::Tensor& user, const at::Tensor& items, const at::Tens
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cuda(
-    const at::Tensor& user, const at::Tensor& items, const at::Tensor& pos,
-    const at::Tensor& neg, const at::Tensor& pos_scale, const at::Tensor& neg_scale,
-    const std::optional<at::Tensor>& neg_logq, int64_t neg_mode, bool include_pos,
-    bool normalize, bool remove_hits, bool compute_raw) {
+    const at::Tensor& user, const at::Tensor& items, const at::Tensor& pos, const at::Tensor& neg,
+    const at::Tensor& pos_scale, const at::Tensor& neg_scale, const std::optional<at::Tensor>& neg_logq,
+    int64_t neg_mode, bool include_pos, bool normalize, bool remove_hits, bool compute_raw) {
   const c10::cuda::CUDAGuard guard(user.device());
-  Prepared prepared = prepare(user, items, pos, neg, pos_scale, neg_scale, neg_logq, neg_mode,
-                       include_pos, normalize, remove_hits);
+  Prepared prepared = prepare(user, items, pos, neg, pos_scale, neg_scale, neg_logq, neg_mode, include_pos,
+                              normalize, remove_hits);
   const auto opts = prepared.user.options().dtype(acc_type(prepared.user.scalar_type()));
   const int64_t batch = prepared.problem.B;
   at::Tensor loss = at::empty({batch}, opts);
@@ -152,14 +148,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cuda(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
-    const at::Tensor& grad_loss, const at::Tensor& user, const at::Tensor& items,
-    const at::Tensor& pos, const at::Tensor& neg, const at::Tensor& pos_scale,
-    const at::Tensor& neg_scale, const std::optional<at::Tensor>& neg_logq,
-    const at::Tensor& lse, int64_t neg_mode, bool include_pos, bool normalize,
-    bool remove_hits, bool need_scale_grads) {
+    const at::Tensor& grad_loss, const at::Tensor& user, const at::Tensor& items, const at::Tensor& pos,
+    const at::Tensor& neg, const at::Tensor& pos_scale, const at::Tensor& neg_scale,
+    const std::optional<at::Tensor>& neg_logq, const at::Tensor& lse, int64_t neg_mode, bool include_pos,
+    bool normalize, bool remove_hits, bool need_scale_grads) {
   const c10::cuda::CUDAGuard guard(user.device());
-  Prepared prepared = prepare(user, items, pos, neg, pos_scale, neg_scale, neg_logq, neg_mode,
-                       include_pos, normalize, remove_hits);
+  Prepared prepared = prepare(user, items, pos, neg, pos_scale, neg_scale, neg_logq, neg_mode, include_pos,
+                              normalize, remove_hits);
   const auto acc = acc_type(prepared.user.scalar_type());
   const int64_t batch = prepared.problem.B;
   check_on_device(grad_loss, user, "grad_loss");
@@ -180,9 +175,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
   at::Tensor grad_neg_scale = at::empty({batch}, opts);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   check_cuda(adaptau_cuda::backward(prepared.problem, grad_loss_c.data_ptr(), lse_c.data_ptr(),
-                                    grad_user.data_ptr(), grad_items.data_ptr(),
-                                    accum.data_ptr(), grad_pos_scale.data_ptr(),
-                                    grad_neg_scale.data_ptr(), stream),
+                                    grad_user.data_ptr(), grad_items.data_ptr(), accum.data_ptr(),
+                                    grad_pos_scale.data_ptr(), grad_neg_scale.data_ptr(), stream),
              "fused_backward");
   (void)need_scale_grads;  // scale gradients cost nothing extra: always computed
   return std::make_tuple(grad_user, grad_items, grad_pos_scale, grad_neg_scale);

@@ -40,19 +40,36 @@ constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kThreads = ADAPTAU_CUDA_THREADS;
 constexpr size_t kDefaultSmem = 48 * 1024;
 
-template <typename T> struct AccOf { using type = float; };
-template <> struct AccOf<double> { using type = double; };
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
 
 __device__ __forceinline__ float to_acc(float x) { return x; }
 __device__ __forceinline__ double to_acc(double x) { return x; }
 __device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
 
-template <typename T> __device__ __forceinline__ T from_acc(typename AccOf<T>::type x);
-template <> __device__ __forceinline__ float from_acc<float>(float x) { return x; }
-template <> __device__ __forceinline__ double from_acc<double>(double x) { return x; }
-template <> __device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) {
+template <typename T>
+__device__ __forceinline__ T from_acc(typename AccOf<T>::type x);
+template <>
+__device__ __forceinline__ float from_acc<float>(float x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ double from_acc<double>(double x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ __half from_acc<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
 }
 
@@ -63,30 +80,39 @@ __device__ __forceinline__ double log_(double x) { return log(x); }
 __device__ __forceinline__ float sqrt_(float x) { return sqrtf(x); }
 __device__ __forceinline__ double sqrt_(double x) { return sqrt(x); }
 
-template <typename A> __device__ __forceinline__ A neg_inf();
-template <> __device__ __forceinline__ float neg_inf<float>() { return __int_as_float(0xff800000); }
-template <> __device__ __forceinline__ double neg_inf<double>() {
+template <typename A>
+__device__ __forceinline__ A neg_inf();
+template <>
+__device__ __forceinline__ float neg_inf<float>() {
+  return __int_as_float(0xff800000);
+}
+template <>
+__device__ __forceinline__ double neg_inf<double>() {
   return __longlong_as_double(0xfff0000000000000ULL);
 }
 
 // 1 / max(||x||, kNormEps), as F.normalize's clamp.
-template <typename A> __device__ __forceinline__ A inv_norm(A sumsq) {
+template <typename A>
+__device__ __forceinline__ A inv_norm(A sumsq) {
   A n = sqrt_(sumsq);
   return A(1) / (n > A(adaptau::kNormEps) ? n : A(adaptau::kNormEps));
 }
 // ||x|| > eps, i.e. the normalization is x/||x|| (else x/eps, a linear map).
-template <typename A> __device__ __forceinline__ bool norm_above_eps(A sumsq) {
+template <typename A>
+__device__ __forceinline__ bool norm_above_eps(A sumsq) {
   return sumsq > A(adaptau::kNormEps * adaptau::kNormEps);
 }
 
-template <typename A> __device__ __forceinline__ A warp_sum(A v) {
+template <typename A>
+__device__ __forceinline__ A warp_sum(A v) {
   for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
   return v;
 }
 
 // Sum over the block; every thread gets it. `buf` holds >= 32 values. Contains barriers:
 // every thread of the block must call it.
-template <typename A> __device__ A block_sum(A v, A* buf) {
+template <typename A>
+__device__ A block_sum(A v, A* buf) {
   v = warp_sum(v);
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int nwarps = (blockDim.x + kWarp - 1) / kWarp;
@@ -98,7 +124,8 @@ template <typename A> __device__ A block_sum(A v, A* buf) {
   return total;
 }
 
-template <typename A> __device__ __forceinline__ void lse_push(A& m, A& s, A x) {
+template <typename A>
+__device__ __forceinline__ void lse_push(A& m, A& s, A x) {
   if (x == neg_inf<A>()) return;
   if (x > m) {
     s = s * exp_(m - x) + A(1);
@@ -108,7 +135,8 @@ template <typename A> __device__ __forceinline__ void lse_push(A& m, A& s, A x) 
   }
 }
 
-template <typename A> __device__ __forceinline__ void lse_merge(A& m, A& s, A m2, A s2) {
+template <typename A>
+__device__ __forceinline__ void lse_merge(A& m, A& s, A m2, A s2) {
   if (m2 == neg_inf<A>()) return;
   if (m == neg_inf<A>()) {
     m = m2;
@@ -120,25 +148,27 @@ template <typename A> __device__ __forceinline__ void lse_merge(A& m, A& s, A m2
   m = top;
 }
 
-template <typename A> __device__ __forceinline__ A lse_value(A m, A s) {
+template <typename A>
+__device__ __forceinline__ A lse_value(A m, A s) {
   return m == neg_inf<A>() ? m : m + log_(s);
 }
 
 // log(exp(a) + exp(b)) with a possibly -inf and b finite.
-template <typename A> __device__ __forceinline__ A log_add_exp(A a, A b) {
+template <typename A>
+__device__ __forceinline__ A log_add_exp(A a, A b) {
   const A top = a > b ? a : b;
   return top + log_(exp_(a - top) + exp_(b - top));
 }
 
-template <typename A> __device__ __forceinline__ void atomic_add(A* address, A value) {
+template <typename A>
+__device__ __forceinline__ void atomic_add(A* address, A value) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 600
   if constexpr (sizeof(A) == 8) {  // no native double atomicAdd before sm_60
     unsigned long long* as_ull = reinterpret_cast<unsigned long long*>(address);
     unsigned long long old = *as_ull, assumed;
     do {
       assumed = old;
-      old = atomicCAS(as_ull, assumed,
-                      __double_as_longlong(value + __longlong_as_double(assumed)));
+      old = atomicCAS(as_ull, assumed, __double_as_longlong(value + __longlong_as_double(assumed)));
     } while (assumed != old);
     return;
   }
@@ -146,7 +176,8 @@ template <typename A> __device__ __forceinline__ void atomic_add(A* address, A v
   atomicAdd(address, value);
 }
 
-template <typename T, typename I> struct Params {
+template <typename T, typename I>
+struct Params {
   using A = typename AccOf<T>::type;
   const T* user;
   const T* items;
@@ -169,8 +200,7 @@ __device__ __forceinline__ int64_t candidate(const Params<T, I>& params, int64_t
 
 // <u, row> and ||row||² for one item row; lanes stride over D; every lane gets both.
 template <typename T, typename A>
-__device__ __forceinline__ void warp_dot(const A* u_s, const T* row, int64_t D, int lane,
-                                         A& dot, A& sumsq) {
+__device__ __forceinline__ void warp_dot(const A* u_s, const T* row, int64_t D, int lane, A& dot, A& sumsq) {
   A d = 0, q = 0;
   for (int64_t k = lane; k < D; k += kWarp) {
     const A x = to_acc(row[k]);
@@ -202,9 +232,8 @@ __device__ A stage_user_row(const Params<T, I>& params, int64_t b, A* u_s, A* re
 // ------------------------------------------------------------------------------ forward
 template <typename T, typename I>
 __global__ void __launch_bounds__(kThreads)
-fwd_kernel(Params<T, I> params, bool compute_raw, typename AccOf<T>::type* __restrict__ loss_out,
-           typename AccOf<T>::type* __restrict__ lse_out,
-           typename AccOf<T>::type* __restrict__ raw_out) {
+    fwd_kernel(Params<T, I> params, bool compute_raw, typename AccOf<T>::type* __restrict__ loss_out,
+               typename AccOf<T>::type* __restrict__ lse_out, typename AccOf<T>::type* __restrict__ raw_out) {
   using A = typename AccOf<T>::type;
   ADAPTAU_DYNAMIC_SMEM(smem_raw);
   A* u_s = reinterpret_cast<A*>(smem_raw);  // [D]
@@ -264,17 +293,17 @@ fwd_kernel(Params<T, I> params, bool compute_raw, typename AccOf<T>::type* __res
 // ----------------------------------------------------------------------------- backward
 template <typename T, typename I>
 __global__ void __launch_bounds__(kThreads)
-bwd_kernel(Params<T, I> params, const typename AccOf<T>::type* __restrict__ grad_loss,
-           const typename AccOf<T>::type* __restrict__ lse_in, T* __restrict__ grad_user,
-           typename AccOf<T>::type* item_accum, typename AccOf<T>::type* __restrict__ galpha,
-           typename AccOf<T>::type* __restrict__ gbeta) {
+    bwd_kernel(Params<T, I> params, const typename AccOf<T>::type* __restrict__ grad_loss,
+               const typename AccOf<T>::type* __restrict__ lse_in, T* __restrict__ grad_user,
+               typename AccOf<T>::type* item_accum, typename AccOf<T>::type* __restrict__ galpha,
+               typename AccOf<T>::type* __restrict__ gbeta) {
   using A = typename AccOf<T>::type;
   ADAPTAU_DYNAMIC_SMEM(smem_raw);
   const int64_t D = params.D;
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int nwarps = blockDim.x / kWarp;
   A* u_s = reinterpret_cast<A*>(smem_raw);  // [D] raw user vector
-  A* gu_s = u_s + D;                         // [nwarps, D] per-warp user-gradient rows
+  A* gu_s = u_s + D;                        // [nwarps, D] per-warp user-gradient rows
   __shared__ A red[kWarp];
 
   const int64_t b = blockIdx.x;
@@ -353,12 +382,11 @@ bwd_kernel(Params<T, I> params, const typename AccOf<T>::type* __restrict__ grad
 // (item_accum == grad_items when T is the accumulation type).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-item_finalize_kernel(const typename AccOf<T>::type* item_accum, const T* __restrict__ items,
-                     T* grad_items, int64_t N, int64_t D, bool normalize) {
+    item_finalize_kernel(const typename AccOf<T>::type* item_accum, const T* __restrict__ items,
+                         T* grad_items, int64_t N, int64_t D, bool normalize) {
   using A = typename AccOf<T>::type;
   const int lane = threadIdx.x % kWarp;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarp) +
-                      threadIdx.x / kWarp;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarp) + threadIdx.x / kWarp;
   if (row >= N) return;  // warp-uniform; no block barriers below
   const A* gh = item_accum + row * D;
   const T* x = items + row * D;
@@ -386,7 +414,8 @@ item_finalize_kernel(const typename AccOf<T>::type* item_accum, const T* __restr
 }
 
 // ------------------------------------------------------------------------------ launchers
-template <typename T, typename I> Params<T, I> make_params(const Problem& problem) {
+template <typename T, typename I>
+Params<T, I> make_params(const Problem& problem) {
   using A = typename AccOf<T>::type;
   Params<T, I> params;
   params.user = static_cast<const T*>(problem.user);
@@ -407,11 +436,11 @@ template <typename T, typename I> Params<T, I> make_params(const Problem& proble
   return params;
 }
 
-template <typename Kernel> cudaError_t allow_smem(Kernel kernel, size_t bytes) {
+template <typename Kernel>
+cudaError_t allow_smem(Kernel kernel, size_t bytes) {
   if (bytes <= kDefaultSmem) return cudaSuccess;
   return cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
-                              cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              static_cast<int>(bytes));
+                              cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
 }
 
 cudaError_t check_problem(const Problem& problem) {
@@ -423,24 +452,23 @@ cudaError_t check_problem(const Problem& problem) {
 }
 
 template <typename T, typename I>
-cudaError_t forward_impl(const Problem& problem, bool compute_raw, void* loss, void* lse,
-                         void* raw, cudaStream_t stream) {
+cudaError_t forward_impl(const Problem& problem, bool compute_raw, void* loss, void* lse, void* raw,
+                         cudaStream_t stream) {
   using A = typename AccOf<T>::type;
   const Params<T, I> params = make_params<T, I>(problem);
   const size_t smem = static_cast<size_t>(problem.D) * sizeof(A);
   auto kernel = fwd_kernel<T, I>;
   cudaError_t err = allow_smem(kernel, smem);
   if (err != cudaSuccess) return err;
-  ADAPTAU_LAUNCH(kernel, dim3(static_cast<unsigned>(problem.B)), dim3(kThreads), smem,
-                 stream)(params, compute_raw, static_cast<A*>(loss), static_cast<A*>(lse),
-                         static_cast<A*>(raw));
+  ADAPTAU_LAUNCH(kernel, dim3(static_cast<unsigned>(problem.B)), dim3(kThreads), smem, stream)(
+      params, compute_raw, static_cast<A*>(loss), static_cast<A*>(lse), static_cast<A*>(raw));
   return cudaGetLastError();
 }
 
 template <typename T, typename I>
-cudaError_t backward_impl(const Problem& problem, const void* grad_loss, const void* lse,
-                          void* grad_user, void* grad_items, void* item_accum,
-                          void* grad_pos_scale, void* grad_neg_scale, cudaStream_t stream) {
+cudaError_t backward_impl(const Problem& problem, const void* grad_loss, const void* lse, void* grad_user,
+                          void* grad_items, void* item_accum, void* grad_pos_scale, void* grad_neg_scale,
+                          cudaStream_t stream) {
   using A = typename AccOf<T>::type;
   const Params<T, I> params = make_params<T, I>(problem);
   const size_t accum_bytes = static_cast<size_t>(problem.N) * problem.D * sizeof(A);
@@ -454,11 +482,9 @@ cudaError_t backward_impl(const Problem& problem, const void* grad_loss, const v
   auto kernel = bwd_kernel<T, I>;
   err = allow_smem(kernel, smem);
   if (err != cudaSuccess) return err;
-  ADAPTAU_LAUNCH(kernel, dim3(static_cast<unsigned>(problem.B)), dim3(warps * kWarp),
-                 smem, stream)(params, static_cast<const A*>(grad_loss), static_cast<const A*>(lse),
-                               static_cast<T*>(grad_user), static_cast<A*>(item_accum),
-                               static_cast<A*>(grad_pos_scale),
-                               static_cast<A*>(grad_neg_scale));
+  ADAPTAU_LAUNCH(kernel, dim3(static_cast<unsigned>(problem.B)), dim3(warps * kWarp), smem, stream)(
+      params, static_cast<const A*>(grad_loss), static_cast<const A*>(lse), static_cast<T*>(grad_user),
+      static_cast<A*>(item_accum), static_cast<A*>(grad_pos_scale), static_cast<A*>(grad_neg_scale));
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const bool in_place = item_accum == grad_items;
@@ -466,9 +492,9 @@ cudaError_t backward_impl(const Problem& problem, const void* grad_loss, const v
   const int rows_per_block = kThreads / kWarp;
   const int64_t blocks = (problem.N + rows_per_block - 1) / rows_per_block;
   if (blocks > 0x7fffffffLL) return cudaErrorInvalidValue;
-  ADAPTAU_LAUNCH(item_finalize_kernel<T>, dim3(static_cast<unsigned>(blocks)), dim3(kThreads),
-                 0, stream)(static_cast<const A*>(item_accum), static_cast<const T*>(problem.items),
-                            static_cast<T*>(grad_items), problem.N, problem.D, problem.normalize);
+  ADAPTAU_LAUNCH(item_finalize_kernel<T>, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), 0, stream)(
+      static_cast<const A*>(item_accum), static_cast<const T*>(problem.items), static_cast<T*>(grad_items),
+      problem.N, problem.D, problem.normalize);
   return cudaGetLastError();
 }
 
@@ -477,34 +503,36 @@ cudaError_t dispatch(const Problem& problem, Args... args) {
   switch (problem.dtype) {
     case kFloat32:
       return problem.index64 ? Fn<float, int64_t>::run(problem, args...)
-                        : Fn<float, int32_t>::run(problem, args...);
+                             : Fn<float, int32_t>::run(problem, args...);
     case kFloat16:
       return problem.index64 ? Fn<__half, int64_t>::run(problem, args...)
-                        : Fn<__half, int32_t>::run(problem, args...);
+                             : Fn<__half, int32_t>::run(problem, args...);
     case kBFloat16:
       return problem.index64 ? Fn<__nv_bfloat16, int64_t>::run(problem, args...)
-                        : Fn<__nv_bfloat16, int32_t>::run(problem, args...);
+                             : Fn<__nv_bfloat16, int32_t>::run(problem, args...);
     case kFloat64:
       return problem.index64 ? Fn<double, int64_t>::run(problem, args...)
-                        : Fn<double, int32_t>::run(problem, args...);
+                             : Fn<double, int32_t>::run(problem, args...);
     default:
       return cudaErrorInvalidValue;
   }
 }
 
-template <typename T, typename I> struct ForwardFn {
+template <typename T, typename I>
+struct ForwardFn {
   static cudaError_t run(const Problem& problem, bool compute_raw, void* loss, void* lse, void* raw,
                          cudaStream_t stream) {
     return forward_impl<T, I>(problem, compute_raw, loss, lse, raw, stream);
   }
 };
 
-template <typename T, typename I> struct BackwardFn {
-  static cudaError_t run(const Problem& problem, const void* grad_loss, const void* lse,
-                         void* grad_user, void* grad_items, void* item_accum,
-                         void* grad_pos_scale, void* grad_neg_scale, cudaStream_t stream) {
-    return backward_impl<T, I>(problem, grad_loss, lse, grad_user, grad_items, item_accum,
-                               grad_pos_scale, grad_neg_scale, stream);
+template <typename T, typename I>
+struct BackwardFn {
+  static cudaError_t run(const Problem& problem, const void* grad_loss, const void* lse, void* grad_user,
+                         void* grad_items, void* item_accum, void* grad_pos_scale, void* grad_neg_scale,
+                         cudaStream_t stream) {
+    return backward_impl<T, I>(problem, grad_loss, lse, grad_user, grad_items, item_accum, grad_pos_scale,
+                               grad_neg_scale, stream);
   }
 };
 
@@ -518,13 +546,13 @@ cudaError_t forward(const Problem& problem, bool compute_raw, void* loss, void* 
   return dispatch<ForwardFn>(problem, compute_raw, loss, lse, raw, stream);
 }
 
-cudaError_t backward(const Problem& problem, const void* grad_loss, const void* lse,
-                     void* grad_user, void* grad_items, void* item_accum, void* grad_pos_scale,
-                     void* grad_neg_scale, cudaStream_t stream) {
+cudaError_t backward(const Problem& problem, const void* grad_loss, const void* lse, void* grad_user,
+                     void* grad_items, void* item_accum, void* grad_pos_scale, void* grad_neg_scale,
+                     cudaStream_t stream) {
   cudaError_t err = check_problem(problem);
   if (err != cudaSuccess) return err;
-  return dispatch<BackwardFn>(problem, grad_loss, lse, grad_user, grad_items, item_accum,
-                              grad_pos_scale, grad_neg_scale, stream);
+  return dispatch<BackwardFn>(problem, grad_loss, lse, grad_user, grad_items, item_accum, grad_pos_scale,
+                              grad_neg_scale, stream);
 }
 
 size_t item_accum_bytes(const Problem& problem) {
