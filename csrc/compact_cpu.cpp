@@ -9,12 +9,11 @@
 // outside [0, num_items) nothing is written and unique_ids is empty: the caller names the
 // offending value.
 //
-// Why not torch.unique: it sorts all B·(M+1) indices (40-130 ms at B = 2048, M = 1024 on
-// 2 cores, several times the fused loss itself). Here a bitmap of num_items bits marks the
-// touched rows; the set bits give unique_ids in order, and a rank table (popcounts of the
-// words before) gives each index its position. Work: O(B·M + num_items / 64), memory
+// A bitmap of num_items bits marks the touched rows (no sort of the B·(M+1) indices, as
+// torch.unique does); the set bits give unique_ids in order, and a rank table (popcounts of
+// the words before) gives each index its position. Work: O(B·M + num_items / 64), memory
 // num_items / 8 bytes. Python uses torch.unique instead when num_items / 64 would dominate
-// (ops.py, _COMPACT_BITMAP_RATIO).
+// (ops.py, _COMPACT_BITMAP_RATIO). Timings against torch.unique: docs/performance.md.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -29,8 +28,8 @@ namespace cpu {
 namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> compact_indices_cpu(const at::Tensor& pos_in,
-                                                                    const at::Tensor& neg_in,
-                                                                    int64_t num_items) {
+                                                                   const at::Tensor& neg_in,
+                                                                   int64_t num_items) {
   TORCH_CHECK(pos_in.device().is_cpu() && neg_in.device().is_cpu(),
               "adaptau::compact_indices: expected CPU tensors");
   TORCH_CHECK(num_items >= 1 && num_items <= INT32_MAX,

@@ -123,7 +123,10 @@ struct Vec {
   static inline T hsum(R a) { return a; }
   static inline T hmax(R a) { return a; }
   static inline void hsum4(R a, R b, R c, R d, T* out) {
-    out[0] = a; out[1] = b; out[2] = c; out[3] = d;
+    out[0] = a;
+    out[1] = b;
+    out[2] = c;
+    out[3] = d;
   }
   static inline R exp(R x) { return std::exp(x); }
   // v, kept in a register: an operand the compiler must not fold into the next instruction.
@@ -135,7 +138,9 @@ struct Vec {
   };
   static inline Parts parts(R v) { return {v}; }
   template <int I>
-  static inline R lane(const Parts& h) { return h.p; }
+  static inline R lane(const Parts& h) {
+    return h.p;
+  }
   // load(p) for data just written by hsum4 (see the AVX2 float version).
   static inline R load_after_hsum4(const T* p) { return *p; }
   // v with the lanes from count on set to 0 (count >= 1).
@@ -347,7 +352,8 @@ struct Vec<float> {
   // from one 16-byte store.
   static inline R load_after_hsum4(const float* p) {
     const __m256 lo = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(p)), _mm_loadu_ps(p + 4), 1);
-    const __m256 hi = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(p + 8)), _mm_loadu_ps(p + 12), 1);
+    const __m256 hi =
+        _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(p + 8)), _mm_loadu_ps(p + 12), 1);
     return _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1);
   }
   // Lane broadcasts from registers: each 128-bit quarter broadcast once (vshuff32x4 with an

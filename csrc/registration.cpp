@@ -11,10 +11,18 @@
 //                                  its indices as positions among them)
 //   csrc/cpu/capability.cpp        cpu_capability, cpu_capabilities, _set_cpu_capability (which
 //                                  CPU kernels run: default, avx2 or avx512)
+// Here, for every device: Meta kernels (output shapes and dtypes, for FakeTensor tracing and
+// torch.compile) of fused_forward, fused_backward and item_counts, and an Autograd kernel
+// for fused_forward / fused_backward that raises on a backward through them (their gradient
+// is the public op's, adaptau::softmax_loss_forward in adaptau/loss/ops.py).
 // The contract (shapes, dtypes, meaning of outputs) is documented in adaptau/ops.py.
 #include <Python.h>
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
+#include <optional>
+#include <tuple>
 #include <vector>
 
 #include "contract.h"
@@ -35,6 +43,40 @@ namespace {
 std::vector<double> contract_constants() {
   return {double(adaptau::kNegPerRow), double(adaptau::kNegShared), double(adaptau::kNegInBatch),
           adaptau::kNormEps, adaptau::kMaxInverseTemperature};
+}
+
+at::ScalarType accumulation_dtype(const at::Tensor& user) {
+  return user.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// loss, lse [B] and raw ([B], or [0] without compute_raw), in the accumulation dtype.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_meta(
+    const at::Tensor& user, const at::Tensor& items, const at::Tensor& pos, const at::Tensor& neg,
+    const at::Tensor& pos_scale, const at::Tensor& neg_scale, const std::optional<at::Tensor>& neg_logq,
+    int64_t neg_mode, bool include_pos, bool normalize, bool remove_hits, bool compute_raw) {
+  const auto options = user.options().dtype(accumulation_dtype(user));
+  const c10::SymInt batch = user.sym_size(0);
+  return {at::empty_symint({batch}, options), at::empty_symint({batch}, options),
+          at::empty_symint({compute_raw ? batch : c10::SymInt(0)}, options)};
+}
+
+// grad_user [B, D] and grad_items [N, D] in the input dtype; the scales' gradients [B] in
+// the accumulation dtype.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_meta(
+    const at::Tensor& grad_loss, const at::Tensor& user, const at::Tensor& items, const at::Tensor& pos,
+    const at::Tensor& neg, const at::Tensor& pos_scale, const at::Tensor& neg_scale,
+    const std::optional<at::Tensor>& neg_logq, const at::Tensor& lse, int64_t neg_mode, bool include_pos,
+    bool normalize, bool remove_hits, bool need_scale_grads) {
+  const auto scale_options = user.options().dtype(accumulation_dtype(user));
+  const c10::SymInt batch = user.sym_size(0);
+  return {at::empty_symint(user.sym_sizes(), user.options()),
+          at::empty_symint(items.sym_sizes(), items.options()), at::empty_symint({batch}, scale_options),
+          at::empty_symint({batch}, scale_options)};
+}
+
+// [num_items] int64 counts.
+at::Tensor item_counts_meta(const at::Tensor& indices, int64_t num_items) {
+  return at::empty({num_items}, indices.options().dtype(at::kLong));
 }
 }  // namespace
 
@@ -58,4 +100,15 @@ TORCH_LIBRARY(adaptau, m) {
   m.def("cpu_capabilities() -> str[]", &adaptau::cpu::cpu_capabilities_op);
   m.def("_set_cpu_capability(str name) -> str", &adaptau::cpu::set_cpu_capability_op);
   m.def("compact_indices(Tensor pos, Tensor neg, int num_items) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(adaptau, Meta, m) {
+  m.impl("fused_forward", &fused_forward_meta);
+  m.impl("fused_backward", &fused_backward_meta);
+  m.impl("item_counts", &item_counts_meta);
+}
+
+TORCH_LIBRARY_IMPL(adaptau, Autograd, m) {
+  m.impl("fused_forward", torch::autograd::autogradNotImplementedFallback());
+  m.impl("fused_backward", torch::autograd::autogradNotImplementedFallback());
 }

@@ -7,10 +7,9 @@
 // adaptau::item_counts and adaptau::add_l2_rows_ (below): the sampled L2 term's counts,
 // gradient and value.
 //
-// torch.randint on the CPU runs one sequential mt19937 stream (about 3 ns per draw, 7 ms
-// for the paper's 2048 × 1024 negatives per step, a sixth of a fused training step), and
-// torch's bernoulli_ (F.dropout) about 10 ns per element (1.5-2 ms for the paper's
-// 2048 × 64 batch rows). Here draw k of a call is a pure function of (seed, k): 32 bits of
+// Draws are parallel (torch.randint on the CPU runs one sequential mt19937 stream, and
+// torch's bernoulli_ behind F.dropout one draw per element; timings in
+// docs/performance.md): draw k of a call is a pure function of (seed, k): 32 bits of
 // the SplitMix64 output for counter k / 2 (Steele, Lea & Flood 2014), the high half for
 // even k and the low half for odd k (each 64-bit output serves two draws). Indices are
 // reduced to [0, num_items) with Lemire's multiply-shift (bias at most num_items / 2^32,
@@ -31,8 +30,8 @@ namespace cpu {
 namespace {
 
 at::Tensor uniform_negatives_cpu(int64_t rows, int64_t cols, int64_t num_items, int64_t seed) {
-  TORCH_CHECK(rows >= 0 && cols >= 0, "adaptau uniform_negatives: rows and cols must be >= 0, got ",
-              rows, " and ", cols);
+  TORCH_CHECK(rows >= 0 && cols >= 0, "adaptau uniform_negatives: rows and cols must be >= 0, got ", rows,
+              " and ", cols);
   TORCH_CHECK(num_items >= 1 && num_items <= (int64_t(1) << 31) - 1,
               "adaptau uniform_negatives: num_items must be in [1, 2^31 - 1], got ", num_items);
   at::Tensor out = at::empty({rows, cols}, at::TensorOptions().dtype(at::kInt));
@@ -42,8 +41,8 @@ at::Tensor uniform_negatives_cpu(int64_t rows, int64_t cols, int64_t num_items, 
 }
 
 at::Tensor dropout_mask_cpu(int64_t rows, int64_t cols, double p, int64_t seed) {
-  TORCH_CHECK(rows >= 0 && cols >= 0, "adaptau dropout_mask: rows and cols must be >= 0, got ",
-              rows, " and ", cols);
+  TORCH_CHECK(rows >= 0 && cols >= 0, "adaptau dropout_mask: rows and cols must be >= 0, got ", rows, " and ",
+              cols);
   TORCH_CHECK(p >= 0.0 && p < 1.0, "adaptau dropout_mask: p must be in [0, 1), got ", p);
   at::Tensor out = at::empty({rows, cols}, at::TensorOptions().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
@@ -53,11 +52,10 @@ at::Tensor dropout_mask_cpu(int64_t rows, int64_t cols, double p, int64_t seed) 
 
 // adaptau::item_counts: [num_items] int64, how often each item occurs in indices (any shape,
 // int32 or int64) -- what the trainer's sampled L2 term needs each step. torch.bincount and
-// numpy.bincount count on one thread (about 4-5 ms for the paper's 2M negatives per step);
-// here each thread counts a contiguous slice into its own int32 histogram and the
-// histograms are summed. Integer sums are exact, so the result does not depend on the
-// split. Every index is checked: one outside [0, num_items) raises and nothing is written
-// out of bounds.
+// numpy.bincount count on one thread; here each thread counts a contiguous slice into its
+// own int32 histogram and the histograms are summed. Integer sums are exact, so the result
+// does not depend on the split. Every index is checked: one outside [0, num_items) raises
+// and nothing is written out of bounds.
 at::Tensor item_counts_cpu(const at::Tensor& indices, int64_t num_items) {
   TORCH_CHECK(indices.device().is_cpu(), "adaptau item_counts: indices must be a CPU tensor");
   TORCH_CHECK(indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong,
@@ -95,10 +93,10 @@ double add_l2_rows_cpu(at::Tensor& grad, const at::Tensor& weight, const at::Ten
               "adaptau add_l2_rows_: counts must be int64 [N=", weight.size(0), "]");
   const at::Tensor w = weight.contiguous(), c = counts.contiguous();
   if (weight.scalar_type() == at::kFloat)
-    return ADAPTAU_CPU_DISPATCH(add_l2_rows, grad.data_ptr<float>(), w.data_ptr<float>(), c.data_ptr<int64_t>(), w.size(0),
-                       w.size(1), coef);
-  return ADAPTAU_CPU_DISPATCH(add_l2_rows, grad.data_ptr<double>(), w.data_ptr<double>(), c.data_ptr<int64_t>(), w.size(0),
-                     w.size(1), coef);
+    return ADAPTAU_CPU_DISPATCH(add_l2_rows, grad.data_ptr<float>(), w.data_ptr<float>(),
+                                c.data_ptr<int64_t>(), w.size(0), w.size(1), coef);
+  return ADAPTAU_CPU_DISPATCH(add_l2_rows, grad.data_ptr<double>(), w.data_ptr<double>(),
+                              c.data_ptr<int64_t>(), w.size(0), w.size(1), coef);
 }
 
 }  // namespace

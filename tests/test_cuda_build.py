@@ -2,8 +2,8 @@
 
 1. Every ``csrc/cuda/*.cu`` compiles for sm_90 with nvcc (skipped when nvcc is absent).
 2. The .cu includes only CUDA/C++ headers (the kernels stay torch-free).
-3. The kernels *run* on the host: softmax_loss_kernels.cu is compiled with g++ against tiny
-   shim headers (see the emulation section below) and checked against the float64
+3. The kernels *run* on the host: softmax_loss_kernels.cu is compiled with g++ against the
+   emulation headers of tests/cuda_host_emulation/ and checked against the float64
    reference with the Triton test's cases and tolerances (fp32 + bf16/fp16 samples).
 
 Uses the flags setup.py gives nvcc (``-O3 -std=c++17``) and
@@ -108,173 +108,15 @@ def test_cu_includes_only_cuda_headers(source):
 
 # ------------------------------------------------------------- host emulation of the .cu
 # No GPU here, so the CUDA kernels are also *run*: the .cu is compiled as host C++ against
-# the small shim headers below (cooperative ucontext fibers for the threads of a block,
-# barriers for __syncthreads and warp shuffles, blocks one after another, plain adds for
-# atomics) and driven through ctypes with CPU tensors, against the float64 reference with
-# the same cases and tolerances as the Triton tests (fp32, plus bf16/fp16 samples).
+# the emulation headers of tests/cuda_host_emulation/ (cuda_runtime.h: cooperative ucontext
+# fibers for the threads of a block, barriers for __syncthreads and warp shuffles, blocks
+# one after another, plain adds for atomics; cuda_fp16.h, cuda_bf16.h: the 16-bit types),
+# with harness.cpp giving the launchers C entry points, and driven through ctypes with CPU
+# tensors, against the float64 reference with the same cases and tolerances as the Triton
+# tests (fp32, plus bf16/fp16 samples).
 # It checks indexing, masking, reductions and formulas of the real kernel code; it cannot
 # check GPU-only behaviour (memory model, races, occupancy): gpu_check.sh does that.
-_SHIM_RUNTIME = r"""// Host emulation of the few CUDA runtime/device features adaptau's kernels use (tests only).
-#pragma once
-#include <math.h>
-#include <cmath>
-#include <cstddef>
-#include <cstdint>
-#include <cstring>
-#include <memory>
-#include <vector>
-
-#define __global__
-#define __device__
-#define __host__
-#define __forceinline__ inline
-#define __launch_bounds__(...)
-#define __align__(n) alignas(n)
-#define __shared__ static  // blocks run one after another: static storage = one block's smem
-
-typedef int cudaError_t;
-enum { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
-typedef void* cudaStream_t;
-enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
-struct dim3 {
-  unsigned x, y, z;
-  dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
-};
-
-#include <functional>
-#include <ucontext.h>
-namespace emu {
-// Cooperative fibers (ucontext): one per CUDA thread of the running block; barriers and warp
-// shuffles yield to a round-robin scheduler. Blocks run one after another.
-struct Fiber { ucontext_t uc; std::vector<char> stack; bool done = false; unsigned tid = 0; };
-struct Bar { unsigned arrived = 0, gen = 0, size = 0; };
-inline std::vector<Fiber> fibers;
-inline ucontext_t sched;
-inline int current = 0;
-inline dim3 cur_block, cur_dim;
-inline Bar block_bar;
-inline std::vector<Bar> warp_bars;
-inline std::vector<double> warp_slots;
-inline std::vector<double> dyn_smem;
-inline std::function<void()> body;
-inline int launches = 0;
-
-inline void yield() { swapcontext(&fibers[current].uc, &sched); }
-inline void wait(Bar& b) {
-  const unsigned my = b.gen;
-  if (++b.arrived == b.size) { b.arrived = 0; ++b.gen; return; }
-  while (b.gen == my) yield();
-}
-inline void entry() { body(); fibers[current].done = true; }
-
-template <typename Kernel> struct Launch {
-  Kernel kernel; dim3 grid, block; size_t smem;
-  template <typename... Args> void operator()(Args... args) {
-    ++launches;
-    const unsigned n = block.x;
-    dyn_smem.assign(smem / sizeof(double) + 1, 0.0);
-    body = [&]() { kernel(args...); };
-    for (unsigned b = 0; b < grid.x; ++b) {
-      cur_block = dim3(b); cur_dim = block;
-      block_bar = Bar{0, 0, n};
-      warp_bars.assign((n + 31) / 32, Bar{0, 0, 32});
-      warp_slots.assign(n, 0.0);
-      fibers = std::vector<Fiber>(n);
-      for (unsigned t = 0; t < n; ++t) {
-        Fiber& f = fibers[t];
-        f.tid = t;
-        f.stack.resize(256 * 1024);
-        getcontext(&f.uc);
-        f.uc.uc_stack.ss_sp = f.stack.data();
-        f.uc.uc_stack.ss_size = f.stack.size();
-        f.uc.uc_link = &sched;
-        makecontext(&f.uc, entry, 0);
-      }
-      bool left = true;
-      while (left) {
-        left = false;
-        for (unsigned t = 0; t < n; ++t) {
-          if (fibers[t].done) continue;
-          current = static_cast<int>(t);
-          swapcontext(&sched, &fibers[t].uc);
-          left = left || !fibers[t].done;
-        }
-      }
-    }
-  }
-};
-template <typename Kernel> Launch<Kernel> launch(Kernel k, dim3 g, dim3 b, size_t s) {
-  return Launch<Kernel>{k, g, b, s};
-}
-}  // namespace emu
-
-#define threadIdx (dim3(emu::fibers[emu::current].tid))
-#define blockIdx (emu::cur_block)
-#define blockDim (emu::cur_dim)
-#define ADAPTAU_DYNAMIC_SMEM(name) \
-  unsigned char* name = reinterpret_cast<unsigned char*>(emu::dyn_smem.data())
-#define ADAPTAU_LAUNCH(kernel, grid, block, smem, stream) emu::launch(kernel, grid, block, smem)
-
-inline void __syncthreads() { emu::wait(emu::block_bar); }
-template <typename T> T __shfl_xor_sync(unsigned, T v, int o) {
-  const unsigned t = threadIdx.x, w = t / 32, base = w * 32;
-  emu::warp_slots[t] = static_cast<double>(v);
-  emu::wait(emu::warp_bars[w]);
-  T r = static_cast<T>(emu::warp_slots[base + ((t - base) ^ o)]);
-  emu::wait(emu::warp_bars[w]);
-  return r;
-}
-inline float atomicAdd(float* p, float v) { float o = *p; *p = o + v; return o; }
-inline double atomicAdd(double* p, double v) { double o = *p; *p = o + v; return o; }
-inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
-inline float __int_as_float(unsigned i) { float f; std::memcpy(&f, &i, 4); return f; }
-inline double __longlong_as_double(unsigned long long i) { double d; std::memcpy(&d, &i, 8); return d; }
-inline cudaError_t cudaFuncSetAttribute(const void*, cudaFuncAttribute, int) { return cudaSuccess; }
-inline cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t) { std::memset(p, v, n); return cudaSuccess; }
-inline cudaError_t cudaGetLastError() { return cudaSuccess; }
-"""
-_SHIM_FP16 = r"""#pragma once
-#include <cstdint>
-#include <cstring>
-struct __half { uint16_t bits; };
-inline float __half2float(__half h) { _Float16 f; std::memcpy(&f, &h.bits, 2); return (float)f; }
-inline __half __float2half_rn(float x) { _Float16 f = (_Float16)x; __half h; std::memcpy(&h.bits, &f, 2); return h; }
-"""
-_SHIM_BF16 = r"""#pragma once
-#include <cstdint>
-#include <cstring>
-struct __nv_bfloat16 { uint16_t bits; };
-inline float __bfloat162float(__nv_bfloat16 h) { uint32_t u = uint32_t(h.bits) << 16; float f; std::memcpy(&f, &u, 4); return f; }
-inline __nv_bfloat16 __float2bfloat16_rn(float x) {
-  uint32_t u; std::memcpy(&u, &x, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return __nv_bfloat16{uint16_t((u >> 16) | 0x40)};
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return __nv_bfloat16{uint16_t(u >> 16)};
-}
-"""
-_HARNESS = r"""#include "softmax_loss_kernels.cu"
-extern "C" int emu_forward(int dtype, int index64, const void* user, const void* items,
-    const void* pos, const void* neg, const void* pos_scale, const void* neg_scale,
-    const void* neg_logq, int64_t B, int64_t N, int64_t D, int64_t M, int neg_mode,
-    int include_pos, int normalize, int remove_hits, int compute_raw, void* loss, void* lse,
-    void* raw) {
-  adaptau_cuda::Problem p{dtype, index64 != 0, user, items, pos, neg, pos_scale, neg_scale,
-                          neg_logq, B, N, D, M, neg_mode, include_pos != 0, normalize != 0,
-                          remove_hits != 0};
-  return adaptau_cuda::forward(p, compute_raw != 0, loss, lse, raw, nullptr);
-}
-extern "C" int emu_backward(int dtype, int index64, const void* user, const void* items,
-    const void* pos, const void* neg, const void* pos_scale, const void* neg_scale,
-    const void* neg_logq, int64_t B, int64_t N, int64_t D, int64_t M, int neg_mode,
-    int include_pos, int normalize, int remove_hits, const void* grad_loss, const void* lse,
-    void* grad_user, void* grad_items, void* accum, void* gpos, void* gneg) {
-  adaptau_cuda::Problem p{dtype, index64 != 0, user, items, pos, neg, pos_scale, neg_scale,
-                          neg_logq, B, N, D, M, neg_mode, include_pos != 0, normalize != 0,
-                          remove_hits != 0};
-  return adaptau_cuda::backward(p, grad_loss, lse, grad_user, grad_items, accum, gpos, gneg,
-                                nullptr);
-}
-"""
+EMULATION_DIR = os.path.join(ROOT, "tests", "cuda_host_emulation")
 _KERNELS_CU = os.path.join(ROOT, "csrc", "cuda", "softmax_loss_kernels.cu")
 
 
@@ -294,16 +136,10 @@ def emulated_cuda(tmp_path_factory):
         pytest.skip("no host C++ compiler (g++/clang++) for the CUDA-kernel emulation")
     if not os.path.exists(_KERNELS_CU):
         pytest.skip("csrc/cuda/softmax_loss_kernels.cu not present")
-    d = tmp_path_factory.mktemp("cuda_emu")
-    (d / "shim").mkdir()
-    (d / "shim" / "cuda_runtime.h").write_text(_SHIM_RUNTIME)
-    (d / "shim" / "cuda_fp16.h").write_text(_SHIM_FP16)
-    (d / "shim" / "cuda_bf16.h").write_text(_SHIM_BF16)
-    (d / "harness.cpp").write_text(_HARNESS)
-    lib_path = d / "libadaptau_cuda_emu.so"
+    lib_path = tmp_path_factory.mktemp("cuda_emu") / "libadaptau_cuda_emu.so"
     cmd = [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-Wall", "-Werror",
-           "-I" + str(d / "shim"), "-I" + os.path.dirname(_KERNELS_CU), "-x", "c++",
-           str(d / "harness.cpp"), "-o", str(lib_path)]
+           "-I" + EMULATION_DIR, "-I" + os.path.dirname(_KERNELS_CU), "-x", "c++",
+           os.path.join(EMULATION_DIR, "harness.cpp"), "-o", str(lib_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         pytest.fail("host emulation build failed:\n" + " ".join(cmd) + "\n" + proc.stderr[-4000:])

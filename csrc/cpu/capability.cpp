@@ -48,8 +48,8 @@ Capability checked(const std::string& name, const char* source) {
   TORCH_CHECK_VALUE(parse(name, c), source, "='", name,
                     "' is not a CPU capability; use one of default, avx2, avx512");
   const Capability top = supported_capability();
-  TORCH_CHECK_VALUE(static_cast<int>(c) <= static_cast<int>(top), source, "='", name,
-                    "' asks for ", capability_name(c), " kernels, but this ",
+  TORCH_CHECK_VALUE(static_cast<int>(c) <= static_cast<int>(top), source, "='", name, "' asks for ",
+                    capability_name(c), " kernels, but this ",
 #ifdef ADAPTAU_CPU_X86
                     "CPU supports at most ",
 #else
@@ -77,7 +77,8 @@ Capability supported_capability() {
   Capability top = detected;
   const char* cap = std::getenv("ADAPTAU_TEST_CPU_MAX");
   Capability lowered;
-  if (cap != nullptr && parse(cap, lowered) && static_cast<int>(lowered) < static_cast<int>(top)) top = lowered;
+  if (cap != nullptr && parse(cap, lowered) && static_cast<int>(lowered) < static_cast<int>(top))
+    top = lowered;
   return top;
 }
 
@@ -87,8 +88,8 @@ Capability active_capability() {
   std::lock_guard<std::mutex> lock(g_mu);
   if (g_active.load() != kUnresolved) return static_cast<Capability>(g_active.load());
   const char* env = std::getenv("ADAPTAU_CPU_CAPABILITY");
-  const Capability c = (env != nullptr && *env != '\0') ? checked(env, "ADAPTAU_CPU_CAPABILITY")
-                                                        : supported_capability();
+  const Capability c =
+      (env != nullptr && *env != '\0') ? checked(env, "ADAPTAU_CPU_CAPABILITY") : supported_capability();
   g_active.store(static_cast<int>(c), std::memory_order_release);
   return c;
 }
@@ -107,7 +108,8 @@ std::string set_cpu_capability_op(const std::string& name) {
   std::lock_guard<std::mutex> lock(g_mu);
   const int before = g_active.load();
   g_active.store(static_cast<int>(c), std::memory_order_release);
-  return before == kUnresolved ? std::string() : std::string(capability_name(static_cast<Capability>(before)));
+  return before == kUnresolved ? std::string()
+                               : std::string(capability_name(static_cast<Capability>(before)));
 }
 
 }  // namespace cpu

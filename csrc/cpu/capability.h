@@ -49,33 +49,36 @@ std::string set_cpu_capability_op(const std::string& name);
 // Calls NS::f(args...) for the namespace of the active capability: DEFAULT, AVX2 or AVX512.
 // Use it only where every capability's namespace declares f.
 #ifdef ADAPTAU_CPU_X86
-#define ADAPTAU_CPU_DISPATCH(f, ...)                                         \
-  [&]() -> decltype(auto) {                                                 \
-    switch (::adaptau::cpu::active_capability()) {                          \
-      case ::adaptau::cpu::Capability::kAVX512:                             \
-        return ::adaptau::cpu::AVX512::f(__VA_ARGS__);                      \
-      case ::adaptau::cpu::Capability::kAVX2:                               \
-        return ::adaptau::cpu::AVX2::f(__VA_ARGS__);                        \
-      default:                                                              \
-        return ::adaptau::cpu::DEFAULT::f(__VA_ARGS__);                     \
-    }                                                                       \
+#define ADAPTAU_CPU_DISPATCH(f, ...)                    \
+  [&]() -> decltype(auto) {                             \
+    switch (::adaptau::cpu::active_capability()) {      \
+      case ::adaptau::cpu::Capability::kAVX512:         \
+        return ::adaptau::cpu::AVX512::f(__VA_ARGS__);  \
+      case ::adaptau::cpu::Capability::kAVX2:           \
+        return ::adaptau::cpu::AVX2::f(__VA_ARGS__);    \
+      default:                                          \
+        return ::adaptau::cpu::DEFAULT::f(__VA_ARGS__); \
+    }                                                   \
   }()
 // Declares its arguments (declarations) in each capability's namespace.
 #define ADAPTAU_CPU_DECLARE(...) \
-  namespace DEFAULT {             \
-  __VA_ARGS__;                         \
-  }                               \
-  namespace AVX2 {                \
-  __VA_ARGS__;                         \
-  }                               \
-  namespace AVX512 {              \
-  __VA_ARGS__;                         \
+  namespace DEFAULT {            \
+  __VA_ARGS__;                   \
+  }                              \
+  namespace AVX2 {               \
+  __VA_ARGS__;                   \
+  }                              \
+  namespace AVX512 {             \
+  __VA_ARGS__;                   \
   }
 #else
-#define ADAPTAU_CPU_DISPATCH(f, ...) \
-  [&]() -> decltype(auto) { (void)::adaptau::cpu::active_capability(); return ::adaptau::cpu::DEFAULT::f(__VA_ARGS__); }()
+#define ADAPTAU_CPU_DISPATCH(f, ...)                \
+  [&]() -> decltype(auto) {                         \
+    (void)::adaptau::cpu::active_capability();      \
+    return ::adaptau::cpu::DEFAULT::f(__VA_ARGS__); \
+  }()
 #define ADAPTAU_CPU_DECLARE(...) \
-  namespace DEFAULT {             \
-  __VA_ARGS__;                         \
+  namespace DEFAULT {            \
+  __VA_ARGS__;                   \
   }
 #endif

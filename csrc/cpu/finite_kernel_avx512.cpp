@@ -6,4 +6,3 @@
 #define ADAPTAU_CPU_CAPABILITY_AVX512 1
 #include "finite_kernel_impl.h"
 #endif  // ADAPTAU_CPU_X86
-

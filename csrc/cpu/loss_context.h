@@ -1,4 +1,4 @@
-// The context of one call (Ctx): shapes, options, inputs, and the prepared user rows.
+// The context of one call (LossContext): shapes, options, inputs, and the prepared user rows.
 // Part of the softmax-loss kernels (softmax_loss_kernel_impl.h), compiled once per CPU
 // capability inside adaptau::cpu::<capability>.
 #pragma once
@@ -20,7 +20,7 @@ struct PreparedRows {
 };
 
 template <typename T>
-struct Ctx {
+struct LossContext {
   // shapes and options
   int64_t B = 0, N = 0, D = 0, Dp = 0, M = 0;
   int64_t neg_mode = 0;
@@ -77,31 +77,32 @@ std::vector<int32_t> indices_to_i32(const at::Tensor& t, int64_t N, const char* 
 // Normalized user rows and positive scores (both modes), or the ones a forward kept.
 // (Each row gathers its positive's table row, a likely cache miss: hence the small grain.)
 template <typename T>
-void prepare_rows(Ctx<T>& cx, const at::Tensor& pos, std::shared_ptr<const PreparedRows<T>> kept) {
+void prepare_rows(LossContext<T>& context, const at::Tensor& pos,
+                  std::shared_ptr<const PreparedRows<T>> kept) {
   if (kept == nullptr) {
-    const int64_t B = cx.B, D = cx.D, Dp = cx.Dp;
-    auto pr = std::make_shared<PreparedRows<T>>();
-    pr->pos = indices_to_i32(pos, cx.N, "pos");
-    pr->uhat = make_buf<T>(B * Dp);
-    pr->unorm.assign(B, T(0));
-    pr->spos.assign(B, T(0));
+    const int64_t B = context.B, D = context.D, Dp = context.Dp;
+    auto prepared = std::make_shared<PreparedRows<T>>();
+    prepared->pos = indices_to_i32(pos, context.N, "pos");
+    prepared->uhat = make_buf<T>(B * Dp);
+    prepared->unorm.assign(B, T(0));
+    prepared->spos.assign(B, T(0));
     at::parallel_for(0, B, grain(16 * D), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
-        T* uh = pr->uhat.get() + b * Dp;
-        pr->unorm[b] = load_row(uh, cx.user + b * D, D, Dp, cx.normalize);
-        const T* xp = cx.items + int64_t(pr->pos[b]) * D;
+        T* uh = prepared->uhat.get() + b * Dp;
+        prepared->unorm[b] = load_row(uh, context.user + b * D, D, Dp, context.normalize);
+        const T* xp = context.items + int64_t(prepared->pos[b]) * D;
         T s = dot_plain(uh, xp, D);
-        if (cx.normalize) s *= T(1) / std::max(std::sqrt(dot_plain(xp, xp, D)), norm_eps<T>());
-        pr->spos[b] = s;
+        if (context.normalize) s *= T(1) / std::max(std::sqrt(dot_plain(xp, xp, D)), norm_eps<T>());
+        prepared->spos[b] = s;
       }
     });
-    kept = std::move(pr);
+    kept = std::move(prepared);
   }
-  cx.rows = std::move(kept);
-  cx.pos = cx.rows->pos.data();
-  cx.uhat = cx.rows->uhat.get();
-  cx.unorm = cx.rows->unorm.data();
-  cx.spos = cx.rows->spos.data();
+  context.rows = std::move(kept);
+  context.pos = context.rows->pos.data();
+  context.uhat = context.rows->uhat.get();
+  context.unorm = context.rows->unorm.data();
+  context.spos = context.rows->spos.data();
 }
 
 }  // namespace

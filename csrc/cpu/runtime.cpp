@@ -61,7 +61,8 @@ void* Pool::acquire(size_t bytes, size_t& got) {
   // per-row passes touch every row's slots, 4·M bytes apart, and with 4 KiB pages each
   // run would cost a TLB miss.
   const bool huge = bytes >= kHugeMin;
-  const size_t size = huge ? (bytes + kHuge - 1) / kHuge * kHuge : (std::max<size_t>(bytes, 1) + 63) / 64 * 64;
+  const size_t size =
+      huge ? (bytes + kHuge - 1) / kHuge * kHuge : (std::max<size_t>(bytes, 1) + 63) / 64 * 64;
   if (enabled_ && size >= kMinPooled) {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = free_.lower_bound(size);

@@ -29,14 +29,14 @@ namespace cpu {
 int64_t env_int(const char* name, int64_t fallback);
 
 struct Tuning {
-  int64_t chunk_bytes;      // normalized item rows (or item-gradient accumulator) per chunk
-  int64_t sort_rows;        // per-row mode: rows per sort block
-  int64_t max_groups;       // upper bound on G (partial buffers merged in a fixed order)
-  int64_t partial_bytes;    // memory cap for the G partial buffers
-  int64_t row_block;        // GEMM modes: rows per block
-  int64_t col_block;        // GEMM modes: candidates per block
-  int64_t max_pairs;        // per-row: (row, negative) pairs per row block (8 M: the state kept
-                            // for the backward, ~12 bytes per pair, stays near 100 MiB)
+  int64_t chunk_bytes;         // normalized item rows (or item-gradient accumulator) per chunk
+  int64_t sort_rows;           // per-row mode: rows per sort block
+  int64_t max_groups;          // upper bound on G (partial buffers merged in a fixed order)
+  int64_t partial_bytes;       // memory cap for the G partial buffers
+  int64_t row_block;           // GEMM modes: rows per block
+  int64_t col_block;           // GEMM modes: candidates per block
+  int64_t max_pairs;           // per-row: (row, negative) pairs per row block (8 M: the state kept
+                               // for the backward, ~12 bytes per pair, stays near 100 MiB)
   int64_t saved_scores_bytes;  // GEMM modes: the forward keeps its [B, M] scores up to this size
 };
 

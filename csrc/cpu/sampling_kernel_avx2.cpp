@@ -6,4 +6,3 @@
 #define ADAPTAU_CPU_CAPABILITY_AVX2 1
 #include "sampling_kernel_impl.h"
 #endif  // ADAPTAU_CPU_X86
-

@@ -3,4 +3,3 @@
 #define ADAPTAU_CPU_CAPABILITY DEFAULT
 #define ADAPTAU_CPU_CAPABILITY_DEFAULT 1
 #include "sampling_kernel_impl.h"
-

@@ -110,7 +110,8 @@ void uniform_fill(int32_t* out, int64_t total, int64_t num_items, int64_t seed) 
 void dropout_fill(float* out, int64_t total, double p, int64_t seed) {
   const uint32_t threshold = static_cast<uint32_t>(p * 4294967296.0);  // p < 1: fits
   const float keep = static_cast<float>(1.0 / (1.0 - p));
-  for_each_draw(static_cast<uint64_t>(seed), total, [&](int64_t k, uint32_t x) { out[k] = x < threshold ? 0.0f : keep; });
+  for_each_draw(static_cast<uint64_t>(seed), total,
+                [&](int64_t k, uint32_t x) { out[k] = x < threshold ? 0.0f : keep; });
 }
 
 bool count_items(const void* indices, bool is64, int64_t n, int64_t num_items, int64_t* out) {
@@ -121,8 +122,9 @@ bool count_items(const void* indices, bool is64, int64_t n, int64_t num_items, i
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t k0 = n * p / parts, k1 = n * (p + 1) / parts;
       int32_t* h = hist.data() + p * num_items;
-      const bool ok = is64 ? count_slice(static_cast<const int64_t*>(indices), k0, k1, uint64_t(num_items), h)
-                           : count_slice(static_cast<const int32_t*>(indices), k0, k1, uint64_t(num_items), h);
+      const bool ok = is64
+                          ? count_slice(static_cast<const int64_t*>(indices), k0, k1, uint64_t(num_items), h)
+                          : count_slice(static_cast<const int32_t*>(indices), k0, k1, uint64_t(num_items), h);
       if (!ok) bad.store(true);
     }
   });

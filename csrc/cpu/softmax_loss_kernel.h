@@ -32,13 +32,14 @@ struct LossOptions {
 // Backward: fills grad_user [B, D], grad_items [N, D], grad_alpha and grad_beta [B] (all
 // in the accumulation dtype) from grad_loss and lse ([B], accumulation dtype, contiguous),
 // with the state the forward kept under `key` when it is there.
-ADAPTAU_CPU_DECLARE(
-    void softmax_loss_forward(const Inputs& in, const LossOptions& opt, const SavedKey& key, bool compute_raw,
-                              at::Tensor& loss, at::Tensor& lse, at::Tensor& raw);
-    void softmax_loss_backward(const Inputs& in, const LossOptions& opt, const SavedKey& key,
-                               const at::Tensor& grad_loss, const at::Tensor& lse, bool need_scale_grads,
-                               at::Tensor& grad_user, at::Tensor& grad_items, at::Tensor& grad_alpha,
-                               at::Tensor& grad_beta))
+ADAPTAU_CPU_DECLARE(void softmax_loss_forward(const Inputs& inputs, const LossOptions& options,
+                                              const SavedKey& key, bool compute_raw, at::Tensor& loss,
+                                              at::Tensor& lse, at::Tensor& raw);
+                    void softmax_loss_backward(const Inputs& inputs, const LossOptions& options,
+                                               const SavedKey& key, const at::Tensor& grad_loss,
+                                               const at::Tensor& lse, bool need_scale_grads,
+                                               at::Tensor& grad_user, at::Tensor& grad_items,
+                                               at::Tensor& grad_alpha, at::Tensor& grad_beta))
 
 }  // namespace cpu
 }  // namespace adaptau

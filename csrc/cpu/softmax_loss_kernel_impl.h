@@ -5,7 +5,7 @@
 // and dispatches here). This header is compiled once per CPU capability, by
 // softmax_loss_kernel_<capability>.cpp, into the namespace adaptau::cpu::<capability>;
 // Vec<T> (cpu_simd.h) is that capability's vector. Nothing of size [B, M, D] is ever built.
-// Parts: vector_ops.h (row helpers and micro-kernels), loss_context.h (Ctx),
+// Parts: vector_ops.h (row helpers and micro-kernels), loss_context.h (LossContext),
 // per_row.h (neg_mode 0), gemm_modes.h (neg_modes 1 and 2); runtime.h (pool, tuning,
 // SavedCache) is shared by every capability.
 //
@@ -43,17 +43,15 @@
 // process-wide pool; blocks of 512 KiB and more are transparent huge pages.
 // ADAPTAU_CPU_PROFILE=1 prints per-phase times to stderr.
 //
-// Cost at the paper's shape (B=2048, M=1024, D=64, AVX2 kernels): ~98 instructions per pair for
-// forward+backward inside this library under callgrind, at ~2 per cycle, so instruction
-// count is what matters: the per-run micro-kernels are forced inline, the inner loops keep
-// the row stride a compile-time constant and the sort stores each pair's row offset in the
-// chunk buffer (an addressing mode of the loads, no index arithmetic), lanes are
-// broadcast by immediate (no control registers to spill), the scatter's loads stay in
-// their own register, the sort runs on unsigned indices unrolled by 4 with a vectorized
-// range check (which raises Python's IndexError; ops.py leaves the indices to this
-// backend), and in the common case (normalized, no logq, no hit removal, |β| small
-// enough for the fixed reference) a run's exps and sums are one loop with masked tails and
-// no running max, and the backward reuses the forward's exps. See benchmarks/README.md.
+// Hot loops: the per-run micro-kernels are forced inline, the inner loops keep the row
+// stride a compile-time constant and the sort stores each pair's row offset in the chunk
+// buffer (an addressing mode of the loads, no index arithmetic), lanes are broadcast by
+// immediate (no control registers to spill), the scatter's loads stay in their own
+// register, the sort runs on unsigned indices unrolled by 4 with a vectorized range check
+// (which raises Python's IndexError; ops.py leaves the indices to this backend), and in the
+// common case (normalized, no logq, no hit removal, |β| small enough for the fixed
+// reference) a run's exps and sums are one loop with masked tails and no running max, and
+// the backward reuses the forward's exps. What they cost: docs/performance.md.
 #include <ATen/ATen.h>
 #pragma once
 
@@ -93,68 +91,80 @@ int64_t padded_dim(int64_t D) {
 template <typename T, typename F>
 void with_nv(int64_t D, F&& f) {
   switch (choose_nv<T>(D)) {
-    case 1: f(std::integral_constant<int, 1>()); break;
-    case 2: f(std::integral_constant<int, 2>()); break;
-    case 4: f(std::integral_constant<int, 4>()); break;
-    case 8: f(std::integral_constant<int, 8>()); break;
-    case 16: f(std::integral_constant<int, 16>()); break;
-    default: f(std::integral_constant<int, 0>()); break;
+    case 1:
+      f(std::integral_constant<int, 1>());
+      break;
+    case 2:
+      f(std::integral_constant<int, 2>());
+      break;
+    case 4:
+      f(std::integral_constant<int, 4>());
+      break;
+    case 8:
+      f(std::integral_constant<int, 8>());
+      break;
+    case 16:
+      f(std::integral_constant<int, 16>());
+      break;
+    default:
+      f(std::integral_constant<int, 0>());
+      break;
   }
 }
 
-
 template <typename T>
-Ctx<T> make_ctx(const Inputs& in, const LossOptions& opt, std::shared_ptr<const PreparedRows<T>> kept = nullptr) {
-  Ctx<T> cx;
-  cx.B = in.B;
-  cx.N = in.N;
-  cx.D = in.D;
-  cx.M = in.M;
-  cx.Dp = padded_dim<T>(in.D);
-  cx.neg_mode = opt.neg_mode;
-  cx.include_pos = opt.include_pos;
-  cx.normalize = opt.normalize;
-  cx.remove_hits = opt.remove_hits;
-  cx.user = in.user.data_ptr<T>();
-  cx.items = in.items.data_ptr<T>();
-  cx.alpha = in.alpha.data_ptr<T>();
-  cx.beta = in.beta.data_ptr<T>();
-  cx.logq = in.logq.defined() ? in.logq.data_ptr<T>() : nullptr;
-  cx.neg = in.neg.data_ptr();
-  cx.neg_is_int64 = in.neg.scalar_type() == at::kLong;
-  prepare_rows(cx, in.pos, std::move(kept));
-  return cx;
+LossContext<T> make_context(const Inputs& inputs, const LossOptions& options,
+                            std::shared_ptr<const PreparedRows<T>> kept = nullptr) {
+  LossContext<T> context;
+  context.B = inputs.B;
+  context.N = inputs.N;
+  context.D = inputs.D;
+  context.M = inputs.M;
+  context.Dp = padded_dim<T>(inputs.D);
+  context.neg_mode = options.neg_mode;
+  context.include_pos = options.include_pos;
+  context.normalize = options.normalize;
+  context.remove_hits = options.remove_hits;
+  context.user = inputs.user.data_ptr<T>();
+  context.items = inputs.items.data_ptr<T>();
+  context.alpha = inputs.alpha.data_ptr<T>();
+  context.beta = inputs.beta.data_ptr<T>();
+  context.logq = inputs.logq.defined() ? inputs.logq.data_ptr<T>() : nullptr;
+  context.neg = inputs.neg.data_ptr();
+  context.neg_is_int64 = inputs.neg.scalar_type() == at::kLong;
+  prepare_rows(context, inputs.pos, std::move(kept));
+  return context;
 }
 
 // The entry points (declared in softmax_loss_kernel.h), outside the anonymous namespace.
 }  // namespace
 
-void softmax_loss_forward(const Inputs& in, const LossOptions& opt, const SavedKey& key, bool compute_raw,
-                          at::Tensor& loss, at::Tensor& lse, at::Tensor& raw) {
-  AT_DISPATCH_FLOATING_TYPES(in.user.scalar_type(), "adaptau_fused_forward_cpu", [&] {
+void softmax_loss_forward(const Inputs& inputs, const LossOptions& options, const SavedKey& key,
+                          bool compute_raw, at::Tensor& loss, at::Tensor& lse, at::Tensor& raw) {
+  AT_DISPATCH_FLOATING_TYPES(inputs.user.scalar_type(), "adaptau_fused_forward_cpu", [&] {
     using T = scalar_t;
-    PhaseTimer pt;
-    Ctx<T> cx = make_ctx<T>(in, opt);
-    cx.key = key;
-    pt.mark("prepare rows");
+    PhaseTimer timer;
+    LossContext<T> context = make_context<T>(inputs, options);
+    context.key = key;
+    timer.mark("prepare rows");
     T* rawp = compute_raw ? raw.data_ptr<T>() : nullptr;
-    with_nv<T>(in.D, [&](auto nvc) {
+    with_nv<T>(inputs.D, [&](auto nvc) {
       constexpr int NV = decltype(nvc)::value;
-      if (opt.neg_mode == kNegPerRow)
-        per_row_forward<T, NV>(cx, loss.data_ptr<T>(), lse.data_ptr<T>(), rawp, compute_raw);
+      if (options.neg_mode == kNegPerRow)
+        per_row_forward<T, NV>(context, loss.data_ptr<T>(), lse.data_ptr<T>(), rawp, compute_raw);
       else
-        gemm_forward<T, NV>(cx, in.neg, loss.data_ptr<T>(), lse.data_ptr<T>(), rawp, compute_raw);
+        gemm_forward<T, NV>(context, inputs.neg, loss.data_ptr<T>(), lse.data_ptr<T>(), rawp, compute_raw);
     });
   });
 }
 
-void softmax_loss_backward(const Inputs& in, const LossOptions& opt, const SavedKey& key,
+void softmax_loss_backward(const Inputs& inputs, const LossOptions& options, const SavedKey& key,
                            const at::Tensor& grad_loss, const at::Tensor& lse, bool need_scale_grads,
                            at::Tensor& grad_user, at::Tensor& grad_items, at::Tensor& grad_alpha,
                            at::Tensor& grad_beta) {
-  AT_DISPATCH_FLOATING_TYPES(in.user.scalar_type(), "adaptau_fused_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(inputs.user.scalar_type(), "adaptau_fused_backward_cpu", [&] {
     using T = scalar_t;
-    PhaseTimer pt;
+    PhaseTimer timer;
     // What the forward of the same call kept (the key holds neg_mode and the capability,
     // so the type is known): per-row mode its plan, state and prepared rows; GEMM modes
     // their candidates, scores and prepared rows.
@@ -162,23 +172,23 @@ void softmax_loss_backward(const Inputs& in, const LossOptions& opt, const Saved
     std::shared_ptr<Saved<T>> saved;
     std::shared_ptr<SavedTiles<T>> tiles;
     std::shared_ptr<const PreparedRows<T>> rows;
-    if (found != nullptr && opt.neg_mode == kNegPerRow) {
+    if (found != nullptr && options.neg_mode == kNegPerRow) {
       saved = std::static_pointer_cast<Saved<T>>(found);
       rows = saved->rows;
     } else if (found != nullptr) {
       tiles = std::static_pointer_cast<SavedTiles<T>>(found);
       rows = tiles->rows;
     }
-    Ctx<T> cx = make_ctx<T>(in, opt, rows);
-    pt.mark(rows != nullptr ? "prepare rows (saved)" : "prepare rows");
-    with_nv<T>(in.D, [&](auto nvc) {
+    LossContext<T> context = make_context<T>(inputs, options, rows);
+    timer.mark(rows != nullptr ? "prepare rows (saved)" : "prepare rows");
+    with_nv<T>(inputs.D, [&](auto nvc) {
       constexpr int NV = decltype(nvc)::value;
-      if (opt.neg_mode == kNegPerRow)
-        per_row_backward<T, NV>(cx, saved, grad_loss.data_ptr<T>(), lse.data_ptr<T>(), grad_user.data_ptr<T>(),
-                                grad_items.data_ptr<T>(), grad_alpha.data_ptr<T>(), grad_beta.data_ptr<T>(),
-                                need_scale_grads);
+      if (options.neg_mode == kNegPerRow)
+        per_row_backward<T, NV>(context, saved, grad_loss.data_ptr<T>(), lse.data_ptr<T>(),
+                                grad_user.data_ptr<T>(), grad_items.data_ptr<T>(), grad_alpha.data_ptr<T>(),
+                                grad_beta.data_ptr<T>(), need_scale_grads);
       else
-        gemm_backward<T, NV>(cx, tiles, in.neg, grad_loss.data_ptr<T>(), lse.data_ptr<T>(),
+        gemm_backward<T, NV>(context, tiles, inputs.neg, grad_loss.data_ptr<T>(), lse.data_ptr<T>(),
                              grad_user.data_ptr<T>(), grad_items.data_ptr<T>(), grad_alpha.data_ptr<T>(),
                              grad_beta.data_ptr<T>(), need_scale_grads);
     });

@@ -132,8 +132,8 @@ struct RunOps {
 
   // out[k] = <u, rows + off[k]>, k < n.
   static ADAPTAU_HOT_INLINE void dots(const T* __restrict__ u, const T* __restrict__ rows,
-                          const int32_t* __restrict__ idx, int64_t n,
-                          int64_t Dp, T* __restrict__ out) {
+                                      const int32_t* __restrict__ idx, int64_t n, int64_t Dp,
+                                      T* __restrict__ out) {
     if constexpr (NV > 0) {
       // (pinned: else GCC hoists the NV addresses u + v·W out of the caller's loop over the
       // run's blocks and keeps them on the stack, 3 instructions per vector per run)
@@ -178,9 +178,9 @@ struct RunOps {
   // The coefficients were just stored as vectors: they are loaded W at a time and spread
   // lane by lane in registers (V::lane), not re-loaded one float at a time (which stalls on
   // store-to-load forwarding). The old v is folded in at the end, off the FMA chains.
-  static ADAPTAU_HOT_INLINE void gather_axpy(T* __restrict__ v, bool fresh, T keep, const T* __restrict__ coef,
-                                 const T* __restrict__ rows, const int32_t* __restrict__ idx,
-                                 int64_t n, int64_t Dp) {
+  static ADAPTAU_HOT_INLINE void gather_axpy(T* __restrict__ v, bool fresh, T keep,
+                                             const T* __restrict__ coef, const T* __restrict__ rows,
+                                             const int32_t* __restrict__ idx, int64_t n, int64_t Dp) {
     if constexpr (NV > 0 && NV <= 8) {
       R g[NV];
 #pragma GCC unroll 16
@@ -205,19 +205,21 @@ struct RunOps {
     } else {
       const int64_t nv = Dp / W;
       const R kv = V::set1(keep);
-      for (int64_t i = 0; i < nv; ++i) V::store(v + i * W, fresh ? V::zero() : V::mul(kv, V::load(v + i * W)));
+      for (int64_t i = 0; i < nv; ++i)
+        V::store(v + i * W, fresh ? V::zero() : V::mul(kv, V::load(v + i * W)));
       for (int64_t k = 0; k < n; ++k) {
         const R c = V::set1(coef[k]);
         const T* r = row(rows, idx[k]);
-        for (int64_t i = 0; i < nv; ++i) V::store(v + i * W, V::fma(c, V::load(r + i * W), V::load(v + i * W)));
+        for (int64_t i = 0; i < nv; ++i)
+          V::store(v + i * W, V::fma(c, V::load(r + i * W), V::load(v + i * W)));
       }
     }
   }
 
   // (acc + off[k])[0:Dp] += coef[k] * (scale * u)   (k < n; rows of acc padded to Dp).
   static ADAPTAU_HOT_INLINE void scatter_axpy(T* __restrict__ acc, const int32_t* __restrict__ idx,
-                                  const T* __restrict__ coef, const T* __restrict__ u, T scale,
-                                  int64_t n, int64_t Dp) {
+                                              const T* __restrict__ coef, const T* __restrict__ u, T scale,
+                                              int64_t n, int64_t Dp) {
     if constexpr (NV > 0 && NV <= 8) {
       R uu[NV];
       const R vs = V::set1(scale);
@@ -303,8 +305,7 @@ ADAPTAU_HOT_INLINE void tile_gemm_block(T* __restrict__ out, int64_t ldo, const 
 // transpose.
 template <typename T>
 void tile_gemm(T* __restrict__ out, int64_t ldo, const T* __restrict__ A, int64_t lda, int64_t sa,
-               const T* __restrict__ X, int64_t ldx, int64_t ni, int64_t nj, int64_t Dp,
-               bool accumulate) {
+               const T* __restrict__ X, int64_t ldx, int64_t ni, int64_t nj, int64_t Dp, bool accumulate) {
   constexpr int W = Vec<T>::W;
   constexpr int kMR = 6;
   for (int64_t d = 0; d < Dp; d += 2 * W) {
@@ -322,8 +323,8 @@ void tile_gemm(T* __restrict__ out, int64_t ldo, const T* __restrict__ A, int64_
 // the candidates packed in panels of 2W columns: C[c][d] = CT[(c/2W)*D*2W + d*2W + c%2W]
 // (contiguous per panel: no cache-set aliasing however many candidates there are).
 template <typename T>
-void score_tile(const T* __restrict__ U, int64_t ldu, int64_t nr, const T* __restrict__ CT,
-                int64_t nc, int64_t D, T* __restrict__ S, int64_t lds) {
+void score_tile(const T* __restrict__ U, int64_t ldu, int64_t nr, const T* __restrict__ CT, int64_t nc,
+                int64_t D, T* __restrict__ S, int64_t lds) {
   constexpr int W = Vec<T>::W;
   for (int64_t c = 0; c < nc; c += 2 * W)
     tile_gemm(S + c, lds, U, ldu, 1, CT + (c / (2 * W)) * D * 2 * W, 2 * W, nr, D, 2 * W, false);
