@@ -51,7 +51,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import adaptau  # noqa: E402
 from host_memory import available_bytes, peak_rss_growth  # noqa: E402
-from adaptau.train.models import sampled_l2  # noqa: E402
+from adaptau.train.models import add_sampled_l2_grad_, add_sparse_sampled_l2_grad_, sampled_l2  # noqa: E402
 from adaptau.train import PRESETS, Trainer, TrainConfig  # noqa: E402
 
 import _common  # noqa: E402
@@ -89,7 +89,7 @@ class Stepper:
 
     def __init__(self, trainer: Trainer, loss_fn, negatives: int) -> None:
         self.t, self.loss_fn = trainer, loss_fn
-        self.direct_l2 = hasattr(trainer, "_add_l2_grad") and trainer._l2_on_leaves()
+        self.direct_l2 = trainer.direct_l2
         self.sampler = adaptau.train.sampling.NegativeSampler(
             "uniform", trainer.num_items, negatives, device=trainer.device)
         self.gen = torch.Generator().manual_seed(1)
@@ -123,7 +123,8 @@ class Stepper:
         t.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.l2 > 0 and self.direct_l2:  # as the trainer does: L2 gradient added directly
-            t._add_l2_grad(users, pos, neg, ego_u, ego_i)
+            add = add_sparse_sampled_l2_grad_ if t.sparse else add_sampled_l2_grad_
+            add(cfg.l2, users, pos, neg, ego_u, ego_i)
         marks.append(time.perf_counter())
         t.optimizer.step()
         marks.append(time.perf_counter())
