@@ -16,6 +16,7 @@ Install without build isolation so the extension is built against the torch you 
 TorchRec sharded tables (``adaptau train --shard-tables``), in this order:
     pip install --no-build-isolation -e ".[test,torchrec]" && pip install --no-deps torchrec==1.9.2
 """
+
 import glob
 import os
 import platform
@@ -52,12 +53,21 @@ class build_ext(BuildExtension):
     def build_extension(self, ext):
         objects = []
         for cap, flags in getattr(ext, "capability_sources", []):
-            post = dict(ext.extra_compile_args) if isinstance(ext.extra_compile_args, dict) \
+            post = (
+                dict(ext.extra_compile_args)
+                if isinstance(ext.extra_compile_args, dict)
                 else {"cxx": list(ext.extra_compile_args)}
+            )
             post["cxx"] = list(post["cxx"]) + flags
-            objects += self.compiler.compile(cap, output_dir=self.build_temp, macros=ext.define_macros,
-                                             include_dirs=ext.include_dirs, debug=self.debug,
-                                             extra_postargs=post, depends=ext.depends)
+            objects += self.compiler.compile(
+                cap,
+                output_dir=self.build_temp,
+                macros=ext.define_macros,
+                include_dirs=ext.include_dirs,
+                debug=self.debug,
+                extra_postargs=post,
+                depends=ext.depends,
+            )
         ext.extra_objects = list(ext.extra_objects or []) + objects
         super().build_extension(ext)
 
@@ -69,21 +79,24 @@ def _extensions():
     if not cpp_sources:
         return []
     cpu_dir = os.path.join("csrc", "cpu")
-    cpp_sources += [p for p in sorted(glob.glob(os.path.join(cpu_dir, "*.cpp")))
-                    if not any(p.endswith(f"_{cap}.cpp") for cap, _ in CAPABILITY_FLAGS)]
+    cpp_sources += [
+        p
+        for p in sorted(glob.glob(os.path.join(cpu_dir, "*.cpp")))
+        if not any(p.endswith(f"_{cap}.cpp") for cap, _ in CAPABILITY_FLAGS)
+    ]
     capability_sources = [
         (sorted(glob.glob(os.path.join(cpu_dir, f"*_{cap}.cpp"))), flags)
         for cap, flags in (CAPABILITY_FLAGS if _is_x86_64() else [])
     ]
     use_cuda = (
-        torch.version.cuda is not None
-        and CUDA_HOME is not None
-        and os.environ.get("ADAPTAU_NO_CUDA") != "1"
+        torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("ADAPTAU_NO_CUDA") != "1"
     )
     cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
     if os.environ.get("ADAPTAU_NATIVE") is not None:
-        print("adaptau setup.py: ADAPTAU_NATIVE is ignored: the extension carries default, AVX2 and "
-              "AVX-512 kernels and picks one at run time (ADAPTAU_CPU_CAPABILITY forces one)")
+        print(
+            "adaptau setup.py: ADAPTAU_NATIVE is ignored: the extension carries default, AVX2 and "
+            "AVX-512 kernels and picks one at run time (ADAPTAU_CPU_CAPABILITY forces one)"
+        )
     extra_link = ["-fopenmp"]
     if use_cuda:
         sources = cpp_sources + sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))

@@ -5,6 +5,7 @@ nothing of the build machine's CPU is assumed (every capability the CPU has is p
 and that each of them matches the float64 reference on a small case of every negative mode.
 Exit status 0 when all hold.
 """
+
 import os
 import sys
 import sysconfig
@@ -16,7 +17,10 @@ from adaptau import _extension
 from adaptau.loss import ops
 
 site = os.path.realpath(sysconfig.get_paths()["purelib"])
-for name, path in (("adaptau", adaptau.__file__), ("adaptau._C", getattr(_extension.load(), "__file__", None))):
+for name, path in (
+    ("adaptau", adaptau.__file__),
+    ("adaptau._C", getattr(_extension.load(), "__file__", None)),
+):
     if path is None:
         sys.exit(f"{name} did not load: {_extension.IMPORT_ERROR!r}")
     if not os.path.realpath(path).startswith(site + os.sep):
@@ -29,8 +33,11 @@ g = torch.Generator().manual_seed(0)
 B, N, D, M = 9, 40, 17, 6
 user, items = torch.randn(B, D, generator=g), torch.randn(N, D, generator=g)
 pos = torch.randint(0, N, (B,), generator=g)
-negs = {"per_row": torch.randint(0, N, (B, M), generator=g), "shared": torch.randint(0, N, (M,), generator=g),
-        "in_batch": None}
+negs = {
+    "per_row": torch.randint(0, N, (B, M), generator=g),
+    "shared": torch.randint(0, N, (M,), generator=g),
+    "in_batch": None,
+}
 
 
 def loss_and_grads(backend, dtype, neg):
@@ -49,5 +56,7 @@ for level in levels:
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     print(f"adaptau wheel smoke test: {level} matches the reference (per_row, shared, in_batch)")
-print(f"adaptau wheel smoke test: ok, loaded from {os.path.dirname(adaptau.__file__)}, "
-      f"capabilities {', '.join(levels)}")
+print(
+    f"adaptau wheel smoke test: ok, loaded from {os.path.dirname(adaptau.__file__)}, "
+    f"capabilities {', '.join(levels)}"
+)

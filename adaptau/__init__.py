@@ -18,17 +18,46 @@ imported here) and :mod:`adaptau.train` (data, samplers, models, evaluation, the
 the CLI; imported on first use). The old flat module paths (``adaptau.ops``,
 ``adaptau.data`` …) still import, with a ``DeprecationWarning``, for one release.
 """
-from .loss import (BACKENDS, AdapTau, AdapTauLoss, Negatives, available_backends, compact, cpu_capability,
-                   lambertw, resolve_backend, softmax_loss)
+
+from .loss import (
+    BACKENDS,
+    AdapTau,
+    AdapTauLoss,
+    Negatives,
+    available_backends,
+    compact,
+    cpu_capability,
+    lambertw,
+    resolve_backend,
+    softmax_loss,
+)
 
 __version__ = "0.2.0"
 
-__all__ = ["softmax_loss", "Negatives", "compact", "available_backends", "resolve_backend", "cpu_capability",
-           "BACKENDS", "lambertw", "AdapTau",
-           "AdapTauLoss", "full_ranking", "load_dataset", "TrainConfig", "Trainer", "__version__"]
+__all__ = [
+    "softmax_loss",
+    "Negatives",
+    "compact",
+    "available_backends",
+    "resolve_backend",
+    "cpu_capability",
+    "BACKENDS",
+    "lambertw",
+    "AdapTau",
+    "AdapTauLoss",
+    "full_ranking",
+    "load_dataset",
+    "TrainConfig",
+    "Trainer",
+    "__version__",
+]
 
-_LAZY = {"full_ranking": "train.evaluate", "load_dataset": "train.data",
-         "TrainConfig": "train.trainer", "Trainer": "train.trainer"}
+_LAZY = {
+    "full_ranking": "train.evaluate",
+    "load_dataset": "train.data",
+    "TrainConfig": "train.trainer",
+    "Trainer": "train.trainer",
+}
 
 
 def __getattr__(name):

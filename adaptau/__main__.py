@@ -1,4 +1,5 @@
 """``python -m adaptau train|eval|bench`` (same as the ``adaptau`` console script)."""
+
 import sys
 
 from .train.cli import main

@@ -9,6 +9,7 @@ Each old module is a two-line shim::
 in ``sys.modules`` by the new module, so ``import adaptau.ops`` and ``from adaptau import ops``
 give the very same module object: private names and monkeypatching keep working.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -41,12 +42,18 @@ def moved(old: str, new: str) -> None:
     if old == "__main__":  # ``python -m adaptau.cli …``: run the new module as the program
         spec = getattr(sys.modules["__main__"], "__spec__", None)
         # stacklevel 2: the shim itself, i.e. __main__, where the default filters show it
-        warnings.warn(f"python -m {spec.name if spec else 'adaptau.<module>'} is deprecated; "
-                      f"use python -m {new}", DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            f"python -m {spec.name if spec else 'adaptau.<module>'} is deprecated; use python -m {new}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         runpy.run_module(new, run_name="__main__", alter_sys=True)
         return
-    warnings.warn(f"{old} is deprecated and will be removed in the next release; "
-                  f"import {new} instead", DeprecationWarning, stacklevel=_importer_level())
+    warnings.warn(
+        f"{old} is deprecated and will be removed in the next release; import {new} instead",
+        DeprecationWarning,
+        stacklevel=_importer_level(),
+    )
     sys.modules[old] = importlib.import_module(new)
 
 
@@ -70,4 +77,3 @@ def _importer_level() -> int:
             break
         frame = frame.f_back
     return level
-

@@ -10,6 +10,7 @@ ops), so the other modules ask this one instead of importing ``_C`` themselves:
 * :func:`load`: the extension module, or ``None``;
 * :func:`has_op`: whether ``torch.ops.adaptau.<name>`` is registered by it.
 """
+
 from __future__ import annotations
 
 from types import ModuleType

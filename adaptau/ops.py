@@ -1,3 +1,5 @@
 """Deprecated: moved to :mod:`adaptau.loss.ops` (this alias is kept for one release)."""
+
 from adaptau._deprecated import moved
+
 moved(__name__, "adaptau.loss.ops")

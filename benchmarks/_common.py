@@ -1,6 +1,7 @@
 """What the benchmark scripts share: the machine they ran on, its results folder, the
 header every results file starts with, the timing loop, the Markdown table writer, and the
 pause of background jobs while anything is timed."""
+
 from __future__ import annotations
 
 import contextlib
@@ -46,8 +47,9 @@ def machine_slug() -> str:
     """The results folder's name for this CPU: vendor, family, widest SIMD, core count,
     e.g. ``cpu-intel-xeon-avx512-2c`` or ``cpu-amd-epyc-avx2-2c``."""
     model = cpu_model().lower()
-    words = [w for w in re.split(r"[^a-z0-9]+", model)
-             if w in ("intel", "amd", "xeon", "epyc", "core", "ryzen")]
+    words = [
+        w for w in re.split(r"[^a-z0-9]+", model) if w in ("intel", "amd", "xeon", "epyc", "core", "ryzen")
+    ]
     name = "-".join(dict.fromkeys(words)) or "cpu"
     return f"cpu-{name}-{widest_simd()}-{os.cpu_count()}c"
 
@@ -62,10 +64,12 @@ def results_dir() -> str:
 def commit() -> str:
     """The checkout's short commit, with ``+dirty`` when it has uncommitted changes."""
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True,
-                             capture_output=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
-                               text=True, capture_output=True).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True, capture_output=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE, text=True, capture_output=True
+        ).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -90,8 +94,10 @@ def header(title: str) -> List[str]:
 
 def machine_line() -> str:
     """One line naming the CPU, its logical cores, widest SIMD and torch's thread count."""
-    return (f"CPU: {cpu_model()} ({os.cpu_count()} logical cores, widest SIMD: {widest_simd()}); "
-            f"torch threads: {torch.get_num_threads()}")
+    return (
+        f"CPU: {cpu_model()} ({os.cpu_count()} logical cores, widest SIMD: {widest_simd()}); "
+        f"torch threads: {torch.get_num_threads()}"
+    )
 
 
 def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
@@ -109,7 +115,7 @@ def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
 def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[object]], align: str = "") -> List[str]:
     """A Markdown table's lines; ``align`` has one character per column, ``l`` or ``r``
     (default: left)."""
-    marks = ["---:" if (align[i:i + 1] == "r") else "---" for i in range(len(columns))]
+    marks = ["---:" if (align[i : i + 1] == "r") else "---" for i in range(len(columns))]
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(marks) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return lines
@@ -122,9 +128,12 @@ BACKGROUND_JOBS = "benchmarks/reproduce.py"
 def add_pause_argument(parser) -> None:
     """``--pause PATTERN``: the ``pgrep -f`` pattern of background jobs to stop (SIGSTOP)
     while timing and continue (SIGCONT) after; ``''`` for none."""
-    parser.add_argument("--pause", default=BACKGROUND_JOBS,
-                        help="pgrep -f pattern of background jobs to stop while timing ('' for none; "
-                             f"default {BACKGROUND_JOBS})")
+    parser.add_argument(
+        "--pause",
+        default=BACKGROUND_JOBS,
+        help="pgrep -f pattern of background jobs to stop while timing ('' for none; "
+        f"default {BACKGROUND_JOBS})",
+    )
 
 
 @contextlib.contextmanager

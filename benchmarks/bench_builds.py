@@ -12,6 +12,7 @@ variables are set for its processes, e.g.
 
 Writes --out (markdown) when given.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,18 +69,33 @@ def main():
     with _common.paused(args.pause) as pids:
         measure_rounds(args, builds, (B, M, D, N), times, info)
     first = statistics.median(times[builds[0][0]])
-    lines = [f"# adaptau builds side by side: cpu backend, per-row B={B} M={M} D={D} N={N}, "
-             f"{args.threads} threads", "",
-             f"- {_common.machine_line()}",
-             f"- {_common.paused_line(args.pause, pids)}",
-             f"- {args.rounds} rounds, each one process per build in turn ({args.repeats} timed steps after "
-             f"{args.warmup} warm-up); medians over all steps of a build",
-             f"- Command: `python {' '.join(sys.argv)}`"] + ([f"- {args.note}"] if args.note else []) + [""]
+    lines = (
+        [
+            f"# adaptau builds side by side: cpu backend, per-row B={B} M={M} D={D} N={N}, "
+            f"{args.threads} threads",
+            "",
+            f"- {_common.machine_line()}",
+            f"- {_common.paused_line(args.pause, pids)}",
+            f"- {args.rounds} rounds, each one process per build in turn ({args.repeats} timed steps after "
+            f"{args.warmup} warm-up); medians over all steps of a build",
+            f"- Command: `python {' '.join(sys.argv)}`",
+        ]
+        + ([f"- {args.note}"] if args.note else [])
+        + [""]
+    )
     lines += _common.markdown_table(
         ["build", "kernels", "fwd+bwd ms (median)", "min ms", "vs first"],
-        [(name, info[name][0] or "n/a (no cpu_capability)", f"{1e3 * statistics.median(times[name]):.2f}",
-          f"{1e3 * min(times[name]):.2f}", f"{first / statistics.median(times[name]):.3f}x")
-         for name, _, _ in builds])
+        [
+            (
+                name,
+                info[name][0] or "n/a (no cpu_capability)",
+                f"{1e3 * statistics.median(times[name]):.2f}",
+                f"{1e3 * min(times[name]):.2f}",
+                f"{first / statistics.median(times[name]):.3f}x",
+            )
+            for name, _, _ in builds
+        ],
+    )
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
@@ -93,9 +109,25 @@ def measure_rounds(args, builds, shape, times, info) -> None:
     for r in range(args.rounds):
         for name, path, env in builds:
             e = dict(os.environ, PYTHONPATH=path, **env)
-            out = subprocess.run([sys.executable, "-c", CHILD, str(B), str(M), str(D), str(N), str(args.threads),
-                                  str(args.warmup), str(args.repeats)], env=e, cwd="/", capture_output=True,
-                                 text=True, check=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    CHILD,
+                    str(B),
+                    str(M),
+                    str(D),
+                    str(N),
+                    str(args.threads),
+                    str(args.warmup),
+                    str(args.repeats),
+                ],
+                env=e,
+                cwd="/",
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             res = json.loads(out.stdout.strip().splitlines()[-1])
             times[name] += res["times"]
             info[name] = (res["capability"], res["file"])

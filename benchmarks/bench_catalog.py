@@ -39,6 +39,7 @@ rows back, gradients out: ``(B/2 + K)·(8 + 2·4·D)`` times the share owned by 
 Writes ``benchmarks/results/<machine>/catalog.md``, ``.csv`` and ``.png`` (step time
 against N, log-log).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,14 +72,16 @@ RANKS = 2
 class Step:
     """One training step of one route over shared tables (each route has its optimizer)."""
 
-    def __init__(self, route: str, users: torch.nn.Parameter, items: torch.nn.Parameter,
-                 seed: int):
+    def __init__(self, route: str, users: torch.nn.Parameter, items: torch.nn.Parameter, seed: int):
         self.route, self.users, self.items = route, users, items
         self.gen = torch.Generator().manual_seed(seed)
         self.sparse = route.startswith("sparse")
         self.shared = route.endswith("-shared")
-        self.opt = (torch.optim.SparseAdam([users, items], lr=1e-3) if self.sparse
-                    else torch.optim.Adam([users, items], lr=1e-3, foreach=True))
+        self.opt = (
+            torch.optim.SparseAdam([users, items], lr=1e-3)
+            if self.sparse
+            else torch.optim.Adam([users, items], lr=1e-3, foreach=True)
+        )
         self.touched = 0
 
     def __call__(self) -> None:
@@ -90,10 +93,17 @@ class Step:
         neg = torch.ops.adaptau.uniform_negatives(1 if self.shared else B, M, N, seed)
         neg = neg.view(M) if self.shared else neg
         user = F.embedding(rows, self.users, sparse=self.sparse)
-        loss = adaptau.softmax_loss(user, self.items, pos.to(neg.dtype), neg, 10.0, 10.0,
-                                    item_grad="sparse" if self.sparse else "dense")
+        loss = adaptau.softmax_loss(
+            user,
+            self.items,
+            pos.to(neg.dtype),
+            neg,
+            10.0,
+            10.0,
+            item_grad="sparse" if self.sparse else "dense",
+        )
         loss.backward()
-        self.touched = (self.items.grad._values().shape[0] if self.sparse else N)
+        self.touched = self.items.grad._values().shape[0] if self.sparse else N
         self.opt.step()
 
 
@@ -101,8 +111,9 @@ def measure(N: int, rounds: int, warmup: int, routes=REPLICATED) -> List[Dict]:
     gen = torch.Generator().manual_seed(N)
     users = torch.nn.Parameter(torch.randn(USERS, D, generator=gen) * 0.1)
     items = torch.nn.Parameter(torch.empty(N, D).normal_(0, 0.1, generator=gen))
-    steps = {route: Step(route, users, items, seed=k) for k, route in enumerate(REPLICATED)
-             if route in routes}
+    steps = {
+        route: Step(route, users, items, seed=k) for k, route in enumerate(REPLICATED) if route in routes
+    }
     for step in steps.values():
         for _ in range(warmup):  # also creates the optimizer state
             step()
@@ -115,19 +126,26 @@ def measure(N: int, rounds: int, warmup: int, routes=REPLICATED) -> List[Dict]:
     rows = []
     for route, step in steps.items():
         peak = peak_rss_growth(step)
-        rows.append({
-            "N": N, "route": route, "ms_per_step": 1e3 * statistics.median(times[route]),
-            "ms_min": 1e3 * min(times[route]), "ms_max": 1e3 * max(times[route]),
-            "peak_extra_MiB": None if peak is None else peak / 2**20,
-            "rows_touched": step.touched,
-            "table_bytes_MB": TABLE_PASSES * step.touched * D * 4 / 1e6,
-            "tables_MiB_per_process": (USERS + N) * D * 4 / 2**20,
-            "optimizer_MiB_per_process": 2 * (USERS + N) * D * 4 / 2**20,  # Adam's two moments
-        })
-        print(f"N={N:>10,d} {route:6s} {rows[-1]['ms_per_step']:9.1f} ms/step "
-              f"(range {rows[-1]['ms_min']:.1f}-{rows[-1]['ms_max']:.1f}), "
-              f"rows {step.touched:,d}, peak +{rows[-1]['peak_extra_MiB'] or 0:.0f} MiB",
-              flush=True)
+        rows.append(
+            {
+                "N": N,
+                "route": route,
+                "ms_per_step": 1e3 * statistics.median(times[route]),
+                "ms_min": 1e3 * min(times[route]),
+                "ms_max": 1e3 * max(times[route]),
+                "peak_extra_MiB": None if peak is None else peak / 2**20,
+                "rows_touched": step.touched,
+                "table_bytes_MB": TABLE_PASSES * step.touched * D * 4 / 1e6,
+                "tables_MiB_per_process": (USERS + N) * D * 4 / 2**20,
+                "optimizer_MiB_per_process": 2 * (USERS + N) * D * 4 / 2**20,  # Adam's two moments
+            }
+        )
+        print(
+            f"N={N:>10,d} {route:6s} {rows[-1]['ms_per_step']:9.1f} ms/step "
+            f"(range {rows[-1]['ms_min']:.1f}-{rows[-1]['ms_max']:.1f}), "
+            f"rows {step.touched:,d}, peak +{rows[-1]['peak_extra_MiB'] or 0:.0f} MiB",
+            flush=True,
+        )
     del steps, users, items
     return rows
 
@@ -176,9 +194,11 @@ def torchrec_worker(N: int, rounds: int, warmup: int, out_json: str) -> None:
     k = statistics.median(touched)
     remote = (world - 1) / world  # share of the ids another rank owns (uniform ids)
     result = {
-        "N": N, "route": f"torchrec-{world}r",
+        "N": N,
+        "route": f"torchrec-{world}r",
         "ms_per_step": 1e3 * statistics.median(parts["step"]),
-        "ms_min": 1e3 * min(parts["step"]), "ms_max": 1e3 * max(parts["step"]),
+        "ms_min": 1e3 * min(parts["step"]),
+        "ms_max": 1e3 * max(parts["step"]),
         "peak_extra_MiB": None if peak is None else peak / 2**20,
         "rows_touched": int(k),
         "table_bytes_MB": (rows_r + k) * (8 + 2 * 4 * D) * remote / 1e6,
@@ -202,27 +222,61 @@ def measure_torchrec(N: int, rounds: int, warmup: int) -> List[Dict]:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "row.json")
         env = dict(os.environ, OMP_NUM_THREADS="1")
-        env["PYTHONPATH"] = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..") + \
-            os.pathsep + env.get("PYTHONPATH", "")
+        env["PYTHONPATH"] = (
+            os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+            + os.pathsep
+            + env.get("PYTHONPATH", "")
+        )
         proc = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone",
-             f"--nproc-per-node={RANKS}", os.path.abspath(__file__), "--torchrec-worker", str(N),
-             "--rounds", str(rounds), "--warmup", str(warmup), "--json", out],
-            env=env, capture_output=True, text=True)
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc-per-node={RANKS}",
+                os.path.abspath(__file__),
+                "--torchrec-worker",
+                str(N),
+                "--rounds",
+                str(rounds),
+                "--warmup",
+                str(warmup),
+                "--json",
+                out,
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"torchrec worker failed (N={N}):\n{proc.stderr[-3000:]}")
         with open(out) as f:
             row = json.load(f)
-    print(f"N={N:>10,d} {row['route']} {row['ms_per_step']:9.1f} ms/step "
-          f"(range {row['ms_min']:.1f}-{row['ms_max']:.1f}), rows/rank {row['rows_touched']:,d}, "
-          f"tables/rank {row['tables_MiB_per_process']:.0f} MiB, peak +{row['peak_extra_MiB'] or 0:.0f} MiB",
-          flush=True)
+    print(
+        f"N={N:>10,d} {row['route']} {row['ms_per_step']:9.1f} ms/step "
+        f"(range {row['ms_min']:.1f}-{row['ms_max']:.1f}), rows/rank {row['rows_touched']:,d}, "
+        f"tables/rank {row['tables_MiB_per_process']:.0f} MiB, peak +{row['peak_extra_MiB'] or 0:.0f} MiB",
+        flush=True,
+    )
     return [row]
 
 
-FIELDS = ["N", "route", "ms_per_step", "ms_min", "ms_max", "peak_extra_MiB", "rows_touched",
-          "table_bytes_MB", "tables_MiB_per_process", "optimizer_MiB_per_process", "ms_compact",
-          "ms_lookup", "ms_loss", "ms_backward"]
+FIELDS = [
+    "N",
+    "route",
+    "ms_per_step",
+    "ms_min",
+    "ms_max",
+    "peak_extra_MiB",
+    "rows_touched",
+    "table_bytes_MB",
+    "tables_MiB_per_process",
+    "optimizer_MiB_per_process",
+    "ms_compact",
+    "ms_lookup",
+    "ms_loss",
+    "ms_backward",
+]
 
 
 def read_csv(path: str) -> List[Dict]:
@@ -280,21 +334,31 @@ def write(rows: List[Dict], args) -> str:
             ratio = r["ms_per_step"] / by[(base[route], route)]["ms_per_step"]
             peak = "" if r.get("peak_extra_MiB") is None else f"{r['peak_extra_MiB']:.0f}"
             tab = "" if r.get("tables_MiB_per_process") is None else f"{r['tables_MiB_per_process']:.0f}"
-            opt = "" if r.get("optimizer_MiB_per_process") is None else f"{r['optimizer_MiB_per_process']:.0f}"
+            opt = (
+                "" if r.get("optimizer_MiB_per_process") is None else f"{r['optimizer_MiB_per_process']:.0f}"
+            )
             traffic = "all-to-all " if route.startswith("torchrec") else ""
-            lines.append(f"| {n:,d} | {route} | {r['ms_per_step']:.1f} ({r['ms_min']:.1f}–"
-                         f"{r['ms_max']:.1f}) | {ratio:.2f} | {peak} | {tab} | {opt} | "
-                         f"{r['rows_touched']:,d} | {traffic}{r['table_bytes_MB']:.0f} MB |")
+            lines.append(
+                f"| {n:,d} | {route} | {r['ms_per_step']:.1f} ({r['ms_min']:.1f}–"
+                f"{r['ms_max']:.1f}) | {ratio:.2f} | {peak} | {tab} | {opt} | "
+                f"{r['rows_touched']:,d} | {traffic}{r['table_bytes_MB']:.0f} MB |"
+            )
     tr = [r for r in rows if r["route"].startswith("torchrec") and r.get("ms_lookup") is not None]
     if tr:
-        lines += ["", "Where a torchrec-2r step goes (rank 0, medians, ms):", "",
-                  "| N | compact | lookup (all-to-all in and out) | loss forward | backward (loss, "
-                  "all-to-all, fused Adagrad) | µs per touched row |",
-                  "|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "Where a torchrec-2r step goes (rank 0, medians, ms):",
+            "",
+            "| N | compact | lookup (all-to-all in and out) | loss forward | backward (loss, "
+            "all-to-all, fused Adagrad) | µs per touched row |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
         for r in tr:
-            lines.append(f"| {r['N']:,d} | {r['ms_compact']:.1f} | {r['ms_lookup']:.1f} | "
-                         f"{r['ms_loss']:.1f} | {r['ms_backward']:.1f} | "
-                         f"{1e3 * r['ms_per_step'] / (r['rows_touched'] + B // RANKS):.2f} |")
+            lines.append(
+                f"| {r['N']:,d} | {r['ms_compact']:.1f} | {r['ms_lookup']:.1f} | "
+                f"{r['ms_loss']:.1f} | {r['ms_backward']:.1f} | "
+                f"{1e3 * r['ms_per_step'] / (r['rows_touched'] + B // RANKS):.2f} |"
+            )
     lines.append("")
     with open(os.path.join(out, "catalog.md"), "w") as f:
         f.write("\n".join(lines))
@@ -324,12 +388,16 @@ def write(rows: List[Dict], args) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", default="40981,1000000,4000000,10000000",
-                   help="N for the dense and sparse routes")
+    p.add_argument(
+        "--sizes", default="40981,1000000,4000000,10000000", help="N for the dense and sparse routes"
+    )
     p.add_argument("--torchrec-sizes", default="40981,1000000", help="N for the torchrec-2r route")
     p.add_argument("--routes", default=",".join(ROUTES))
-    p.add_argument("--merge", action="store_true",
-                   help="keep the rows of the existing catalog.csv that this run does not measure")
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the rows of the existing catalog.csv that this run does not measure",
+    )
     p.add_argument("--note", default="", help="a line for the results file (e.g. what ran beside it)")
     _common.add_pause_argument(p)
     p.add_argument("--rounds", type=int, default=5)

@@ -21,6 +21,7 @@ but the pattern itself.
     python benchmarks/bench_floor.py                  # writes results/<machine>/kernel_floor.md
     python benchmarks/bench_floor.py --repeats 9 --out /tmp/floor.md
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,9 +43,9 @@ import _common  # noqa: E402
 
 D = 64
 CHUNK_ROWS = (256 << 10) // (D * 4)  # the kernel's default chunk: 256 KiB of rows
-TABLE_ROWS = 40981                   # Gowalla's item table
-B, M = 2048, 1024                    # the paper's MF shape: 2,097,152 pairs
-RUN = 25                             # pairs per (row, chunk) run at that shape: 1024 / 41
+TABLE_ROWS = 40981  # Gowalla's item table
+B, M = 2048, 1024  # the paper's MF shape: 2,097,152 pairs
+RUN = 25  # pairs per (row, chunk) run at that shape: 1024 / 41
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -143,8 +144,13 @@ def build():
 
     # (the v-loops unrolled and u kept in registers, as in the kernel: left to -O2 alone GCC
     # kept u on the stack and looped, which doubled both patterns' times)
-    return load_inline("adaptau_floor_patterns", cpp_sources=_SOURCE, functions=["rmw_ns", "read_ns"],
-                       extra_cflags=["-O3", "-mavx2", "-mfma"], verbose=False)
+    return load_inline(
+        "adaptau_floor_patterns",
+        cpp_sources=_SOURCE,
+        functions=["rmw_ns", "read_ns"],
+        extra_cflags=["-O3", "-mavx2", "-mfma"],
+        verbose=False,
+    )
 
 
 class Patterns:
@@ -187,8 +193,9 @@ class KernelPhases:
         with tempfile.TemporaryFile(mode="w+") as tmp:
             os.dup2(tmp.fileno(), 2)
             try:
-                adaptau.softmax_loss(self.user, self.items, self.pos, self.neg, 5.0, 5.0,
-                                     backend="cpu").backward()
+                adaptau.softmax_loss(
+                    self.user, self.items, self.pos, self.neg, 5.0, 5.0, backend="cpu"
+                ).backward()
             finally:
                 os.dup2(saved, 2)
                 os.close(saved)
@@ -227,8 +234,12 @@ def main(argv=None):
     chunk, table, kernel = Patterns(ext, CHUNK_ROWS), Patterns(ext, TABLE_ROWS), KernelPhases()
     rounds: List[Dict[str, float]] = []
     for r in range(args.repeats + 1):  # side by side, round by round; round 0 warms up
-        row = {"chunk read": chunk.read(), "chunk rmw": chunk.rmw(),
-               "table read": table.read(), "table rmw": table.rmw()}
+        row = {
+            "chunk read": chunk.read(),
+            "chunk rmw": chunk.rmw(),
+            "table read": table.read(),
+            "table rmw": table.rmw(),
+        }
         row.update({k: v * 1e6 / pairs for k, v in kernel().items()})  # ms -> ns per pair
         if r:
             rounds.append(row)

@@ -42,6 +42,7 @@ call replaces, and the header gives the ratio.
 cpu[avx2], cpu[avx512]), side by side in the same interleaved rounds, switching the level
 before each call; levels this CPU lacks are reported as skipped.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -89,11 +90,16 @@ def all_shapes() -> List[Shape]:
             Shape("m4096", mode, 2048, 4096, 64),
             Shape("b8192", mode, 8192, 1024, 64),
         ]
-    shapes += [Shape("m128", "per_row", 2048, 128, 64), Shape("m512", "per_row", 2048, 512, 64),
-               Shape("m16384", "per_row", 2048, 16384, 64)]
-    shapes += [Shape("small", "in_batch", 256, 255, 32, 5000),
-               Shape("inbatch_2048", "in_batch", 2048, 2047, 64),
-               Shape("inbatch_4096", "in_batch", 4096, 4095, 64)]
+    shapes += [
+        Shape("m128", "per_row", 2048, 128, 64),
+        Shape("m512", "per_row", 2048, 512, 64),
+        Shape("m16384", "per_row", 2048, 16384, 64),
+    ]
+    shapes += [
+        Shape("small", "in_batch", 256, 255, 32, 5000),
+        Shape("inbatch_2048", "in_batch", 2048, 2047, 64),
+        Shape("inbatch_4096", "in_batch", 4096, 4095, 64),
+    ]
     shapes += [Shape("mixed_paper", "mixed", 2048, 1024, 64, M_row=64)]
     return shapes
 
@@ -103,18 +109,19 @@ def eager_loss(user, items, pos, neg, alpha: float, beta: float, mode: str):
     """Plain PyTorch: gather the candidates, normalize, score, logsumexp (include_pos=False)."""
     u = F.normalize(user, dim=-1)
     if mode == "per_row":
-        idx = torch.cat([pos[:, None], neg], 1)                  # [B, M+1]
-        it = F.normalize(items[idx], dim=-1)                      # [B, M+1, D]
-        s = torch.bmm(it, u[:, :, None]).squeeze(-1)              # [B, M+1]
+        idx = torch.cat([pos[:, None], neg], 1)  # [B, M+1]
+        it = F.normalize(items[idx], dim=-1)  # [B, M+1, D]
+        s = torch.bmm(it, u[:, :, None]).squeeze(-1)  # [B, M+1]
         pos_s, neg_s = s[:, 0], s[:, 1:]
     else:
         ip = F.normalize(items[pos], dim=-1)
         pos_s = (u * ip).sum(-1)
         if mode == "shared":
-            neg_s = u @ F.normalize(items[neg], dim=-1).T          # [B, M]
+            neg_s = u @ F.normalize(items[neg], dim=-1).T  # [B, M]
         else:
-            neg_s = (u @ ip.T).masked_fill(torch.eye(u.shape[0], dtype=torch.bool,
-                                                     device=u.device), float("-inf"))
+            neg_s = (u @ ip.T).masked_fill(
+                torch.eye(u.shape[0], dtype=torch.bool, device=u.device), float("-inf")
+            )
     lse = torch.logsumexp(beta * neg_s, dim=1)
     return (lse - alpha * pos_s).mean()
 
@@ -127,22 +134,24 @@ def eager_mixed_loss(user, items, pos, neg: "adaptau.Negatives", alpha: float, b
     ip = F.normalize(items[pos], dim=-1)
     pos_s = (u * ip).sum(-1)
     in_batch = (beta * (u @ ip.T) - neg.in_batch_logq[pos][None, :]).masked_fill(
-        torch.eye(u.shape[0], dtype=torch.bool, device=u.device), float("-inf"))
+        torch.eye(u.shape[0], dtype=torch.bool, device=u.device), float("-inf")
+    )
     shared = beta * (u @ F.normalize(items[neg.shared], dim=-1).T) - neg.shared_logq[neg.shared][None, :]
     per_row = beta * torch.bmm(F.normalize(items[neg.per_row], dim=-1), u[:, :, None]).squeeze(-1)
     lse = torch.logsumexp(torch.cat([in_batch, shared, per_row], 1), dim=1)
     return (lse - alpha * pos_s).mean()
 
 
-def single_source_calls(user, items, pos, neg: "adaptau.Negatives", alpha: float, beta: float,
-                        backend: str):
+def single_source_calls(user, items, pos, neg: "adaptau.Negatives", alpha: float, beta: float, backend: str):
     """The three single-source adaptau calls a mixed call replaces, their losses summed (what
     a user without mixed negatives runs; not the same loss)."""
-    return (adaptau.softmax_loss(user, items, pos, None, alpha, beta, neg_logq=neg.in_batch_logq,
-                                 backend=backend)
-            + adaptau.softmax_loss(user, items, pos, neg.shared, alpha, beta, neg_logq=neg.shared_logq,
-                                   backend=backend)
-            + adaptau.softmax_loss(user, items, pos, neg.per_row, alpha, beta, backend=backend))
+    return (
+        adaptau.softmax_loss(user, items, pos, None, alpha, beta, neg_logq=neg.in_batch_logq, backend=backend)
+        + adaptau.softmax_loss(
+            user, items, pos, neg.shared, alpha, beta, neg_logq=neg.shared_logq, backend=backend
+        )
+        + adaptau.softmax_loss(user, items, pos, neg.per_row, alpha, beta, backend=backend)
+    )
 
 
 def eager_bytes(s: Shape) -> float:
@@ -178,8 +187,12 @@ def probe_fused_memory(s: Shape, backend: str, threads: int) -> Optional[float]:
     keeps between calls and the forward's pair sort kept for the backward (a warm
     in-process measurement would miss whatever earlier shapes left in the pool).
     """
-    cmd = [sys.executable, os.path.abspath(__file__), "--probe-memory",
-           f"{s.mode},{s.B},{s.M},{s.D},{s.N},{backend},{threads},{s.M_row}"]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--probe-memory",
+        f"{s.mode},{s.B},{s.M},{s.D},{s.N},{backend},{threads},{s.M_row}",
+    ]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         return float(out.stdout.strip().splitlines()[-1])
@@ -230,8 +243,14 @@ def _time_once(fwd: Callable, params, device: str):
     return t1 - t0, t2 - t1, t2 - t0
 
 
-def time_methods(methods: Dict[str, Callable], params, device: str, warmup: Dict[str, int],
-                 per_round: Dict[str, int], rounds: int):
+def time_methods(
+    methods: Dict[str, Callable],
+    params,
+    device: str,
+    warmup: Dict[str, int],
+    per_round: Dict[str, int],
+    rounds: int,
+):
     """Medians (seconds) of forward, backward and forward+backward for every method.
 
     After each method's warm-up, the methods are timed in ``rounds`` interleaved rounds, each
@@ -262,10 +281,13 @@ def make_inputs(s: Shape, device: str, seed: int = 0):
     elif s.mode == "mixed":  # in-batch and shared with popularity logQ, per-row uniform
         popularity = (1.0 - torch.rand(s.N, generator=gen, dtype=torch.float64)) ** (-1 / 1.2)  # Pareto
         logq = (popularity / popularity.sum()).log().float().to(device)
-        neg = adaptau.Negatives(in_batch=True, in_batch_logq=logq + torch.log(torch.tensor(s.B - 1.0)),
-                                shared=torch.randint(0, s.N, (s.M,), generator=gen).to(device),
-                                shared_logq=logq + torch.log(torch.tensor(float(s.M))),
-                                per_row=torch.randint(0, s.N, (s.B, s.M_row), generator=gen).to(device))
+        neg = adaptau.Negatives(
+            in_batch=True,
+            in_batch_logq=logq + torch.log(torch.tensor(s.B - 1.0)),
+            shared=torch.randint(0, s.N, (s.M,), generator=gen).to(device),
+            shared_logq=logq + torch.log(torch.tensor(float(s.M))),
+            per_row=torch.randint(0, s.N, (s.B, s.M_row), generator=gen).to(device),
+        )
     else:
         neg = None
     return user, items, pos, neg
@@ -278,14 +300,16 @@ def run_shape(s: Shape, args, rows: List[Dict]):
     params = (user, items)
     methods: Dict[str, Callable] = {}
     notes: Dict[str, str] = {}
-    avail = available_bytes() if device == "cpu" else float(
-        torch.cuda.mem_get_info()[0])
+    avail = available_bytes() if device == "cpu" else float(torch.cuda.mem_get_info()[0])
 
     if eager_bytes(s) > 0.6 * avail:
         notes["eager"] = f"OOM/skipped (needs ~{eager_bytes(s) / 2**30:.1f} GiB)"
     else:
-        methods["eager"] = (lambda: eager_mixed_loss(user, items, pos, neg, alpha, beta)) if s.mode == "mixed" \
+        methods["eager"] = (
+            (lambda: eager_mixed_loss(user, items, pos, neg, alpha, beta))
+            if s.mode == "mixed"
             else (lambda: eager_loss(user, items, pos, neg, alpha, beta, s.mode))
+        )
     if args.no_compile:
         notes["compile"] = "skipped (--no-compile)"
     elif compile_bytes(s) > 0.6 * avail:
@@ -316,21 +340,26 @@ def run_shape(s: Shape, args, rows: List[Dict]):
 
                 methods[f"cpu[{cap}]"] = with_capability
             continue
-        methods[backend] = (lambda b=backend: adaptau.softmax_loss(
-            user, items, pos, neg, alpha, beta, backend=b))
+        methods[backend] = lambda b=backend: adaptau.softmax_loss(
+            user, items, pos, neg, alpha, beta, backend=b
+        )
         if s.mode == "mixed":
-            methods[f"{backend}×3 single"] = (lambda b=backend: single_source_calls(
-                user, items, pos, neg, alpha, beta, b))
+            methods[f"{backend}×3 single"] = lambda b=backend: single_source_calls(
+                user, items, pos, neg, alpha, beta, b
+            )
 
     threads = torch.get_num_threads()
     # Slow methods (eager, compile, reference at large shapes) run --slow-repeats times, once
     # per round; the others --repeats times spread over the same rounds.
-    slow = {name for name in methods
-            if name in ("eager", "compile", "reference") and s.B * s.M * s.D > 2**26}
+    slow = {name for name in methods if name in ("eager", "compile", "reference") and s.B * s.M * s.D > 2**26}
     rounds = max(2, min(args.repeats, args.slow_repeats)) if slow else args.repeats
     per_round = {name: 1 if name in slow else max(1, -(-args.repeats // rounds)) for name in methods}
-    warmup = {name: (2 if name == "compile" else 1) if name in slow
-              else args.warmup + (1 if name == "compile" else 0) for name in methods}
+    warmup = {
+        name: (2 if name == "compile" else 1)
+        if name in slow
+        else args.warmup + (1 if name == "compile" else 0)
+        for name in methods
+    }
     medians = time_methods(methods, params, device, warmup, per_round, rounds)
     for name, fwd in methods.items():
         tf, tb, tt = medians[name]
@@ -344,16 +373,46 @@ def run_shape(s: Shape, args, rows: List[Dict]):
             peak = probe_fused_memory(s, name, torch.get_num_threads())
         else:
             peak = measure_peak(step, device)
-        rows.append(dict(mode=s.mode, shape=s.name, B=s.B, M=s.M, D=s.D, N=s.N, method=name,
-                         threads=threads if device == "cpu" else "",
-                         fwd_ms=tf * 1e3, bwd_ms=tb * 1e3, total_ms=tt * 1e3,
-                         peak_mib=None if peak is None else peak / 2**20, note=""))
-        print(f"  {s.mode:8s} {s.name:13s} {name:9s} fwd {tf*1e3:9.2f} ms  bwd {tb*1e3:9.2f} ms  "
-              f"total {tt*1e3:9.2f} ms  peak +{(peak or 0)/2**20:8.1f} MiB", flush=True)
+        rows.append(
+            dict(
+                mode=s.mode,
+                shape=s.name,
+                B=s.B,
+                M=s.M,
+                D=s.D,
+                N=s.N,
+                method=name,
+                threads=threads if device == "cpu" else "",
+                fwd_ms=tf * 1e3,
+                bwd_ms=tb * 1e3,
+                total_ms=tt * 1e3,
+                peak_mib=None if peak is None else peak / 2**20,
+                note="",
+            )
+        )
+        print(
+            f"  {s.mode:8s} {s.name:13s} {name:9s} fwd {tf * 1e3:9.2f} ms  bwd {tb * 1e3:9.2f} ms  "
+            f"total {tt * 1e3:9.2f} ms  peak +{(peak or 0) / 2**20:8.1f} MiB",
+            flush=True,
+        )
     for name, note in notes.items():
-        rows.append(dict(mode=s.mode, shape=s.name, B=s.B, M=s.M, D=s.D, N=s.N, method=name,
-                         threads=threads if device == "cpu" else "", fwd_ms=None, bwd_ms=None,
-                         total_ms=None, peak_mib=None, note=note))
+        rows.append(
+            dict(
+                mode=s.mode,
+                shape=s.name,
+                B=s.B,
+                M=s.M,
+                D=s.D,
+                N=s.N,
+                method=name,
+                threads=threads if device == "cpu" else "",
+                fwd_ms=None,
+                bwd_ms=None,
+                total_ms=None,
+                peak_mib=None,
+                note=note,
+            )
+        )
         print(f"  {s.mode:8s} {s.name:13s} {name:9s} {note}", flush=True)
     user = items = pos = neg = methods = None  # (free this shape's tensors before the next)
     trim()
@@ -364,16 +423,22 @@ def machine_info(device: str) -> List[str]:
     lines = [_common.machine_line()]
     try:
         load = os.getloadavg()
-        lines.append(f"Load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
-                     "(other processes share these cores; ratios are measured side by side)")
+        lines.append(
+            f"Load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
+            "(other processes share these cores; ratios are measured side by side)"
+        )
     except OSError:
         pass
     if device == "cuda":
         lines.append(f"GPU: {torch.cuda.get_device_name()}; CUDA {torch.version.cuda}")
-    lines.append(f"torch {torch.__version__}, adaptau {adaptau.__version__}, python "
-                 f"{platform.python_version()}, backends here: {adaptau.available_backends(device)}")
-    lines.append(f"adaptau cpu kernels: {adaptau.cpu_capability() or 'not built'} (this CPU supports: "
-                 f"{', '.join(_cpu_capabilities()) or '-'})")
+    lines.append(
+        f"torch {torch.__version__}, adaptau {adaptau.__version__}, python "
+        f"{platform.python_version()}, backends here: {adaptau.available_backends(device)}"
+    )
+    lines.append(
+        f"adaptau cpu kernels: {adaptau.cpu_capability() or 'not built'} (this CPU supports: "
+        f"{', '.join(_cpu_capabilities()) or '-'})"
+    )
     return lines
 
 
@@ -381,8 +446,22 @@ def fmt(v, digits=2):
     return "" if v is None else f"{v:.{digits}f}"
 
 
-_CSV_KEYS = ["run", "mode", "shape", "B", "M", "D", "N", "method", "threads", "fwd_ms", "bwd_ms",
-             "total_ms", "peak_mib", "note"]
+_CSV_KEYS = [
+    "run",
+    "mode",
+    "shape",
+    "B",
+    "M",
+    "D",
+    "N",
+    "method",
+    "threads",
+    "fwd_ms",
+    "bwd_ms",
+    "total_ms",
+    "peak_mib",
+    "note",
+]
 
 
 def _earlier_runs(path: str) -> List[Dict]:
@@ -406,14 +485,19 @@ def _over_runs(rows: List[Dict]) -> List[Dict]:
     ``total_max``, ``runs``)."""
     groups: Dict[tuple, List[Dict]] = {}
     for r in rows:
-        groups.setdefault((r["mode"], r["shape"], r["B"], r["M"], r["D"], r["method"], r["threads"]),
-                          []).append(r)
+        groups.setdefault(
+            (r["mode"], r["shape"], r["B"], r["M"], r["D"], r["method"], r["threads"]), []
+        ).append(r)
     out = []
     for group in groups.values():
         latest = dict(max(group, key=lambda r: r["run"]))
         totals = [r["total_ms"] for r in group if r["total_ms"] is not None]
-        latest.update(runs=len(totals), total_med=statistics.median(totals) if totals else None,
-                      total_min=min(totals) if totals else None, total_max=max(totals) if totals else None)
+        latest.update(
+            runs=len(totals),
+            total_med=statistics.median(totals) if totals else None,
+            total_min=min(totals) if totals else None,
+            total_max=max(totals) if totals else None,
+        )
         out.append(latest)
     return out
 
@@ -430,7 +514,9 @@ def _default_out_dir(device: str) -> str:
 def write_results(rows: List[Dict], info: List[str], args, extra: List[str]):
     args.out_dir = args.out_dir or _default_out_dir(args.device)
     os.makedirs(args.out_dir, exist_ok=True)
-    prefix = os.path.join(args.out_dir, args.name or ("kernels_paper" if args.shapes == "paper_mf" else "kernels"))
+    prefix = os.path.join(
+        args.out_dir, args.name or ("kernels_paper" if args.shapes == "paper_mf" else "kernels")
+    )
     earlier = _earlier_runs(prefix + ".csv") if args.append else []
     run = 1 + max((r["run"] for r in earlier), default=0)
     rows = earlier + [dict(r, run=run) for r in rows]
@@ -445,34 +531,51 @@ def write_results(rows: List[Dict], info: List[str], args, extra: List[str]):
         for line in info + extra + ([args.note] if args.note else []):
             f.write(f"- {line}\n")
         f.write(f"- Command: `{' '.join(sys.argv)}`\n")
-        f.write(f"- Medians of {args.repeats} runs after {args.warmup} warm-up runs "
-                f"(eager/compile/reference at big shapes: {args.slow_repeats} after 1, compile 2), the "
-                "methods taking turns in interleaved rounds; loss = mean, "
-                "include_pos=False, normalize=True, alpha = beta = 5.\n\n")
+        f.write(
+            f"- Medians of {args.repeats} runs after {args.warmup} warm-up runs "
+            f"(eager/compile/reference at big shapes: {args.slow_repeats} after 1, compile 2), the "
+            "methods taking turns in interleaved rounds; loss = mean, "
+            "include_pos=False, normalize=True, alpha = beta = 5.\n\n"
+        )
         if run > 1:
-            f.write(f"{run} runs in `{os.path.basename(prefix)}.csv` (`--append`): fwd+bwd is the "
-                    "median over the runs with its range; the other columns are the latest run's.\n\n")
-        f.write("| mode | shape | B | M | D | method | fwd ms | bwd ms | fwd+bwd ms | "
-                "vs eager | vs compile | peak extra MiB |\n")
+            f.write(
+                f"{run} runs in `{os.path.basename(prefix)}.csv` (`--append`): fwd+bwd is the "
+                "median over the runs with its range; the other columns are the latest run's.\n\n"
+            )
+        f.write(
+            "| mode | shape | B | M | D | method | fwd ms | bwd ms | fwd+bwd ms | "
+            "vs eager | vs compile | peak extra MiB |\n"
+        )
         f.write("|---|---|---|---|---|---|---|---|---|---|---|---|\n")
         for r in rows:
-            base = {m: x for x in rows if x["mode"] == r["mode"] and x["shape"] == r["shape"]
-                    and x["threads"] == r["threads"] for m in [x["method"]]}
+            base = {
+                m: x
+                for x in rows
+                if x["mode"] == r["mode"] and x["shape"] == r["shape"] and x["threads"] == r["threads"]
+                for m in [x["method"]]
+            }
             ratio = {}
             for ref in ("eager", "compile"):
                 b = base.get(ref)
-                ratio[ref] = ("" if (r["total_med"] is None or b is None or b["total_med"] is None
-                                     or r["method"] == ref)
-                              else f"{b['total_med'] / r['total_med']:.1f}x")
+                ratio[ref] = (
+                    ""
+                    if (r["total_med"] is None or b is None or b["total_med"] is None or r["method"] == ref)
+                    else f"{b['total_med'] / r['total_med']:.1f}x"
+                )
             if r["note"]:
-                f.write(f"| {r['mode']} | {r['shape']} | {r['B']} | {r['M']} | {r['D']} | "
-                        f"{r['method']} | {r['note']} | | | | | |\n")
+                f.write(
+                    f"| {r['mode']} | {r['shape']} | {r['B']} | {r['M']} | {r['D']} | "
+                    f"{r['method']} | {r['note']} | | | | | |\n"
+                )
                 continue
             name = r["method"] + (f" ({r['threads']}T)" if r["threads"] != "" else "")
-            f.write(f"| {r['mode']} | {r['shape']} | {r['B']} | {r['M']} | {r['D']} | {name} | "
-                    f"{fmt(r['fwd_ms'])} | {fmt(r['bwd_ms'])} | {fmt(r['total_med'])}"
-                    + (f" ({fmt(r['total_min'])}–{fmt(r['total_max'])})" if r["runs"] > 1 else "") + " | "
-                    f"{ratio['eager']} | {ratio['compile']} | {fmt(r['peak_mib'], 1)} |\n")
+            f.write(
+                f"| {r['mode']} | {r['shape']} | {r['B']} | {r['M']} | {r['D']} | {name} | "
+                f"{fmt(r['fwd_ms'])} | {fmt(r['bwd_ms'])} | {fmt(r['total_med'])}"
+                + (f" ({fmt(r['total_min'])}–{fmt(r['total_max'])})" if r["runs"] > 1 else "")
+                + " | "
+                f"{ratio['eager']} | {ratio['compile']} | {fmt(r['peak_mib'], 1)} |\n"
+            )
     try:
         import matplotlib
 
@@ -480,11 +583,17 @@ def write_results(rows: List[Dict], info: List[str], args, extra: List[str]):
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        sel = [r for r in rows if r["mode"] == "per_row" and r["B"] == 2048 and r["D"] == 64
-               and r["total_ms"] is not None]
+        sel = [
+            r
+            for r in rows
+            if r["mode"] == "per_row" and r["B"] == 2048 and r["D"] == 64 and r["total_ms"] is not None
+        ]
         for method in sorted({r["method"] for r in sel}):
-            pts = sorted((r["M"], r["total_ms"]) for r in sel if r["method"] == method
-                         and (r["threads"] in ("", torch.get_num_threads())))
+            pts = sorted(
+                (r["M"], r["total_ms"])
+                for r in sel
+                if r["method"] == method and (r["threads"] in ("", torch.get_num_threads()))
+            )
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
         ax.set_xscale("log", base=2)
@@ -509,23 +618,38 @@ def main():
     ap.add_argument("--shapes", default="", help="comma list of shape names (see all_shapes)")
     ap.add_argument("--modes", default="per_row,shared,in_batch,mixed")
     ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--slow-repeats", type=int, default=3,
-                    help="repeats for eager/compile/reference at large shapes")
+    ap.add_argument(
+        "--slow-repeats", type=int, default=3, help="repeats for eager/compile/reference at large shapes"
+    )
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", default="", help="CPU thread counts, e.g. '2,1' (default: torch's)")
-    ap.add_argument("--scaling-shape", default="paper_mf",
-                    help="shape at which every --threads value is timed (others: first value)")
+    ap.add_argument(
+        "--scaling-shape",
+        default="paper_mf",
+        help="shape at which every --threads value is timed (others: first value)",
+    )
     ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--out-dir", default=None,
-                    help="default: benchmarks/results/<machine> (cpu) or benchmarks/results/gpu-<name>")
-    ap.add_argument("--capabilities", default="",
-                    help="time the cpu backend at each of these CPU capabilities, e.g. default,avx2,avx512")
-    ap.add_argument("--name", default="", help="results file name without extension (default: kernels, "
-                                               "kernels_paper for --shapes paper_mf)")
+    ap.add_argument(
+        "--out-dir",
+        default=None,
+        help="default: benchmarks/results/<machine> (cpu) or benchmarks/results/gpu-<name>",
+    )
+    ap.add_argument(
+        "--capabilities",
+        default="",
+        help="time the cpu backend at each of these CPU capabilities, e.g. default,avx2,avx512",
+    )
+    ap.add_argument(
+        "--name",
+        default="",
+        help="results file name without extension (default: kernels, kernels_paper for --shapes paper_mf)",
+    )
     ap.add_argument("--note", default="", help="a line added to the results header")
-    ap.add_argument("--append", action="store_true",
-                    help="add this run to the results CSV (a run column) and show the median and "
-                         "range over all runs")
+    ap.add_argument(
+        "--append",
+        action="store_true",
+        help="add this run to the results CSV (a run column) and show the median and range over all runs",
+    )
     _common.add_pause_argument(ap)
     ap.add_argument("--probe-memory", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -564,12 +688,24 @@ def main():
     except OSError:
         pass
     for r in rows:  # the mixed call against the single-source calls it replaces
-        single = next((x for x in rows if x["mode"] == r["mode"] == "mixed" and x["shape"] == r["shape"]
-                       and x["threads"] == r["threads"] and x["method"] == f"{r['method']}×3 single"
-                       and x["total_ms"] and r["total_ms"]), None)
+        single = next(
+            (
+                x
+                for x in rows
+                if x["mode"] == r["mode"] == "mixed"
+                and x["shape"] == r["shape"]
+                and x["threads"] == r["threads"]
+                and x["method"] == f"{r['method']}×3 single"
+                and x["total_ms"]
+                and r["total_ms"]
+            ),
+            None,
+        )
         if single:
-            extra.append(f"mixed {r['shape']} ({r['threads']}T): one {r['method']} call over the three sources "
-                         f"takes {r['total_ms'] / single['total_ms']:.2f}× the three single-source calls")
+            extra.append(
+                f"mixed {r['shape']} ({r['threads']}T): one {r['method']} call over the three sources "
+                f"takes {r['total_ms'] / single['total_ms']:.2f}× the three single-source calls"
+            )
     if args.capabilities and _cpu_capabilities():
         _set_cpu_capability(_cpu_capabilities()[-1])
     write_results(rows, info, args, extra)

@@ -19,6 +19,7 @@ while it times and resumed after; the table says so.
 
     python benchmarks/bench_propagation.py --data gowalla --threads 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -87,8 +88,12 @@ def main(argv=None) -> None:
     ]
     lines += _common.markdown_table(
         ["operation", "ms", "GB/s", "vs spmm"],
-        [(name, f"{ms:.1f}", f"{nbytes / ms / 1e6:.1f}", f"{ms / spmm_ms:.2f}×") for name, ms, nbytes in results],
-        align="lrrr")
+        [
+            (name, f"{ms:.1f}", f"{nbytes / ms / 1e6:.1f}", f"{ms / spmm_ms:.2f}×")
+            for name, ms, nbytes in results
+        ],
+        align="lrrr",
+    )
     lines += [
         "",
         f"A training step runs 6 products (3 layers, forward and backward): {6 * spmm_ms / 1e3:.3f} s; "

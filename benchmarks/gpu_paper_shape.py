@@ -23,6 +23,7 @@ The same script runs on the CPU (``--device cpu``, small sizes) as a dry run of 
 step: the backends are then ``cpu`` / ``triton`` (under ``TRITON_INTERPRET=1``) and the
 timings are CPU timings, not GPU figures.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,11 @@ def parse_args(argv=None):
     p.add_argument("--N", type=int, default=40981)
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--reps", type=int, default=20, help="timed repetitions per row")
-    p.add_argument("--impls", default="adaptau,eager,compile",
-                   help="which timing groups, in this order: adaptau, eager, compile")
+    p.add_argument(
+        "--impls",
+        default="adaptau,eager,compile",
+        help="which timing groups, in this order: adaptau, eager, compile",
+    )
     p.add_argument("--out", default=".")
     return p.parse_args(argv)
 
@@ -86,6 +90,7 @@ def run_backend(kind, x, dtype=None, grads=True):
     backend, _, mode = kind.partition(":")
     if backend == "triton":
         from adaptau import kernels
+
         kernels.set_item_grad_mode(mode or "atomic")
     dtype = dtype or x["user"].dtype
     user = x["user"].detach().to(dtype, copy=True).requires_grad_(grads)
@@ -112,8 +117,10 @@ def check(args):
     ok = True
     with open(path, "a") as fh:
         if new:
-            fh.write("backend\tdtype\tshape\tloss_err\tuser_grad_err\titem_grad_err\t"
-                     "alpha_grad_err\tbeta_grad_err\ttol\tstatus\n")
+            fh.write(
+                "backend\tdtype\tshape\tloss_err\tuser_grad_err\titem_grad_err\t"
+                "alpha_grad_err\tbeta_grad_err\ttol\tstatus\n"
+            )
             fh.flush()
         shape = f"B={args.B} M={args.M} D={args.D} N={args.N} {args.device}"
         for dname in args.dtypes.split(","):
@@ -123,8 +130,7 @@ def check(args):
             for kind in backend_kinds(args.device):
                 try:
                     loss, grads = run_backend(kind, x)
-                    errs = [rel_err(loss, ref_loss)] + [rel_err(g, r)
-                                                       for g, r in zip(grads, ref_grads)]
+                    errs = [rel_err(loss, ref_loss)] + [rel_err(g, r) for g, r in zip(grads, ref_grads)]
                     good = all(math.isfinite(e) and e <= TOL[dtype] for e in errs)
                     status = "ok" if good else "OVER_TOL"
                     cells = [f"{e:.2e}" for e in errs]
@@ -206,10 +212,11 @@ def step_fn(kind, x, compiled):
             backend, _, mode = kind.partition(":")
             if backend == "triton":
                 from adaptau import kernels
+
                 kernels.set_item_grad_mode(mode or "atomic")
-            loss = adaptau.softmax_loss(user, items, x["pos"], x["neg"], alpha, beta,
-                                        backend=backend)
+            loss = adaptau.softmax_loss(user, items, x["pos"], x["neg"], alpha, beta, backend=backend)
         loss.backward()
+
     return fn
 
 
@@ -232,13 +239,17 @@ def timings(args):
     compiled = torch.compile(eager_loss) if "compile" in groups else None
     ok = True
     with open(path, "a") as fh:
+
         def emit(line):
             print(line, flush=True)
             fh.write(line + "\n")
             fh.flush()
-        dev_name = (torch.cuda.get_device_name(0) if timer.cuda else "CPU (dry run, not a GPU figure)")
-        emit(f"Device: {dev_name}; copy bandwidth {copy_bw / 1e12:.3f} TB/s; B={B} M={M} D={D} "
-             f"N={N}, per-row negatives, normalize; median of {args.reps} fwd+bwd steps.")
+
+        dev_name = torch.cuda.get_device_name(0) if timer.cuda else "CPU (dry run, not a GPU figure)"
+        emit(
+            f"Device: {dev_name}; copy bandwidth {copy_bw / 1e12:.3f} TB/s; B={B} M={M} D={D} "
+            f"N={N}, per-row negatives, normalize; median of {args.reps} fwd+bwd steps."
+        )
         emit("")
         emit("| impl | dtype | fwd+bwd ms | peak MiB | floor GB/s | % copy BW | first call s |")
         emit("|---|---|---|---|---|---|---|")
@@ -251,8 +262,7 @@ def timings(args):
             for dname in dnames:
                 x = inputs[dname]
                 es = x["user"].element_size()
-                floor_bytes = (2 * (N * D * es + B * D * es + B * M * 8 + B * 8)
-                               + N * D * es + B * D * es)
+                floor_bytes = 2 * (N * D * es + B * D * es + B * M * 8 + B * 8) + N * D * es + B * D * es
                 for kind in kinds:
                     try:
                         fn = step_fn(kind, x, compiled)
@@ -260,18 +270,18 @@ def timings(args):
                         fn()  # compilation / JIT outside the timing
                         timer.sync()
                         first = time.perf_counter() - t0
-                        t = timer.median(fn, args.reps if kind != "compile"
-                                         else max(args.reps // 2, 3))
+                        t = timer.median(fn, args.reps if kind != "compile" else max(args.reps // 2, 3))
                         mem = timer.peak_mib(fn)
                     except Exception as exc:  # keep the row, go on
                         ok = False
-                        emit(f"| {kind} | {dname} | FAILED {type(exc).__name__}: "
-                             f"{str(exc)[:120]} | | | | |")
+                        emit(f"| {kind} | {dname} | FAILED {type(exc).__name__}: {str(exc)[:120]} | | | | |")
                         continue
                     measured[dname][kind] = t
-                    emit(f"| {kind} | {dname} | {t * 1e3:.3f} | {mem:.1f} | "
-                         f"{floor_bytes / t / 1e9:.0f} | {100 * floor_bytes / t / copy_bw:.1f} | "
-                         f"{first:.1f} |")
+                    emit(
+                        f"| {kind} | {dname} | {t * 1e3:.3f} | {mem:.1f} | "
+                        f"{floor_bytes / t / 1e9:.0f} | {100 * floor_bytes / t / copy_bw:.1f} | "
+                        f"{first:.1f} |"
+                    )
                     if timer.cuda:
                         torch.cuda.empty_cache()
         emit("")
@@ -279,8 +289,10 @@ def timings(args):
             m = measured[dname]
             for k, t in m.items():
                 if k not in ("eager", "compile"):
-                    emit(f"- {k} {dname}: {m.get('eager', math.nan) / t:.1f}x eager, "
-                         f"{m.get('compile', math.nan) / t:.1f}x compile")
+                    emit(
+                        f"- {k} {dname}: {m.get('eager', math.nan) / t:.1f}x eager, "
+                        f"{m.get('compile', math.nan) / t:.1f}x compile"
+                    )
         emit("")
     return ok
 

@@ -4,6 +4,7 @@ Peak growth of a call = ``VmHWM`` after it minus ``VmRSS`` before it, with the h
 mark reset through ``/proc/self/clear_refs`` and freed heap returned by glibc's
 ``malloc_trim`` first, so memory freed earlier is not counted.
 """
+
 from __future__ import annotations
 
 import ctypes

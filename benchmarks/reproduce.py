@@ -38,6 +38,7 @@ by raising ``--epochs``.
     # select cells with glob patterns on the run names instead:
     python benchmarks/reproduce.py --only 'gowalla-mf-paper-*,ml-1m-*-clean-adaptive' --epochs 400
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,12 +66,19 @@ DATASETS = ("gowalla", "ml-1m", "lastfm")
 MODELS = ("mf", "lightgcn")
 PROTOCOLS = ("paper", "clean")
 RULES = ("ip", "fixed0.05", "fixed0.1", "fixed0.2", "fixed0.5", "global", "adaptive")
-RULE_LABEL = {"ip": "inner product (no norm., τ=1)", "global": "Adap-τ-0 (global)",
-              "adaptive": "Adap-τ (adaptive)", **{f"fixed{t}": f"fixed τ={t}" for t in
-                                                   ("0.05", "0.1", "0.2", "0.5")}}
+RULE_LABEL = {
+    "ip": "inner product (no norm., τ=1)",
+    "global": "Adap-τ-0 (global)",
+    "adaptive": "Adap-τ (adaptive)",
+    **{f"fixed{t}": f"fixed τ={t}" for t in ("0.05", "0.1", "0.2", "0.5")},
+}
 #: The paper's public training logs, Gowalla, test split, K = 20 (docs/reproduction.md).
-PAPER = {("mf", "global"): (0.1754, 0.1386, 309), ("mf", "adaptive"): (0.1839, 0.1507, 366),
-         ("lightgcn", "global"): (0.1841, 0.1526, 152), ("lightgcn", "adaptive"): (0.1901, 0.1590, 142)}
+PAPER = {
+    ("mf", "global"): (0.1754, 0.1386, 309),
+    ("mf", "adaptive"): (0.1839, 0.1507, 366),
+    ("lightgcn", "global"): (0.1841, 0.1526, 152),
+    ("lightgcn", "adaptive"): (0.1901, 0.1590, 142),
+}
 #: Gowalla, paper protocol: the project's targets (MF: the preset's full-budget run;
 #: LightGCN: 98% of the paper's figures).
 TARGET = {("mf", "adaptive"): (0.1802, 0.1477), ("lightgcn", "adaptive"): (0.1863, 0.1558)}
@@ -89,7 +97,7 @@ def rule_settings(rule: str) -> Dict[str, Any]:
     if rule == "ip":
         return dict(normalize=False, tau="fixed", tau_value=1.0, rank="dot")
     if rule.startswith("fixed"):
-        return dict(tau="fixed", tau_value=float(rule[len("fixed"):]))
+        return dict(tau="fixed", tau_value=float(rule[len("fixed") :]))
     if rule in ("global", "adaptive"):
         return dict(tau=rule)
     raise ValueError(f"unknown rule {rule!r}; known: {RULES}")
@@ -115,9 +123,18 @@ def warmup_for(dataset: str, args) -> int:
 def cell_config(dataset: str, model: str, protocol: str, rule: str, args) -> TrainConfig:
     cfg = TrainConfig().update(PRESETS[f"gowalla-{model}-paper"])
     warmup = warmup_for(dataset, args)
-    cfg.update(dict(data=dataset, protocol=protocol, epochs=epochs_for(dataset, args), warmup=warmup,
-                    eval_every=args.eval_every, patience=args.patience, progress="off",
-                    seed=args.seed))
+    cfg.update(
+        dict(
+            data=dataset,
+            protocol=protocol,
+            epochs=epochs_for(dataset, args),
+            warmup=warmup,
+            eval_every=args.eval_every,
+            patience=args.patience,
+            progress="off",
+            seed=args.seed,
+        )
+    )
     cfg.update(rule_settings(rule))
     cfg.update({k: v for k, v in args.overrides.items() if "." not in k})
     cfg.update({k.split(".", 1)[1]: v for k, v in args.overrides.items() if k.startswith(model + ".")})
@@ -132,8 +149,11 @@ def settings_differ(saved: Dict[str, Any], cfg: TrainConfig) -> List[str]:
     """The settings of ``cfg`` that differ from a run folder's saved ``config.json``, the
     budget excepted. A setting the saved file lacks (it predates that setting) counts as
     its default, which is what the trainer reads it as."""
+
     def as_json(c: TrainConfig) -> Dict[str, Any]:
-        return json.loads(json.dumps({k: getattr(c, k) for k in TrainConfig.fields() if k not in BUDGET_SETTINGS}))
+        return json.loads(
+            json.dumps({k: getattr(c, k) for k in TrainConfig.fields() if k not in BUDGET_SETTINGS})
+        )
 
     default = as_json(TrainConfig())
     return [k for k, v in as_json(cfg).items() if saved.get(k, default[k]) != v]
@@ -166,7 +186,10 @@ def run_cell(name: str, cfg: TrainConfig, folder: Path, args, log) -> Dict[str, 
         else:
             if summary_path.is_file():
                 s = json.loads(summary_path.read_text())
-                done = s.get("epochs_run", 0) >= cfg.epochs or s.get("status") in ("early-stopped", "diverged")
+                done = s.get("epochs_run", 0) >= cfg.epochs or s.get("status") in (
+                    "early-stopped",
+                    "diverged",
+                )
                 if done:
                     log(f"[{name}] reusing {folder} ({s.get('epochs_run')} epochs, {s.get('status')})")
                     return s
@@ -184,9 +207,11 @@ def run_cell(name: str, cfg: TrainConfig, folder: Path, args, log) -> Dict[str, 
     summary = trainer.fit()
     summary["_wall_seconds_this_call"] = time.time() - t0
     t = summary.get("test") or {}
-    log(f"[{name}] {summary['status']}, {summary['epochs_run']} epochs, best {summary['best_epoch']}: "
+    log(
+        f"[{name}] {summary['status']}, {summary['epochs_run']} epochs, best {summary['best_epoch']}: "
         f"test recall@20 {t.get('recall@20', float('nan')):.4f} ndcg@20 {t.get('ndcg@20', float('nan')):.4f}, "
-        f"{summary['seconds_per_epoch']:.1f} s/epoch, {time.time() - t0:.0f} s")
+        f"{summary['seconds_per_epoch']:.1f} s/epoch, {time.time() - t0:.0f} s"
+    )
     return summary
 
 
@@ -215,16 +240,22 @@ def partial_summary(history: List[Dict[str, Any]], protocol: str, metric: str) -
     best = max(evals, key=lambda r: (r["metrics"].get(metric, float("-inf")), -r["epoch"])) if evals else None
     sel = dict(best["metrics"]) if best else None
     seconds = sorted(r["seconds"] for r in history if r.get("seconds") is not None)
-    return {"status": "in progress", "epochs_run": history[-1]["epoch"] + 1,
-            "best_epoch": best["epoch"] if best else None, "valid": sel,
-            "test": sel if protocol == "paper" else None,
-            "seconds_per_epoch": seconds[len(seconds) // 2] if seconds else None}
+    return {
+        "status": "in progress",
+        "epochs_run": history[-1]["epoch"] + 1,
+        "best_epoch": best["epoch"] if best else None,
+        "valid": sel,
+        "test": sel if protocol == "paper" else None,
+        "seconds_per_epoch": seconds[len(seconds) // 2] if seconds else None,
+    }
 
 
 def machine() -> str:
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{_common.cpu_model()}, {os.cpu_count()} cores, {dev}; torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads")
+    return (
+        f"{_common.cpu_model()}, {os.cpu_count()} cores, {dev}; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
 
 
 def fmt(x: Optional[float], d: int = 4) -> str:
@@ -241,23 +272,43 @@ def comparison_lines(ds: str, proto: str, rows: List[Dict[str, Any]]) -> List[st
         if a and g and a["recall@20"] is not None and g["recall@20"] is not None:
             ok = a["recall@20"] >= g["recall@20"] and a["ndcg@20"] >= g["ndcg@20"]
             running = [n for n, r in (("Adap-τ", a), ("Adap-τ-0", g)) if r["status"] == "in progress"]
-            lines.append(f"- {model}: Adap-τ {'≥' if ok else 'is NOT ≥'} Adap-τ-0 on both metrics "
-                         f"(Δ Recall@20 {a['recall@20'] - g['recall@20']:+.4f}, Δ NDCG@20 "
-                         f"{a['ndcg@20'] - g['ndcg@20']:+.4f})"
-                         + (f"; provisional: {' and '.join(running)} still running" if running else ""))
+            lines.append(
+                f"- {model}: Adap-τ {'≥' if ok else 'is NOT ≥'} Adap-τ-0 on both metrics "
+                f"(Δ Recall@20 {a['recall@20'] - g['recall@20']:+.4f}, Δ NDCG@20 "
+                f"{a['ndcg@20'] - g['ndcg@20']:+.4f})"
+                + (f"; provisional: {' and '.join(running)} still running" if running else "")
+            )
         if ds == "gowalla" and proto == "paper" and (model, "adaptive") in TARGET and a:
             tr, tn = TARGET[(model, "adaptive")]
             met = a["recall@20"] is not None and a["recall@20"] >= tr and a["ndcg@20"] >= tn
-            lines.append(f"- {model} Adap-τ against its target (≥ {tr} Recall@20, ≥ {tn} NDCG@20): "
-                         f"{'met' if met else 'not met'}" + (" so far (still running)" if a["status"] == "in progress" else ""))
+            lines.append(
+                f"- {model} Adap-τ against its target (≥ {tr} Recall@20, ≥ {tn} NDCG@20): "
+                f"{'met' if met else 'not met'}"
+                + (" so far (still running)" if a["status"] == "in progress" else "")
+            )
     return lines
 
 
-def write_report(results: List[Dict[str, Any]], args, wall: float, argv: str, out: Path,
-                 show: bool = False) -> None:
+def write_report(
+    results: List[Dict[str, Any]], args, wall: float, argv: str, out: Path, show: bool = False
+) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    keys = ["dataset", "model", "protocol", "rule", "recall@20", "ndcg@20", "select_recall@20",
-            "best_epoch", "epochs_run", "status", "s_per_epoch", "lr", "warmup", "folder"]
+    keys = [
+        "dataset",
+        "model",
+        "protocol",
+        "rule",
+        "recall@20",
+        "ndcg@20",
+        "select_recall@20",
+        "best_epoch",
+        "epochs_run",
+        "status",
+        "s_per_epoch",
+        "lr",
+        "warmup",
+        "folder",
+    ]
     with open(out.with_suffix(".csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
@@ -265,29 +316,46 @@ def write_report(results: List[Dict[str, Any]], args, wall: float, argv: str, ou
             w.writerow({k: r.get(k) for k in keys})
     load = " ".join(open("/proc/loadavg").read().split()[:3]) if os.path.exists("/proc/loadavg") else "?"
     per = sorted({r["dataset"] for r in results})
-    budget = ("**Budget: " + ", ".join(f"{d} {epochs_for(d, args)} epochs (warm-up {warmup_for(d, args)})"
-                                      for d in per) + " per configuration**"
-              f" (evaluation every {args.eval_every}, patience {args.patience})")
+    budget = (
+        "**Budget: "
+        + ", ".join(f"{d} {epochs_for(d, args)} epochs (warm-up {warmup_for(d, args)})" for d in per)
+        + " per configuration**"
+        f" (evaluation every {args.eval_every}, patience {args.patience})"
+    )
     if args.overrides:
         budget += ", overrides: " + ", ".join(
-            (f"{k.split('.', 1)[1]}={v} for {k.split('.', 1)[0]} runs" if "." in k else f"{k}={v} for every run")
-            for k, v in args.overrides.items())
+            (
+                f"{k.split('.', 1)[1]}={v} for {k.split('.', 1)[0]} runs"
+                if "." in k
+                else f"{k}={v} for every run"
+            )
+            for k, v in args.overrides.items()
+        )
     lines = [
-        "# Adap-τ reproduction", "",
-        budget + ". The paper ran 142–366 epochs per configuration with a 100-epoch warm-up"
-        + ("; figures from a short budget are **not** converged and only show the trend."
-           if min(epochs_for(d, args) for d in per) < 142 else "."), "",
+        "# Adap-τ reproduction",
+        "",
+        budget
+        + ". The paper ran 142–366 epochs per configuration with a 100-epoch warm-up"
+        + (
+            "; figures from a short budget are **not** converged and only show the trend."
+            if min(epochs_for(d, args) for d in per) < 142
+            else "."
+        ),
+        "",
         f"Command: `python benchmarks/reproduce.py {argv}`  ",
-        ("Report only: nothing was trained by this invocation; training time of "
-         if getattr(args, "report_only", False) else
-         f"Wall time: {wall / 60:.1f} min (this invocation; reused runs cost nothing); training time of ")
+        (
+            "Report only: nothing was trained by this invocation; training time of "
+            if getattr(args, "report_only", False)
+            else f"Wall time: {wall / 60:.1f} min (this invocation; reused runs cost nothing); training time of "
+        )
         + "the cells shown, summed over all invocations: "
         f"{sum((r['s_per_epoch'] or 0) * (r['epochs_run'] or 0) for r in results) / 60:.1f} min "
         "(evaluation not included).  ",
         f"Machine: {machine()}; load average at the end {load} (shared CPU).  ",
         f"Commit {_common.commit()}, {datetime.date.today().isoformat()}.  ",
         "Full run: `python benchmarks/reproduce.py --epochs 1000 --warmup 100 --eval-every 5 --patience 10` "
-        "(resumable: rerun the same command after an interruption).", "",
+        "(resumable: rerun the same command after an interruption).",
+        "",
         "Hyper-parameters: the paper's for each model (`--preset gowalla-mf-paper` / "
         "`gowalla-lightgcn-paper`: dim 64, batch 2048; MF 1024 uniform negatives, lr 1e-4, l2 1e-9, "
         "dropout 0.1, q=0.9, t₂=0.25; LightGCN 3 layers, in-batch negatives, lr 1e-3, l2 1e-5, mean base, "
@@ -295,7 +363,9 @@ def write_report(results: List[Dict[str, Any]], args, wall: float, argv: str, ou
         "ranked by dot product); fixed τ (cosine); Adap-τ-0 (global); Adap-τ (adaptive). "
         "Paper protocol = train on train ∪ valid and select the epoch on **test** (as the paper's code; "
         "optimistic); clean = train on train, select on valid, report test once. "
-        "Metrics: Recall@20 / NDCG@20 on test, full ranking with train (and valid) items masked.", ""]
+        "Metrics: Recall@20 / NDCG@20 on test, full ranking with train (and valid) items masked.",
+        "",
+    ]
     lines += [f"Note: {n}" for n in args.note] + ([""] if args.note else [])
     groups: Dict[tuple, List[Dict[str, Any]]] = {}
     for r in results:
@@ -310,20 +380,24 @@ def write_report(results: List[Dict[str, Any]], args, wall: float, argv: str, ou
             sep += "---|---|---|"
         lines += [head, sep]
         for r in rows:
-            line = (f"| {r['model']} | {RULE_LABEL[r['rule']]} | {fmt(r['recall@20'])} | {fmt(r['ndcg@20'])} | "
-                    f"{'—' if r['best_epoch'] is None else r['best_epoch']} | {r['epochs_run']} ({r['status']}) | "
-                    f"{fmt(r['s_per_epoch'], 1)} |")
+            line = (
+                f"| {r['model']} | {RULE_LABEL[r['rule']]} | {fmt(r['recall@20'])} | {fmt(r['ndcg@20'])} | "
+                f"{'—' if r['best_epoch'] is None else r['best_epoch']} | {r['epochs_run']} ({r['status']}) | "
+                f"{fmt(r['s_per_epoch'], 1)} |"
+            )
             if paper_cols:
                 p = PAPER.get((r["model"], r["rule"]))
-                line += (f" {p[0]:.4f} | {p[1]:.4f} | {p[2]} |" if p else " — | — | — |")
+                line += f" {p[0]:.4f} | {p[1]:.4f} | {p[2]} |" if p else " — | — | — |"
             lines.append(line)
         lines.append("")
         lines += comparison_lines(ds, proto, rows)
         lines.append("")
     for name, png in getattr(args, "curves", []):
         lines += [f"Training curves of {name} (loss, τ, selection metric by epoch): [{png}]({png})", ""]
-    lines += ["Run folders (config.json, metrics.jsonl, summary.json, curves.png, tau_hist.png) are under "
-              f"`{args.runs}` (not committed)."]
+    lines += [
+        "Run folders (config.json, metrics.jsonl, summary.json, curves.png, tau_hist.png) are under "
+        f"`{args.runs}` (not committed)."
+    ]
     out.write_text("\n".join(lines) + "\n")
     if show:
         print("\n".join(lines))
@@ -336,7 +410,9 @@ def compare_rules(cells, args) -> None:
     from adaptau.train.plots import rule_comparison
 
     for d, m, p in dict.fromkeys((c[0], c[1], c[2]) for c in cells):
-        histories = {RULE_LABEL[r]: run_history(Path(args.runs) / f"{d}-{m}-{p}-{r}") for r in ("adaptive", "global")}
+        histories = {
+            RULE_LABEL[r]: run_history(Path(args.runs) / f"{d}-{m}-{p}-{r}") for r in ("adaptive", "global")
+        }
         if all(any(h.get("metrics") for h in hist) for hist in histories.values()):
             png = Path(args.out).with_name(f"{Path(args.out).stem}_{d}-{m}-{p}_rules.png")
             rule_comparison(histories, ["recall@20", "ndcg@20"], f"{d} {m} ({p} protocol)", png)
@@ -366,38 +442,80 @@ def collect(results_root: Path, out: Path) -> List[str]:
                 rank = (_STATUS_RANK.get(row["status"], 3), -(row["epochs_run"] or 0))
                 if key not in cells or rank < cells[key]["_rank"]:
                     cells[key] = dict(row, _rank=rank)
-    lines = ["# Adap-τ reproduction: every cell run so far", "",
-             "Collected by `python benchmarks/reproduce.py --collect` from the per-machine reports "
-             "`benchmarks/results/<machine>/reproduction_*.md` (their headers give the command, budget and "
-             "machine of each run). Per cell the most final run is shown: converged (early-stopped) before "
-             "still running, then the most epochs. **A cell marked *still running* is not a final figure.**",
-             "", "Paper protocol = train on train ∪ valid and select the epoch on test, as the paper's code "
-             "(optimistic); clean = train on train, select on valid, report test once. The paper's figures "
-             "(its public Gowalla logs) are given for Gowalla, paper protocol; it reports no others in a "
-             "form given here.", ""]
+    lines = [
+        "# Adap-τ reproduction: every cell run so far",
+        "",
+        "Collected by `python benchmarks/reproduce.py --collect` from the per-machine reports "
+        "`benchmarks/results/<machine>/reproduction_*.md` (their headers give the command, budget and "
+        "machine of each run). Per cell the most final run is shown: converged (early-stopped) before "
+        "still running, then the most epochs. **A cell marked *still running* is not a final figure.**",
+        "",
+        "Paper protocol = train on train ∪ valid and select the epoch on test, as the paper's code "
+        "(optimistic); clean = train on train, select on valid, report test once. The paper's figures "
+        "(its public Gowalla logs) are given for Gowalla, paper protocol; it reports no others in a "
+        "form given here.",
+        "",
+    ]
     groups: Dict[tuple, List[Dict[str, Any]]] = {}
-    for key in sorted(cells, key=lambda k: (DATASETS.index(k[0]) if k[0] in DATASETS else 9, k[2] != "paper",
-                                            MODELS.index(k[1]) if k[1] in MODELS else 9,
-                                            RULES.index(k[3]) if k[3] in RULES else 99)):
+    for key in sorted(
+        cells,
+        key=lambda k: (
+            DATASETS.index(k[0]) if k[0] in DATASETS else 9,
+            k[2] != "paper",
+            MODELS.index(k[1]) if k[1] in MODELS else 9,
+            RULES.index(k[3]) if k[3] in RULES else 99,
+        ),
+    ):
         groups.setdefault(key[:1] + key[2:3], []).append(cells[key])
     for (ds, proto), rows in groups.items():
         lines += [f"## {ds}, {proto} protocol", ""]
         table = []
         for r in rows:
             p = PAPER.get((r["model"], r["rule"])) if (ds == "gowalla" and proto == "paper") else None
-            state = ("converged" if r["status"] in ("early-stopped", "completed") else
-                     "**still running**" if r["status"] == "in progress" else r["status"])
-            table.append((r["model"], RULE_LABEL.get(r["rule"], r["rule"]), fmt(r["recall@20"]),
-                          f"{p[0]:.4f}" if p else "—", fmt(r["ndcg@20"]), f"{p[1]:.4f}" if p else "—",
-                          "—" if r["best_epoch"] is None else r["best_epoch"], r["epochs_run"], state,
-                          f"[{r['machine']}]({r['machine']}/{r['source'].name[:-4]}.md)"))
-        lines += _common.markdown_table(["model", "rule", "Recall@20", "paper", "NDCG@20", "paper", "best epoch",
-                                         "epochs reached", "state", "report"], table, align="llrrrrrrll")
+            state = (
+                "converged"
+                if r["status"] in ("early-stopped", "completed")
+                else "**still running**"
+                if r["status"] == "in progress"
+                else r["status"]
+            )
+            table.append(
+                (
+                    r["model"],
+                    RULE_LABEL.get(r["rule"], r["rule"]),
+                    fmt(r["recall@20"]),
+                    f"{p[0]:.4f}" if p else "—",
+                    fmt(r["ndcg@20"]),
+                    f"{p[1]:.4f}" if p else "—",
+                    "—" if r["best_epoch"] is None else r["best_epoch"],
+                    r["epochs_run"],
+                    state,
+                    f"[{r['machine']}]({r['machine']}/{r['source'].name[:-4]}.md)",
+                )
+            )
+        lines += _common.markdown_table(
+            [
+                "model",
+                "rule",
+                "Recall@20",
+                "paper",
+                "NDCG@20",
+                "paper",
+                "best epoch",
+                "epochs reached",
+                "state",
+                "report",
+            ],
+            table,
+            align="llrrrrrrll",
+        )
         lines.append("")
         lines += comparison_lines(ds, proto, rows)
         for png in sorted(results_root.glob(f"*/reproduction_*_{ds}-*-{proto}_rules.png")):
-            lines.append(f"- Curves, Adap-τ against Adap-τ-0: [{png.parent.name}/{png.name}]"
-                         f"({png.parent.name}/{png.name})")
+            lines.append(
+                f"- Curves, Adap-τ against Adap-τ-0: [{png.parent.name}/{png.name}]"
+                f"({png.parent.name}/{png.name})"
+            )
         lines.append("")
     out.write_text("\n".join(lines) + "\n")
     return lines
@@ -409,34 +527,59 @@ def main() -> int:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--protocols", default=",".join(PROTOCOLS))
     ap.add_argument("--rules", default=",".join(RULES))
-    ap.add_argument("--only", default="", help="comma list of glob patterns on cell names "
-                    "<dataset>-<model>-<protocol>-<rule> (applied after the lists above)")
+    ap.add_argument(
+        "--only",
+        default="",
+        help="comma list of glob patterns on cell names "
+        "<dataset>-<model>-<protocol>-<rule> (applied after the lists above)",
+    )
     ap.add_argument("--epochs", type=int, default=1000, help="epoch budget per configuration")
-    ap.add_argument("--epochs-for", action="append", default=[], metavar="DATASET=E",
-                    help="a different epoch budget for one dataset; repeatable")
+    ap.add_argument(
+        "--epochs-for",
+        action="append",
+        default=[],
+        metavar="DATASET=E",
+        help="a different epoch budget for one dataset; repeatable",
+    )
     ap.add_argument("--warmup", type=int, default=None, help="Adap-τ warm-up (default min(100, epochs // 4))")
     ap.add_argument("--eval-every", type=int, default=5)
     ap.add_argument("--patience", type=int, default=10)
     ap.add_argument("--seed", type=int, default=2023)
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a setting in every run (e.g. --set lr=1e-3), or in one model's runs "
-                    "(--set mf.lr=1e-2); repeatable")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting in every run (e.g. --set lr=1e-3), or in one model's runs "
+        "(--set mf.lr=1e-2); repeatable",
+    )
     ap.add_argument("--runs", default="runs/reproduce", help="folder of the run folders")
     ap.add_argument("--fresh", action="store_true", help="start every selected cell over")
-    ap.add_argument("--resume", dest="fresh", action="store_false", help="continue/reuse run folders (default)")
+    ap.add_argument(
+        "--resume", dest="fresh", action="store_false", help="continue/reuse run folders (default)"
+    )
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--verbose", action="store_true", help="print every epoch line")
-    ap.add_argument("--out", default=None,
-                    help="the report (.md; the .csv and plots go beside it); default "
-                         "benchmarks/results/<machine>/reproduction_<datasets>[_<model>].md")
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="the report (.md; the .csv and plots go beside it); default "
+        "benchmarks/results/<machine>/reproduction_<datasets>[_<model>].md",
+    )
     ap.add_argument("--note", action="append", default=[], help="a line of context for the report")
     ap.add_argument("--dry-run", action="store_true", help="list the selected cells and exit")
-    ap.add_argument("--collect", action="store_true",
-                    help="train nothing: gather every benchmarks/results/<machine>/reproduction_*.csv into "
-                         "benchmarks/results/reproduction.md, the one report")
-    ap.add_argument("--report-only", action="store_true",
-                    help="train nothing: write the report from the run folders as they are (unfinished "
-                         "runs show their best evaluation so far, marked 'in progress')")
+    ap.add_argument(
+        "--collect",
+        action="store_true",
+        help="train nothing: gather every benchmarks/results/<machine>/reproduction_*.csv into "
+        "benchmarks/results/reproduction.md, the one report",
+    )
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: write the report from the run folders as they are (unfinished "
+        "runs show their best evaluation so far, marked 'in progress')",
+    )
     args = ap.parse_args()
     if args.collect:
         out = Path(_common.RESULTS) / "reproduction.md"
@@ -460,8 +603,13 @@ def main() -> int:
         elif not a.startswith("--note="):
             argv.append(f"'{a}'" if any(ch in a for ch in "*, ") else a)
     argv = " ".join(argv)
-    cells = [(d, m, p, r) for d in args.datasets.split(",") for m in args.models.split(",")
-             for p in args.protocols.split(",") for r in args.rules.split(",")]
+    cells = [
+        (d, m, p, r)
+        for d in args.datasets.split(",")
+        for m in args.models.split(",")
+        for p in args.protocols.split(",")
+        for r in args.rules.split(",")
+    ]
     if args.only:
         pats = [p for p in args.only.split(",") if p]
         cells = [c for c in cells if any(fnmatch.fnmatch("-".join(c), p) for p in pats)]
@@ -493,6 +641,7 @@ def main() -> int:
                 log(f"[{name}] no epoch in {folder} yet; left out of the report")
                 continue
             from adaptau.train.plots import training_curves
+
             png = Path(args.out).with_name(f"{Path(args.out).stem}_{name}.png")
             training_curves(history, cfg.selection_metric, png)
             args.curves.append((name, png.name))
@@ -500,12 +649,26 @@ def main() -> int:
             s = run_cell(name, cfg, folder, args, log)
         t = s.get("test") or {}
         v = s.get("valid") or {}
-        results.append(dict(dataset=d, model=m, protocol=p, rule=r, **{
-            "recall@20": t.get("recall@20"), "ndcg@20": t.get("ndcg@20"),
-            "select_recall@20": v.get("recall@20"), "best_epoch": s.get("best_epoch"),
-            "epochs_run": s.get("epochs_run"), "status": s.get("status"),
-            "s_per_epoch": s.get("seconds_per_epoch"), "lr": cfg.lr, "warmup": cfg.warmup,
-            "folder": str(Path(args.runs) / name)}))
+        results.append(
+            dict(
+                dataset=d,
+                model=m,
+                protocol=p,
+                rule=r,
+                **{
+                    "recall@20": t.get("recall@20"),
+                    "ndcg@20": t.get("ndcg@20"),
+                    "select_recall@20": v.get("recall@20"),
+                    "best_epoch": s.get("best_epoch"),
+                    "epochs_run": s.get("epochs_run"),
+                    "status": s.get("status"),
+                    "s_per_epoch": s.get("seconds_per_epoch"),
+                    "lr": cfg.lr,
+                    "warmup": cfg.warmup,
+                    "folder": str(Path(args.runs) / name),
+                },
+            )
+        )
         write_report(results, args, time.time() - t0, argv, Path(args.out))  # after every cell
     if args.report_only:
         compare_rules(cells, args)

@@ -10,6 +10,7 @@ item (the least popular 80%) in its top 20.
 
     python examples/popularity_logq.py --epochs 5
 """
+
 import argparse
 
 import torch
@@ -18,8 +19,17 @@ from torch import nn
 import adaptau
 
 
-def train(interactions: torch.Tensor, n_users: int, n_items: int, q: torch.Tensor, *,
-          logq: bool, epochs: int, negatives: int = 256, dim: int = 32) -> torch.Tensor:
+def train(
+    interactions: torch.Tensor,
+    n_users: int,
+    n_items: int,
+    q: torch.Tensor,
+    *,
+    logq: bool,
+    epochs: int,
+    negatives: int = 256,
+    dim: int = 32,
+) -> torch.Tensor:
     """MF trained with popularity negatives; returns its top-20 item lists ``[n_users, 20]``."""
     g = torch.Generator().manual_seed(1)
     users_t, items_t = nn.Embedding(n_users, dim), nn.Embedding(n_items, dim)
@@ -31,8 +41,16 @@ def train(interactions: torch.Tensor, n_users: int, n_items: int, q: torch.Tenso
         for batch in torch.randperm(interactions.shape[0], generator=g).split(512):
             u, pos = interactions[batch, 0], interactions[batch, 1]
             neg = torch.multinomial(q, negatives, replacement=True, generator=g)  # shared [M]
-            loss = adaptau.softmax_loss(users_t(u), items_t.weight, pos, neg, 10.0, 10.0,
-                                        neg_logq=neg_logq, remove_accidental_hits=True)
+            loss = adaptau.softmax_loss(
+                users_t(u),
+                items_t.weight,
+                pos,
+                neg,
+                10.0,
+                10.0,
+                neg_logq=neg_logq,
+                remove_accidental_hits=True,
+            )
             opt.zero_grad()
             loss.backward()
             opt.step()

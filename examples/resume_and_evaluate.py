@@ -6,6 +6,7 @@ run folder; ``resume=`` continues it from its ``last.pt`` with a larger epoch bu
 
     python examples/resume_and_evaluate.py --out runs/example
 """
+
 import argparse
 
 from adaptau.train import TrainConfig, train
@@ -17,14 +18,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="runs/example")
     ap.add_argument("--data", default="synthetic:num_users=800,num_items=500")
     args = ap.parse_args(argv)
-    cfg = TrainConfig(data=args.data, out=args.out, epochs=2, dim=32, batch_size=512,
-                      negatives=64, warmup=1, progress="off")
-    first = train(cfg, overwrite=True)                      # two epochs, then it stops
+    cfg = TrainConfig(
+        data=args.data, out=args.out, epochs=2, dim=32, batch_size=512, negatives=64, warmup=1, progress="off"
+    )
+    first = train(cfg, overwrite=True)  # two epochs, then it stops
     print("after 2 epochs:", first["status"], first["valid"])
-    cfg.epochs = 4                                           # a larger budget ...
-    summary = train(cfg, resume=args.out)                    # ... continues from last.pt
+    cfg.epochs = 4  # a larger budget ...
+    summary = train(cfg, resume=args.out)  # ... continues from last.pt
     print("after 4 epochs:", summary["status"], "best epoch", summary["best_epoch"])
-    metrics = evaluate_run(args.out, checkpoint="best")      # {split: {metric: value}}
+    metrics = evaluate_run(args.out, checkpoint="best")  # {split: {metric: value}}
     return {"summary": summary, "metrics": metrics}
 
 

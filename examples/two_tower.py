@@ -7,6 +7,7 @@ tower encodes those rows into a ``[K, D]`` table, and ``softmax_loss`` gathers f
 
     python examples/two_tower.py --steps 200
 """
+
 import argparse
 
 import torch
@@ -29,7 +30,7 @@ def main(argv=None) -> list:
     n_users, n_items, n_feat, dim = 2000, 5000, 32, 64
     user_feat = torch.randn(n_users, n_feat, generator=g)
     item_feat = torch.randn(n_items, n_feat, generator=g)
-    taste = torch.randn(n_feat, n_feat, generator=g) / n_feat ** 0.5  # who likes what
+    taste = torch.randn(n_feat, n_feat, generator=g) / n_feat**0.5  # who likes what
 
     user_tower, item_tower = tower(n_feat, dim), tower(n_feat, dim)
     opt = torch.optim.Adam([*user_tower.parameters(), *item_tower.parameters()], lr=1e-3)
@@ -43,10 +44,11 @@ def main(argv=None) -> list:
         neg = torch.randint(0, n_items, (args.negatives,), generator=g)  # shared by the batch
 
         ids, pos_local, neg_local = adaptau.compact(pos, neg)  # ids: the [K] items needed
-        item_vecs = item_tower(item_feat[ids])                 # [K, D], encoded once each
-        user_vecs = user_tower(user_feat[users])               # [B, D]
-        loss = adaptau.softmax_loss(user_vecs, item_vecs, pos_local, neg_local, 10.0, 10.0,
-                                    remove_accidental_hits=True)
+        item_vecs = item_tower(item_feat[ids])  # [K, D], encoded once each
+        user_vecs = user_tower(user_feat[users])  # [B, D]
+        loss = adaptau.softmax_loss(
+            user_vecs, item_vecs, pos_local, neg_local, 10.0, 10.0, remove_accidental_hits=True
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -9,6 +9,7 @@ or with a deterministic sorted segment reduction (``"segment"``). Choose with th
 environment variable ``ADAPTAU_TRITON_ITEM_GRAD=atomic|segment`` (read at import) or
 :func:`set_item_grad_mode` at run time.
 """
+
 from __future__ import annotations
 
 try:
@@ -40,5 +41,12 @@ else:
     forward = backward = set_item_grad_mode = get_item_grad_mode = _unavailable
     effective_item_grad_mode = _unavailable
 
-__all__ = ["AVAILABLE", "forward", "backward", "set_item_grad_mode", "get_item_grad_mode",
-           "effective_item_grad_mode", "ITEM_GRAD_MODES"]
+__all__ = [
+    "AVAILABLE",
+    "forward",
+    "backward",
+    "set_item_grad_mode",
+    "get_item_grad_mode",
+    "effective_item_grad_mode",
+    "ITEM_GRAD_MODES",
+]

@@ -37,6 +37,7 @@ whole units of logit at inverse temperatures ~1e3), with ``"tf32"`` while
 ``torch.backends.cuda.matmul.allow_tf32`` is True; ``ADAPTAU_TRITON_FP32_DOT=ieee|tf32|tf32x3``
 overrides both.
 """
+
 from __future__ import annotations
 
 import functools
@@ -55,14 +56,12 @@ from ..loss._contract import accumulation_dtype as _acc_dtype
 ITEM_GRAD_MODES = ("atomic", "segment")
 _item_grad_mode = os.environ.get("ADAPTAU_TRITON_ITEM_GRAD", "atomic").strip().lower() or "atomic"
 if _item_grad_mode not in ITEM_GRAD_MODES:
-    raise ValueError(f"ADAPTAU_TRITON_ITEM_GRAD must be one of {ITEM_GRAD_MODES}, "
-                     f"got {_item_grad_mode!r}")
+    raise ValueError(f"ADAPTAU_TRITON_ITEM_GRAD must be one of {ITEM_GRAD_MODES}, got {_item_grad_mode!r}")
 #: ``tl.dot``'s input precision for float32 inputs when set (``ieee``, ``tf32``, ``tf32x3``);
 #: empty: ``"tf32"`` while ``torch.backends.cuda.matmul.allow_tf32`` is True, else ``"ieee"``.
 FP32_DOT_PRECISION = os.environ.get("ADAPTAU_TRITON_FP32_DOT", "").strip().lower()
 if FP32_DOT_PRECISION not in ("", "ieee", "tf32", "tf32x3"):
-    raise ValueError("ADAPTAU_TRITON_FP32_DOT must be ieee, tf32 or tf32x3, got "
-                     f"{FP32_DOT_PRECISION!r}")
+    raise ValueError(f"ADAPTAU_TRITON_FP32_DOT must be ieee, tf32 or tf32x3, got {FP32_DOT_PRECISION!r}")
 
 
 def set_item_grad_mode(mode: str) -> None:
@@ -102,15 +101,27 @@ def _touched_rows(j, jmask, keys_ptr, owner_ptr, KEYED: tl.constexpr):
 
 
 @triton.jit
-def _inv_norm_kernel(x_ptr, out_ptr, keys_ptr, owner_ptr, R, D, EPS, KEYED: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+def _inv_norm_kernel(
+    x_ptr,
+    out_ptr,
+    keys_ptr,
+    owner_ptr,
+    R,
+    D,
+    EPS,
+    KEYED: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
+):
     j = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rows, rmask = _touched_rows(j, j < R, keys_ptr, owner_ptr, KEYED)
     sq = tl.zeros([BLOCK_R], ACC)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
-        x = tl.load(x_ptr + rows[:, None] * D + cols[None, :],
-                    mask=rmask[:, None] & (cols < D)[None, :], other=0).to(ACC)
+        x = tl.load(
+            x_ptr + rows[:, None] * D + cols[None, :], mask=rmask[:, None] & (cols < D)[None, :], other=0
+        ).to(ACC)
         sq += tl.sum(x * x, 1)
     tl.store(out_ptr + rows, 1.0 / tl.maximum(tl.sqrt(sq), EPS), mask=rmask)
 
@@ -150,9 +161,21 @@ def _with_positive(lse, pos_logit, INCLUDE_POS: tl.constexpr):
 
 
 @triton.jit
-def _chunked_scores(user_ptr, items_ptr, rows, rmask, idx, cmask, D,
-                    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_K: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _chunked_scores(
+    user_ptr,
+    items_ptr,
+    rows,
+    rmask,
+    idx,
+    cmask,
+    D,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     """Raw scores ``<user[rows], items[idx]>`` as ``BLOCK_D / BLOCK_K`` dots over ``BLOCK_K``
     columns each, loaded chunk by chunk: the operands a thread holds stay ``BLOCK_K`` wide
     (float32/float64 dots run on FMA units, whose operand layout keeps the whole reduction
@@ -161,20 +184,43 @@ def _chunked_scores(user_ptr, items_ptr, rows, rmask, idx, cmask, D,
     for k0 in tl.static_range(0, BLOCK_D, BLOCK_K):
         kc = k0 + tl.arange(0, BLOCK_K)
         km = kc < D
-        Uk = tl.load(user_ptr + rows.to(tl.int64)[:, None] * D + kc[None, :],
-                     mask=rmask[:, None] & km[None, :], other=0)
-        Ck = tl.load(items_ptr + idx[:, None] * D + kc[None, :],
-                     mask=cmask[:, None] & km[None, :], other=0)
+        Uk = tl.load(
+            user_ptr + rows.to(tl.int64)[:, None] * D + kc[None, :],
+            mask=rmask[:, None] & km[None, :],
+            other=0,
+        )
+        Ck = tl.load(items_ptr + idx[:, None] * D + kc[None, :], mask=cmask[:, None] & km[None, :], other=0)
         S = tl.dot(Uk, tl.trans(Ck), acc=S, input_precision=DOT_PRECISION, out_dtype=ACC)
     return S
 
 
 @triton.jit
-def _tile_scores(U, user_ptr, items_ptr, cand_ptr, ri_ptr, ru, rows, rmask, p, n0, M, D, cols,
-                 dmask, IN_BATCH: tl.constexpr, NORMALIZE: tl.constexpr,
-                 REMOVE_HITS: tl.constexpr, NEED_C: tl.constexpr, BLOCK_B: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
-                 ACC: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _tile_scores(
+    U,
+    user_ptr,
+    items_ptr,
+    cand_ptr,
+    ri_ptr,
+    ru,
+    rows,
+    rmask,
+    p,
+    n0,
+    M,
+    D,
+    cols,
+    dmask,
+    IN_BATCH: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    REMOVE_HITS: tl.constexpr,
+    NEED_C: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     """Scores of a ``[BLOCK_B, BLOCK_N]`` tile of shared/in-batch candidates starting at ``n0``.
 
     Returns ``(idx, cmask, C, S, rc, keep)``: candidate item ids, their mask, the gathered raw
@@ -186,15 +232,29 @@ def _tile_scores(U, user_ptr, items_ptr, cand_ptr, ri_ptr, ru, rows, rmask, p, n
     cmask = cn < M
     idx = tl.load(cand_ptr + cn, mask=cmask, other=0).to(tl.int64)
     if NEED_C or BLOCK_K == BLOCK_D:
-        C = tl.load(items_ptr + idx[:, None] * D + cols[None, :],
-                    mask=cmask[:, None] & dmask[None, :], other=0)
+        C = tl.load(
+            items_ptr + idx[:, None] * D + cols[None, :], mask=cmask[:, None] & dmask[None, :], other=0
+        )
     else:
         C = tl.zeros([BLOCK_N, BLOCK_D], U.dtype)
     if BLOCK_K == BLOCK_D:
         S = tl.dot(U, tl.trans(C), input_precision=DOT_PRECISION, out_dtype=ACC)
     else:
-        S = _chunked_scores(user_ptr, items_ptr, rows, rmask, idx, cmask, D, BLOCK_B, BLOCK_N,
-                            BLOCK_D, BLOCK_K, ACC, DOT_PRECISION)
+        S = _chunked_scores(
+            user_ptr,
+            items_ptr,
+            rows,
+            rmask,
+            idx,
+            cmask,
+            D,
+            BLOCK_B,
+            BLOCK_N,
+            BLOCK_D,
+            BLOCK_K,
+            ACC,
+            DOT_PRECISION,
+        )
     if NORMALIZE:
         rc = tl.load(ri_ptr + idx, mask=cmask, other=0)
         S = S * ru[:, None] * rc[None, :]
@@ -217,9 +277,24 @@ def _lse_finish(m_run, s_run):
 
 
 @triton.jit
-def _row_block_scores(u, items_ptr, neg_ptr, ri_ptr, ru, p, b64, m0, M, D, cols, dmask,
-                      NORMALIZE: tl.constexpr, REMOVE_HITS: tl.constexpr,
-                      BLOCK_M: tl.constexpr, ACC: tl.constexpr):
+def _row_block_scores(
+    u,
+    items_ptr,
+    neg_ptr,
+    ri_ptr,
+    ru,
+    p,
+    b64,
+    m0,
+    M,
+    D,
+    cols,
+    dmask,
+    NORMALIZE: tl.constexpr,
+    REMOVE_HITS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """Scores of row ``b``'s per-row negatives ``m0 … m0+BLOCK_M`` (gathered by index).
 
     Returns ``(mm, mmask, idx, c, s, rc, keep)``: positions, their mask, item ids, the
@@ -229,8 +304,9 @@ def _row_block_scores(u, items_ptr, neg_ptr, ri_ptr, ru, p, b64, m0, M, D, cols,
     mm = m0 + tl.arange(0, BLOCK_M)
     mmask = mm < M
     idx = tl.load(neg_ptr + b64 * M + mm, mask=mmask, other=0).to(tl.int64)
-    c = tl.load(items_ptr + idx[:, None] * D + cols[None, :],
-                mask=mmask[:, None] & dmask[None, :], other=0).to(ACC)
+    c = tl.load(
+        items_ptr + idx[:, None] * D + cols[None, :], mask=mmask[:, None] & dmask[None, :], other=0
+    ).to(ACC)
     s = tl.sum(c * u[None, :], 1)
     if NORMALIZE:
         rc = tl.load(ri_ptr + idx, mask=mmask, other=0)
@@ -244,12 +320,30 @@ def _row_block_scores(u, items_ptr, neg_ptr, ri_ptr, ru, p, b64, m0, M, D, cols,
 
 
 @triton.jit
-def _fwd_rows_kernel(user_ptr, items_ptr, pos_ptr, neg_ptr, alpha_ptr, beta_ptr, logq_ptr,
-                     ru_ptr, ri_ptr, loss_ptr, lse_ptr, raw_ptr, M, D,
-                     HAS_LOGQ: tl.constexpr, INCLUDE_POS: tl.constexpr,
-                     NORMALIZE: tl.constexpr, REMOVE_HITS: tl.constexpr,
-                     COMPUTE_RAW: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+def _fwd_rows_kernel(
+    user_ptr,
+    items_ptr,
+    pos_ptr,
+    neg_ptr,
+    alpha_ptr,
+    beta_ptr,
+    logq_ptr,
+    ru_ptr,
+    ri_ptr,
+    loss_ptr,
+    lse_ptr,
+    raw_ptr,
+    M,
+    D,
+    HAS_LOGQ: tl.constexpr,
+    INCLUDE_POS: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    REMOVE_HITS: tl.constexpr,
+    COMPUTE_RAW: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
+):
     b = tl.program_id(0)
     b64 = b.to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
@@ -272,8 +366,23 @@ def _fwd_rows_kernel(user_ptr, items_ptr, pos_ptr, neg_ptr, alpha_ptr, beta_ptr,
     s_raw = tl.zeros([BLOCK_M], ACC)
     for m0 in range(0, M, BLOCK_M):
         mm, mmask, idx, c, s, rc, keep = _row_block_scores(
-            u, items_ptr, neg_ptr, ri_ptr, ru, p, b64, m0, M, D, cols, dmask,
-            NORMALIZE, REMOVE_HITS, BLOCK_M, ACC)
+            u,
+            items_ptr,
+            neg_ptr,
+            ri_ptr,
+            ru,
+            p,
+            b64,
+            m0,
+            M,
+            D,
+            cols,
+            dmask,
+            NORMALIZE,
+            REMOVE_HITS,
+            BLOCK_M,
+            ACC,
+        )
         logit = beta * s
         if HAS_LOGQ:
             lq = tl.load(logq_ptr + idx, mask=mmask, other=0).to(ACC)
@@ -307,8 +416,17 @@ def _tile_configs():
     (tensor-core dots); 8 warps and blocks up to 32 x 16 for float32/float64 (FMA dots
     hold their operands in registers: on sm_90, 64 x 64 tiles spill kilobytes and 32 x 32
     tiles 8 bytes in some specializations)."""
-    shapes = ((64, 64, 4), (32, 64, 4), (64, 32, 4), (32, 32, 4), (16, 32, 4), (16, 16, 4),
-              (32, 16, 8), (16, 32, 8), (16, 16, 8))
+    shapes = (
+        (64, 64, 4),
+        (32, 64, 4),
+        (64, 32, 4),
+        (32, 32, 4),
+        (16, 32, 4),
+        (16, 16, 4),
+        (32, 16, 8),
+        (16, 32, 8),
+        (16, 16, 8),
+    )
     return [triton.Config({"BLOCK_B": bb, "BLOCK_N": bn}, num_warps=w) for bb, bn, w in shapes]
 
 
@@ -327,8 +445,11 @@ def _prune_tile_configs(configs, named_args, **kwargs):
     bb_max = max(16, min(cap, triton.next_power_of_2(int(named_args["B"]))))
     bn_max = max(16, min(cap, triton.next_power_of_2(int(named_args["M"]))))
     warps = 4 if named_args["user_ptr"].dtype in (torch.float16, torch.bfloat16) else 8
-    fits = [c for c in configs if c.num_warps == warps
-            and c.kwargs["BLOCK_B"] <= bb_max and c.kwargs["BLOCK_N"] <= bn_max]
+    fits = [
+        c
+        for c in configs
+        if c.num_warps == warps and c.kwargs["BLOCK_B"] <= bb_max and c.kwargs["BLOCK_N"] <= bn_max
+    ]
     fits.sort(key=lambda c: -(c.kwargs["BLOCK_B"] * c.kwargs["BLOCK_N"]))
     if _interpreting() or int(named_args.get("TUNE_TAG", 0)) == 1:
         return fits[:1]
@@ -339,8 +460,11 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-_TILE_TUNING = dict(configs=_tile_configs(), key=["B", "M", "D", "TUNE_TAG"],
-                    prune_configs_by={"early_config_prune": _prune_tile_configs})
+_TILE_TUNING = dict(
+    configs=_tile_configs(),
+    key=["B", "M", "D", "TUNE_TAG"],
+    prune_configs_by={"early_config_prune": _prune_tile_configs},
+)
 
 
 @triton.jit
@@ -354,13 +478,33 @@ def _split_range(total, NSPLIT, BLOCK: tl.constexpr):
 
 @triton.autotune(**_TILE_TUNING)
 @triton.jit
-def _fwd_tiles_kernel(user_ptr, items_ptr, pos_ptr, cand_ptr, beta_ptr, logq_ptr, ru_ptr,
-                      ri_ptr, part_ptr, B, M, D, NSPLIT, TUNE_TAG,
-                      IN_BATCH: tl.constexpr, HAS_LOGQ: tl.constexpr,
-                      NORMALIZE: tl.constexpr, REMOVE_HITS: tl.constexpr,
-                      COMPUTE_RAW: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
-                      DOT_PRECISION: tl.constexpr):
+def _fwd_tiles_kernel(
+    user_ptr,
+    items_ptr,
+    pos_ptr,
+    cand_ptr,
+    beta_ptr,
+    logq_ptr,
+    ru_ptr,
+    ri_ptr,
+    part_ptr,
+    B,
+    M,
+    D,
+    NSPLIT,
+    TUNE_TAG,
+    IN_BATCH: tl.constexpr,
+    HAS_LOGQ: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    REMOVE_HITS: tl.constexpr,
+    COMPUTE_RAW: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     """Partial log-sum-exps of one block of rows over one slice of the candidates:
     ``part[k, split, row]``, k = 0/1 the running (max, scaled sum) of the loss, 2/3 of the
     raw (α = β = 1) loss."""
@@ -368,8 +512,11 @@ def _fwd_tiles_kernel(user_ptr, items_ptr, pos_ptr, cand_ptr, beta_ptr, logq_ptr
     rmask = rows < B
     cols = tl.arange(0, BLOCK_D)
     dmask = cols < D
-    U = tl.load(user_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :],
-                mask=rmask[:, None] & dmask[None, :], other=0)
+    U = tl.load(
+        user_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :],
+        mask=rmask[:, None] & dmask[None, :],
+        other=0,
+    )
     p = tl.load(pos_ptr + rows, mask=rmask, other=0).to(tl.int64)
     beta = tl.load(beta_ptr + rows, mask=rmask, other=0).to(ACC)
     if NORMALIZE:
@@ -383,9 +530,31 @@ def _fwd_tiles_kernel(user_ptr, items_ptr, pos_ptr, cand_ptr, beta_ptr, logq_ptr
     lo, hi = _split_range(M, NSPLIT, BLOCK_N)
     for n0 in range(lo, hi, BLOCK_N):
         idx, cmask, C, S, rc, keep = _tile_scores(
-            U, user_ptr, items_ptr, cand_ptr, ri_ptr, ru, rows, rmask, p, n0, hi, D, cols,
-            dmask, IN_BATCH, NORMALIZE, REMOVE_HITS, False, BLOCK_B, BLOCK_N, BLOCK_D, BLOCK_K,
-            ACC, DOT_PRECISION)
+            U,
+            user_ptr,
+            items_ptr,
+            cand_ptr,
+            ri_ptr,
+            ru,
+            rows,
+            rmask,
+            p,
+            n0,
+            hi,
+            D,
+            cols,
+            dmask,
+            IN_BATCH,
+            NORMALIZE,
+            REMOVE_HITS,
+            False,
+            BLOCK_B,
+            BLOCK_N,
+            BLOCK_D,
+            BLOCK_K,
+            ACC,
+            DOT_PRECISION,
+        )
         logit = beta[:, None] * S
         if HAS_LOGQ:
             lq = tl.load(logq_ptr + idx, mask=cmask, other=0).to(ACC)
@@ -427,56 +596,108 @@ def _merged_lse(part_ptr, k, rows, rmask, B, NSPLIT, BLOCK_R: tl.constexpr, ACC:
 
 
 @triton.jit
-def _pos_scores(user_ptr, items_ptr, ru_ptr, ri_ptr, rows, rmask, p, D,
-                NORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-                ACC: tl.constexpr):
+def _pos_scores(
+    user_ptr,
+    items_ptr,
+    ru_ptr,
+    ri_ptr,
+    rows,
+    rmask,
+    p,
+    D,
+    NORMALIZE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """(Normalized) scores of rows ``rows`` with their positives ``p``, ``BLOCK_D`` columns
     at a time."""
     s_pos = tl.zeros([BLOCK_R], ACC)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         mask = rmask[:, None] & (cols < D)[None, :]
-        u = tl.load(user_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], mask=mask,
-                    other=0).to(ACC)
+        u = tl.load(user_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], mask=mask, other=0).to(ACC)
         ip = tl.load(items_ptr + p[:, None] * D + cols[None, :], mask=mask, other=0).to(ACC)
         s_pos += tl.sum(u * ip, 1)
     if NORMALIZE:
-        s_pos = s_pos * tl.load(ru_ptr + rows, mask=rmask, other=0) \
-            * tl.load(ri_ptr + p, mask=rmask, other=0)
+        s_pos = s_pos * tl.load(ru_ptr + rows, mask=rmask, other=0) * tl.load(ri_ptr + p, mask=rmask, other=0)
     return s_pos
 
 
 @triton.jit
-def _fwd_merge_kernel(user_ptr, items_ptr, pos_ptr, alpha_ptr, ru_ptr, ri_ptr, part_ptr,
-                      loss_ptr, lse_ptr, raw_ptr, B, D, NSPLIT, INCLUDE_POS: tl.constexpr,
-                      NORMALIZE: tl.constexpr, COMPUTE_RAW: tl.constexpr,
-                      BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+def _fwd_merge_kernel(
+    user_ptr,
+    items_ptr,
+    pos_ptr,
+    alpha_ptr,
+    ru_ptr,
+    ri_ptr,
+    part_ptr,
+    loss_ptr,
+    lse_ptr,
+    raw_ptr,
+    B,
+    D,
+    NSPLIT,
+    INCLUDE_POS: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    COMPUTE_RAW: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """Per row: merge the slices' partial log-sum-exps, add the positive, store loss / lse /
     raw."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < B
     p = tl.load(pos_ptr + rows, mask=rmask, other=0).to(tl.int64)
     alpha = tl.load(alpha_ptr + rows, mask=rmask, other=0).to(ACC)
-    s_pos = _pos_scores(user_ptr, items_ptr, ru_ptr, ri_ptr, rows, rmask, p, D, NORMALIZE,
-                        BLOCK_R, BLOCK_D, ACC)
+    s_pos = _pos_scores(
+        user_ptr, items_ptr, ru_ptr, ri_ptr, rows, rmask, p, D, NORMALIZE, BLOCK_R, BLOCK_D, ACC
+    )
     pos_logit = alpha * s_pos
-    lse = _with_positive(_merged_lse(part_ptr, 0, rows, rmask, B, NSPLIT, BLOCK_R, ACC),
-                         pos_logit, INCLUDE_POS)
+    lse = _with_positive(
+        _merged_lse(part_ptr, 0, rows, rmask, B, NSPLIT, BLOCK_R, ACC), pos_logit, INCLUDE_POS
+    )
     tl.store(lse_ptr + rows, lse, mask=rmask)
     tl.store(loss_ptr + rows, tl.where(lse == float("-inf"), 0.0, lse - pos_logit), mask=rmask)
     if COMPUTE_RAW:
-        lse_r = _with_positive(_merged_lse(part_ptr, 1, rows, rmask, B, NSPLIT, BLOCK_R, ACC),
-                               s_pos, INCLUDE_POS)
+        lse_r = _with_positive(
+            _merged_lse(part_ptr, 1, rows, rmask, B, NSPLIT, BLOCK_R, ACC), s_pos, INCLUDE_POS
+        )
         tl.store(raw_ptr + rows, tl.where(lse_r == float("-inf"), 0.0, lse_r - s_pos), mask=rmask)
 
 
 @triton.jit
-def _bwd_rows_kernel(grad_loss_ptr, user_ptr, items_ptr, pos_ptr, neg_ptr, alpha_ptr,
-                     beta_ptr, logq_ptr, lse_ptr, ru_ptr, ri_ptr,
-                     grad_user_ptr, gi_ptr, w_ptr, wpos_ptr, galpha_ptr, gbeta_ptr, M, D,
-                     HAS_LOGQ: tl.constexpr, INCLUDE_POS: tl.constexpr,
-                     NORMALIZE: tl.constexpr, REMOVE_HITS: tl.constexpr, ATOMIC: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+def _bwd_rows_kernel(
+    grad_loss_ptr,
+    user_ptr,
+    items_ptr,
+    pos_ptr,
+    neg_ptr,
+    alpha_ptr,
+    beta_ptr,
+    logq_ptr,
+    lse_ptr,
+    ru_ptr,
+    ri_ptr,
+    grad_user_ptr,
+    gi_ptr,
+    w_ptr,
+    wpos_ptr,
+    galpha_ptr,
+    gbeta_ptr,
+    M,
+    D,
+    HAS_LOGQ: tl.constexpr,
+    INCLUDE_POS: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    REMOVE_HITS: tl.constexpr,
+    ATOMIC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
+):
     b = tl.program_id(0)
     b64 = b.to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
@@ -505,8 +726,23 @@ def _bwd_rows_kernel(grad_loss_ptr, user_ptr, items_ptr, pos_ptr, neg_ptr, alpha
     mass = tl.zeros([BLOCK_M], ACC)  # Σ_m P_m: 1 - P_pos without cancellation
     for m0 in range(0, M, BLOCK_M):
         mm, mmask, idx, c, s, rc, keep = _row_block_scores(
-            u, items_ptr, neg_ptr, ri_ptr, ru, p, b64, m0, M, D, cols, dmask,
-            NORMALIZE, REMOVE_HITS, BLOCK_M, ACC)
+            u,
+            items_ptr,
+            neg_ptr,
+            ri_ptr,
+            ru,
+            p,
+            b64,
+            m0,
+            M,
+            D,
+            cols,
+            dmask,
+            NORMALIZE,
+            REMOVE_HITS,
+            BLOCK_M,
+            ACC,
+        )
         logit = beta * s
         if HAS_LOGQ:
             logit = logit - tl.load(logq_ptr + idx, mask=mmask, other=0).to(ACC)
@@ -520,8 +756,12 @@ def _bwd_rows_kernel(grad_loss_ptr, user_ptr, items_ptr, pos_ptr, neg_ptr, alpha
         else:
             gu2 += w[:, None] * c
         if ATOMIC:
-            tl.atomic_add(gi_ptr + idx[:, None] * D + cols[None, :], w[:, None] * uh[None, :],
-                          mask=keep[:, None] & dmask[None, :], sem="relaxed")
+            tl.atomic_add(
+                gi_ptr + idx[:, None] * D + cols[None, :],
+                w[:, None] * uh[None, :],
+                mask=keep[:, None] & dmask[None, :],
+                sem="relaxed",
+            )
         else:
             tl.store(w_ptr + b64 * M + mm, w, mask=mmask)
     # d loss / d pos_logit = g·(P_pos - 1) = -g·Σ_m P_m (include_pos), -g (otherwise)
@@ -544,13 +784,35 @@ def _bwd_rows_kernel(grad_loss_ptr, user_ptr, items_ptr, pos_ptr, neg_ptr, alpha
 
 @triton.autotune(**_TILE_TUNING)
 @triton.jit
-def _bwd_tiles_rows_kernel(grad_loss_ptr, user_ptr, items_ptr, pos_ptr, cand_ptr, beta_ptr,
-                           logq_ptr, lse_ptr, ru_ptr, ri_ptr, gu_part_ptr, sums_part_ptr,
-                           B, M, D, NSPLIT, TUNE_TAG, IN_BATCH: tl.constexpr,
-                           HAS_LOGQ: tl.constexpr, NORMALIZE: tl.constexpr,
-                           REMOVE_HITS: tl.constexpr, BLOCK_B: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
-                           ACC: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _bwd_tiles_rows_kernel(
+    grad_loss_ptr,
+    user_ptr,
+    items_ptr,
+    pos_ptr,
+    cand_ptr,
+    beta_ptr,
+    logq_ptr,
+    lse_ptr,
+    ru_ptr,
+    ri_ptr,
+    gu_part_ptr,
+    sums_part_ptr,
+    B,
+    M,
+    D,
+    NSPLIT,
+    TUNE_TAG,
+    IN_BATCH: tl.constexpr,
+    HAS_LOGQ: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    REMOVE_HITS: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     """One block of rows over one slice of the candidates: the partial user gradient
     (before the positive's term and the normalization Jacobian) ``gu_part[split, row]``, and
     ``sums_part[0, split, row]`` = Σ dl·ŝ (the β gradient), ``sums_part[1, split, row]`` =
@@ -564,8 +826,7 @@ def _bwd_tiles_rows_kernel(grad_loss_ptr, user_ptr, items_ptr, pos_ptr, cand_ptr
     empty = lse == float("-inf")
     g = tl.where(empty, 0.0, tl.load(grad_loss_ptr + rows, mask=rmask, other=0).to(ACC))
     lse = tl.where(empty, 0.0, lse)
-    U = tl.load(user_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], mask=tile_mask,
-                other=0)
+    U = tl.load(user_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], mask=tile_mask, other=0)
     p = tl.load(pos_ptr + rows, mask=rmask, other=0).to(tl.int64)
     beta = tl.load(beta_ptr + rows, mask=rmask, other=0).to(ACC)
     if NORMALIZE:
@@ -578,9 +839,31 @@ def _bwd_tiles_rows_kernel(grad_loss_ptr, user_ptr, items_ptr, pos_ptr, cand_ptr
     lo, hi = _split_range(M, NSPLIT, BLOCK_N)
     for n0 in range(lo, hi, BLOCK_N):
         idx, cmask, C, S, rc, keep = _tile_scores(
-            U, user_ptr, items_ptr, cand_ptr, ri_ptr, ru, rows, rmask, p, n0, hi, D, cols,
-            dmask, IN_BATCH, NORMALIZE, REMOVE_HITS, True, BLOCK_B, BLOCK_N, BLOCK_D, BLOCK_K,
-            ACC, DOT_PRECISION)
+            U,
+            user_ptr,
+            items_ptr,
+            cand_ptr,
+            ri_ptr,
+            ru,
+            rows,
+            rmask,
+            p,
+            n0,
+            hi,
+            D,
+            cols,
+            dmask,
+            IN_BATCH,
+            NORMALIZE,
+            REMOVE_HITS,
+            True,
+            BLOCK_B,
+            BLOCK_N,
+            BLOCK_D,
+            BLOCK_K,
+            ACC,
+            DOT_PRECISION,
+        )
         logit = beta[:, None] * S
         if HAS_LOGQ:
             logit = logit - tl.load(logq_ptr + idx, mask=cmask, other=0).to(ACC)[None, :]
@@ -593,19 +876,38 @@ def _bwd_tiles_rows_kernel(grad_loss_ptr, user_ptr, items_ptr, pos_ptr, cand_ptr
             W = W * rc[None, :]
         gu = tl.dot(W.to(C.dtype), C, acc=gu, input_precision=DOT_PRECISION, out_dtype=ACC)
     split = tl.program_id(1)
-    tl.store(gu_part_ptr + (split * B + rows.to(tl.int64))[:, None] * D + cols[None, :], gu,
-             mask=tile_mask)
+    tl.store(gu_part_ptr + (split * B + rows.to(tl.int64))[:, None] * D + cols[None, :], gu, mask=tile_mask)
     tl.store(sums_part_ptr + split * B + rows, gb, mask=rmask)
     tl.store(sums_part_ptr + (NSPLIT + split) * B + rows, mass, mask=rmask)
 
 
 @triton.jit
-def _bwd_rows_finish_kernel(grad_loss_ptr, user_ptr, items_ptr, pos_ptr, alpha_ptr, lse_ptr,
-                            ru_ptr, ri_ptr, gu_part_ptr, sums_part_ptr, grad_user_ptr, gi_ptr,
-                            wpos_ptr, galpha_ptr, gbeta_ptr, B, D, NSPLIT,
-                            INCLUDE_POS: tl.constexpr, NORMALIZE: tl.constexpr,
-                            ATOMIC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-                            ACC: tl.constexpr):
+def _bwd_rows_finish_kernel(
+    grad_loss_ptr,
+    user_ptr,
+    items_ptr,
+    pos_ptr,
+    alpha_ptr,
+    lse_ptr,
+    ru_ptr,
+    ri_ptr,
+    gu_part_ptr,
+    sums_part_ptr,
+    grad_user_ptr,
+    gi_ptr,
+    wpos_ptr,
+    galpha_ptr,
+    gbeta_ptr,
+    B,
+    D,
+    NSPLIT,
+    INCLUDE_POS: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    ATOMIC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """Per row: sum the slices' partials, add the positive's term, apply the normalization
     Jacobian; store the user and scale gradients and the positive's item-gradient weight
     (added to ``gi`` in atomic mode)."""
@@ -615,8 +917,7 @@ def _bwd_rows_finish_kernel(grad_loss_ptr, user_ptr, items_ptr, pos_ptr, alpha_p
     dmask = cols < D
     tile_mask = rmask[:, None] & dmask[None, :]
     lse = tl.load(lse_ptr + rows, mask=rmask, other=float("-inf")).to(ACC)
-    g = tl.where(lse == float("-inf"), 0.0,
-                 tl.load(grad_loss_ptr + rows, mask=rmask, other=0).to(ACC))
+    g = tl.where(lse == float("-inf"), 0.0, tl.load(grad_loss_ptr + rows, mask=rmask, other=0).to(ACC))
     rows64 = rows.to(tl.int64)
     U = tl.load(user_ptr + rows64[:, None] * D + cols[None, :], mask=tile_mask, other=0).to(ACC)
     p = tl.load(pos_ptr + rows, mask=rmask, other=0).to(tl.int64)
@@ -636,8 +937,7 @@ def _bwd_rows_finish_kernel(grad_loss_ptr, user_ptr, items_ptr, pos_ptr, alpha_p
     gb = tl.zeros([BLOCK_R], ACC)
     mass = tl.zeros([BLOCK_R], ACC)  # Σ_m P_m: 1 - P_pos without cancellation
     for s in range(0, NSPLIT):
-        gu += tl.load(gu_part_ptr + (s * B + rows64)[:, None] * D + cols[None, :],
-                      mask=tile_mask, other=0)
+        gu += tl.load(gu_part_ptr + (s * B + rows64)[:, None] * D + cols[None, :], mask=tile_mask, other=0)
         gb += tl.load(sums_part_ptr + s * B + rows, mask=rmask, other=0)
         mass += tl.load(sums_part_ptr + (NSPLIT + s) * B + rows, mask=rmask, other=0)
     if INCLUDE_POS:
@@ -647,27 +947,52 @@ def _bwd_rows_finish_kernel(grad_loss_ptr, user_ptr, items_ptr, pos_ptr, alpha_p
     w_pos = d_pos_logit * alpha
     gu += w_pos[:, None] * IP
     if ATOMIC:
-        tl.atomic_add(gi_ptr + p[:, None] * D + cols[None, :], w_pos[:, None] * UH,
-                      mask=tile_mask, sem="relaxed")
+        tl.atomic_add(
+            gi_ptr + p[:, None] * D + cols[None, :], w_pos[:, None] * UH, mask=tile_mask, sem="relaxed"
+        )
     else:
         tl.store(wpos_ptr + rows, w_pos, mask=rmask)
     if NORMALIZE:
         gu = _normalize_bwd(U, gu, ru)
-    tl.store(grad_user_ptr + rows64[:, None] * D + cols[None, :],
-             gu.to(grad_user_ptr.dtype.element_ty), mask=tile_mask)
+    tl.store(
+        grad_user_ptr + rows64[:, None] * D + cols[None, :],
+        gu.to(grad_user_ptr.dtype.element_ty),
+        mask=tile_mask,
+    )
     tl.store(galpha_ptr + rows, d_pos_logit * s_pos, mask=rmask)
     tl.store(gbeta_ptr + rows, gb, mask=rmask)
 
 
 @triton.autotune(**_TILE_TUNING)
 @triton.jit
-def _bwd_tiles_cols_kernel(grad_loss_ptr, user_ptr, items_ptr, pos_ptr, cand_ptr, beta_ptr,
-                           logq_ptr, lse_ptr, ru_ptr, ri_ptr, gc_part_ptr, B, M, D, NSPLIT,
-                           TUNE_TAG, IN_BATCH: tl.constexpr, HAS_LOGQ: tl.constexpr,
-                           NORMALIZE: tl.constexpr, REMOVE_HITS: tl.constexpr,
-                           BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                           BLOCK_K: tl.constexpr, ACC: tl.constexpr,
-                           DOT_PRECISION: tl.constexpr):
+def _bwd_tiles_cols_kernel(
+    grad_loss_ptr,
+    user_ptr,
+    items_ptr,
+    pos_ptr,
+    cand_ptr,
+    beta_ptr,
+    logq_ptr,
+    lse_ptr,
+    ru_ptr,
+    ri_ptr,
+    gc_part_ptr,
+    B,
+    M,
+    D,
+    NSPLIT,
+    TUNE_TAG,
+    IN_BATCH: tl.constexpr,
+    HAS_LOGQ: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    REMOVE_HITS: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     """One block of candidates over one slice of the rows: the partial candidate gradient
     ``gc_part[split, candidate] = Σ_rows w·û`` (before the normalization Jacobian)."""
     cn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -676,8 +1001,9 @@ def _bwd_tiles_cols_kernel(grad_loss_ptr, user_ptr, items_ptr, pos_ptr, cand_ptr
     dmask = cols < D
     idx = tl.load(cand_ptr + cn, mask=cmask, other=0).to(tl.int64)
     if BLOCK_K == BLOCK_D:
-        C = tl.load(items_ptr + idx[:, None] * D + cols[None, :],
-                    mask=cmask[:, None] & dmask[None, :], other=0)
+        C = tl.load(
+            items_ptr + idx[:, None] * D + cols[None, :], mask=cmask[:, None] & dmask[None, :], other=0
+        )
     if NORMALIZE:
         rc = tl.load(ri_ptr + idx, mask=cmask, other=0)
     if HAS_LOGQ:
@@ -687,8 +1013,11 @@ def _bwd_tiles_cols_kernel(grad_loss_ptr, user_ptr, items_ptr, pos_ptr, cand_ptr
     for r0 in range(lo, hi, BLOCK_B):
         rows = r0 + tl.arange(0, BLOCK_B)
         rmask = rows < hi
-        U = tl.load(user_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :],
-                    mask=rmask[:, None] & dmask[None, :], other=0)
+        U = tl.load(
+            user_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :],
+            mask=rmask[:, None] & dmask[None, :],
+            other=0,
+        )
         lse = tl.load(lse_ptr + rows, mask=rmask, other=float("-inf")).to(ACC)
         empty = lse == float("-inf")
         g = tl.where(empty, 0.0, tl.load(grad_loss_ptr + rows, mask=rmask, other=0).to(ACC))
@@ -697,8 +1026,21 @@ def _bwd_tiles_cols_kernel(grad_loss_ptr, user_ptr, items_ptr, pos_ptr, cand_ptr
         if BLOCK_K == BLOCK_D:
             S = tl.dot(U, tl.trans(C), input_precision=DOT_PRECISION, out_dtype=ACC)
         else:
-            S = _chunked_scores(user_ptr, items_ptr, rows, rmask, idx, cmask, D, BLOCK_B,
-                                BLOCK_N, BLOCK_D, BLOCK_K, ACC, DOT_PRECISION)
+            S = _chunked_scores(
+                user_ptr,
+                items_ptr,
+                rows,
+                rmask,
+                idx,
+                cmask,
+                D,
+                BLOCK_B,
+                BLOCK_N,
+                BLOCK_D,
+                BLOCK_K,
+                ACC,
+                DOT_PRECISION,
+            )
         if NORMALIZE:
             ru = tl.load(ru_ptr + rows, mask=rmask, other=0)
             S = S * ru[:, None] * rc[None, :]
@@ -714,16 +1056,27 @@ def _bwd_tiles_cols_kernel(grad_loss_ptr, user_ptr, items_ptr, pos_ptr, cand_ptr
         W = tl.where(keep, (g * beta)[:, None] * tl.exp(logit - lse[:, None]), 0.0)
         if NORMALIZE:
             W = W * ru[:, None]
-        GC = tl.dot(tl.trans(W.to(U.dtype)), U, acc=GC, input_precision=DOT_PRECISION,
-                    out_dtype=ACC)
+        GC = tl.dot(tl.trans(W.to(U.dtype)), U, acc=GC, input_precision=DOT_PRECISION, out_dtype=ACC)
     out = gc_part_ptr + (tl.program_id(1) * M + cn.to(tl.int64))[:, None] * D + cols[None, :]
     tl.store(out, GC, mask=cmask[:, None] & dmask[None, :])
 
 
 @triton.jit
-def _item_finalize_kernel(gi_ptr, items_ptr, ri_ptr, out_ptr, keys_ptr, owner_ptr, R, D,
-                          NORMALIZE: tl.constexpr, KEYED: tl.constexpr, BLOCK_R: tl.constexpr,
-                          BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+def _item_finalize_kernel(
+    gi_ptr,
+    items_ptr,
+    ri_ptr,
+    out_ptr,
+    keys_ptr,
+    owner_ptr,
+    R,
+    D,
+    NORMALIZE: tl.constexpr,
+    KEYED: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """The normalization Jacobian and the cast of the accumulated item gradient: every row
     (``KEYED`` false) or each distinct touched row once (``out`` may be ``gi``)."""
     j = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -740,9 +1093,23 @@ def _item_finalize_kernel(gi_ptr, items_ptr, ri_ptr, out_ptr, keys_ptr, owner_pt
 
 
 @triton.jit
-def _item_segment_kernel(start_ptr, end_ptr, item_ptr, w_ptr, src_row_ptr, src_ptr, items_ptr,
-                         ri_ptr, out_ptr, D, NORMALIZE: tl.constexpr, KEYED: tl.constexpr,
-                         BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+def _item_segment_kernel(
+    start_ptr,
+    end_ptr,
+    item_ptr,
+    w_ptr,
+    src_row_ptr,
+    src_ptr,
+    items_ptr,
+    ri_ptr,
+    out_ptr,
+    D,
+    NORMALIZE: tl.constexpr,
+    KEYED: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """Sums one item's (sorted) contributions w·src[row], then the normalization Jacobian,
     then one store of the gradient row in the output dtype. Not ``KEYED``: program i owns
     item i, its contributions are ``[start[i], start[i + 1])``. ``KEYED``: program j is
@@ -767,8 +1134,9 @@ def _item_segment_kernel(start_ptr, end_ptr, item_ptr, w_ptr, src_row_ptr, src_p
         jm = jj < end
         w = tl.load(w_ptr + jj, mask=jm, other=0).to(ACC)
         r = tl.load(src_row_ptr + jj, mask=jm, other=0).to(tl.int64)
-        v = tl.load(src_ptr + r[:, None] * D + cols[None, :], mask=jm[:, None] & dmask[None, :],
-                    other=0).to(ACC)
+        v = tl.load(src_ptr + r[:, None] * D + cols[None, :], mask=jm[:, None] & dmask[None, :], other=0).to(
+            ACC
+        )
         acc += w[:, None] * v
     gh = tl.sum(acc, 0)
     if NORMALIZE:
@@ -791,7 +1159,8 @@ def _check_device(t: Tensor) -> None:
         return
     raise RuntimeError(
         f"adaptau triton backend: tensors on {t.device} are not supported (CUDA tensors, or "
-        "CPU tensors with TRITON_INTERPRET=1 set before Triton is imported)")
+        "CPU tensors with TRITON_INTERPRET=1 set before Triton is imported)"
+    )
 
 
 def _block_d(dim: int) -> int:
@@ -880,8 +1249,7 @@ def _empty(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
     if not _poison:
         return torch.empty(shape, dtype=dtype, device=device)
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
-    return torch.full(shape, -1 if not dtype.is_floating_point else float("nan"), dtype=dtype,
-                      device=device)
+    return torch.full(shape, -1 if not dtype.is_floating_point else float("nan"), dtype=dtype, device=device)
 
 
 # ------------------------------------------------------------------- split of the grid
@@ -953,9 +1321,21 @@ def _inv_norms(x: Tensor, acc: torch.dtype, touched=None) -> Tensor:
     block_r = _row_block(block_d)
     keys, owner = touched if touched is not None else (out, out)
     count = keys.numel() if touched is not None else rows
-    _launch(_inv_norm_kernel, (triton.cdiv(count, block_r),), x, out, keys, owner, count, dim,
-            NORM_EPS, KEYED=touched is not None, BLOCK_R=block_r, BLOCK_D=block_d,
-            ACC=_TL_DTYPES[acc])
+    _launch(
+        _inv_norm_kernel,
+        (triton.cdiv(count, block_r),),
+        x,
+        out,
+        keys,
+        owner,
+        count,
+        dim,
+        NORM_EPS,
+        KEYED=touched is not None,
+        BLOCK_R=block_r,
+        BLOCK_D=block_d,
+        ACC=_TL_DTYPES[acc],
+    )
     return out
 
 
@@ -963,10 +1343,20 @@ def _neg_parts(pos: Tensor, neg: Tensor, neg_mode: int):
     return (pos,) if neg_mode == NEG_IN_BATCH else (pos, neg)
 
 
-def forward(user: Tensor, items: Tensor, pos: Tensor, neg: Tensor, pos_scale: Tensor,
-            neg_scale: Tensor, neg_logq: Optional[Tensor], neg_mode: int, include_pos: bool,
-            normalize: bool, remove_hits: bool, compute_raw: bool
-            ) -> Tuple[Tensor, Tensor, Tensor]:
+def forward(
+    user: Tensor,
+    items: Tensor,
+    pos: Tensor,
+    neg: Tensor,
+    pos_scale: Tensor,
+    neg_scale: Tensor,
+    neg_logq: Optional[Tensor],
+    neg_mode: int,
+    include_pos: bool,
+    normalize: bool,
+    remove_hits: bool,
+    compute_raw: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
     """Backend forward (contract in :mod:`adaptau.loss._contract`): ``(loss, lse, raw or [0])``."""
     _check_device(user)
     batch, dim = user.shape
@@ -988,37 +1378,105 @@ def forward(user: Tensor, items: Tensor, pos: Tensor, neg: Tensor, pos_scale: Te
     if neg_mode == NEG_PER_ROW:
         m = neg.shape[1]
         block_m = _rows_block_m(block_d, m)
-        _launch(_fwd_rows_kernel, (batch,),
-                user, items, pos, neg, pos_scale, neg_scale, logq, ru, ri, loss, lse, raw_arg,
-                m, dim, HAS_LOGQ=neg_logq is not None, INCLUDE_POS=bool(include_pos),
-                NORMALIZE=bool(normalize), REMOVE_HITS=bool(remove_hits),
-                COMPUTE_RAW=bool(compute_raw), BLOCK_M=block_m, BLOCK_D=block_d, ACC=tl_acc,
-                num_warps=_num_warps(block_m * block_d))
+        _launch(
+            _fwd_rows_kernel,
+            (batch,),
+            user,
+            items,
+            pos,
+            neg,
+            pos_scale,
+            neg_scale,
+            logq,
+            ru,
+            ri,
+            loss,
+            lse,
+            raw_arg,
+            m,
+            dim,
+            HAS_LOGQ=neg_logq is not None,
+            INCLUDE_POS=bool(include_pos),
+            NORMALIZE=bool(normalize),
+            REMOVE_HITS=bool(remove_hits),
+            COMPUTE_RAW=bool(compute_raw),
+            BLOCK_M=block_m,
+            BLOCK_D=block_d,
+            ACC=tl_acc,
+            num_warps=_num_warps(block_m * block_d),
+        )
     elif neg_mode in (NEG_SHARED, NEG_IN_BATCH):
         cand = neg if neg_mode == NEG_SHARED else pos
         m = cand.shape[0]
         nsplit = _split_count(triton.cdiv(batch, 64), triton.cdiv(m, 128), dev)
         part = _empty((4 if compute_raw else 2) * nsplit * batch, acc, dev)
-        _launch(_fwd_tiles_kernel, lambda meta: (triton.cdiv(batch, meta["BLOCK_B"]), nsplit),
-                user, items, pos, cand, neg_scale, logq, ru, ri, part, batch, m, dim, nsplit,
-                _tune_tag(), IN_BATCH=neg_mode == NEG_IN_BATCH,
-                HAS_LOGQ=neg_logq is not None, NORMALIZE=bool(normalize),
-                REMOVE_HITS=bool(remove_hits), COMPUTE_RAW=bool(compute_raw),
-                BLOCK_D=block_d, BLOCK_K=_score_chunk(user.dtype, block_d), ACC=tl_acc,
-                DOT_PRECISION=_dot_precision(user.dtype))
+        _launch(
+            _fwd_tiles_kernel,
+            lambda meta: (triton.cdiv(batch, meta["BLOCK_B"]), nsplit),
+            user,
+            items,
+            pos,
+            cand,
+            neg_scale,
+            logq,
+            ru,
+            ri,
+            part,
+            batch,
+            m,
+            dim,
+            nsplit,
+            _tune_tag(),
+            IN_BATCH=neg_mode == NEG_IN_BATCH,
+            HAS_LOGQ=neg_logq is not None,
+            NORMALIZE=bool(normalize),
+            REMOVE_HITS=bool(remove_hits),
+            COMPUTE_RAW=bool(compute_raw),
+            BLOCK_D=block_d,
+            BLOCK_K=_score_chunk(user.dtype, block_d),
+            ACC=tl_acc,
+            DOT_PRECISION=_dot_precision(user.dtype),
+        )
         block_dm = min(block_d, 128)
         block_r = max(1, min(64, 2048 // block_dm))
-        _launch(_fwd_merge_kernel, (triton.cdiv(batch, block_r),),
-                user, items, pos, pos_scale, ru, ri, part, loss, lse, raw_arg, batch, dim,
-                nsplit, INCLUDE_POS=bool(include_pos), NORMALIZE=bool(normalize),
-                COMPUTE_RAW=bool(compute_raw), BLOCK_R=block_r, BLOCK_D=block_dm, ACC=tl_acc)
+        _launch(
+            _fwd_merge_kernel,
+            (triton.cdiv(batch, block_r),),
+            user,
+            items,
+            pos,
+            pos_scale,
+            ru,
+            ri,
+            part,
+            loss,
+            lse,
+            raw_arg,
+            batch,
+            dim,
+            nsplit,
+            INCLUDE_POS=bool(include_pos),
+            NORMALIZE=bool(normalize),
+            COMPUTE_RAW=bool(compute_raw),
+            BLOCK_R=block_r,
+            BLOCK_D=block_dm,
+            ACC=tl_acc,
+        )
     else:
         raise ValueError(f"unknown neg_mode {neg_mode}")
     return loss, lse, raw
 
 
-def _segment_reduce(keys: Tensor, weights: Tensor, src_rows: Tensor, src: Tensor,
-                    items: Tensor, ri: Tensor, normalize: bool, acc: torch.dtype) -> Tensor:
+def _segment_reduce(
+    keys: Tensor,
+    weights: Tensor,
+    src_rows: Tensor,
+    src: Tensor,
+    items: Tensor,
+    ri: Tensor,
+    normalize: bool,
+    acc: torch.dtype,
+) -> Tensor:
     """grad_items[i] = J_i · Σ_{j: keys[j]=i} weights[j]·src[src_rows[j]] (J_i: normalization).
 
     With at least as many contributions as table rows, one program per row; with fewer,
@@ -1043,16 +1501,44 @@ def _segment_reduce(keys: Tensor, weights: Tensor, src_rows: Tensor, src: Tensor
         ends = item_ids = starts
         grad_items = _empty(items.shape, items.dtype, items.device)
         grid, keyed = (num_items,), False
-    _launch(_item_segment_kernel, grid, starts, ends, item_ids, w_sorted, rows_sorted,
-            src.contiguous(), items, ri, grad_items, dim, NORMALIZE=bool(normalize),
-            KEYED=keyed, BLOCK_P=block_p, BLOCK_D=block_d, ACC=_TL_DTYPES[acc])
+    _launch(
+        _item_segment_kernel,
+        grid,
+        starts,
+        ends,
+        item_ids,
+        w_sorted,
+        rows_sorted,
+        src.contiguous(),
+        items,
+        ri,
+        grad_items,
+        dim,
+        NORMALIZE=bool(normalize),
+        KEYED=keyed,
+        BLOCK_P=block_p,
+        BLOCK_D=block_d,
+        ACC=_TL_DTYPES[acc],
+    )
     return grad_items
 
 
-def backward(grad_loss: Tensor, user: Tensor, items: Tensor, pos: Tensor, neg: Tensor,
-             pos_scale: Tensor, neg_scale: Tensor, neg_logq: Optional[Tensor], lse: Tensor,
-             neg_mode: int, include_pos: bool, normalize: bool, remove_hits: bool,
-             need_scale_grads: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def backward(
+    grad_loss: Tensor,
+    user: Tensor,
+    items: Tensor,
+    pos: Tensor,
+    neg: Tensor,
+    pos_scale: Tensor,
+    neg_scale: Tensor,
+    neg_logq: Optional[Tensor],
+    lse: Tensor,
+    neg_mode: int,
+    include_pos: bool,
+    normalize: bool,
+    remove_hits: bool,
+    need_scale_grads: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Backend backward: ``(grad_user, grad_items, grad_pos_scale, grad_neg_scale)``."""
     _check_device(user)
     batch, dim = user.shape
@@ -1075,18 +1561,46 @@ def backward(grad_loss: Tensor, user: Tensor, items: Tensor, pos: Tensor, neg: T
     gi = torch.zeros((num_items, dim), dtype=acc, device=dev) if atomic else dummy
     wpos = dummy if atomic else _empty(batch, acc, dev)
     block_d = _block_d(dim)
-    flags = dict(HAS_LOGQ=neg_logq is not None, NORMALIZE=bool(normalize),
-                 REMOVE_HITS=bool(remove_hits), BLOCK_D=block_d, ACC=tl_acc)
+    flags = dict(
+        HAS_LOGQ=neg_logq is not None,
+        NORMALIZE=bool(normalize),
+        REMOVE_HITS=bool(remove_hits),
+        BLOCK_D=block_d,
+        ACC=tl_acc,
+    )
 
     if neg_mode == NEG_PER_ROW:
         m = neg.shape[1]
         w = dummy if atomic else _empty((batch, m), acc, dev)
         block_m = _rows_block_m_bwd(block_d, m)
-        _launch(_bwd_rows_kernel, (batch,),
-                grad_loss, user, items, pos, neg, pos_scale, neg_scale, logq, lse, ru, ri,
-                grad_user, gi, w, wpos, galpha, gbeta, m, dim, INCLUDE_POS=bool(include_pos),
-                ATOMIC=atomic, BLOCK_M=block_m, num_warps=_bwd_rows_warps(block_d, block_m),
-                **flags)
+        _launch(
+            _bwd_rows_kernel,
+            (batch,),
+            grad_loss,
+            user,
+            items,
+            pos,
+            neg,
+            pos_scale,
+            neg_scale,
+            logq,
+            lse,
+            ru,
+            ri,
+            grad_user,
+            gi,
+            w,
+            wpos,
+            galpha,
+            gbeta,
+            m,
+            dim,
+            INCLUDE_POS=bool(include_pos),
+            ATOMIC=atomic,
+            BLOCK_M=block_m,
+            num_warps=_bwd_rows_warps(block_d, block_m),
+            **flags,
+        )
         if not atomic:
             src = user.to(acc) * ru[:, None] if normalize else user.to(acc)
             rows = torch.arange(batch, device=dev)
@@ -1097,28 +1611,90 @@ def backward(grad_loss: Tensor, user: Tensor, items: Tensor, pos: Tensor, neg: T
     elif neg_mode in (NEG_SHARED, NEG_IN_BATCH):
         cand = neg if neg_mode == NEG_SHARED else pos
         m = cand.shape[0]
-        tiles = dict(IN_BATCH=neg_mode == NEG_IN_BATCH, DOT_PRECISION=_dot_precision(user.dtype),
-                     BLOCK_K=_score_chunk(user.dtype, block_d), **flags)
+        tiles = dict(
+            IN_BATCH=neg_mode == NEG_IN_BATCH,
+            DOT_PRECISION=_dot_precision(user.dtype),
+            BLOCK_K=_score_chunk(user.dtype, block_d),
+            **flags,
+        )
         tag = _tune_tag()
         nsplit = _split_count(triton.cdiv(batch, 64), triton.cdiv(m, 128), dev)
         gu_part = _empty((nsplit, batch, dim), acc, dev)
         sums_part = _empty(2 * nsplit * batch, acc, dev)
-        _launch(_bwd_tiles_rows_kernel,
-                lambda meta: (triton.cdiv(batch, meta["BLOCK_B"]), nsplit),
-                grad_loss, user, items, pos, cand, neg_scale, logq, lse, ru, ri, gu_part,
-                sums_part, batch, m, dim, nsplit, tag, **tiles)
+        _launch(
+            _bwd_tiles_rows_kernel,
+            lambda meta: (triton.cdiv(batch, meta["BLOCK_B"]), nsplit),
+            grad_loss,
+            user,
+            items,
+            pos,
+            cand,
+            neg_scale,
+            logq,
+            lse,
+            ru,
+            ri,
+            gu_part,
+            sums_part,
+            batch,
+            m,
+            dim,
+            nsplit,
+            tag,
+            **tiles,
+        )
         block_r = max(1, min(32, 2048 // block_d))
-        _launch(_bwd_rows_finish_kernel, (triton.cdiv(batch, block_r),),
-                grad_loss, user, items, pos, pos_scale, lse, ru, ri, gu_part, sums_part,
-                grad_user, gi, wpos, galpha, gbeta, batch, dim, nsplit,
-                INCLUDE_POS=bool(include_pos), NORMALIZE=bool(normalize), ATOMIC=atomic,
-                BLOCK_R=block_r, BLOCK_D=block_d, ACC=tl_acc)
+        _launch(
+            _bwd_rows_finish_kernel,
+            (triton.cdiv(batch, block_r),),
+            grad_loss,
+            user,
+            items,
+            pos,
+            pos_scale,
+            lse,
+            ru,
+            ri,
+            gu_part,
+            sums_part,
+            grad_user,
+            gi,
+            wpos,
+            galpha,
+            gbeta,
+            batch,
+            dim,
+            nsplit,
+            INCLUDE_POS=bool(include_pos),
+            NORMALIZE=bool(normalize),
+            ATOMIC=atomic,
+            BLOCK_R=block_r,
+            BLOCK_D=block_d,
+            ACC=tl_acc,
+        )
         nsplit_c = _split_count(triton.cdiv(m, 64), triton.cdiv(batch, 128), dev)
         gc_part = _empty((nsplit_c, m, dim), acc, dev)
-        _launch(_bwd_tiles_cols_kernel,
-                lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), nsplit_c),
-                grad_loss, user, items, pos, cand, neg_scale, logq, lse, ru, ri, gc_part,
-                batch, m, dim, nsplit_c, tag, **tiles)
+        _launch(
+            _bwd_tiles_cols_kernel,
+            lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), nsplit_c),
+            grad_loss,
+            user,
+            items,
+            pos,
+            cand,
+            neg_scale,
+            logq,
+            lse,
+            ru,
+            ri,
+            gc_part,
+            batch,
+            m,
+            dim,
+            nsplit_c,
+            tag,
+            **tiles,
+        )
         gcand = gc_part[0] if nsplit_c == 1 else gc_part.sum(0)  # fixed order: deterministic
         if atomic:
             gi.index_add_(0, cand.long(), gcand)
@@ -1144,9 +1720,22 @@ def backward(grad_loss: Tensor, user: Tensor, items: Tensor, pos: Tensor, neg: T
                 grad_items = gi if items.dtype == acc else torch.zeros_like(items)
                 count = keys.numel()
             block_r = _row_block(block_d)
-            _launch(_item_finalize_kernel, (triton.cdiv(count, block_r),),
-                    gi, items, ri, grad_items, keys, owner, count, dim,
-                    NORMALIZE=bool(normalize), KEYED=touched is not None, BLOCK_R=block_r,
-                    BLOCK_D=block_d, ACC=tl_acc)
+            _launch(
+                _item_finalize_kernel,
+                (triton.cdiv(count, block_r),),
+                gi,
+                items,
+                ri,
+                grad_items,
+                keys,
+                owner,
+                count,
+                dim,
+                NORMALIZE=bool(normalize),
+                KEYED=touched is not None,
+                BLOCK_R=block_r,
+                BLOCK_D=block_d,
+                ACC=tl_acc,
+            )
     # need_scale_grads: the scale gradients cost nothing extra, so they are always computed
     return grad_user, grad_items, galpha, gbeta

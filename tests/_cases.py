@@ -16,6 +16,7 @@ largest ``|ref|`` of the element's row for 2-D gradients and ``|ref|`` itself ot
 
 NaN never passes: any NaN in an output fails the case; ``-inf`` must match exactly.
 """
+
 from __future__ import annotations
 
 import zlib
@@ -35,11 +36,15 @@ def _cases():
             "include_pos": {"include_pos": True},
             "logq": {"logq": True},
             "remove_hits": {"remove_hits": True, "force_hits": True},
-            "all_options": {"include_pos": True, "logq": True, "remove_hits": True,
-                            "force_hits": True},
+            "all_options": {"include_pos": True, "logq": True, "remove_hits": True, "force_hits": True},
             "no_normalize": {"normalize": False},
-            "no_normalize_all": {"normalize": False, "include_pos": True, "logq": True,
-                                 "remove_hits": True, "force_hits": True},
+            "no_normalize_all": {
+                "normalize": False,
+                "include_pos": True,
+                "logq": True,
+                "remove_hits": True,
+                "force_hits": True,
+            },
             "empty_rows": {"remove_hits": True, "empty_rows": True},
             "duplicates": {"dup": True},
             "zero_vectors": {"zero_vec": True},
@@ -62,8 +67,7 @@ def _cases():
         for vname, opts in variants.items():
             cases[f"{mname}-{vname}"] = {**base, **opts}
     cases["api-autograd-perrow"] = {"mode": 0, "api": True, "include_pos": True, "logq": True}
-    cases["api-autograd-shared"] = {"mode": 1, "api": True, "remove_hits": True,
-                                    "force_hits": True}
+    cases["api-autograd-shared"] = {"mode": 1, "api": True, "remove_hits": True, "force_hits": True}
     cases["api-autograd-inbatch"] = {"mode": 2, "api": True}
     return cases
 
@@ -135,9 +139,16 @@ def make_inputs(name, spec, device="cpu", dtype=None):
     dtype = dtype or getattr(torch, spec.get("dtype", "float32"))
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     user, items = user.to(dtype), items.to(dtype)  # the backend's inputs (rounded)
-    out = dict(user=user, items=items, pos=pos.to(index_dtype), neg=neg.to(index_dtype),
-               alpha=alpha.to(acc), beta=beta.to(acc),
-               logq=None if logq is None else logq.to(acc), grad_loss=grad_loss.to(acc))
+    out = dict(
+        user=user,
+        items=items,
+        pos=pos.to(index_dtype),
+        neg=neg.to(index_dtype),
+        alpha=alpha.to(acc),
+        beta=beta.to(acc),
+        logq=None if logq is None else logq.to(acc),
+        grad_loss=grad_loss.to(acc),
+    )
     return {k: (None if v is None else v.to(device)) for k, v in out.items()}
 
 
@@ -179,9 +190,11 @@ def compare(label, got, ref, atol, rtol):
     if bad.any():
         where = bad.nonzero()[0].tolist()
         w = tuple(where)
-        return (f"{label}: |got-ref| = {float(err[w]):.3e} > {float(bound[w]):.3e} at {where} "
-                f"(got {float(got[w]):.8g}, ref {float(ref[w]):.8g}; "
-                f"max err {float(err[fin].max()):.3e})")
+        return (
+            f"{label}: |got-ref| = {float(err[w]):.3e} > {float(bound[w]):.3e} at {where} "
+            f"(got {float(got[w]):.8g}, ref {float(ref[w]):.8g}; "
+            f"max err {float(err[fin].max()):.3e})"
+        )
     return None
 
 
@@ -189,21 +202,43 @@ def _reference_results(x, spec, include_pos, normalize, remove_hits):
     import torch
     from adaptau.loss import reference
 
-    d64 = {k: (None if v is None else (v.double() if v.is_floating_point() else v))
-           for k, v in x.items()}
+    d64 = {k: (None if v is None else (v.double() if v.is_floating_point() else v)) for k, v in x.items()}
     mode = spec["mode"]
     loss, lse, raw = reference.forward(
-        d64["user"], d64["items"], d64["pos"], d64["neg"], d64["alpha"], d64["beta"],
-        d64["logq"], mode, include_pos, normalize, remove_hits, True)
+        d64["user"],
+        d64["items"],
+        d64["pos"],
+        d64["neg"],
+        d64["alpha"],
+        d64["beta"],
+        d64["logq"],
+        mode,
+        include_pos,
+        normalize,
+        remove_hits,
+        True,
+    )
     grads = reference.backward(
-        d64["grad_loss"], d64["user"], d64["items"], d64["pos"], d64["neg"], d64["alpha"],
-        d64["beta"], d64["logq"], lse, mode, include_pos, normalize, remove_hits, True)
+        d64["grad_loss"],
+        d64["user"],
+        d64["items"],
+        d64["pos"],
+        d64["neg"],
+        d64["alpha"],
+        d64["beta"],
+        d64["logq"],
+        lse,
+        mode,
+        include_pos,
+        normalize,
+        remove_hits,
+        True,
+    )
     assert all(torch.isfinite(g).all() for g in grads)
     return (loss, lse, raw) + tuple(grads)
 
 
-OUT_NAMES = ("loss", "lse", "raw", "grad_user", "grad_items", "grad_pos_scale",
-             "grad_neg_scale")
+OUT_NAMES = ("loss", "lse", "raw", "grad_user", "grad_items", "grad_pos_scale", "grad_neg_scale")
 
 
 def check_backend_functions(name, spec, fwd, bwd, device="cpu", dtype=None):
@@ -213,10 +248,36 @@ def check_backend_functions(name, spec, fwd, bwd, device="cpu", dtype=None):
     normalize = bool(spec.get("normalize", True))
     remove_hits = bool(spec.get("remove_hits", False))
     mode = spec["mode"]
-    loss, lse, raw = fwd(x["user"], x["items"], x["pos"], x["neg"], x["alpha"], x["beta"],
-                         x["logq"], mode, include_pos, normalize, remove_hits, True)
-    grads = bwd(x["grad_loss"], x["user"], x["items"], x["pos"], x["neg"], x["alpha"],
-                x["beta"], x["logq"], lse, mode, include_pos, normalize, remove_hits, True)
+    loss, lse, raw = fwd(
+        x["user"],
+        x["items"],
+        x["pos"],
+        x["neg"],
+        x["alpha"],
+        x["beta"],
+        x["logq"],
+        mode,
+        include_pos,
+        normalize,
+        remove_hits,
+        True,
+    )
+    grads = bwd(
+        x["grad_loss"],
+        x["user"],
+        x["items"],
+        x["pos"],
+        x["neg"],
+        x["alpha"],
+        x["beta"],
+        x["logq"],
+        lse,
+        mode,
+        include_pos,
+        normalize,
+        remove_hits,
+        True,
+    )
     got = (loss, lse, raw) + tuple(grads)
     ref = _reference_results(x, spec, include_pos, normalize, remove_hits)
     dname = str(x["user"].dtype).replace("torch.", "")
@@ -224,8 +285,7 @@ def check_backend_functions(name, spec, fwd, bwd, device="cpu", dtype=None):
     if "grad_atol" in spec:
         tol["grad"] = (spec["grad_atol"], tol["grad"][1])
     problems = []
-    expected_dtypes = [x["alpha"].dtype] * 3 + [x["user"].dtype, x["items"].dtype] + \
-        [x["alpha"].dtype] * 2
+    expected_dtypes = [x["alpha"].dtype] * 3 + [x["user"].dtype, x["items"].dtype] + [x["alpha"].dtype] * 2
     for i, (label, g, r) in enumerate(zip(OUT_NAMES, got, ref)):
         if g.dtype != expected_dtypes[i]:
             problems.append(f"{label}: dtype {g.dtype}, expected {expected_dtypes[i]}")
@@ -242,20 +302,24 @@ def check_public_api(name, spec, backend, device="cpu", dtype=None):
     import adaptau
 
     x = make_inputs(name, spec, device, dtype)
-    kwargs = dict(include_pos=bool(spec.get("include_pos", False)),
-                  normalize=bool(spec.get("normalize", True)),
-                  neg_logq=x["logq"], remove_accidental_hits=bool(spec.get("remove_hits")),
-                  reduction="none", return_raw=True)
+    kwargs = dict(
+        include_pos=bool(spec.get("include_pos", False)),
+        normalize=bool(spec.get("normalize", True)),
+        neg_logq=x["logq"],
+        remove_accidental_hits=bool(spec.get("remove_hits")),
+        reduction="none",
+        return_raw=True,
+    )
     neg = None if spec["mode"] == 2 else x["neg"]
 
     def run(cast, backend_name):
-        leaves = [cast(x[k]).detach().requires_grad_(True)
-                  for k in ("user", "items", "alpha", "beta")]
+        leaves = [cast(x[k]).detach().requires_grad_(True) for k in ("user", "items", "alpha", "beta")]
         kw = dict(kwargs)
         if kw["neg_logq"] is not None:
             kw["neg_logq"] = cast(kw["neg_logq"])
-        loss, raw = adaptau.softmax_loss(leaves[0], leaves[1], x["pos"], neg, leaves[2],
-                                         leaves[3], backend=backend_name, **kw)
+        loss, raw = adaptau.softmax_loss(
+            leaves[0], leaves[1], x["pos"], neg, leaves[2], leaves[3], backend=backend_name, **kw
+        )
         (loss * cast(x["grad_loss"])).sum().backward()
         return [loss, raw] + [t.grad for t in leaves]
 
@@ -273,20 +337,39 @@ def check_public_api(name, spec, backend, device="cpu", dtype=None):
     return problems
 
 
-
 GPU_CASES = {
-    "perrow": {"mode": 0, "B": 64, "N": 300, "D": 64, "M": 200, "logq": True,
-               "include_pos": True, "dup": True},
-    "perrow-hits-odd-dim": {"mode": 0, "B": 33, "N": 50, "D": 37, "M": 70,
-                            "remove_hits": True, "force_hits": True},
-    "perrow-empty": {"mode": 0, "B": 9, "N": 20, "D": 32, "M": 10, "remove_hits": True,
-                     "empty_rows": True},
-    "shared": {"mode": 1, "B": 150, "N": 400, "D": 64, "M": 130, "remove_hits": True,
-               "force_hits": True, "dup": True},
-    "shared-no-normalize": {"mode": 1, "B": 40, "N": 100, "D": 24, "M": 70,
-                            "normalize": False, "logq": True},
+    "perrow": {
+        "mode": 0,
+        "B": 64,
+        "N": 300,
+        "D": 64,
+        "M": 200,
+        "logq": True,
+        "include_pos": True,
+        "dup": True,
+    },
+    "perrow-hits-odd-dim": {
+        "mode": 0,
+        "B": 33,
+        "N": 50,
+        "D": 37,
+        "M": 70,
+        "remove_hits": True,
+        "force_hits": True,
+    },
+    "perrow-empty": {"mode": 0, "B": 9, "N": 20, "D": 32, "M": 10, "remove_hits": True, "empty_rows": True},
+    "shared": {
+        "mode": 1,
+        "B": 150,
+        "N": 400,
+        "D": 64,
+        "M": 130,
+        "remove_hits": True,
+        "force_hits": True,
+        "dup": True,
+    },
+    "shared-no-normalize": {"mode": 1, "B": 40, "N": 100, "D": 24, "M": 70, "normalize": False, "logq": True},
     "inbatch": {"mode": 2, "B": 140, "N": 90, "D": 64, "logq": True},
-    "inbatch-large-scale": {"mode": 2, "B": 40, "N": 500, "D": 128, "scale": 1e3,
-                            "include_pos": True},
+    "inbatch-large-scale": {"mode": 2, "B": 40, "N": 500, "D": 128, "scale": 1e3, "include_pos": True},
 }
 GPU_DTYPES = ("float32", "bfloat16", "float16")

@@ -3,11 +3,24 @@
 Written from docs/design.md §2 without sharing code with adaptau.loss.reference: for each row it
 lists the candidate logits explicitly and applies logsumexp. Differentiable by autograd.
 """
+
 import torch
 
 
-def naive_rows(user, items, pos, neg, alpha, beta, logq=None, *, include_pos=False,
-               normalize=True, remove_hits=False, eps=1e-12):
+def naive_rows(
+    user,
+    items,
+    pos,
+    neg,
+    alpha,
+    beta,
+    logq=None,
+    *,
+    include_pos=False,
+    normalize=True,
+    remove_hits=False,
+    eps=1e-12,
+):
     """Per-row losses ``[B]`` (float64) for neg ``[B, M]``, ``[M]`` or None (in-batch)."""
     B = user.shape[0]
     if normalize:
@@ -27,8 +40,9 @@ def naive_rows(user, items, pos, neg, alpha, beta, logq=None, *, include_pos=Fal
         if remove_hits:
             cands = [n for n in cands if n != p]
         pos_logit = alpha[b] * torch.dot(user[b], items[p])
-        terms = [beta[b] * torch.dot(user[b], items[n]) - (logq[n] if logq is not None else 0.0)
-                 for n in cands]
+        terms = [
+            beta[b] * torch.dot(user[b], items[n]) - (logq[n] if logq is not None else 0.0) for n in cands
+        ]
         if include_pos:
             terms.append(pos_logit)
         if not terms:

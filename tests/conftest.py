@@ -3,6 +3,7 @@
 Random inputs use a fresh seed each run (printed on failure via the ``seed`` fixture's
 value in the test id/report); set ADAPTAU_TEST_SEED to replay one.
 """
+
 import os
 import pathlib
 import random
@@ -50,8 +51,10 @@ def cpu_capability(request, monkeypatch):
     if not supported:
         pytest.skip("the adaptau C++ extension is not built")
     if level not in supported:
-        pytest.skip(f"the {level} kernels need a CPU with {_CPU_CAPABILITY_NEEDS[level]} (and an x86-64 "
-                    f"build); this one supports {', '.join(supported)}")
+        pytest.skip(
+            f"the {level} kernels need a CPU with {_CPU_CAPABILITY_NEEDS[level]} (and an x86-64 "
+            f"build); this one supports {', '.join(supported)}"
+        )
     before = ops._set_cpu_capability(level)
     monkeypatch.setenv("ADAPTAU_CPU_CAPABILITY", level)
     yield level

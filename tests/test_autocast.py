@@ -8,6 +8,7 @@ the call without autocast (``atol = rtol = 1e-6``); a bfloat16 tower's output (a
 layer under autocast) over an float32 table gives the loss of its output cast to float32,
 and the gradient reaches the layer's float32 weight.
 """
+
 import pytest
 import torch
 
@@ -41,8 +42,9 @@ def test_autocast_runs_in_the_input_dtype(backend, mode):
         u = user.clone().requires_grad_(True)
         it = items.clone().requires_grad_(True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss = adaptau.softmax_loss(u, it, pos, negs[mode], 5.0, 7.0, backend=backend,
-                                        include_pos=True, reduction="none")
+            loss = adaptau.softmax_loss(
+                u, it, pos, negs[mode], 5.0, 7.0, backend=backend, include_pos=True, reduction="none"
+            )
             grads = torch.autograd.grad(loss.sum(), (u, it))
         assert loss.dtype == torch.float32
         assert not any(torch.isnan(t).any() for t in (loss, *grads))
@@ -61,8 +63,7 @@ def test_bf16_tower_over_fp32_table(backend):
         loss = adaptau.softmax_loss(out, items, pos, negs["shared"], 5.0, 5.0, backend=backend)
     loss.backward()
     assert loss.dtype == torch.float32
-    want = adaptau.softmax_loss(out.detach().float(), items, pos, negs["shared"], 5.0, 5.0,
-                                backend=backend)
+    want = adaptau.softmax_loss(out.detach().float(), items, pos, negs["shared"], 5.0, 5.0, backend=backend)
     torch.testing.assert_close(loss.detach(), want, atol=1e-6, rtol=1e-6)
     assert tower.weight.grad is not None and tower.weight.grad.dtype == torch.float32
     assert torch.isfinite(tower.weight.grad).all() and tower.weight.grad.abs().sum() > 0

@@ -7,6 +7,7 @@
 * Resuming after a stop reproduces the uninterrupted run (the numpy RNG state survives the
   plain-value format).
 """
+
 import json
 import pickle
 
@@ -18,8 +19,20 @@ from adaptau.train import cli
 from adaptau.train.checkpoints import CheckpointError, load_checkpoint
 
 TINY = "synthetic:num_users=240,num_items=160"
-BASE = ["--data", TINY, "--dim", "16", "--batch-size", "256", "--negatives", "16",
-        "--warmup", "1", "--progress", "off"]
+BASE = [
+    "--data",
+    TINY,
+    "--dim",
+    "16",
+    "--batch-size",
+    "256",
+    "--negatives",
+    "16",
+    "--warmup",
+    "1",
+    "--progress",
+    "off",
+]
 CPU_BACKENDS = [b for b in adaptau.available_backends("cpu") if b != "triton"]
 
 
@@ -59,8 +72,10 @@ def test_corrupt_checkpoints_are_one_line_errors(tmp_path, content):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_infinite_lr_stops_with_status_3_and_finite_checkpoints(tmp_path, backend, capsys):
     run = tmp_path / "run"
-    assert cli.main(["train", *BASE, "--epochs", "3", "--lr", "inf", "--backend", backend,
-                     "--out", str(run)]) == 3
+    assert (
+        cli.main(["train", *BASE, "--epochs", "3", "--lr", "inf", "--backend", backend, "--out", str(run)])
+        == 3
+    )
     assert "non-finite" in capsys.readouterr().err
     for name in ("last.pt", "best.pt"):
         if (run / name).exists():
@@ -113,8 +128,18 @@ def test_a_running_folder_is_locked(tmp_path):
 def _tiny_cfg(out, **kw):
     from adaptau.train import TrainConfig
 
-    base = dict(data=TINY, out=str(out), epochs=2, dim=16, batch_size=256, negatives=16,
-                warmup=1, lr=0.05, progress="off", backend=CPU_BACKENDS[0])  # cpu when built
+    base = dict(
+        data=TINY,
+        out=str(out),
+        epochs=2,
+        dim=16,
+        batch_size=256,
+        negatives=16,
+        warmup=1,
+        lr=0.05,
+        progress="off",
+        backend=CPU_BACKENDS[0],
+    )  # cpu when built
     base.update(kw)
     return TrainConfig(**base)
 
@@ -147,8 +172,9 @@ def test_sparse_adam_run_resumes_exactly(tmp_path):
 
 
 def test_sparse_grad_is_for_mf(tmp_path, capsys):
-    assert cli.main(["train", *BASE, "--model", "lightgcn", "--sparse-grad",
-                     "--out", str(tmp_path / "r")]) == 2
+    assert (
+        cli.main(["train", *BASE, "--model", "lightgcn", "--sparse-grad", "--out", str(tmp_path / "r")]) == 2
+    )
     assert "--sparse-grad is for MF" in capsys.readouterr().err
 
 

@@ -1,4 +1,5 @@
 """torch.compile(fullgraph=True) traces softmax_loss without graph breaks, same results."""
+
 import pytest
 import torch
 
@@ -7,10 +8,15 @@ import adaptau
 pytestmark = pytest.mark.filterwarnings("ignore:adaptau. no fused backend")
 
 # Every CPU backend this build has (the fused C++ kernel only when it was compiled).
-BACKENDS = [pytest.param("reference"),
-            pytest.param("cpu", marks=pytest.mark.skipif(
-                "cpu" not in adaptau.available_backends("cpu"),
-                reason="the C++ extension adaptau._C is not built"))]
+BACKENDS = [
+    pytest.param("reference"),
+    pytest.param(
+        "cpu",
+        marks=pytest.mark.skipif(
+            "cpu" not in adaptau.available_backends("cpu"), reason="the C++ extension adaptau._C is not built"
+        ),
+    ),
+]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -23,15 +29,18 @@ def test_compile_fullgraph_matches_eager(seed, neg_mode, include_pos, backend):
     user = torch.randn(B, D, generator=gen)
     items = torch.randn(N, D, generator=gen)
     pos = torch.randint(0, N, (B,), generator=gen)
-    neg = {"per_row": torch.randint(0, N, (B, M), generator=gen),
-           "shared": torch.randint(0, N, (M,), generator=gen), "in_batch": None}[neg_mode]
+    neg = {
+        "per_row": torch.randint(0, N, (B, M), generator=gen),
+        "shared": torch.randint(0, N, (M,), generator=gen),
+        "in_batch": None,
+    }[neg_mode]
     alpha = torch.rand(B, generator=gen) * 5 + 1
     logq = torch.randn(N, generator=gen)
 
     def f(u, it, a):
-        loss, raw = adaptau.softmax_loss(u, it, pos, neg, a, 4.0, neg_logq=logq,
-                                         include_pos=include_pos, return_raw=True,
-                                         backend=backend)
+        loss, raw = adaptau.softmax_loss(
+            u, it, pos, neg, a, 4.0, neg_logq=logq, include_pos=include_pos, return_raw=True, backend=backend
+        )
         return loss * 2.0, raw
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")

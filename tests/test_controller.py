@@ -1,4 +1,5 @@
 """The Adap-τ controller on a constructed dataset, computed independently with numpy/scipy."""
+
 import math
 import os
 import tempfile
@@ -178,8 +179,9 @@ def test_loss_module_skips_raw_losses_when_the_mode_does_not_use_them(seed):
     neg = torch.randint(0, NUM_ITEMS, (8, 5), generator=gen)
     losses = {}
     for mode in ("global", "adaptive"):
-        crit = AdapTauLoss(users, items, num_users=NUM_USERS, num_items=NUM_ITEMS, warmup=1,
-                           mode=mode, backend="reference")
+        crit = AdapTauLoss(
+            users, items, num_users=NUM_USERS, num_items=NUM_ITEMS, warmup=1, mode=mode, backend="reference"
+        )
         crit.begin_epoch(0)
         losses[mode] = crit(uv[users[rows]], iv, items[rows], neg, users[rows])
         assert losses[mode].dim() == 0 and torch.isfinite(losses[mode])
@@ -232,8 +234,7 @@ def test_bad_arguments():
 def test_adaptau_loss_module_drives_controller(seed):
     gen = torch.Generator().manual_seed(seed)
     users, items = interactions()
-    crit = AdapTauLoss(users, items, num_users=NUM_USERS, num_items=NUM_ITEMS, warmup=1,
-                       backend="reference")
+    crit = AdapTauLoss(users, items, num_users=NUM_USERS, num_items=NUM_ITEMS, warmup=1, backend="reference")
     uv, iv = aligned_tables(users, items, gen)
     uv.requires_grad_()
     iv.requires_grad_()
@@ -243,8 +244,17 @@ def test_adaptau_loss_module_drives_controller(seed):
     loss = crit(uv[users[rows]], iv, items[rows], neg, users[rows])
     loss.backward()
     assert torch.isfinite(loss) and uv.grad is not None
-    _, raw = adaptau.softmax_loss(uv[users[rows]].detach(), iv.detach(), items[rows], neg, 1.0, 1.0,
-                                  reduction="none", return_raw=True, backend="reference")
+    _, raw = adaptau.softmax_loss(
+        uv[users[rows]].detach(),
+        iv.detach(),
+        items[rows],
+        neg,
+        1.0,
+        1.0,
+        reduction="none",
+        return_raw=True,
+        backend="reference",
+    )
     sums = torch.zeros(NUM_USERS, dtype=torch.float64).index_add_(0, users[rows], raw.double())
     assert torch.allclose(crit.controller._loss_sum, sums)
     crit.eval()

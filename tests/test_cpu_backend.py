@@ -19,6 +19,7 @@ Tolerances (relative to the magnitude ``scale = max(1, max|reference|)`` of each
 Non-finite values never pass: every output is asserted finite first (lse may be -inf only
 for an empty row, which is checked on its own).
 """
+
 import itertools
 import os
 import subprocess
@@ -32,9 +33,10 @@ import adaptau
 
 pytestmark = [
     pytest.mark.usefixtures("cpu_capability"),
-    pytest.mark.skipif("cpu" not in adaptau.available_backends("cpu"),
-                       reason="the adaptau C++ CPU kernel is not built (adaptau._C missing or "
-                              "without a CPU kernel)"),
+    pytest.mark.skipif(
+        "cpu" not in adaptau.available_backends("cpu"),
+        reason="the adaptau C++ CPU kernel is not built (adaptau._C missing or without a CPU kernel)",
+    ),
 ]
 
 MODES = ("per_row", "shared", "in_batch")
@@ -58,8 +60,7 @@ def make_inputs(gen, B, N, D, M, mode, *, index_dtype=torch.int64, scale_hi=5.0)
     beta = torch.rand(B, generator=gen, dtype=torch.float64) * scale_hi + 0.5
     logq = torch.randn(N, generator=gen, dtype=torch.float64)
     weight = torch.randn(B, generator=gen, dtype=torch.float64)
-    return dict(user=user, items=items, pos=pos, neg=neg, alpha=alpha, beta=beta, logq=logq,
-                weight=weight)
+    return dict(user=user, items=items, pos=pos, neg=neg, alpha=alpha, beta=beta, logq=logq, weight=weight)
 
 
 def run(backend, inp, dtype, *, use_logq=True, return_raw=True, **options):
@@ -71,20 +72,37 @@ def run(backend, inp, dtype, *, use_logq=True, return_raw=True, **options):
     alpha = inp["alpha"].detach().to(acc).clone().requires_grad_()
     beta = inp["beta"].detach().to(acc).clone().requires_grad_()
     logq = inp["logq"].to(acc) if use_logq else None
-    out = adaptau.softmax_loss(user, items, inp["pos"], inp["neg"], alpha, beta,
-                               neg_logq=logq, reduction="none", return_raw=return_raw,
-                               backend=backend, **options)
+    out = adaptau.softmax_loss(
+        user,
+        items,
+        inp["pos"],
+        inp["neg"],
+        alpha,
+        beta,
+        neg_logq=logq,
+        reduction="none",
+        return_raw=return_raw,
+        backend=backend,
+        **options,
+    )
     loss, raw = out if return_raw else (out, None)
     (loss * inp["weight"].to(loss.dtype)).sum().backward()
-    return dict(loss=loss.detach(), raw=raw, grad_user=user.grad, grad_items=items.grad,
-                grad_alpha=alpha.grad, grad_beta=beta.grad)
+    return dict(
+        loss=loss.detach(),
+        raw=raw,
+        grad_user=user.grad,
+        grad_items=items.grad,
+        grad_alpha=alpha.grad,
+        grad_beta=beta.grad,
+    )
 
 
 def reference(inp, *, rounded_from=None, **kw):
     """The float64 reference (optionally on inputs rounded to a low-precision dtype)."""
     if rounded_from is not None:
-        inp = dict(inp, user=inp["user"].to(rounded_from).double(),
-                   items=inp["items"].to(rounded_from).double())
+        inp = dict(
+            inp, user=inp["user"].to(rounded_from).double(), items=inp["items"].to(rounded_from).double()
+        )
     return run("reference", inp, torch.float64, **kw)
 
 
@@ -99,8 +117,9 @@ def assert_matches(out, ref, dtype, *, rtol=None, atol=None, what=""):
         assert torch.isfinite(got).all(), f"{what}: {key} is not finite: {got}"
         assert got.shape == expected.shape, f"{what}: {key} shape {got.shape} != {expected.shape}"
         scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
-        torch.testing.assert_close(got.double(), expected, rtol=rtol, atol=atol * scale,
-                                   msg=lambda m: f"{what}: {key}: {m}")
+        torch.testing.assert_close(
+            got.double(), expected, rtol=rtol, atol=atol * scale, msg=lambda m: f"{what}: {key}: {m}"
+        )
 
 
 # ------------------------------------------------------------------------- option grid
@@ -109,17 +128,21 @@ def assert_matches(out, ref, dtype, *, rtol=None, atol=None, what=""):
 def test_every_option_combination(seed, mode, dtype):
     gen = torch.Generator().manual_seed(seed)
     for index_dtype, (include_pos, normalize, remove_hits, use_logq) in itertools.product(
-            (torch.int64, torch.int32), itertools.product((False, True), repeat=4)):
+        (torch.int64, torch.int32), itertools.product((False, True), repeat=4)
+    ):
         # N small so duplicates and accidental hits are frequent.
         inp = make_inputs(gen, 6, 9, 12, 7, mode, index_dtype=index_dtype)
-        opts = dict(include_pos=include_pos, normalize=normalize,
-                    remove_accidental_hits=remove_hits, use_logq=use_logq)
+        opts = dict(
+            include_pos=include_pos,
+            normalize=normalize,
+            remove_accidental_hits=remove_hits,
+            use_logq=use_logq,
+        )
         out = run("cpu", inp, dtype, **opts)
         # normalize=False: logits are dot products (|logit| up to ~50 here, not bounded by
         # the cosine), so float32 exp(logit - lse) carries ~|logit|·6e-8 absolute error.
         tol = dict(atol=1e-4) if (not normalize and dtype == torch.float32) else {}
-        assert_matches(out, reference(inp, **opts), dtype, **tol,
-                       what=f"{mode} {index_dtype} {opts}")
+        assert_matches(out, reference(inp, **opts), dtype, **tol, what=f"{mode} {index_dtype} {opts}")
 
 
 @pytest.mark.parametrize("D", [1, 3, 17, 64, 100, 257])
@@ -134,8 +157,13 @@ def test_odd_shapes(seed, mode, D):
             # D = 1: the normalization's Jacobian is exactly 0 in theory; float32 leaves
             # g·(1 - x̂²)/||x|| ~ 1e-7·g/||x||, so allow 1e-3 absolute there.
             tol = dict(atol=1e-3) if (D == 1 and dtype == torch.float32) else {}
-            assert_matches(out, reference(inp, include_pos=B % 2 == 1), dtype, **tol,
-                           what=f"{mode} B={B} M={M} D={D} {dtype}")
+            assert_matches(
+                out,
+                reference(inp, include_pos=B % 2 == 1),
+                dtype,
+                **tol,
+                what=f"{mode} B={B} M={M} D={D} {dtype}",
+            )
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -145,8 +173,12 @@ def test_larger_shapes_cross_chunks_and_tiles(seed, mode):
     inp = make_inputs(gen, 150, 5000, 32, 300, mode)
     for dtype in (torch.float32, torch.float64):
         out = run("cpu", inp, dtype, include_pos=True, remove_accidental_hits=True)
-        assert_matches(out, reference(inp, include_pos=True, remove_accidental_hits=True), dtype,
-                       what=f"{mode} large {dtype}")
+        assert_matches(
+            out,
+            reference(inp, include_pos=True, remove_accidental_hits=True),
+            dtype,
+            what=f"{mode} large {dtype}",
+        )
 
 
 # ------------------------------------------------------------------- special inputs
@@ -154,8 +186,8 @@ def test_larger_shapes_cross_chunks_and_tiles(seed, mode):
 def test_duplicate_users_and_negatives(seed, mode):
     gen = torch.Generator().manual_seed(seed)
     inp = make_inputs(gen, 8, 4, 16, 12, mode)  # 4 items: every negative repeats
-    inp["user"][4:] = inp["user"][:4]           # duplicate user rows ...
-    inp["pos"][4:] = inp["pos"][:4]             # ... with the same positives
+    inp["user"][4:] = inp["user"][:4]  # duplicate user rows ...
+    inp["pos"][4:] = inp["pos"][:4]  # ... with the same positives
     for dtype in (torch.float32, torch.float64):
         out = run("cpu", inp, dtype)
         assert_matches(out, reference(inp), dtype, what=f"{mode} duplicates {dtype}")
@@ -165,8 +197,9 @@ def test_duplicate_users_and_negatives(seed, mode):
     grads = []
     for backend in ("cpu", "reference"):
         table.grad = None
-        loss = adaptau.softmax_loss(table[ids], inp["items"].float(), inp["pos"], inp["neg"],
-                                    3.0, 4.0, backend=backend)
+        loss = adaptau.softmax_loss(
+            table[ids], inp["items"].float(), inp["pos"], inp["neg"], 3.0, 4.0, backend=backend
+        )
         loss.backward()
         grads.append(table.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
@@ -182,8 +215,12 @@ def test_zero_vectors(seed, mode):
     for dtype in (torch.float32, torch.float64):
         for normalize in (True, False):
             out = run("cpu", inp, dtype, normalize=normalize)
-            assert_matches(out, reference(inp, normalize=normalize), dtype,
-                           what=f"{mode} zeros normalize={normalize} {dtype}")
+            assert_matches(
+                out,
+                reference(inp, normalize=normalize),
+                dtype,
+                what=f"{mode} zeros normalize={normalize} {dtype}",
+            )
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -197,12 +234,19 @@ def test_high_inverse_temperature(seed, mode, temperature):
         for include_pos in (False, True):
             out = run("cpu", inp, dtype, include_pos=include_pos)
             tol = {} if dtype == torch.float64 else dict(rtol=5e-3, atol=5e-3)
-            assert_matches(out, reference(inp, include_pos=include_pos), dtype, **tol,
-                           what=f"{mode} 1/tau={temperature} {dtype}")
+            assert_matches(
+                out,
+                reference(inp, include_pos=include_pos),
+                dtype,
+                **tol,
+                what=f"{mode} 1/tau={temperature} {dtype}",
+            )
 
 
-@pytest.mark.parametrize("dtype,beta", [(torch.float32, 40.0), (torch.float32, 40.5),
-                                        (torch.float64, 300.0), (torch.float64, 301.0)])
+@pytest.mark.parametrize(
+    "dtype,beta",
+    [(torch.float32, 40.0), (torch.float32, 40.5), (torch.float64, 300.0), (torch.float64, 301.0)],
+)
 def test_fixed_reference_boundary(seed, dtype, beta):
     # Normalized, no logq, no hit removal, |beta| <= 40 (float32) / 300 (float64): the kernel
     # uses exp(beta*s - |beta|) with no running max and keeps those exps for the backward;
@@ -214,8 +258,8 @@ def test_fixed_reference_boundary(seed, dtype, beta):
     inp = make_inputs(gen, B, B * M + B + extra, D, M, "per_row")
     user = inp["user"]
     opposite = -user[:, None, :] + 0.05 * torch.randn(B, M, D, generator=gen, dtype=torch.float64)
-    inp["items"][:B * M] = opposite.reshape(B * M, D)
-    inp["items"][B * M:B * M + B] = -2.0 * user
+    inp["items"][: B * M] = opposite.reshape(B * M, D)
+    inp["items"][B * M : B * M + B] = -2.0 * user
     neg = torch.arange(B * M).view(B, M)
     neg[:, 0] = B * M + torch.arange(B)  # cosine exactly -1
     neg[4:] = torch.randint(0, inp["items"].shape[0], (B - 4, M), generator=gen)
@@ -224,8 +268,12 @@ def test_fixed_reference_boundary(seed, dtype, beta):
     inp["beta"][5] = -beta  # |beta| is what the bound is about
     for include_pos in (False, True):
         out = run("cpu", inp, dtype, use_logq=False, include_pos=include_pos)
-        assert_matches(out, reference(inp, use_logq=False, include_pos=include_pos), dtype,
-                       what=f"beta={beta} {dtype} include_pos={include_pos}")
+        assert_matches(
+            out,
+            reference(inp, use_logq=False, include_pos=include_pos),
+            dtype,
+            what=f"beta={beta} {dtype} include_pos={include_pos}",
+        )
 
 
 def test_empty_denominator_rows():
@@ -239,13 +287,14 @@ def test_empty_denominator_rows():
         if mode == 1:
             pos = torch.tensor([2, 2, 1])
         scale = torch.full((3,), 5.0)
-        loss, lse, _ = torch.ops.adaptau.fused_forward(user, items, pos, mode_neg, scale, scale,
-                                                       None, mode, False, True, True, False)
+        loss, lse, _ = torch.ops.adaptau.fused_forward(
+            user, items, pos, mode_neg, scale, scale, None, mode, False, True, True, False
+        )
         assert loss[0] == 0 and lse[0] == float("-inf")
         assert torch.isfinite(loss).all()
-        gu, gi, ga, gb = torch.ops.adaptau.fused_backward(torch.ones(3), user, items, pos,
-                                                          mode_neg, scale, scale, None, lse, mode,
-                                                          False, True, True, True)
+        gu, gi, ga, gb = torch.ops.adaptau.fused_backward(
+            torch.ones(3), user, items, pos, mode_neg, scale, scale, None, lse, mode, False, True, True, True
+        )
         assert (gu[0] == 0).all() and ga[0] == 0 and gb[0] == 0
         for g in (gu, gi, ga, gb):
             assert torch.isfinite(g).all()
@@ -253,10 +302,20 @@ def test_empty_denominator_rows():
         it = items.clone().requires_grad_()
         ref_u = user.double().requires_grad_()
         ref_it = items.double().requires_grad_()
-        adaptau.softmax_loss(u, it, pos, mode_neg, 5.0, 5.0, remove_accidental_hits=True,
-                             backend="cpu", reduction="sum").backward()
-        adaptau.softmax_loss(ref_u, ref_it, pos, mode_neg, 5.0, 5.0, remove_accidental_hits=True,
-                             backend="reference", reduction="sum").backward()
+        adaptau.softmax_loss(
+            u, it, pos, mode_neg, 5.0, 5.0, remove_accidental_hits=True, backend="cpu", reduction="sum"
+        ).backward()
+        adaptau.softmax_loss(
+            ref_u,
+            ref_it,
+            pos,
+            mode_neg,
+            5.0,
+            5.0,
+            remove_accidental_hits=True,
+            backend="reference",
+            reduction="sum",
+        ).backward()
         torch.testing.assert_close(u.grad.double(), ref_u.grad, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(it.grad.double(), ref_it.grad, rtol=1e-4, atol=1e-6)
 
@@ -272,10 +331,19 @@ def test_non_contiguous_inputs(seed):
     args = (user_big[:, ::2], items_t.t(), pos_big[::2], neg_big.t(), scale_big[::2], 3.0)
     assert not all(a.is_contiguous() for a in args[:5])
     got = adaptau.softmax_loss(*args, backend="cpu", reduction="none")
-    want = adaptau.softmax_loss(*(a.contiguous() if torch.is_tensor(a) else a for a in args),
-                                backend="cpu", reduction="none")
-    ref = adaptau.softmax_loss(args[0].double(), args[1].double(), args[2], args[3],
-                               args[4].double(), 3.0, backend="reference", reduction="none")
+    want = adaptau.softmax_loss(
+        *(a.contiguous() if torch.is_tensor(a) else a for a in args), backend="cpu", reduction="none"
+    )
+    ref = adaptau.softmax_loss(
+        args[0].double(),
+        args[1].double(),
+        args[2],
+        args[3],
+        args[4].double(),
+        3.0,
+        backend="reference",
+        reduction="none",
+    )
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
 
@@ -288,8 +356,9 @@ def test_low_precision_inputs_upcast(seed, mode, dtype):
     out = run("cpu", inp, dtype)
     assert out["grad_user"].dtype == dtype and out["grad_items"].dtype == dtype
     assert out["loss"].dtype == torch.float32
-    assert_matches(out, reference(inp, rounded_from=dtype), dtype, rtol=2e-2, atol=2e-2,
-                   what=f"{mode} {dtype}")
+    assert_matches(
+        out, reference(inp, rounded_from=dtype), dtype, rtol=2e-2, atol=2e-2, what=f"{mode} {dtype}"
+    )
 
 
 # ------------------------------------------------------------------------ determinism
@@ -339,20 +408,40 @@ def test_saved_state_is_only_reused_by_the_same_call(neg_mode):
     B, M, N, D = 5, 7, 11, 6
     user, items = torch.randn(B, D, generator=gen), torch.randn(N, D, generator=gen)
     pos = torch.randint(0, N, (B,), generator=gen)
-    neg = {0: torch.randint(0, N, (B, M), generator=gen), 1: torch.randint(0, N, (M,), generator=gen),
-           2: torch.zeros(0, dtype=torch.long)}[neg_mode]
+    neg = {
+        0: torch.randint(0, N, (B, M), generator=gen),
+        1: torch.randint(0, N, (M,), generator=gen),
+        2: torch.zeros(0, dtype=torch.long),
+    }[neg_mode]
     a, b = torch.full((B,), 3.0), torch.full((B,), 4.0)
     g = torch.rand(B, generator=gen)
     op_f, op_b = torch.ops.adaptau.fused_forward, torch.ops.adaptau.fused_backward
 
     def grads(u, it, backend):
-        loss, lse, _ = (op_f(u, it, pos, neg, a, b, None, neg_mode, False, True, False, False)
-                        if backend == "cpu" else
-                        adaptau.loss.reference.forward(u, it, pos, neg, a, b, None, neg_mode, False, True,
-                                                  False, False))
+        loss, lse, _ = (
+            op_f(u, it, pos, neg, a, b, None, neg_mode, False, True, False, False)
+            if backend == "cpu"
+            else adaptau.loss.reference.forward(
+                u, it, pos, neg, a, b, None, neg_mode, False, True, False, False
+            )
+        )
         bwd = op_b if backend == "cpu" else adaptau.loss.reference.backward
-        return bwd(g.to(u.dtype), u, it, pos, neg, a.to(u.dtype), b.to(u.dtype), None, lse, neg_mode,
-                   False, True, False, True)
+        return bwd(
+            g.to(u.dtype),
+            u,
+            it,
+            pos,
+            neg,
+            a.to(u.dtype),
+            b.to(u.dtype),
+            None,
+            lse,
+            neg_mode,
+            False,
+            True,
+            False,
+            True,
+        )
 
     op_f(user, items, pos, neg, a, b, None, neg_mode, False, True, False, False)  # leaves a saved state
     other = items * 1.5 + 0.3
@@ -366,8 +455,20 @@ def test_saved_state_is_only_reused_by_the_same_call(neg_mode):
     it2 = items.clone()
     lse2 = op_f(user, it2, pos, neg, a, b, None, neg_mode, False, True, False, False)[1]
     it2.mul_(-2.0)
-    lse2 = adaptau.loss.reference.forward(user.double(), it2.double(), pos, neg, a.double(), b.double(),
-                                     None, neg_mode, False, True, False, False)[1].float()
+    lse2 = adaptau.loss.reference.forward(
+        user.double(),
+        it2.double(),
+        pos,
+        neg,
+        a.double(),
+        b.double(),
+        None,
+        neg_mode,
+        False,
+        True,
+        False,
+        False,
+    )[1].float()
     got = op_b(g, user, it2, pos, neg, a, b, None, lse2, neg_mode, False, True, False, True)
     want = grads(user.double(), it2.double(), "reference")
     for x, y in zip(got, want):
@@ -396,12 +497,18 @@ def test_gemm_modes_saved_scores_match_recomputed_bitwise(tmp_path):
         torch.save(out, sys.argv[1])
     """)
     results = []
-    for i, env in enumerate([{}, dict(ADAPTAU_CPU_PLAN_CACHE="0"),
-                             dict(ADAPTAU_CPU_SAVED_SCORES_BYTES="64"),
-                             dict(ADAPTAU_CPU_ROW_BLOCK="5", ADAPTAU_CPU_COL_BLOCK="16")]):
+    for i, env in enumerate(
+        [
+            {},
+            dict(ADAPTAU_CPU_PLAN_CACHE="0"),
+            dict(ADAPTAU_CPU_SAVED_SCORES_BYTES="64"),
+            dict(ADAPTAU_CPU_ROW_BLOCK="5", ADAPTAU_CPU_COL_BLOCK="16"),
+        ]
+    ):
         path = str(tmp_path / f"out{i}.pt")
-        subprocess.run([sys.executable, "-c", script, path], check=True,
-                       env={**os.environ, **env}, timeout=300)
+        subprocess.run(
+            [sys.executable, "-c", script, path], check=True, env={**os.environ, **env}, timeout=300
+        )
         results.append(torch.load(path))
     for other in results[1:3]:
         for x, y in zip(results[0], other):
@@ -416,8 +523,7 @@ def test_inference_mode_forward():
     torch.manual_seed(0)
     user, items = torch.randn(4, 8), torch.randn(20, 8)
     pos, neg = torch.randint(0, 20, (4,)), torch.randint(0, 20, (4, 6))
-    want = adaptau.softmax_loss(user.double(), items.double(), pos, neg, 2.0, 2.0,
-                                backend="reference")
+    want = adaptau.softmax_loss(user.double(), items.double(), pos, neg, 2.0, 2.0, backend="reference")
     with torch.inference_mode():
         got = adaptau.softmax_loss(user, items, pos, neg, 2.0, 2.0, backend="cpu")
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
@@ -429,29 +535,54 @@ def test_op_level_checks():
     s = torch.ones(3)
     # the op itself raises Python's IndexError (ops.py leaves index checks to this kernel)
     with pytest.raises(IndexError, match=r"neg\[0, 1\] = 9 is out of range"):
-        torch.ops.adaptau.fused_forward(user, items, pos, torch.tensor([[0, 9], [1, 1], [2, 2]]),
-                                        s, s, None, 0, False, True, False, False)
+        torch.ops.adaptau.fused_forward(
+            user, items, pos, torch.tensor([[0, 9], [1, 1], [2, 2]]), s, s, None, 0, False, True, False, False
+        )
     with pytest.raises(IndexError, match=r"pos\[1\] = -1 is out of range"):
-        torch.ops.adaptau.fused_forward(user, items, torch.tensor([0, -1, 2]), torch.tensor([1, 2]),
-                                        s, s, None, 1, False, True, False, False)
+        torch.ops.adaptau.fused_forward(
+            user,
+            items,
+            torch.tensor([0, -1, 2]),
+            torch.tensor([1, 2]),
+            s,
+            s,
+            None,
+            1,
+            False,
+            True,
+            False,
+            False,
+        )
     with pytest.raises(RuntimeError, match="per-row neg"):
-        torch.ops.adaptau.fused_forward(user, items, pos, torch.tensor([[0, 1]]), s, s, None, 0,
-                                        False, True, False, False)
+        torch.ops.adaptau.fused_forward(
+            user, items, pos, torch.tensor([[0, 1]]), s, s, None, 0, False, True, False, False
+        )
     with pytest.raises(RuntimeError, match="float16, bfloat16, float32 or float64"):
-        torch.ops.adaptau.fused_forward(user.int(), items.int(), pos, torch.tensor([0]), s, s,
-                                        None, 1, False, True, False, False)
+        torch.ops.adaptau.fused_forward(
+            user.int(), items.int(), pos, torch.tensor([0]), s, s, None, 1, False, True, False, False
+        )
 
 
-SMALL_TUNING = dict(ADAPTAU_CPU_CHUNK_BYTES="1", ADAPTAU_CPU_MAX_PAIRS="100",
-                    ADAPTAU_CPU_ROW_BLOCK="4", ADAPTAU_CPU_COL_BLOCK="16", ADAPTAU_CPU_GROUPS="3",
-                    ADAPTAU_CPU_SORT_ROWS="3")
+SMALL_TUNING = dict(
+    ADAPTAU_CPU_CHUNK_BYTES="1",
+    ADAPTAU_CPU_MAX_PAIRS="100",
+    ADAPTAU_CPU_ROW_BLOCK="4",
+    ADAPTAU_CPU_COL_BLOCK="16",
+    ADAPTAU_CPU_GROUPS="3",
+    ADAPTAU_CPU_SORT_ROWS="3",
+)
 
 
-@pytest.mark.parametrize("tuning", [SMALL_TUNING, dict(ADAPTAU_CPU_PLAN_CACHE="0"),
-                                    dict(ADAPTAU_CPU_SORT_ROWS="1", ADAPTAU_CPU_GROUPS="1"),
-                                    dict(ADAPTAU_CPU_MAX_PAIRS="16")],
-                         ids=["small-blocks", "no-saved-state", "one-row-sort-one-group",
-                              "row-blocks-of-max-pairs"])
+@pytest.mark.parametrize(
+    "tuning",
+    [
+        SMALL_TUNING,
+        dict(ADAPTAU_CPU_PLAN_CACHE="0"),
+        dict(ADAPTAU_CPU_SORT_ROWS="1", ADAPTAU_CPU_GROUPS="1"),
+        dict(ADAPTAU_CPU_MAX_PAIRS="16"),
+    ],
+    ids=["small-blocks", "no-saved-state", "one-row-sort-one-group", "row-blocks-of-max-pairs"],
+)
 def test_tuning_paths_match_reference(tuning):
     """Tiny chunks, row blocks, sort blocks, tiles and groups; the backward without the
     forward's saved state (recomputed); and blocks of max_pairs rows with one negative each,
@@ -483,6 +614,5 @@ def test_tuning_paths_match_reference(tuning):
         print("ok")
     """)
     env = dict(os.environ, **tuning)
-    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                         timeout=120)
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]

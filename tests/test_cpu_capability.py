@@ -14,6 +14,7 @@ is tests/test_cpu_backend.py, which runs every test once per capability this CPU
   * the binary: shared code (outside the AVX2 / AVX512 namespaces) that uses AVX
     instructions is only ever called from kernels of a capability that has them.
 """
+
 import os
 import platform
 import re
@@ -46,8 +47,14 @@ def run_python(script, **env_vars):
             env.pop(k, None)
         else:
             env[k] = v
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, cwd=str(REPO_ROOT),
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        env=env,
+        cwd=str(REPO_ROOT),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 SMALL_CALL = """
@@ -69,12 +76,16 @@ def test_default_is_the_highest_supported_level():
 def test_environment_forces_a_supported_level(level):
     if level not in SUPPORTED:
         pytest.skip(f"this CPU supports {', '.join(SUPPORTED)}, not {level}")
-    res = run_python(SMALL_CALL + """
+    res = run_python(
+        SMALL_CALL
+        + """
     loss = adaptau.softmax_loss(user, items, pos, neg, 5.0, 5.0, backend="cpu")
     ref = adaptau.softmax_loss(user.double(), items.double(), pos, neg, 5.0, 5.0, backend="reference")
     assert abs(loss.item() - ref.item()) <= 1e-5 * max(1.0, abs(ref.item())), (loss, ref)
     print(adaptau.cpu_capability())
-    """, ADAPTAU_CPU_CAPABILITY=level)
+    """,
+        ADAPTAU_CPU_CAPABILITY=level,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip() == level
 
@@ -84,16 +95,19 @@ def _above_cases():
     order = list(CPU_CAPABILITIES)
     cases = []
     for top in SUPPORTED:
-        for want in order[order.index(top) + 1:]:
+        for want in order[order.index(top) + 1 :]:
             cases.append((None if top == SUPPORTED[-1] else top, want))
     return cases
 
 
-@pytest.mark.parametrize("cpu_max,level", _above_cases(),
-                         ids=[f"cpu_max={m or 'real'}-ask={w}" for m, w in _above_cases()])
+@pytest.mark.parametrize(
+    "cpu_max,level", _above_cases(), ids=[f"cpu_max={m or 'real'}-ask={w}" for m, w in _above_cases()]
+)
 def test_level_above_the_cpu_is_a_python_error(cpu_max, level):
     """The first call raises ValueError naming the level and the CPU's; the process lives on."""
-    res = run_python(SMALL_CALL + """
+    res = run_python(
+        SMALL_CALL
+        + """
     for attempt in range(2):  # and again on the next call
         try:
             adaptau.softmax_loss(user, items, pos, neg, 5.0, 5.0, backend="cpu")
@@ -108,7 +122,10 @@ def test_level_above_the_cpu_is_a_python_error(cpu_max, level):
     else:
         raise SystemExit("no error")
     print("alive")
-    """, ADAPTAU_CPU_CAPABILITY=level, ADAPTAU_TEST_CPU_MAX=cpu_max)
+    """,
+        ADAPTAU_CPU_CAPABILITY=level,
+        ADAPTAU_TEST_CPU_MAX=cpu_max,
+    )
     assert res.returncode == 0, res.stderr[-2000:] + res.stdout[-2000:]
     lines = res.stdout.strip().splitlines()
     assert lines[-1] == "alive"
@@ -120,18 +137,23 @@ def test_level_above_the_cpu_is_a_python_error(cpu_max, level):
 
 
 def test_unknown_level_is_a_python_error():
-    res = run_python(SMALL_CALL + """
+    res = run_python(
+        SMALL_CALL
+        + """
     try:
         adaptau.softmax_loss(user, items, pos, neg, 5.0, 5.0, backend="cpu")
     except ValueError as exc:
         print("ValueError:", exc)
-    """, ADAPTAU_CPU_CAPABILITY="avx1024")
+    """,
+        ADAPTAU_CPU_CAPABILITY="avx1024",
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert "is not a CPU capability; use one of default, avx2, avx512" in res.stdout, res.stdout
 
 
 def test_setter_refuses_a_level_above_the_cpu():
-    res = run_python("""
+    res = run_python(
+        """
     import adaptau
     from adaptau.loss import ops
     print(adaptau.cpu_capability())
@@ -140,7 +162,9 @@ def test_setter_refuses_a_level_above_the_cpu():
     except ValueError as exc:
         print("ValueError:", exc)
     print(adaptau.cpu_capability())
-    """, ADAPTAU_TEST_CPU_MAX="default")
+    """,
+        ADAPTAU_TEST_CPU_MAX="default",
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     lines = res.stdout.strip().splitlines()
     assert lines[0] == "default" and lines[-1] == "default"
@@ -170,8 +194,11 @@ def test_all_finite_finds_every_non_finite_position(cpu_capability, dtype):
 
 def test_sampling_and_compact_kernels_match_the_default_level(cpu_capability, seed):
     def sample():
-        return (torch.ops.adaptau.uniform_negatives(37, 19, 1001, seed),
-                torch.ops.adaptau.dropout_mask(13, 29, 0.3, seed))
+        return (
+            torch.ops.adaptau.uniform_negatives(37, 19, 1001, seed),
+            torch.ops.adaptau.dropout_mask(13, 29, 0.3, seed),
+        )
+
     neg, mask = sample()
     neg0, mask0 = _at("default", sample)
     assert torch.equal(neg, neg0) and torch.equal(mask, mask0)
@@ -215,8 +242,10 @@ def _level_of_function(name):
     return 0
 
 
-@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64") or shutil.which("objdump") is None,
-                    reason="needs an x86-64 build and objdump")
+@pytest.mark.skipif(
+    platform.machine().lower() not in ("x86_64", "amd64") or shutil.which("objdump") is None,
+    reason="needs an x86-64 build and objdump",
+)
 def test_shared_code_with_avx_is_only_called_by_kernels_that_have_it():
     """The glue and the default kernels are compiled without AVX, the AVX2 kernels without
     AVX-512. Functions outside the capability namespaces (inline functions of torch and the
@@ -224,14 +253,15 @@ def test_shared_code_with_avx_is_only_called_by_kernels_that_have_it():
     object linked: a copy with AVX instructions must be called only from functions of a
     capability that has them, or an older CPU would crash on it."""
     so = adaptau._extension.load().__file__
-    dis = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", so], capture_output=True, text=True,
-                         check=True).stdout
+    dis = subprocess.run(
+        ["objdump", "-d", "--no-show-raw-insn", "-C", so], capture_output=True, text=True, check=True
+    ).stdout
     head = re.compile(r"^([0-9a-f]+) <(.*)>:$")
     call = re.compile(r"\t(?:call|jmp)\s+([0-9a-f]+) <")
-    need = {}      # address of a function outside the namespaces -> level its code needs
+    need = {}  # address of a function outside the namespaces -> level its code needs
     names = {}
     level_of = {}  # function address -> its namespace level
-    calls = []     # (caller address, callee address)
+    calls = []  # (caller address, callee address)
     cur = None
     for line in dis.splitlines():
         m = head.match(line)
@@ -253,17 +283,25 @@ def test_shared_code_with_avx_is_only_called_by_kernels_that_have_it():
     # A capability namespace's own code never exceeds its level.
     over = [names[a] for a, lvl in need.items() if level_of[a] > 0]
     assert not over, f"kernels using instructions above their capability: {over[:5]}"
-    bad = [(names[caller], names[callee]) for caller, callee in calls
-           if callee in need and level_of[caller] < need[callee] and caller != callee]
+    bad = [
+        (names[caller], names[callee])
+        for caller, callee in calls
+        if callee in need and level_of[caller] < need[callee] and caller != callee
+    ]
     assert not bad, f"baseline-level callers of AVX code: {bad[:5]}"
     # The baseline part of the extension really is baseline: its glue has no AVX at all.
-    glue = [names[a] for a in need if level_of[a] == 0 and "adaptau::cpu::" in names[a]
-            and "::DEFAULT::" not in names[a]]
+    glue = [
+        names[a]
+        for a in need
+        if level_of[a] == 0 and "adaptau::cpu::" in names[a] and "::DEFAULT::" not in names[a]
+    ]
     assert not glue, f"glue compiled with AVX: {glue[:5]}"
 
 
-@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None,
-                    reason="needs the aarch64 cross compiler (Debian/Ubuntu: g++-aarch64-linux-gnu)")
+@pytest.mark.skipif(
+    shutil.which("aarch64-linux-gnu-g++") is None,
+    reason="needs the aarch64 cross compiler (Debian/Ubuntu: g++-aarch64-linux-gnu)",
+)
 def test_the_sources_compile_for_aarch64():
     """Off x86-64 the build has the default kernels only: every C++ source compiles for
     aarch64 (syntax and template instantiation; setup.py leaves the AVX files out there,
@@ -271,8 +309,14 @@ def test_the_sources_compile_for_aarch64():
     from torch.utils.cpp_extension import include_paths
     import sysconfig
 
-    flags = ["-std=c++17", "-fopenmp", "-fsyntax-only", "-DTORCH_API_INCLUDE_EXTENSION_H",
-             "-DTORCH_EXTENSION_NAME=_C", f"-I{sysconfig.get_paths()['include']}"]
+    flags = [
+        "-std=c++17",
+        "-fopenmp",
+        "-fsyntax-only",
+        "-DTORCH_API_INCLUDE_EXTENSION_H",
+        "-DTORCH_EXTENSION_NAME=_C",
+        f"-I{sysconfig.get_paths()['include']}",
+    ]
     flags += [f"-I{p}" for p in include_paths()]
     sources = sorted((REPO_ROOT / "csrc").glob("*.cpp")) + sorted((REPO_ROOT / "csrc" / "cpu").glob("*.cpp"))
     assert any("softmax_loss_kernel_default" in s.name for s in sources)

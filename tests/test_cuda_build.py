@@ -10,6 +10,7 @@ Uses the flags setup.py gives nvcc (``-O3 -std=c++17``) and
 ``-Werror all-warnings`` so a warning fails too. Skipped when nvcc is absent. nvcc is looked
 up as ``$NVCC``, on ``PATH``, then under ``$CUDA_HOME``/``/usr/local/cuda``.
 """
+
 from __future__ import annotations
 
 import glob
@@ -23,8 +24,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CU_FILES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
-NVCC_FLAGS = ["-arch=sm_90", "-O3", "-std=c++17", "-DADAPTAU_WITH_CUDA",
-              "-Werror", "all-warnings"]
+NVCC_FLAGS = ["-arch=sm_90", "-O3", "-std=c++17", "-DADAPTAU_WITH_CUDA", "-Werror", "all-warnings"]
 
 
 def find_nvcc():
@@ -78,9 +78,12 @@ def _ptxas_over_limits(log):
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found (set NVCC or CUDA_HOME)")
-@pytest.mark.xfail(strict=True, reason="ptxas (CUDA 13, sm_90) spills 4 bytes in bwd_kernel "
-                   "for bfloat16 and float16 with int64 indices (40 registers: not register "
-                   "pressure); strict, so this fails once the spill is gone")
+@pytest.mark.xfail(
+    strict=True,
+    reason="ptxas (CUDA 13, sm_90) spills 4 bytes in bwd_kernel "
+    "for bfloat16 and float16 with int64 indices (40 registers: not register "
+    "pressure); strict, so this fails once the spill is gone",
+)
 @pytest.mark.parametrize("source", CU_FILES, ids=[os.path.basename(f) for f in CU_FILES])
 def test_cu_has_no_register_spills(source, tmp_path):
     cmd = [NVCC, *NVCC_FLAGS, "-Xptxas", "-v", "-c", source, "-o", str(tmp_path / "k.o")]
@@ -94,15 +97,23 @@ def test_cu_has_no_register_spills(source, tmp_path):
 def test_cu_includes_only_cuda_headers(source):
     """The kernels stay torch-free: only CUDA/C++ standard headers and our own headers
     (the launcher interface and the contract's constants, which is standard C++ itself)."""
-    allowed_prefixes = ("cuda", "cstddef", "cstdint", "climits", "cfloat", "math_constants",
-                        "softmax_loss_cuda.h", "../contract.h")
+    allowed_prefixes = (
+        "cuda",
+        "cstddef",
+        "cstdint",
+        "climits",
+        "cfloat",
+        "math_constants",
+        "softmax_loss_cuda.h",
+        "../contract.h",
+    )
     contract = os.path.join(ROOT, "csrc", "contract.h")
     for path in (source, contract):
         with open(path) as fh:
             for line in fh:
                 s = line.strip()
                 if s.startswith("#include"):
-                    name = s.split(None, 1)[1].strip("<>\" ")
+                    name = s.split(None, 1)[1].strip('<>" ')
                     assert name.startswith(allowed_prefixes), f"{path}: includes {name}"
 
 
@@ -137,18 +148,54 @@ def emulated_cuda(tmp_path_factory):
     if not os.path.exists(_KERNELS_CU):
         pytest.skip("csrc/cuda/softmax_loss_kernels.cu not present")
     lib_path = tmp_path_factory.mktemp("cuda_emu") / "libadaptau_cuda_emu.so"
-    cmd = [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-Wall", "-Werror",
-           "-I" + EMULATION_DIR, "-I" + os.path.dirname(_KERNELS_CU), "-x", "c++",
-           os.path.join(EMULATION_DIR, "harness.cpp"), "-o", str(lib_path)]
+    cmd = [
+        cxx,
+        "-std=c++20",
+        "-O1",
+        "-shared",
+        "-fPIC",
+        "-Wall",
+        "-Werror",
+        "-I" + EMULATION_DIR,
+        "-I" + os.path.dirname(_KERNELS_CU),
+        "-x",
+        "c++",
+        os.path.join(EMULATION_DIR, "harness.cpp"),
+        "-o",
+        str(lib_path),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         pytest.fail("host emulation build failed:\n" + " ".join(cmd) + "\n" + proc.stderr[-4000:])
     lib = ctypes.CDLL(str(lib_path))
     P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int  # noqa: E741 (the C types, by their C names)
-    lib.emu_forward.argtypes = [I, I, P, P, P, P, P, P, P, I64, I64, I64, I64, I, I, I, I, I,
-                                P, P, P]
-    lib.emu_backward.argtypes = [I, I, P, P, P, P, P, P, P, I64, I64, I64, I64, I, I, I, I,
-                                 P, P, P, P, P, P, P]
+    lib.emu_forward.argtypes = [I, I, P, P, P, P, P, P, P, I64, I64, I64, I64, I, I, I, I, I, P, P, P]
+    lib.emu_backward.argtypes = [
+        I,
+        I,
+        P,
+        P,
+        P,
+        P,
+        P,
+        P,
+        P,
+        I64,
+        I64,
+        I64,
+        I64,
+        I,
+        I,
+        I,
+        I,
+        P,
+        P,
+        P,
+        P,
+        P,
+        P,
+        P,
+    ]
     return lib
 
 
@@ -168,10 +215,29 @@ def _emu_backend(lib):
         B, N, D, M = sizes(user, items, neg, mode)
         loss, lse = torch.empty(B, dtype=a.dtype), torch.empty(B, dtype=a.dtype)
         raw = torch.empty(B if compute_raw else 0, dtype=a.dtype)
-        rc = lib.emu_forward(codes[user.dtype], int(pos.dtype == torch.int64), ptr(user),
-                             ptr(items), ptr(pos), ptr(neg) if mode != 2 else None, ptr(a),
-                             ptr(b), ptr(lq), B, N, D, M, mode, ip, nm, rh, compute_raw,
-                             ptr(loss), ptr(lse), ptr(raw) if compute_raw else None)
+        rc = lib.emu_forward(
+            codes[user.dtype],
+            int(pos.dtype == torch.int64),
+            ptr(user),
+            ptr(items),
+            ptr(pos),
+            ptr(neg) if mode != 2 else None,
+            ptr(a),
+            ptr(b),
+            ptr(lq),
+            B,
+            N,
+            D,
+            M,
+            mode,
+            ip,
+            nm,
+            rh,
+            compute_raw,
+            ptr(loss),
+            ptr(lse),
+            ptr(raw) if compute_raw else None,
+        )
         assert rc == 0, f"forward launcher returned cudaError {rc}"
         return loss, lse, raw
 
@@ -180,10 +246,32 @@ def _emu_backend(lib):
         gu, gi = torch.empty_like(user), torch.empty_like(items)
         accum = gi if items.dtype == a.dtype else torch.empty(items.shape, dtype=a.dtype)
         ga, gb = torch.empty(B, dtype=a.dtype), torch.empty(B, dtype=a.dtype)
-        rc = lib.emu_backward(codes[user.dtype], int(pos.dtype == torch.int64), ptr(user),
-                              ptr(items), ptr(pos), ptr(neg) if mode != 2 else None, ptr(a),
-                              ptr(b), ptr(lq), B, N, D, M, mode, ip, nm, rh, ptr(gl),
-                              ptr(lse), ptr(gu), ptr(gi), ptr(accum), ptr(ga), ptr(gb))
+        rc = lib.emu_backward(
+            codes[user.dtype],
+            int(pos.dtype == torch.int64),
+            ptr(user),
+            ptr(items),
+            ptr(pos),
+            ptr(neg) if mode != 2 else None,
+            ptr(a),
+            ptr(b),
+            ptr(lq),
+            B,
+            N,
+            D,
+            M,
+            mode,
+            ip,
+            nm,
+            rh,
+            ptr(gl),
+            ptr(lse),
+            ptr(gu),
+            ptr(gi),
+            ptr(accum),
+            ptr(ga),
+            ptr(gb),
+        )
         assert rc == 0, f"backward launcher returned cudaError {rc}"
         return gu, gi, ga, gb
 
@@ -196,8 +284,7 @@ def _emu_cases():
 
     cases = [(name, None) for name, spec in T.CASES.items() if not spec.get("api")]
     for dtype in ("bfloat16", "float16"):
-        for name in ("perrow-all_options", "shared-duplicates", "inbatch-logq",
-                     "perrow-no_normalize"):
+        for name in ("perrow-all_options", "shared-duplicates", "inbatch-logq", "perrow-no_normalize"):
             cases.append((name, dtype))
     return cases
 
@@ -205,14 +292,12 @@ def _emu_cases():
 _EMU_CASES = _emu_cases()
 
 
-@pytest.mark.parametrize("name,dtype", _EMU_CASES,
-                         ids=[f"{n}-{d or 'float32'}" for n, d in _EMU_CASES])
+@pytest.mark.parametrize("name,dtype", _EMU_CASES, ids=[f"{n}-{d or 'float32'}" for n, d in _EMU_CASES])
 def test_cuda_kernels_emulated_on_host(emulated_cuda, name, dtype):
     import torch
     import _cases as T
 
     fwd, bwd = _emu_backend(emulated_cuda)
     spec = T.CASES[name]
-    problems = T.check_backend_functions(name, spec, fwd, bwd,
-                                         dtype=getattr(torch, dtype) if dtype else None)
+    problems = T.check_backend_functions(name, spec, fwd, bwd, dtype=getattr(torch, dtype) if dtype else None)
     assert not problems, "\n".join(problems)

@@ -1,12 +1,21 @@
 """Loaders (LightGCN text, CSV/TSV, RecBole .inter), bad data, name resolution, protocols."""
+
 import random
 
 import numpy as np
 import pytest
 
-from adaptau.train.data import (DataError, carve_split, csr_pairs, load_dataset,
-                                load_interactions, load_lightgcn, make_synthetic, prepare,
-                                resolve_data)
+from adaptau.train.data import (
+    DataError,
+    carve_split,
+    csr_pairs,
+    load_dataset,
+    load_interactions,
+    load_lightgcn,
+    make_synthetic,
+    prepare,
+    resolve_data,
+)
 
 
 def write(path, text):
@@ -22,9 +31,9 @@ def pairs(m):
 # ------------------------------------------------------------------------------ LightGCN
 @pytest.fixture
 def lgcn(tmp_path):
-    write(tmp_path / "train.txt", "0 1 2 3\n1 0 4 4\n\n3 2\n")   # user 1 lists item 4 twice
+    write(tmp_path / "train.txt", "0 1 2 3\n1 0 4 4\n\n3 2\n")  # user 1 lists item 4 twice
     write(tmp_path / "valid.txt", "0 4\n1 2\n")
-    write(tmp_path / "test.txt", "0 0\n1 3\n2 5\n")               # user 2: test only
+    write(tmp_path / "test.txt", "0 0\n1 3\n2 5\n")  # user 2: test only
     return tmp_path
 
 
@@ -49,15 +58,18 @@ def test_lightgcn_without_valid(tmp_path):
     assert ds.valid is None and ds.num_items == 3
 
 
-@pytest.mark.parametrize("content, line, needle", [
-    ("0 1 2\n1 x 3\n", 2, "item id 'x'"),
-    ("0 1\n1 2\n-3 4\n", 3, "negative user id -3"),
-    ("0 1 -2\n", 1, "negative item id -2"),
-    ("0 1\n1.5 2\n", 2, "user id '1.5'"),
-    ("0 1\n1 +7\n", 2, "item id '+7'"),
-    ("0 1_0\n", 1, "item id '1_0'"),
-    ("0 1\n\u0663 2\n", 2, "user id '\u0663'"),  # an Arabic-Indic digit
-])
+@pytest.mark.parametrize(
+    "content, line, needle",
+    [
+        ("0 1 2\n1 x 3\n", 2, "item id 'x'"),
+        ("0 1\n1 2\n-3 4\n", 3, "negative user id -3"),
+        ("0 1 -2\n", 1, "negative item id -2"),
+        ("0 1\n1.5 2\n", 2, "user id '1.5'"),
+        ("0 1\n1 +7\n", 2, "item id '+7'"),
+        ("0 1_0\n", 1, "item id '1_0'"),
+        ("0 1\n\u0663 2\n", 2, "user id '\u0663'"),  # an Arabic-Indic digit
+    ],
+)
 def test_lightgcn_malformed(tmp_path, content, line, needle):
     write(tmp_path / "train.txt", content)
     write(tmp_path / "test.txt", "0 1\n")

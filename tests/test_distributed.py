@@ -7,6 +7,7 @@ amplifies for near-zero gradients: after 2 epochs the parameters agree to 2e-3 a
 ranking metrics (Recall@20, NDCG@20) to 1e-3, absolute. The ranks among themselves must agree
 exactly (bit for bit): same all-reduced gradients, same Adam, same all-reduced Adap-τ stats.
 """
+
 import json
 import os
 import pathlib
@@ -24,11 +25,12 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = "synthetic:num_users=200,num_items=150"
 BACKEND = adaptau.available_backends("cpu")[0]
 
-pytestmark = pytest.mark.skipif(not (torch.distributed.is_available()
-                                     and torch.distributed.is_gloo_available()),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="torch.distributed with gloo is not available",
+)
 
-WORKER = r'''
+WORKER = r"""
 import json, sys
 import torch
 from adaptau.train import distributed as dist
@@ -43,7 +45,7 @@ torch.save({"params": {k: v.detach().cpu().clone() for k, v in trainer.model.sta
             "scale": trainer.controller.user_scale.cpu().clone(), "w0": trainer.controller.w0,
             "world": world, "summary": summary}, f"{cfg.out}/rank{rank}.pt")
 dist.shutdown()
-'''
+"""
 
 
 def _env():
@@ -55,8 +57,20 @@ def _env():
 
 
 def _settings(out, **kw):
-    s = dict(data=TINY, out=str(out), epochs=2, dim=16, batch_size=128, negatives=16, warmup=1,
-             lr=0.01, dropout=0.0, progress="off", backend=BACKEND, patience=0)
+    s = dict(
+        data=TINY,
+        out=str(out),
+        epochs=2,
+        dim=16,
+        batch_size=128,
+        negatives=16,
+        warmup=1,
+        lr=0.01,
+        dropout=0.0,
+        progress="off",
+        backend=BACKEND,
+        patience=0,
+    )
     s.update(kw)
     return s
 
@@ -66,9 +80,22 @@ def test_two_ranks_identical_and_match_one_process(tmp_path):
     settings = _settings(tmp_path / "ddp")
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc-per-node=2", str(worker), json.dumps(settings)],
-                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            str(worker),
+            json.dumps(settings),
+        ],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r0 = torch.load(tmp_path / "ddp" / "rank0.pt", weights_only=False)
     r1 = torch.load(tmp_path / "ddp" / "rank1.pt", weights_only=False)
@@ -89,7 +116,10 @@ def test_two_ranks_identical_and_match_one_process(tmp_path):
         diff = float((p - r0["params"][name]).abs().max())
         assert diff <= 2e-3, (name, diff)
     assert torch.allclose(single.controller.user_scale, r0["scale"], rtol=1e-3)
-    assert metrics_close(single_summary["valid"], summary["valid"], 1e-3), (single_summary["valid"], summary["valid"])
+    assert metrics_close(single_summary["valid"], summary["valid"], 1e-3), (
+        single_summary["valid"],
+        summary["valid"],
+    )
     assert metrics_close(single_summary["test"], summary["test"], 1e-3)
 
 
@@ -97,17 +127,47 @@ def test_cli_nproc_lightgcn_in_batch(tmp_path):
     """`adaptau train --nproc 2` (torch.distributed.run): LightGCN with global in-batch
     negatives trains like the 1-process run."""
     out = tmp_path / "cli"
-    args = ["--data", TINY, "--model", "lightgcn", "--layers", "2", "--sampler", "in-batch",
-            "--epochs", "1", "--dim", "16", "--batch-size", "128", "--warmup", "1", "--lr", "0.01",
-            "--progress", "off", "--backend", BACKEND, "--out", str(out)]
-    proc = subprocess.run([sys.executable, "-m", "adaptau", "train", "--nproc", "2", *args],
-                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
+    args = [
+        "--data",
+        TINY,
+        "--model",
+        "lightgcn",
+        "--layers",
+        "2",
+        "--sampler",
+        "in-batch",
+        "--epochs",
+        "1",
+        "--dim",
+        "16",
+        "--batch-size",
+        "128",
+        "--warmup",
+        "1",
+        "--lr",
+        "0.01",
+        "--progress",
+        "off",
+        "--backend",
+        BACKEND,
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "adaptau", "train", "--nproc", "2", *args],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "world size 2" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["rows_per_rank"] == 64
-    _, single = train_in_one_process(_settings(tmp_path / "single", model="lightgcn", layers=2, sampler="in-batch",
-                                       epochs=1, dropout=0.0))
+    _, single = train_in_one_process(
+        _settings(tmp_path / "single", model="lightgcn", layers=2, sampler="in-batch", epochs=1, dropout=0.0)
+    )
     assert metrics_close(single["valid"], summary["valid"], 1e-3), (single["valid"], summary["valid"])
 
 
@@ -124,8 +184,9 @@ def test_global_in_batch_negatives_reproduce_in_batch_loss():
         rows = torch.arange(rank, b, world)
         neg = dist.global_in_batch_negatives(pos, rows)
         assert neg.shape == (rows.numel(), b - 1)
-        part = adaptau.softmax_loss(user[rows], items, pos[rows], neg, 2.0, scale[rows],
-                                    reduction="none", backend="reference")
+        part = adaptau.softmax_loss(
+            user[rows], items, pos[rows], neg, 2.0, scale[rows], reduction="none", backend="reference"
+        )
         torch.testing.assert_close(part, whole[rows])
 
 

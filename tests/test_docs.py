@@ -1,5 +1,6 @@
 """The documentation stays current: docs/cli.md is what docs/gen_cli.py makes of the
 argparse parser, and every relative link in README.md and docs/ names a file that exists."""
+
 import importlib.util
 import re
 
@@ -34,8 +35,11 @@ def test_cli_md_lists_every_flag():
 
 
 def test_relative_links_resolve():
-    pages = [REPO_ROOT / "README.md", REPO_ROOT / "benchmarks" / "README.md",
-             *sorted((REPO_ROOT / "docs").glob("*.md"))]
+    pages = [
+        REPO_ROOT / "README.md",
+        REPO_ROOT / "benchmarks" / "README.md",
+        *sorted((REPO_ROOT / "docs").glob("*.md")),
+    ]
     missing = []
     for page in pages:
         for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):

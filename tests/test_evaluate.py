@@ -1,4 +1,5 @@
 """full_ranking against a hand-computed case; masking, skipping, chunking."""
+
 import math
 
 import numpy as np
@@ -23,7 +24,7 @@ ITEMS = torch.arange(5, dtype=torch.float32).unsqueeze(1)
 
 
 def test_hand_computed():
-    test = csr({0: [4, 0], 1: [1], 2: [3, 2, 1]})          # user 3: no test items, skipped
+    test = csr({0: [4, 0], 1: [1], 2: [3, 2, 1]})  # user 3: no test items, skipped
     exclude = csr({0: [3], 1: [4, 3], 2: []})
     pop = np.array([5.0, 4.0, 3.0, 2.0, 1.0])
     out = full_ranking(USERS, ITEMS, test, exclude, ks=(2, 3), item_popularity=pop)
@@ -33,9 +34,9 @@ def test_hand_computed():
     assert out["recall@2"] == pytest.approx((1 / 2 + 1 + 1 / 3) / 3)
     assert out["precision@2"] == pytest.approx((1 + 1 + 1) / 2 / 3)
     assert out["hit@2"] == pytest.approx(1.0)
-    ndcg0 = d[0] / (d[0] + d[1])             # |T|=2
-    ndcg1 = d[1] / d[0]                      # |T|=1: idcg over 1 position
-    ndcg2 = d[1] / (d[0] + d[1])             # |T|=3 > K: idcg over K positions
+    ndcg0 = d[0] / (d[0] + d[1])  # |T|=2
+    ndcg1 = d[1] / d[0]  # |T|=1: idcg over 1 position
+    ndcg2 = d[1] / (d[0] + d[1])  # |T|=3 > K: idcg over K positions
     assert out["ndcg@2"] == pytest.approx((ndcg0 + ndcg1 + ndcg2) / 3)
     # K=3: u0 [4,2,1] -> 1/2 ; u1 [2,1,0] -> 1 ; u2 [4,3,2] -> 2/3
     assert out["recall@3"] == pytest.approx((1 / 2 + 1 + 2 / 3) / 3)
@@ -128,11 +129,16 @@ def test_mrr_and_map_match_recbole(seed, k):
     n_users, n_items, dim = 30, 25, 6
     users = torch.as_tensor(rng.normal(size=(n_users, dim)))
     items = torch.as_tensor(rng.normal(size=(n_items, dim)))
-    test_sets = [set(rng.choice(n_items, size=rng.integers(1, 6), replace=False).tolist())
-                 for _ in range(n_users)]
-    test = sp.csr_matrix((np.ones(sum(map(len, test_sets))),
-                          ([u for u, t in enumerate(test_sets) for _ in t],
-                           [i for t in test_sets for i in sorted(t)])), shape=(n_users, n_items))
+    test_sets = [
+        set(rng.choice(n_items, size=rng.integers(1, 6), replace=False).tolist()) for _ in range(n_users)
+    ]
+    test = sp.csr_matrix(
+        (
+            np.ones(sum(map(len, test_sets))),
+            ([u for u, t in enumerate(test_sets) for _ in t], [i for t in test_sets for i in sorted(t)]),
+        ),
+        shape=(n_users, n_items),
+    )
     order = torch.argsort(users @ items.T, dim=1, descending=True).numpy()
     want_mrr, want_map = _recbole_mrr_map(order, test_sets, k)
     got = full_ranking(users, items, test, ks=[k])

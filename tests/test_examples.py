@@ -1,4 +1,5 @@
 """The scripts in examples/ run, on tiny settings, and do what they say."""
+
 import importlib.util
 import math
 
@@ -27,7 +28,8 @@ def test_popularity_logq_gives_popular_items_back_their_due():
 
 
 def test_resume_and_evaluate(tmp_path):
-    out = _example("resume_and_evaluate").main(["--out", str(tmp_path / "run"),
-                                                 "--data", "synthetic:num_users=240,num_items=160"])
+    out = _example("resume_and_evaluate").main(
+        ["--out", str(tmp_path / "run"), "--data", "synthetic:num_users=240,num_items=160"]
+    )
     assert out["summary"]["status"] == "completed" and out["summary"]["epochs_run"] == 4
     assert set(out["metrics"]) == {"valid", "test"} and out["metrics"]["test"]["recall@20"] > 0

@@ -4,6 +4,7 @@ At a tiny shape on the CPU, ``check`` compares every fused backend usable here (
 ``cpu`` backend when built; ``triton`` under ``TRITON_INTERPRET=1``) with the float64
 reference, and ``time`` writes one table row per implementation. No timing is asserted.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,14 @@ TINY = ["--device", "cpu", "--B", "8", "--M", "4", "--D", "16", "--N", "40", "--
 
 def _run(tmp_path, *args):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, SCRIPT, *args, "--out", str(tmp_path), *TINY],
-                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, SCRIPT, *args, "--out", str(tmp_path), *TINY],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_check_matches_reference_on_cpu(tmp_path):

@@ -25,6 +25,7 @@ Four parts, each a table or a loop of cases:
   file and an intact previous checkpoint; with room made, ``--resume`` finishes it with the
   uninterrupted run's weights. Skipped, saying why, where tmpfs cannot be mounted.
 """
+
 import json
 import random
 import re
@@ -54,11 +55,18 @@ def _valid_call(rng: random.Random):
     user = torch.randn(B, D, generator=g, dtype=torch.float64)
     items = torch.randn(N, D, generator=g, dtype=torch.float64)
     pos = torch.randint(0, N, (B,), generator=g)
-    neg = {"per_row": torch.randint(0, N, (B, M), generator=g),
-           "shared": torch.randint(0, N, (M,), generator=g), "in_batch": None}[mode]
+    neg = {
+        "per_row": torch.randint(0, N, (B, M), generator=g),
+        "shared": torch.randint(0, N, (M,), generator=g),
+        "in_batch": None,
+    }[mode]
     scale = rng.choice([0.5, 5.0, 20.0])
-    opts = dict(include_pos=rng.random() < 0.5, normalize=rng.random() < 0.8,
-                remove_accidental_hits=rng.random() < 0.3, reduction=rng.choice(["none", "mean", "sum"]))
+    opts = dict(
+        include_pos=rng.random() < 0.5,
+        normalize=rng.random() < 0.8,
+        remove_accidental_hits=rng.random() < 0.3,
+        reduction=rng.choice(["none", "mean", "sum"]),
+    )
     if rng.random() < 0.3:
         opts["neg_logq"] = torch.randn(N if mode != "in_batch" else B, generator=g, dtype=torch.float64)
     return dict(user=user, items=items, pos=pos, neg=neg, pos_scale=scale, neg_scale=scale, opts=opts)
@@ -67,15 +75,16 @@ def _valid_call(rng: random.Random):
 def _mutate(call, rng: random.Random) -> str:
     """Apply one hostile change to ``call`` in place; returns its name."""
     B, N = call["user"].shape[0], call["items"].shape[0]
-    kind = rng.choice(["index", "index_dtype", "nonfinite", "scale", "zero", "duplicates",
-                       "hits", "strided", "none"])
+    kind = rng.choice(
+        ["index", "index_dtype", "nonfinite", "scale", "zero", "duplicates", "hits", "strided", "none"]
+    )
     if kind == "index":
         target = rng.choice(["pos", "neg"]) if call["neg"] is not None else "pos"
-        bad = rng.choice([N, N + 1, -1, 2**31 - 1, 2**31, -2**31, 2**40, -2**40])
+        bad = rng.choice([N, N + 1, -1, 2**31 - 1, 2**31, -(2**31), 2**40, -(2**40)])
         flat = call[target].clone().view(-1)
         flat[rng.randrange(flat.numel())] = bad
         call[target] = flat.view(call[target].shape)
-        if rng.random() < 0.3 and -2**31 <= bad < 2**31:
+        if rng.random() < 0.3 and -(2**31) <= bad < 2**31:
             call[target] = call[target].to(torch.int32)
     elif kind == "index_dtype":
         target = rng.choice(["pos", "neg"]) if call["neg"] is not None else "pos"
@@ -126,8 +135,16 @@ def _run(call, backend):
     u = call["user"].clone().requires_grad_(True)
     t = call["items"].clone().requires_grad_(True)
     try:
-        loss = adaptau.softmax_loss(u, t, call["pos"], call["neg"], call["pos_scale"], call["neg_scale"],
-                                    backend=backend, **call["opts"])
+        loss = adaptau.softmax_loss(
+            u,
+            t,
+            call["pos"],
+            call["neg"],
+            call["pos_scale"],
+            call["neg_scale"],
+            backend=backend,
+            **call["opts"],
+        )
         loss.sum().backward()
     except ACCEPTED_ERRORS as exc:
         return type(exc)
@@ -175,7 +192,9 @@ def test_operator_fuzz_raises_or_matches_the_reference(seed, backend):
             assert got is ref, f"{where}: the reference raises {ref.__name__}, {backend} gives {got}"
             kinds[kind + " raised"] = kinds.get(kind + " raised", 0) + 1
         else:
-            assert not isinstance(got, type), f"{where}: {backend} raises {got.__name__}, the reference does not"
+            assert not isinstance(got, type), (
+                f"{where}: {backend} raises {got.__name__}, the reference does not"
+            )
             try:
                 _close(got, ref, call)
             except AssertionError as exc:
@@ -218,10 +237,18 @@ def _files(tmp, case):
         return ["train", "--data", _lightgcn(tmp / "d", *data[case]), *FAST, "--out", run]
     # run-folder cases: a finished run, then damage
     assert cli.main(["train", "--data", TINY, *FAST, "--epochs", "1", "--out", run]) == 0
-    target = {"corrupt config.json": "config.json", "empty checkpoint": "best.pt",
-              "corrupt checkpoint": "best.pt", "config.json a list": "config.json"}[case]
-    content = {"corrupt config.json": b'{"epochs": 1, "dim": ', "empty checkpoint": b"",
-               "corrupt checkpoint": b"PK\x03\x04 not really a zip", "config.json a list": b"[1, 2]"}[case]
+    target = {
+        "corrupt config.json": "config.json",
+        "empty checkpoint": "best.pt",
+        "corrupt checkpoint": "best.pt",
+        "config.json a list": "config.json",
+    }[case]
+    content = {
+        "corrupt config.json": b'{"epochs": 1, "dim": ',
+        "empty checkpoint": b"",
+        "corrupt checkpoint": b"PK\x03\x04 not really a zip",
+        "config.json a list": b"[1, 2]",
+    }[case]
     (tmp / "run" / target).write_bytes(content)
     return ["eval", "--run", run] if target.endswith(".pt") else ["train", "--resume", run]
 
@@ -308,19 +335,38 @@ def test_the_stop_message_names_the_step_and_an_existing_checkpoint(tmp_path, ca
 
 
 # ---------------------------------------------------------------------- kill and resume
-SLOW_FSYNC = ("import os, sys, time\n"
-              "real = os.fsync\n"
-              "os.fsync = lambda fd: (time.sleep(0.05), real(fd))[1]\n"
-              "from adaptau.train.cli import main\n"
-              "sys.exit(main(sys.argv[1:]))\n")
-KILL_ARGS = ["train", "--data", "synthetic:num_users=400,num_items=300", "--dim", "16",
-             "--batch-size", "128", "--negatives", "16", "--warmup", "1", "--epochs", "6",
-             "--progress", "off", "--backend", CPU_BACKENDS[0]]
+SLOW_FSYNC = (
+    "import os, sys, time\n"
+    "real = os.fsync\n"
+    "os.fsync = lambda fd: (time.sleep(0.05), real(fd))[1]\n"
+    "from adaptau.train.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+KILL_ARGS = [
+    "train",
+    "--data",
+    "synthetic:num_users=400,num_items=300",
+    "--dim",
+    "16",
+    "--batch-size",
+    "128",
+    "--negatives",
+    "16",
+    "--warmup",
+    "1",
+    "--epochs",
+    "6",
+    "--progress",
+    "off",
+    "--backend",
+    CPU_BACKENDS[0],
+]
 
 
 def _cli(args, **kw):
-    return subprocess.Popen([sys.executable, "-c", SLOW_FSYNC, *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-c", SLOW_FSYNC, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw
+    )
 
 
 def _epochs_logged(run) -> int:
@@ -369,8 +415,9 @@ def small_tmpfs(tmp_path):
     """A 1 MiB tmpfs at ``tmp_path/disk`` (needs root and a kernel that lets it mount)."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    got = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
-                         capture_output=True, text=True)
+    got = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True, text=True
+    )
     if got.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root): {got.stderr.strip()}")
     yield disk
@@ -378,9 +425,23 @@ def small_tmpfs(tmp_path):
 
 
 def test_a_full_disk_stops_in_one_line_and_the_run_resumes(tmp_path, small_tmpfs, capsys):
-    args = ["train", "--data", "synthetic:num_users=1200,num_items=400", "--dim", "24",
-            "--batch-size", "256", "--negatives", "16", "--warmup", "1", "--epochs", "2",
-            "--progress", "off"]
+    args = [
+        "train",
+        "--data",
+        "synthetic:num_users=1200,num_items=400",
+        "--dim",
+        "24",
+        "--batch-size",
+        "256",
+        "--negatives",
+        "16",
+        "--warmup",
+        "1",
+        "--epochs",
+        "2",
+        "--progress",
+        "off",
+    ]
     run = small_tmpfs / "run"
     assert cli.main([*args, "--out", str(tmp_path / "whole")]) == 0
     capsys.readouterr()

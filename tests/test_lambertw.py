@@ -1,4 +1,5 @@
 """adaptau.lambertw against scipy / mpmath on a dense grid over [−1/e, 1000]."""
+
 import math
 
 import mpmath
@@ -14,14 +15,20 @@ INV_E = math.exp(-1.0)
 
 def exact(values):
     mpmath.mp.dps = 40
-    return np.array([float(mpmath.re(mpmath.lambertw(max(mpmath.mpf(float(v)), -1 / mpmath.e))))
-                     for v in values])
+    return np.array(
+        [float(mpmath.re(mpmath.lambertw(max(mpmath.mpf(float(v)), -1 / mpmath.e)))) for v in values]
+    )
 
 
 @pytest.mark.parametrize("dtype,rel_tol", [(torch.float32, 2e-6), (torch.float64, 1e-12)])
 def test_dense_grid_against_scipy(dtype, rel_tol):
-    grid = np.concatenate([np.linspace(-0.36, 1000.0, 400001), np.geomspace(1e-30, 1e3, 20001),
-                           -np.geomspace(1e-30, 0.36, 20001)])
+    grid = np.concatenate(
+        [
+            np.linspace(-0.36, 1000.0, 400001),
+            np.geomspace(1e-30, 1e3, 20001),
+            -np.geomspace(1e-30, 0.36, 20001),
+        ]
+    )
     x = torch.tensor(grid, dtype=dtype)
     xd = x.double().numpy()  # the value actually represented in dtype
     w = lambertw(x)

@@ -1,5 +1,6 @@
 """The package layout (issue #22): adaptau.loss / adaptau.train, the old flat paths as
 deprecation shims, the backend contract's constants stated once, one importer of _C."""
+
 import ast
 import importlib
 import pathlib
@@ -75,8 +76,9 @@ def test_old_path_warns_and_is_the_new_module(old):
 
 
 def test_old_cli_path_still_runs_as_a_program():
-    res = subprocess.run([sys.executable, "-m", "adaptau.cli", "--help"],
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-m", "adaptau.cli", "--help"], capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert "usage: adaptau" in res.stdout
     assert "DeprecationWarning: python -m adaptau.cli is deprecated" in res.stderr
@@ -107,8 +109,12 @@ def test_cpp_contract_constants_agree():
     if not _extension.has_op("contract_constants"):
         pytest.skip("the built extension predates adaptau::contract_constants (or is missing)")
     assert list(torch.ops.adaptau.contract_constants()) == [
-        contract.NEG_PER_ROW, contract.NEG_SHARED, contract.NEG_IN_BATCH, contract.NORM_EPS,
-        contract.MAX_INVERSE_TEMPERATURE]
+        contract.NEG_PER_ROW,
+        contract.NEG_SHARED,
+        contract.NEG_IN_BATCH,
+        contract.NORM_EPS,
+        contract.MAX_INVERSE_TEMPERATURE,
+    ]
 
 
 def test_triton_kernels_use_the_contract_constants():
@@ -136,8 +142,7 @@ def _imports_C(path: pathlib.Path) -> bool:
 
 
 def test_only_extension_module_imports_C():
-    importers = [p.relative_to(PACKAGE).as_posix() for p in sorted(PACKAGE.rglob("*.py"))
-                 if _imports_C(p)]
+    importers = [p.relative_to(PACKAGE).as_posix() for p in sorted(PACKAGE.rglob("*.py")) if _imports_C(p)]
     assert importers == ["_extension.py"]
 
 
@@ -145,8 +150,7 @@ def test_synthetic_generator_does_not_import_data():
     import adaptau.train.synthetic as synthetic
     from adaptau.train.data import Dataset, make_synthetic
 
-    assert "from .data" not in (PACKAGE / "train" / "synthetic.py").read_text().split(
-        "def __getattr__")[0]
+    assert "from .data" not in (PACKAGE / "train" / "synthetic.py").read_text().split("def __getattr__")[0]
     u, i = synthetic.synthetic_interactions(50, 40, seed=3)
     assert u.shape == i.shape and u.dtype.kind == "i"
     assert synthetic.make_synthetic is make_synthetic  # the old name still resolves

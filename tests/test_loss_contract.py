@@ -15,6 +15,7 @@ interpreter has to be chosen before Triton is imported, so tests/test_triton_bac
 these cases for it in a subprocess. The fused ``cpu`` backend's own grid (shapes, thread
 counts, CPU capabilities, its saved state) is tests/test_cpu_backend.py.
 """
+
 import pytest
 import torch
 
@@ -24,11 +25,16 @@ from adaptau.loss import ops
 
 pytestmark = pytest.mark.filterwarnings("ignore:adaptau. no fused backend")
 
-BACKENDS = [pytest.param("cpu", marks=pytest.mark.skipif(
-                "cpu" not in adaptau.available_backends("cpu"),
-                reason="the adaptau C++ CPU kernel is not built (adaptau._C missing or without a "
-                       "CPU kernel)")),
-            "reference"]
+BACKENDS = [
+    pytest.param(
+        "cpu",
+        marks=pytest.mark.skipif(
+            "cpu" not in adaptau.available_backends("cpu"),
+            reason="the adaptau C++ CPU kernel is not built (adaptau._C missing or without a CPU kernel)",
+        ),
+    ),
+    "reference",
+]
 FUNCTION_CASES = [name for name, spec in CASES.items() if not spec.get("api")]
 API_CASES = [name for name, spec in CASES.items() if spec.get("api")]
 
@@ -38,11 +44,11 @@ API_CASES = [name for name, spec in CASES.items() if spec.get("api")]
 # α·5e-4 ~ 5 in the positive's softmax weight p = exp(α·ŝ⁺ - lse) that the gradients use.
 _FLOAT32_LSE_GAP = {
     ("cpu", "shared-large_scale_include_pos"): "the GEMM modes' backward: a row whose positive "
-        "holds all the probability (reference gradient 0) gets gradients of ~0.4",
+    "holds all the probability (reference gradient 0) gets gradients of ~0.4",
     ("cpu", "inbatch-large_scale_include_pos"): "the GEMM modes' backward: user gradient off by "
-        "~3.5e-3 absolute (bound 3e-3)",
+    "~3.5e-3 absolute (bound 3e-3)",
     ("reference", "inbatch-large_scale_include_pos"): "the reference computed in float32: user "
-        "gradient off by ~8e-3 absolute (bound 3e-3)",
+    "gradient off by ~8e-3 absolute (bound 3e-3)",
 }
 
 
@@ -66,13 +72,29 @@ def test_public_api_and_autograd_match_reference(backend, case):
 def _run_case(backend, case):
     spec = CASES[case]
     x = make_inputs(case, spec)
-    options = (spec["mode"], bool(spec.get("include_pos", False)), bool(spec.get("normalize", True)),
-               bool(spec.get("remove_hits", False)))
+    options = (
+        spec["mode"],
+        bool(spec.get("include_pos", False)),
+        bool(spec.get("normalize", True)),
+        bool(spec.get("remove_hits", False)),
+    )
     forward, backward = ops._implementation(backend)
-    loss, lse, raw = forward(x["user"], x["items"], x["pos"], x["neg"], x["alpha"], x["beta"],
-                             x["logq"], *options, True)
-    grads = backward(x["grad_loss"], x["user"], x["items"], x["pos"], x["neg"], x["alpha"],
-                     x["beta"], x["logq"], lse, *options, True)
+    loss, lse, raw = forward(
+        x["user"], x["items"], x["pos"], x["neg"], x["alpha"], x["beta"], x["logq"], *options, True
+    )
+    grads = backward(
+        x["grad_loss"],
+        x["user"],
+        x["items"],
+        x["pos"],
+        x["neg"],
+        x["alpha"],
+        x["beta"],
+        x["logq"],
+        lse,
+        *options,
+        True,
+    )
     return (loss, lse, raw, *grads)
 
 

@@ -1,4 +1,5 @@
 """MF and LightGCN: propagation against a dense computation, the bincount L2 term."""
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -73,8 +74,7 @@ def test_sampled_l2_matches_gather(kind):
     item_w = torch.randn(11, 4, dtype=torch.float64, requires_grad=True)
     users = torch.tensor([0, 3, 3, 5])
     pos = torch.tensor([1, 1, 4, 10])
-    neg = {"per-row": torch.randint(11, (4, 7)), "shared": torch.randint(11, (5,)),
-           "in-batch": None}[kind]
+    neg = {"per-row": torch.randint(11, (4, 7)), "shared": torch.randint(11, (5,)), "in-batch": None}[kind]
     got = sampled_l2(user_w, item_w, users, pos, neg)
     want = naive_l2(user_w, item_w, users, pos, neg)
     assert torch.allclose(got, want)
@@ -108,6 +108,7 @@ def test_add_row_l2_grad_fused_matches_torch(dtype):
     """add_row_l2_grad_ (the fused CPU op) against the same formula in torch: gradient and
     value; zero counts leave rows untouched; D not a multiple of the vector width."""
     from adaptau.train.models import add_row_l2_grad_
+
     g = torch.Generator().manual_seed(3)
     N, D = 2500, 67
     w = torch.randn(N, D, generator=g, dtype=dtype)

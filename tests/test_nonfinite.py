@@ -6,6 +6,7 @@ is written for finite scores), so loss and gradients equal the reference's, NaN 
 NaN (``torch.testing.assert_close(equal_nan=True)``: NaN where the reference has NaN,
 the same infinities, the finite values to rounding, float64 ``rtol = atol = 1e-12``).
 """
+
 import pytest
 import torch
 
@@ -20,8 +21,11 @@ def _case(gen, mode, where):
     user = torch.randn(B, D, generator=gen, dtype=torch.float64)
     items = torch.randn(N, D, generator=gen, dtype=torch.float64)
     pos = torch.randperm(N, generator=gen)[:B]
-    neg = {"per_row": torch.randint(0, N, (B, M), generator=gen),
-           "shared": torch.randint(0, N, (M,), generator=gen), "in_batch": None}[mode]
+    neg = {
+        "per_row": torch.randint(0, N, (B, M), generator=gen),
+        "shared": torch.randint(0, N, (M,), generator=gen),
+        "in_batch": None,
+    }[mode]
     if where == "item_nan":
         items[pos[2]] = float("nan")
     elif where == "item_inf":
@@ -37,8 +41,9 @@ def _case(gen, mode, where):
 def _loss_and_grads(user, items, pos, neg, backend, normalize):
     u = user.clone().requires_grad_(True)
     t = items.clone().requires_grad_(True)
-    loss = adaptau.softmax_loss(u, t, pos, neg, 4.0, 6.0, normalize=normalize,
-                                reduction="none", backend=backend)
+    loss = adaptau.softmax_loss(
+        u, t, pos, neg, 4.0, 6.0, normalize=normalize, reduction="none", backend=backend
+    )
     loss.sum().backward()
     return loss.detach(), u.grad, t.grad
 
@@ -67,6 +72,7 @@ def test_a_nan_table_never_gives_a_finite_mean_loss(backend):
         loss = adaptau.softmax_loss(user, items, pos, neg, 10.0, 10.0, backend=backend)
         assert torch.isnan(loss)
         for dtype in (torch.float32, torch.bfloat16):
-            loss = adaptau.softmax_loss(user.to(dtype), items.to(dtype), pos, neg, 10.0, 10.0,
-                                        backend=backend)
+            loss = adaptau.softmax_loss(
+                user.to(dtype), items.to(dtype), pos, neg, 10.0, 10.0, backend=backend
+            )
             assert torch.isnan(loss)

@@ -15,6 +15,7 @@ Operators:
 Inputs are the cases of tests/_cases.py: per-row [B, M], shared [M] and in-batch negatives,
 int64 and int32 indices, float32 and float64, with and without the options.
 """
+
 import pytest
 import torch
 from torch.library import opcheck
@@ -23,28 +24,43 @@ import adaptau
 from _cases import CASES, make_inputs
 
 HAVE_CPU_KERNEL = "cpu" in adaptau.available_backends("cpu")
-NEEDS_CPU_KERNEL = pytest.mark.skipif(not HAVE_CPU_KERNEL, reason="the adaptau C++ CPU kernel is not "
-                                      "built (adaptau._C missing or without a CPU kernel)")
+NEEDS_CPU_KERNEL = pytest.mark.skipif(
+    not HAVE_CPU_KERNEL,
+    reason="the adaptau C++ CPU kernel is not built (adaptau._C missing or without a CPU kernel)",
+)
 
-OPCHECK_CASES = ("perrow-base", "perrow-all_options", "perrow-int32", "perrow-many_negatives",
-                 "shared-logq", "shared-remove_hits", "shared-float64", "inbatch-base",
-                 "inbatch-include_pos", "inbatch-many_rows")
+OPCHECK_CASES = (
+    "perrow-base",
+    "perrow-all_options",
+    "perrow-int32",
+    "perrow-many_negatives",
+    "shared-logq",
+    "shared-remove_hits",
+    "shared-float64",
+    "inbatch-base",
+    "inbatch-include_pos",
+    "inbatch-many_rows",
+)
 BACKENDS = [pytest.param("cpu", marks=NEEDS_CPU_KERNEL), "reference"]
-EVERY_TEST = ("test_schema", "test_autograd_registration", "test_faketensor",
-              "test_aot_dispatch_dynamic")
+EVERY_TEST = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 
 
 def _options(spec):
-    return (spec["mode"], bool(spec.get("include_pos", False)), bool(spec.get("normalize", True)),
-            bool(spec.get("remove_hits", False)))
+    return (
+        spec["mode"],
+        bool(spec.get("include_pos", False)),
+        bool(spec.get("normalize", True)),
+        bool(spec.get("remove_hits", False)),
+    )
 
 
 def _forward_args(name, requires_grad):
     """The forward's arguments up to neg_mode's options (compute_raw and backend follow)."""
     spec = CASES[name]
     x = make_inputs(name, spec)
-    user, items, alpha, beta = (x[k].requires_grad_(requires_grad)
-                                for k in ("user", "items", "alpha", "beta"))
+    user, items, alpha, beta = (
+        x[k].requires_grad_(requires_grad) for k in ("user", "items", "alpha", "beta")
+    )
     return (user, items, x["pos"], x["neg"], alpha, beta, x["logq"], *_options(spec)), x
 
 
@@ -67,9 +83,10 @@ def test_softmax_loss_backward(backend, name):
     args, x = _forward_args(name, requires_grad=False)
     _, lse, _ = torch.ops.adaptau.softmax_loss_forward(*args, True, backend)
     user, items, pos, neg, alpha, beta, logq, *options = args
-    _assert_opcheck(torch.ops.adaptau.softmax_loss_backward.default,
-                    (x["grad_loss"], user, items, pos, neg, alpha, beta, logq, lse, *options, True,
-                     backend))
+    _assert_opcheck(
+        torch.ops.adaptau.softmax_loss_backward.default,
+        (x["grad_loss"], user, items, pos, neg, alpha, beta, logq, lse, *options, True, backend),
+    )
 
 
 @NEEDS_CPU_KERNEL
@@ -79,8 +96,10 @@ def test_fused_forward_and_backward(name):
     _assert_opcheck(torch.ops.adaptau.fused_forward.default, (*args, True))
     _, lse, _ = torch.ops.adaptau.fused_forward(*args, True)
     user, items, pos, neg, alpha, beta, logq, *options = args
-    _assert_opcheck(torch.ops.adaptau.fused_backward.default,
-                    (x["grad_loss"], user, items, pos, neg, alpha, beta, logq, lse, *options, True))
+    _assert_opcheck(
+        torch.ops.adaptau.fused_backward.default,
+        (x["grad_loss"], user, items, pos, neg, alpha, beta, logq, lse, *options, True),
+    )
 
 
 @NEEDS_CPU_KERNEL

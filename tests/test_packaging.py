@@ -1,5 +1,6 @@
 """Packaging: one version, metadata in pyproject.toml, an sdist that carries what the build
 needs, and a loss that imports without the trainer's extras."""
+
 import subprocess
 import sys
 import tarfile
@@ -54,9 +55,17 @@ def test_the_sdist_carries_the_sources_the_build_needs(tmp_path):
             (src / name).parent.mkdir(parents=True, exist_ok=True)
             (src / name).write_bytes((REPO_ROOT / name).read_bytes())
     build = subprocess.run(
-        [sys.executable, "-c", "import sys; from setuptools import build_meta as b; "
-                               "print(b.build_sdist(sys.argv[1]))", str(tmp_path / "dist")],
-        cwd=src, capture_output=True, text=True, env={"ADAPTAU_NO_EXTENSION": "1", "PATH": ""})
+        [
+            sys.executable,
+            "-c",
+            "import sys; from setuptools import build_meta as b; print(b.build_sdist(sys.argv[1]))",
+            str(tmp_path / "dist"),
+        ],
+        cwd=src,
+        capture_output=True,
+        text=True,
+        env={"ADAPTAU_NO_EXTENSION": "1", "PATH": ""},
+    )
     assert build.returncode == 0, build.stderr[-3000:]
     name = build.stdout.strip().splitlines()[-1]
     with tarfile.open(tmp_path / "dist" / name) as tar:
@@ -64,6 +73,17 @@ def test_the_sdist_carries_the_sources_the_build_needs(tmp_path):
     headers = {str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "csrc").rglob("*.h")}
     kernels = {str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "kernels").glob("*.py")}
     assert headers and kernels
-    needed = headers | kernels | {"LICENSE", "README.md", "CHANGELOG.md", "pyproject.toml", "setup.py",
-                                  "adaptau/py.typed", "csrc/cuda/softmax_loss_kernels.cu"}
+    needed = (
+        headers
+        | kernels
+        | {
+            "LICENSE",
+            "README.md",
+            "CHANGELOG.md",
+            "pyproject.toml",
+            "setup.py",
+            "adaptau/py.typed",
+            "csrc/cuda/softmax_loss_kernels.cu",
+        }
+    )
     assert needed <= members, sorted(needed - members)

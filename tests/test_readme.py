@@ -1,4 +1,5 @@
 """README's promises: the drop-in example runs, and .ci/run runs README's test command."""
+
 import re
 
 import pytest

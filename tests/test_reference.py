@@ -1,4 +1,5 @@
 """The reference backend and the custom op against an independent float64 formula."""
+
 import itertools
 
 import pytest
@@ -27,14 +28,17 @@ def make_inputs(B, N, D, M, neg_mode, gen, dtype=torch.float64, with_duplicates=
         pos[0] = pos[-1]  # a repeated positive (in-batch: an accidental hit)
         if neg is not None:
             neg.view(-1)[0] = pos[0]  # a negative equal to the positive
-    alpha = (torch.rand(B, dtype=dtype, generator=gen) * 9 + 1)
-    beta = (torch.rand(B, dtype=dtype, generator=gen) * 9 + 1)
+    alpha = torch.rand(B, dtype=dtype, generator=gen) * 9 + 1
+    beta = torch.rand(B, dtype=dtype, generator=gen) * 9 + 1
     logq = torch.randn(N, dtype=dtype, generator=gen)
     return user, items, pos, neg, alpha, beta, logq
 
 
-OPTIONS = list(itertools.product(["per_row", "shared", "in_batch"], [False, True], [False, True],
-                                 [False, True], [False, True]))
+OPTIONS = list(
+    itertools.product(
+        ["per_row", "shared", "in_batch"], [False, True], [False, True], [False, True], [False, True]
+    )
+)
 
 
 @pytest.mark.parametrize("neg_mode,include_pos,normalize,use_logq,remove_hits", OPTIONS)
@@ -44,9 +48,19 @@ def test_reference_matches_independent_formula(seed, neg_mode, include_pos, norm
     logq = logq if use_logq else None
     leaves = [t.clone().requires_grad_() for t in (user, items, alpha, beta)]
     loss, raw = adaptau.softmax_loss(
-        *leaves[:2], pos, neg, leaves[2], leaves[3], include_pos=include_pos,
-        normalize=normalize, neg_logq=logq, remove_accidental_hits=remove_hits,
-        reduction="none", return_raw=True, backend="reference")
+        *leaves[:2],
+        pos,
+        neg,
+        leaves[2],
+        leaves[3],
+        include_pos=include_pos,
+        normalize=normalize,
+        neg_logq=logq,
+        remove_accidental_hits=remove_hits,
+        reduction="none",
+        return_raw=True,
+        backend="reference",
+    )
     grads = torch.autograd.grad(loss.sum(), leaves)
 
     ref_leaves = [t.clone().requires_grad_() for t in (user, items, alpha, beta)]
@@ -71,24 +85,34 @@ def test_reductions(seed, neg_mode, reduction):
     gen = torch.Generator().manual_seed(seed)
     user, items, pos, neg, alpha, beta, _ = make_inputs(6, 9, 5, 3, neg_mode, gen)
     rows = naive_rows(user, items, pos, neg, alpha, beta)
-    out = adaptau.softmax_loss(user, items, pos, neg, alpha, beta, reduction=reduction,
-                               backend="reference")
+    out = adaptau.softmax_loss(user, items, pos, neg, alpha, beta, reduction=reduction, backend="reference")
     expected = {"mean": rows.mean(), "sum": rows.sum(), "none": rows}[reduction]
     torch.testing.assert_close(out, expected, rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.parametrize("neg_mode,include_pos,normalize,use_logq,remove_hits",
-                         [o for o in OPTIONS if o[3] == o[4]])
+@pytest.mark.parametrize(
+    "neg_mode,include_pos,normalize,use_logq,remove_hits", [o for o in OPTIONS if o[3] == o[4]]
+)
 def test_gradcheck(seed, neg_mode, include_pos, normalize, use_logq, remove_hits):
     gen = torch.Generator().manual_seed(seed)
     user, items, pos, neg, alpha, beta, logq = make_inputs(4, 6, 3, 3, neg_mode, gen)
     logq = logq if use_logq else None
 
     def f(u, it, a, b):
-        return adaptau.softmax_loss(u, it, pos, neg, a, b, include_pos=include_pos,
-                                    normalize=normalize, neg_logq=logq,
-                                    remove_accidental_hits=remove_hits, reduction="none",
-                                    backend="reference")
+        return adaptau.softmax_loss(
+            u,
+            it,
+            pos,
+            neg,
+            a,
+            b,
+            include_pos=include_pos,
+            normalize=normalize,
+            neg_logq=logq,
+            remove_accidental_hits=remove_hits,
+            reduction="none",
+            backend="reference",
+        )
 
     inputs = tuple(t.clone().requires_grad_() for t in (user, items, alpha * 0.3, beta * 0.3))
     assert torch.autograd.gradcheck(f, inputs)
@@ -99,13 +123,20 @@ def test_scalar_and_float_scales(seed):
     user, items, pos, neg, _, _, _ = make_inputs(4, 8, 5, 3, "per_row", gen)
     a = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
     loss = adaptau.softmax_loss(user, items, pos, neg, a, 2.5, backend="reference")
-    expected = naive_rows(user, items, pos, neg, torch.full((4,), 3.0, dtype=torch.float64),
-                          torch.full((4,), 2.5, dtype=torch.float64)).mean()
+    expected = naive_rows(
+        user,
+        items,
+        pos,
+        neg,
+        torch.full((4,), 3.0, dtype=torch.float64),
+        torch.full((4,), 2.5, dtype=torch.float64),
+    ).mean()
     torch.testing.assert_close(loss, expected, rtol=RTOL, atol=ATOL)
     (g,) = torch.autograd.grad(loss, a)
     a_ref = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
     (g_ref,) = torch.autograd.grad(
-        naive_rows(user, items, pos, neg, a_ref, torch.tensor(2.5, dtype=torch.float64)).mean(), a_ref)
+        naive_rows(user, items, pos, neg, a_ref, torch.tensor(2.5, dtype=torch.float64)).mean(), a_ref
+    )
     torch.testing.assert_close(g, g_ref, rtol=RTOL, atol=ATOL)
 
 
@@ -114,8 +145,9 @@ def test_empty_denominator_row_contributes_nothing():
     user = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
     pos = torch.tensor([1, 2])
     neg = torch.tensor([[1, 1], [0, 3]])  # row 0's negatives are all its positive
-    loss = adaptau.softmax_loss(user, items, pos, neg, 5.0, 5.0, remove_accidental_hits=True,
-                                reduction="none", backend="reference")
+    loss = adaptau.softmax_loss(
+        user, items, pos, neg, 5.0, 5.0, remove_accidental_hits=True, reduction="none", backend="reference"
+    )
     assert loss[0].item() == 0.0 and loss[1].item() != 0.0
     gu, gi = torch.autograd.grad(loss.sum(), (user, items))
     assert torch.isfinite(gu).all() and torch.isfinite(gi).all()
@@ -130,12 +162,20 @@ def test_zero_vectors_and_large_scales(seed):
     items[neg[2, 1]] = 0.0
     for normalize in (True, False):
         u, it = user.clone().requires_grad_(), items.clone().requires_grad_()
-        loss = adaptau.softmax_loss(u, it, pos, neg, 1e4, 1e4, normalize=normalize,
-                                    reduction="none", backend="reference")
+        loss = adaptau.softmax_loss(
+            u, it, pos, neg, 1e4, 1e4, normalize=normalize, reduction="none", backend="reference"
+        )
         gu, gi = torch.autograd.grad(loss.sum(), (u, it))
         assert torch.isfinite(loss).all() and torch.isfinite(gu).all() and torch.isfinite(gi).all()
-        ref = naive_rows(user, items, pos, neg, torch.full((5,), 1e4, dtype=torch.float64),
-                         torch.full((5,), 1e4, dtype=torch.float64), normalize=normalize)
+        ref = naive_rows(
+            user,
+            items,
+            pos,
+            neg,
+            torch.full((5,), 1e4, dtype=torch.float64),
+            torch.full((5,), 1e4, dtype=torch.float64),
+            normalize=normalize,
+        )
         torch.testing.assert_close(loss, ref, rtol=1e-9, atol=1e-6)
 
 
@@ -154,8 +194,9 @@ def test_paper_loss_reproduced(seed):
     s_neg = (un.unsqueeze(1) * itn[neg]).sum(-1)
     paper = -torch.log(torch.exp(w0 * s_pos) / torch.exp(beta[:, None] * s_neg).sum(1))
     paper_raw = -torch.log(torch.exp(s_pos) / torch.exp(s_neg).sum(1))
-    loss, raw = adaptau.softmax_loss(user, items, pos, neg, w0, beta, reduction="none",
-                                     return_raw=True, backend="reference")
+    loss, raw = adaptau.softmax_loss(
+        user, items, pos, neg, w0, beta, reduction="none", return_raw=True, backend="reference"
+    )
     torch.testing.assert_close(loss, paper, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(raw, paper_raw, rtol=1e-12, atol=1e-12)
 

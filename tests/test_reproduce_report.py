@@ -1,4 +1,5 @@
 """benchmarks/reproduce.py --report-only: the summary of an unfinished run folder."""
+
 import importlib.util
 import json
 import pathlib
@@ -38,7 +39,9 @@ def test_partial_summary_best_so_far(reproduce, tmp_path):
 
 
 def test_partial_summary_empty(reproduce, tmp_path):
-    assert reproduce.partial_summary(reproduce.run_history(tmp_path / "missing"), "paper", "recall@20") is None
+    assert (
+        reproduce.partial_summary(reproduce.run_history(tmp_path / "missing"), "paper", "recall@20") is None
+    )
     _write(tmp_path / "empty", [])
     assert reproduce.partial_summary(reproduce.run_history(tmp_path / "empty"), "paper", "recall@20") is None
     _write(tmp_path / "noeval", [{"epoch": 0, "loss": 1.0, "seconds": 5}])
@@ -52,8 +55,9 @@ TINY = "synthetic:num_users=120,num_items=80"
 def _cell(reproduce, **over):
     from adaptau.train import TrainConfig
 
-    return TrainConfig().update(dict(dict(data=TINY, dim=8, batch_size=64, negatives=8, epochs=2,
-                                          progress="off", seed=3), **over))
+    return TrainConfig().update(
+        dict(dict(data=TINY, dim=8, batch_size=64, negatives=8, epochs=2, progress="off", seed=3), **over)
+    )
 
 
 def test_a_setting_the_saved_config_predates_counts_as_its_default(reproduce):
@@ -92,8 +96,22 @@ def test_a_cell_is_continued_or_set_aside_never_deleted(reproduce, tmp_path):
 
 
 def test_collect_keeps_the_most_final_run_of_each_cell(reproduce, tmp_path):
-    keys = ["dataset", "model", "protocol", "rule", "recall@20", "ndcg@20", "select_recall@20",
-            "best_epoch", "epochs_run", "status", "s_per_epoch", "lr", "warmup", "folder"]
+    keys = [
+        "dataset",
+        "model",
+        "protocol",
+        "rule",
+        "recall@20",
+        "ndcg@20",
+        "select_recall@20",
+        "best_epoch",
+        "epochs_run",
+        "status",
+        "s_per_epoch",
+        "lr",
+        "warmup",
+        "folder",
+    ]
 
     def write(machine, rows):
         (tmp_path / machine).mkdir()
@@ -101,18 +119,58 @@ def test_collect_keeps_the_most_final_run_of_each_cell(reproduce, tmp_path):
         (tmp_path / machine / "reproduction_gowalla.csv").write_text("\n".join(lines) + "\n")
 
     cell = dict(dataset="gowalla", model="lightgcn", protocol="paper")
-    write("cpu-a", [dict(cell, rule="adaptive", **{"recall@20": 0.19, "ndcg@20": 0.16}, best_epoch=90,
-                         epochs_run=140, status="early-stopped"),
-                    dict(cell, rule="global", **{"recall@20": 0.18, "ndcg@20": 0.15}, best_epoch=50,
-                         epochs_run=60, status="in progress")])
-    write("cpu-b", [dict(cell, rule="adaptive", **{"recall@20": 0.17, "ndcg@20": 0.14}, best_epoch=200,
-                         epochs_run=210, status="in progress"),
-                    dict(cell, rule="global", **{"recall@20": 0.185, "ndcg@20": 0.152}, best_epoch=70,
-                         epochs_run=80, status="in progress")])
+    write(
+        "cpu-a",
+        [
+            dict(
+                cell,
+                rule="adaptive",
+                **{"recall@20": 0.19, "ndcg@20": 0.16},
+                best_epoch=90,
+                epochs_run=140,
+                status="early-stopped",
+            ),
+            dict(
+                cell,
+                rule="global",
+                **{"recall@20": 0.18, "ndcg@20": 0.15},
+                best_epoch=50,
+                epochs_run=60,
+                status="in progress",
+            ),
+        ],
+    )
+    write(
+        "cpu-b",
+        [
+            dict(
+                cell,
+                rule="adaptive",
+                **{"recall@20": 0.17, "ndcg@20": 0.14},
+                best_epoch=200,
+                epochs_run=210,
+                status="in progress",
+            ),
+            dict(
+                cell,
+                rule="global",
+                **{"recall@20": 0.185, "ndcg@20": 0.152},
+                best_epoch=70,
+                epochs_run=80,
+                status="in progress",
+            ),
+        ],
+    )
     text = "\n".join(reproduce.collect(tmp_path, tmp_path / "reproduction.md"))
     assert (tmp_path / "reproduction.md").read_text() == text + "\n"
     row = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| lightgcn")}
     assert "0.1900 | 0.1901 | 0.1600 | 0.1590 | 90 | 140 | converged | [cpu-a]" in row["Adap-τ (adaptive)"]
-    assert "0.1850 | 0.1841 | 0.1520 | 0.1526 | 70 | 80 | **still running** | [cpu-b]" in row["Adap-τ-0 (global)"]
-    assert "lightgcn: Adap-τ ≥ Adap-τ-0 on both metrics" in text and "provisional: Adap-τ-0 still running" in text
+    assert (
+        "0.1850 | 0.1841 | 0.1520 | 0.1526 | 70 | 80 | **still running** | [cpu-b]"
+        in row["Adap-τ-0 (global)"]
+    )
+    assert (
+        "lightgcn: Adap-τ ≥ Adap-τ-0 on both metrics" in text
+        and "provisional: Adap-τ-0 still running" in text
+    )
     assert "lightgcn Adap-τ against its target (≥ 0.1863 Recall@20, ≥ 0.1558 NDCG@20): met" in text

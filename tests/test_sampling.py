@@ -1,4 +1,5 @@
 """Negative samplers: shapes, distributions, exclusion, determinism; the batch iterator."""
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -58,7 +59,7 @@ def test_popularity_distribution_and_logq(gamma):
     s = NegativeSampler("popularity", 10, 1000, train=m, gamma=gamma)
     neg, logq = s.sample(torch.zeros(200, dtype=torch.long), torch.zeros(200, dtype=torch.long), gen(2))
     counts = np.asarray(m.sum(0)).ravel()
-    w = counts ** gamma
+    w = counts**gamma
     w[counts == 0] = w[counts > 0].min()  # unseen items get the smallest weight
     q = w / w.sum()
     freq = torch.bincount(neg.flatten(), minlength=10).double().numpy() / neg.numel()
@@ -171,6 +172,7 @@ def test_uniform_sampler_is_reproducible_from_the_generator_state():
 def test_item_counts_op_matches_bincount(dtype, shape):
     # exact integer counts, independent of the thread count (each thread counts a slice)
     from adaptau.train.models import sampled_item_counts
+
     g = torch.Generator().manual_seed(11 + len(shape))
     n_items = 1237
     idx = torch.randint(0, n_items, shape, generator=g, dtype=dtype)
@@ -192,7 +194,8 @@ def test_item_counts_op_matches_bincount(dtype, shape):
         assert torch.equal(both, (want + torch.bincount(pos.long(), minlength=n_items)).double())
         shared = sampled_item_counts(pos, idx[0], n_items, torch.float32)
         ref = torch.bincount(pos.long(), minlength=n_items) + shape[0] * torch.bincount(
-            idx[0].long(), minlength=n_items)
+            idx[0].long(), minlength=n_items
+        )
         assert torch.equal(shared, ref.float())
 
 
@@ -288,9 +291,30 @@ def test_mixed_sampler_logq_is_each_sources_expected_count(pool):
 def test_mixed_sampler_trains(tmp_path):
     from adaptau.train import cli
 
-    assert cli.main(["train", "--data", "synthetic:num_users=300,num_items=200", "--dim", "8",
-                     "--batch-size", "64", "--negatives", "32", "--sampler", "mixed", "--epochs", "2",
-                     "--progress", "off", "--out", str(tmp_path / "run")]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "--data",
+                "synthetic:num_users=300,num_items=200",
+                "--dim",
+                "8",
+                "--batch-size",
+                "64",
+                "--negatives",
+                "32",
+                "--sampler",
+                "mixed",
+                "--epochs",
+                "2",
+                "--progress",
+                "off",
+                "--out",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 0
+    )
     import json
 
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

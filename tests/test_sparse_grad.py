@@ -12,6 +12,7 @@ float32 ``rtol = 1e-5, atol = 1e-6`` (the CPU kernel's blocking follows the tabl
 so the fp32 association order can differ). NaN never passes (``torch.testing`` rejects a
 NaN on either side unless both are NaN, and the inputs here are finite).
 """
+
 import os
 import subprocess
 import sys
@@ -49,10 +50,15 @@ def _inputs(gen, B, N, D, M, mode, dtype, index_dtype=torch.int64):
 def _run(user, items, pos, neg, item_grad, backend, **kw):
     u = user.clone().requires_grad_(True)
     t = items.clone().requires_grad_(True)
-    alpha = torch.full((user.shape[0],), 7.0, dtype=torch.float64 if user.dtype == torch.float64
-                       else torch.float32, requires_grad=True)
-    loss = adaptau.softmax_loss(u, t, pos, neg, alpha, 9.0, item_grad=item_grad,
-                                backend=backend, reduction="none", **kw)
+    alpha = torch.full(
+        (user.shape[0],),
+        7.0,
+        dtype=torch.float64 if user.dtype == torch.float64 else torch.float32,
+        requires_grad=True,
+    )
+    loss = adaptau.softmax_loss(
+        u, t, pos, neg, alpha, 9.0, item_grad=item_grad, backend=backend, reduction="none", **kw
+    )
     weights = torch.linspace(0.5, 1.5, user.shape[0], dtype=loss.dtype)
     (loss * weights).sum().backward()
     return loss.detach(), u.grad, t.grad, alpha.grad
@@ -61,11 +67,14 @@ def _run(user, items, pos, neg, item_grad, backend, **kw):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("options", [
-    {},
-    {"include_pos": True, "remove_accidental_hits": True},
-    {"normalize": False, "logq": True},
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"include_pos": True, "remove_accidental_hits": True},
+        {"normalize": False, "logq": True},
+    ],
+)
 def test_sparse_matches_dense(seed, backend, mode, dtype, options):
     gen = torch.Generator().manual_seed(seed)
     B, N, D, M = 9, 157, 17, 23
@@ -113,8 +122,7 @@ def test_compact_feeds_a_gathered_table(seed):
     unique_ids, pos_local, neg_local = adaptau.compact(pos, neg)
     table = torch.nn.Embedding.from_pretrained(items.clone(), freeze=False, sparse=True)
     u = user.clone().requires_grad_(True)
-    loss = adaptau.softmax_loss(u, table(unique_ids), pos_local, neg_local, 7.0, 9.0,
-                                reduction="none")
+    loss = adaptau.softmax_loss(u, table(unique_ids), pos_local, neg_local, 7.0, 9.0, reduction="none")
     (loss * torch.linspace(0.5, 1.5, 6, dtype=loss.dtype)).sum().backward()
     want_loss, want_user, want_items, _ = _run(user, items, pos, neg, "dense", "reference")
     torch.testing.assert_close(loss.detach(), want_loss, rtol=1e-12, atol=1e-12)
@@ -127,14 +135,22 @@ def test_compact_names_an_out_of_range_index():
     with pytest.raises(IndexError, match=r"neg\[1, 0\] = 50 is out of range"):
         adaptau.compact(torch.tensor([1, 2]), torch.tensor([[3, 4], [50, 5]]), num_items=50)
     with pytest.raises(IndexError, match=r"pos\[1\] = -1 is out of range"):
-        adaptau.softmax_loss(torch.randn(2, 4), torch.randn(9, 4), torch.tensor([1, -1]),
-                             torch.tensor([[3, 4], [5, 6]]), 1.0, 1.0, item_grad="sparse")
+        adaptau.softmax_loss(
+            torch.randn(2, 4),
+            torch.randn(9, 4),
+            torch.tensor([1, -1]),
+            torch.tensor([[3, 4], [5, 6]]),
+            1.0,
+            1.0,
+            item_grad="sparse",
+        )
 
 
 def test_item_grad_must_be_dense_or_sparse():
     with pytest.raises(ValueError, match="item_grad"):
-        adaptau.softmax_loss(torch.randn(2, 4), torch.randn(9, 4), torch.tensor([1, 2]), None,
-                             1.0, 1.0, item_grad="coo")
+        adaptau.softmax_loss(
+            torch.randn(2, 4), torch.randn(9, 4), torch.tensor([1, 2]), None, 1.0, 1.0, item_grad="coo"
+        )
 
 
 def test_sparse_adam_updates_only_touched_rows(seed):
@@ -151,7 +167,8 @@ def test_sparse_adam_updates_only_touched_rows(seed):
     adaptau.softmax_loss(user, items, pos, neg, 5.0, 5.0, item_grad="sparse").backward()
     assert items.grad.is_sparse and items.grad._values().shape == (5, D)
     coalesced = torch.autograd.grad(
-        adaptau.softmax_loss(user, items, pos, neg, 5.0, 5.0, item_grad="sparse"), items)[0]
+        adaptau.softmax_loss(user, items, pos, neg, 5.0, 5.0, item_grad="sparse"), items
+    )[0]
     assert coalesced.is_coalesced() and coalesced.indices()[0].tolist() == [3, 5, 17, 999_999, N - 1]
     opt.step()
     moved = (items.detach() != before).any(dim=1).nonzero().flatten()
@@ -180,12 +197,19 @@ _TRITON_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(__import__("importlib").util.find_spec("triton") is None,
-                    reason="Triton is not installed")
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("triton") is None, reason="Triton is not installed"
+)
 def test_triton_sparse_matches_dense_reference_interpreted(seed):
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT.format(seed=seed)], env=env,
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", _TRITON_SCRIPT.format(seed=seed)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
@@ -205,7 +229,9 @@ def test_sparse_adagrad_on_lastfm_matches_dense_adagrad(tmp_path):
     if not (shared_data_dir() / "lastfm" / "train.txt").is_file():
         pytest.skip(f"Last.fm data absent under {shared_data_dir()}")
     base = dict(data=str(shared_data_dir() / "lastfm"), epochs=2, lr=0.05, progress="off", seed=7)
-    sparse = Trainer(TrainConfig(out=str(tmp_path / "sparse"), sparse_grad="adagrad", **base), log=lambda m: None)
+    sparse = Trainer(
+        TrainConfig(out=str(tmp_path / "sparse"), sparse_grad="adagrad", **base), log=lambda m: None
+    )
     s = sparse.fit()
     dense = Trainer(TrainConfig(out=str(tmp_path / "dense"), **base), log=lambda m: None)
     dense.optimizer = torch.optim.Adagrad(dense.model.parameters(), lr=0.05)

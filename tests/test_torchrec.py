@@ -11,6 +11,7 @@ Adam, so the comparison is not made against the default dense Adam.
 The tests that run TorchRec are skipped, saying why, only where torchrec or fbgemm's
 kernels cannot be imported.
 """
+
 import json
 import os
 import pathlib
@@ -55,14 +56,27 @@ def _env():
 def _torchrun(tmp_path, script: str, *args: str, timeout=150):
     path = tmp_path / "worker.py"
     path.write_text(script)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc-per-node=2", str(path), *args], cwd=tmp_path, env=_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            str(path),
+            *args,
+        ],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 # ------------------------------------------------------------------ 2 ranks, Last.fm
-TRAIN_WORKER = r'''
+TRAIN_WORKER = r"""
 import json, sys
 import torch
 from adaptau.train import distributed as dist
@@ -82,7 +96,7 @@ info["scale"] = trainer.controller.user_scale.tolist()
 with open(f"{cfg.out}/rank{dist.rank_and_world()[0]}.json", "w") as fh:
     json.dump(info, fh)
 dist.shutdown()
-'''
+"""
 
 
 @pytest.mark.slow
@@ -93,11 +107,21 @@ def test_two_ranks_row_wise_lastfm_match_one_process(tmp_path):
     data = pathlib.Path(os.environ.get("ADAPTAU_DATA") or REPO_ROOT.parent / "shared" / "data") / "lastfm"
     if not (data / "train.txt").is_file():
         pytest.skip(f"Last.fm not found under {data.parent} (set ADAPTAU_DATA)")
-    settings = dict(data=str(data), epochs=2, warmup=1, dim=32, batch_size=2048, negatives=64,
-                    lr=0.05, progress="off", backend=BACKEND, patience=0, sparse_grad="adagrad")
+    settings = dict(
+        data=str(data),
+        epochs=2,
+        warmup=1,
+        dim=32,
+        batch_size=2048,
+        negatives=64,
+        lr=0.05,
+        progress="off",
+        backend=BACKEND,
+        patience=0,
+        sparse_grad="adagrad",
+    )
     out = tmp_path / "sharded"
-    _torchrun(tmp_path, TRAIN_WORKER, json.dumps({**settings, "out": str(out),
-                                                  "shard_tables": "row-wise"}))
+    _torchrun(tmp_path, TRAIN_WORKER, json.dumps({**settings, "out": str(out), "shard_tables": "row-wise"}))
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_batch"] == 2048
@@ -113,8 +137,14 @@ def test_two_ranks_row_wise_lastfm_match_one_process(tmp_path):
 
     single, single_summary = train_in_one_process({**settings, "out": str(tmp_path / "single")})
     assert type(single) is Trainer and single_summary["world_size"] == 1
-    assert metrics_close(single_summary["valid"], summary["valid"], 1e-3), (single_summary["valid"], summary["valid"])
-    assert metrics_close(single_summary["test"], summary["test"], 1e-3), (single_summary["test"], summary["test"])
+    assert metrics_close(single_summary["valid"], summary["valid"], 1e-3), (
+        single_summary["valid"],
+        summary["valid"],
+    )
+    assert metrics_close(single_summary["test"], summary["test"], 1e-3), (
+        single_summary["test"],
+        summary["test"],
+    )
     assert abs(single.controller.w0 - ranks[0]["w0"]) <= 1e-3 * single.controller.w0
     # the checkpoints are a plain MF's: the unsharded evaluation reads the sharded run's best.pt
     best = adaptau.train.evaluate_run(str(out), log=lambda msg: None)
@@ -127,13 +157,51 @@ def test_cli_nproc_sharded_and_resume(tmp_path):
     """`adaptau train --nproc 2 --shard-tables row-wise` runs; its last.pt resumes in one
     process (the tables and the fused optimizer state are gathered whole), and a 1-process
     sharded run resumed after 1 epoch ends bit-identical to one run straight through."""
-    common = ["--data", TINY, "--dim", "8", "--batch-size", "64", "--negatives", "8", "--warmup", "1",
-              "--lr", "0.05", "--progress", "off", "--backend", BACKEND, "--shard-tables", "row-wise",
-              "--sparse-grad", "adagrad", "--patience", "0"]
+    common = [
+        "--data",
+        TINY,
+        "--dim",
+        "8",
+        "--batch-size",
+        "64",
+        "--negatives",
+        "8",
+        "--warmup",
+        "1",
+        "--lr",
+        "0.05",
+        "--progress",
+        "off",
+        "--backend",
+        BACKEND,
+        "--shard-tables",
+        "row-wise",
+        "--sparse-grad",
+        "adagrad",
+        "--patience",
+        "0",
+    ]
     out = tmp_path / "cli"
-    proc = subprocess.run([sys.executable, "-m", "adaptau", "train", "--nproc", "2", *common,
-                           "--epochs", "1", "--out", str(out)], cwd=tmp_path, env=_env(),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "adaptau",
+            "train",
+            "--nproc",
+            "2",
+            *common,
+            "--epochs",
+            "1",
+            "--out",
+            str(out),
+        ],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "world size 2" in proc.stdout and "TorchRec row-wise over 2 rank(s)" in proc.stdout
     ckpt = torch.load(out / "last.pt", weights_only=True)
@@ -142,8 +210,19 @@ def test_cli_nproc_sharded_and_resume(tmp_path):
     assert fused["state"]["item.momentum1"].shape == ckpt["model"]["item.weight"].shape
     assert float(fused["state"]["item.momentum1"].abs().sum()) > 0
 
-    base = dict(data=TINY, dim=8, batch_size=64, negatives=8, warmup=1, lr=0.05, progress="off",
-                backend=BACKEND, shard_tables="row-wise", sparse_grad="adagrad", patience=0)
+    base = dict(
+        data=TINY,
+        dim=8,
+        batch_size=64,
+        negatives=8,
+        warmup=1,
+        lr=0.05,
+        progress="off",
+        backend=BACKEND,
+        shard_tables="row-wise",
+        sparse_grad="adagrad",
+        patience=0,
+    )
 
     def run(folder, epochs, resume=None):  # in this process: a 1-rank group
         cfg = TrainConfig(**base, epochs=epochs, out=str(folder))
@@ -169,22 +248,44 @@ def test_checkpoints_of_the_other_kind_are_refused(tmp_path):
     """A sharded last.pt does not resume without --shard-tables, nor an unsharded one with it."""
     from adaptau.train.checkpoints import CheckpointError
 
-    base = dict(data=TINY, dim=8, batch_size=64, negatives=8, progress="off", backend=BACKEND,
-                sparse_grad="adagrad")
+    base = dict(
+        data=TINY, dim=8, batch_size=64, negatives=8, progress="off", backend=BACKEND, sparse_grad="adagrad"
+    )
     for first, second in (("row-wise", "off"), ("off", "row-wise")):
         out = tmp_path / first
-        Trainer(TrainConfig(**base, shard_tables=first, epochs=1, out=str(out)),
-                log=lambda m: None).fit()
+        Trainer(TrainConfig(**base, shard_tables=first, epochs=1, out=str(out)), log=lambda m: None).fit()
         with pytest.raises(CheckpointError, match="--shard-tables"):
-            Trainer(TrainConfig(**base, shard_tables=second, epochs=2, out=str(out)),
-                    resume=str(out), log=lambda m: None)
+            Trainer(
+                TrainConfig(**base, shard_tables=second, epochs=2, out=str(out)),
+                resume=str(out),
+                log=lambda m: None,
+            )
         assert not torch.distributed.is_initialized()
 
 
 def _cli_error(tmp_path, *args):
-    proc = subprocess.run([sys.executable, "-m", "adaptau", "train", "--data", TINY, "--epochs", "1",
-                           "--progress", "off", "--out", str(tmp_path / "x"), *args],
-                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "adaptau",
+            "train",
+            "--data",
+            TINY,
+            "--epochs",
+            "1",
+            "--progress",
+            "off",
+            "--out",
+            str(tmp_path / "x"),
+            *args,
+        ],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("adaptau train: error:")]
     assert len(lines) == 1, proc.stderr
@@ -193,8 +294,9 @@ def _cli_error(tmp_path, *args):
 
 def test_shard_tables_refusals(tmp_path):
     """One clear line each: LightGCN, no fused optimizer named, an unknown sharding."""
-    line = _cli_error(tmp_path, "--model", "lightgcn", "--shard-tables", "row-wise",
-                      "--sparse-grad", "adagrad")
+    line = _cli_error(
+        tmp_path, "--model", "lightgcn", "--shard-tables", "row-wise", "--sparse-grad", "adagrad"
+    )
     assert "--shard-tables is for MF" in line
     line = _cli_error(tmp_path, "--shard-tables", "row-wise")
     assert "--sparse-grad adagrad" in line
@@ -204,8 +306,9 @@ def test_shard_tables_refusals(tmp_path):
 
 @needs_torchrec
 def test_fused_adam_refused_on_cpu(tmp_path):
-    line = _cli_error(tmp_path, "--shard-tables", "row-wise", "--sparse-grad", "sparse-adam",
-                      "--device", "cpu")
+    line = _cli_error(
+        tmp_path, "--shard-tables", "row-wise", "--sparse-grad", "sparse-adam", "--device", "cpu"
+    )
     assert "no fused Adam" in line and "--sparse-grad adagrad" in line
 
 
@@ -220,13 +323,15 @@ def test_missing_torchrec_says_how_to_install(monkeypatch):
 
 
 def test_import_adaptau_does_not_import_torchrec():
-    code = ("import sys, adaptau, adaptau.train, adaptau.train.cli; "
-            "assert 'torchrec' not in sys.modules and 'fbgemm_gpu' not in sys.modules")
+    code = (
+        "import sys, adaptau, adaptau.train, adaptau.train.cli; "
+        "assert 'torchrec' not in sys.modules and 'fbgemm_gpu' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], env=_env(), check=True, timeout=60)
 
 
 # ------------------------------------------------------ whole-table Adap-τ quantities
-GAP_WORKER = r'''
+GAP_WORKER = r"""
 import sys
 import torch
 import torch.distributed as td
@@ -244,7 +349,7 @@ e_bar = mean_normalized_rows(items[istart:iend])
 gap = ctl.sharded_alignment_gap(users[ustart:uend], ustart, items[istart:iend], istart)
 torch.save({"e_bar": e_bar, "gap": gap}, f"{sys.argv[2]}/rank{rank}.pt")
 td.destroy_process_group()
-'''
+"""
 
 
 def test_sharded_mean_item_vector_and_gap_equal_unsharded(tmp_path):
@@ -256,8 +361,17 @@ def test_sharded_mean_item_vector_and_gap_equal_unsharded(tmp_path):
     items = torch.randn(num_items, 6, generator=g) * torch.rand(num_items, 1, generator=g) * 5
     pair_users = torch.randint(num_users, (200,), generator=g)
     pair_items = torch.randint(num_items, (200,), generator=g)
-    torch.save({"users": users, "items": items, "pair_users": pair_users, "pair_items": pair_items,
-                "usplit": 9, "isplit": 11}, tmp_path / "ref.pt")
+    torch.save(
+        {
+            "users": users,
+            "items": items,
+            "pair_users": pair_users,
+            "pair_items": pair_items,
+            "usplit": 9,
+            "isplit": 11,
+        },
+        tmp_path / "ref.pt",
+    )
     _torchrun(tmp_path, GAP_WORKER, str(tmp_path / "ref.pt"), str(tmp_path), timeout=90)
     ctl = adaptau.AdapTau(pair_users, pair_items, num_users=num_users, num_items=num_items)
     want_e = F.normalize(items.double(), dim=-1).mean(0)

@@ -1,4 +1,5 @@
 """The trainer and the CLI: run folder, resume equivalence, divergence, eval, bench, lastfm."""
+
 import json
 import os
 import pathlib
@@ -24,8 +25,19 @@ def shared_data_dir() -> pathlib.Path:
 
 
 def tiny_cfg(out, **kw):
-    base = dict(data=TINY, out=str(out), epochs=2, dim=16, batch_size=256, negatives=16,
-                warmup=1, lr=0.01, dropout=0.1, progress="off", backend="reference")
+    base = dict(
+        data=TINY,
+        out=str(out),
+        epochs=2,
+        dim=16,
+        batch_size=256,
+        negatives=16,
+        warmup=1,
+        lr=0.01,
+        dropout=0.1,
+        progress="off",
+        backend="reference",
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -49,8 +61,17 @@ def _quiet_single_thread():
 def test_run_folder_contents(tmp_path):
     out = tmp_path / "run"
     summary = Trainer(tiny_cfg(out, sampler="exclude"), log=quiet).fit()
-    for name in ("config.json", "metrics.jsonl", "last.pt", "best.pt", "summary.json", "train.log",
-                 "curves.png", "tau_hist.png", "tau_activity.png"):
+    for name in (
+        "config.json",
+        "metrics.jsonl",
+        "last.pt",
+        "best.pt",
+        "summary.json",
+        "train.log",
+        "curves.png",
+        "tau_hist.png",
+        "tau_activity.png",
+    ):
         assert (out / name).is_file(), name
     s = json.loads((out / "summary.json").read_text())
     assert s == json.loads(json.dumps(summary))
@@ -118,10 +139,10 @@ def test_patience_does_not_count_warm_up_evaluations(tmp_path, monkeypatch, tau,
     # the run stops at the first evaluation that counts, i.e. right after the warm-up
     # (epochs 0-2) for the Adap-τ rules, and at epoch 1 for a fixed τ (no warm-up).
     scores = iter([0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01])
-    monkeypatch.setattr(Trainer, "evaluate",
-                        lambda self, split="select": {"recall@20": next(scores), "ndcg@20": 0.0})
-    cfg = tiny_cfg(tmp_path / tau, tau=tau, warmup=3, epochs=8, eval_every=1, patience=1,
-                   batch_size=4096)
+    monkeypatch.setattr(
+        Trainer, "evaluate", lambda self, split="select": {"recall@20": next(scores), "ndcg@20": 0.0}
+    )
+    cfg = tiny_cfg(tmp_path / tau, tau=tau, warmup=3, epochs=8, eval_every=1, patience=1, batch_size=4096)
     summary = Trainer(cfg, log=quiet).fit()
     assert summary["status"] == "early-stopped"
     history = [json.loads(line) for line in open(tmp_path / tau / "metrics.jsonl")]
@@ -131,8 +152,9 @@ def test_patience_does_not_count_warm_up_evaluations(tmp_path, monkeypatch, tau,
 
 def test_paper_protocol_says_so(tmp_path):
     messages = []
-    summary = Trainer(tiny_cfg(tmp_path / "p", protocol="paper", epochs=1, tau="global"),
-                      log=messages.append).fit()
+    summary = Trainer(
+        tiny_cfg(tmp_path / "p", protocol="paper", epochs=1, tau="global"), log=messages.append
+    ).fit()
     assert summary["selection_split"] == "test" and summary["valid"] == summary["test"]
     assert any("selected on TEST" in m for m in messages)
     assert any("paper protocol" in m for m in messages)
@@ -143,9 +165,28 @@ def test_cli_config_flags_eval_resume(tmp_path, capsys):
     conf = tmp_path / "c.yaml"
     conf.write_text("dim: 8\nepochs: 5\nnegatives: 8\ntau: fixed\ntau_value: 0.2\n")
     out = tmp_path / "run"
-    rc = cli.main(["train", "--data", TINY, "--config", str(conf), "--epochs", "1", "--out", str(out),
-                   "--backend", "reference", "--batch-size", "512", "--no-normalize",
-                   "--progress", "off", "--topk", "5,20"])
+    rc = cli.main(
+        [
+            "train",
+            "--data",
+            TINY,
+            "--config",
+            str(conf),
+            "--epochs",
+            "1",
+            "--out",
+            str(out),
+            "--backend",
+            "reference",
+            "--batch-size",
+            "512",
+            "--no-normalize",
+            "--progress",
+            "off",
+            "--topk",
+            "5,20",
+        ]
+    )
     assert rc == 0
     saved = json.loads((out / "config.json").read_text())
     assert saved["dim"] == 8 and saved["epochs"] == 1 and saved["tau"] == "fixed"
@@ -155,7 +196,8 @@ def test_cli_config_flags_eval_resume(tmp_path, capsys):
     assert cli.main(["eval", "--run", str(out)]) == 0
     ev = json.loads((out / "eval.json").read_text())
     assert ev["metrics"]["test"]["recall@20"] == pytest.approx(
-        json.loads((out / "summary.json").read_text())["test"]["recall@20"])
+        json.loads((out / "summary.json").read_text())["test"]["recall@20"]
+    )
     assert cli.main(["train", "--resume", str(out), "--epochs", "2"]) == 0
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
 
@@ -199,8 +241,9 @@ def test_cli_bench(tmp_path, monkeypatch, capsys):
 
 
 def test_python_dash_m():
-    r = subprocess.run([sys.executable, "-m", "adaptau", "train", "--help"], capture_output=True,
-                       text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "adaptau", "train", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0 and "--tau-value" in r.stdout and "--preset" in r.stdout
 
 
@@ -215,8 +258,17 @@ def test_lastfm_beats_popularity(tmp_path):
         pytest.skip("no fused CPU backend built: the reference backend needs several minutes here")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     t0 = time.time()
-    cfg = TrainConfig(data=str(folder), out=str(tmp_path / "lastfm"), epochs=5, warmup=2, lr=0.01,
-                      negatives=128, batch_size=1024, progress="off", patience=0)
+    cfg = TrainConfig(
+        data=str(folder),
+        out=str(tmp_path / "lastfm"),
+        epochs=5,
+        warmup=2,
+        lr=0.01,
+        negatives=128,
+        batch_size=1024,
+        progress="off",
+        patience=0,
+    )
     summary = Trainer(cfg, log=quiet).fit()
     assert summary["test"]["recall@20"] > 0.18, summary["test"]  # popularity: 0.1077
     assert time.time() - t0 < 240
@@ -244,6 +296,7 @@ def test_direct_l2_gradient_matches_autograd(neg_kind):
     # gradient must equal l2 · sampled_l2 through autograd. float64: exact up to rounding.
     from adaptau.train.models import add_sampled_l2_grad_
     from adaptau.train.models import sampled_l2
+
     g = torch.Generator().manual_seed(5)
     n_users, n_items, d, b, m = 13, 29, 6, 7, 5
     user_w = torch.randn(n_users, d, generator=g, dtype=torch.float64)
@@ -251,10 +304,12 @@ def test_direct_l2_gradient_matches_autograd(neg_kind):
     users = torch.randint(0, n_users, (b,), generator=g)
     users[1] = users[0]  # duplicates
     pos = torch.randint(0, n_items, (b,), generator=g)
-    neg = {"per_row": torch.randint(0, n_items, (b, m), generator=g),
-           "per_row_int32": torch.randint(0, n_items, (b, m), generator=g, dtype=torch.int32),
-           "shared": torch.randint(0, n_items, (m,), generator=g),
-           "in_batch": None}[neg_kind]
+    neg = {
+        "per_row": torch.randint(0, n_items, (b, m), generator=g),
+        "per_row_int32": torch.randint(0, n_items, (b, m), generator=g, dtype=torch.int32),
+        "shared": torch.randint(0, n_items, (m,), generator=g),
+        "in_batch": None,
+    }[neg_kind]
     l2 = 0.37
     Ua, Ia = user_w.clone().requires_grad_(), item_w.clone().requires_grad_()
     want = l2 * sampled_l2(Ua, Ia, users, pos, neg)
@@ -300,8 +355,9 @@ def test_keep_freed_heap_stops_refaulting_freed_blocks():
     on the next allocation (2048 pages); with keep_freed_heap it is reused. Counts minor page
     faults (getrusage), not time, in a fresh interpreter: malloc's state is process-wide, and
     a heap that other tests left large would serve the block without mmap at all."""
-    out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT], capture_output=True, text=True,
-                         timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _FAULTS_SCRIPT], capture_output=True, text=True, timeout=120, check=True
+    )
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["ok"]
     # 8 cycles of 2048 pages each by default (fewer with transparent huge pages always on)
@@ -314,9 +370,30 @@ def test_threads_flag_sets_torch_threads_and_summary_names_the_epoch_base(tmp_pa
 
     before = torch.get_num_threads()
     try:
-        assert cli.main(["train", "--data", "synthetic:num_users=240,num_items=160", "--dim", "8",
-                         "--batch-size", "256", "--negatives", "8", "--epochs", "1", "--threads", "1",
-                         "--progress", "off", "--out", str(tmp_path / "run")]) == 0
+        assert (
+            cli.main(
+                [
+                    "train",
+                    "--data",
+                    "synthetic:num_users=240,num_items=160",
+                    "--dim",
+                    "8",
+                    "--batch-size",
+                    "256",
+                    "--negatives",
+                    "8",
+                    "--epochs",
+                    "1",
+                    "--threads",
+                    "1",
+                    "--progress",
+                    "off",
+                    "--out",
+                    str(tmp_path / "run"),
+                ]
+            )
+            == 0
+        )
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)

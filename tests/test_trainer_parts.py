@@ -8,6 +8,7 @@
 * One :meth:`Trainer.train_step` changes the weights and returns the step's loss and rows;
   the sharded trainer keeps the epoch loop and replaces only the step.
 """
+
 import json
 import random
 
@@ -21,13 +22,34 @@ from adaptau.train.run_folder import RUN_FILES, RunFolder
 from adaptau.train.summary import closing_lines, epoch_line, run_summary
 
 TINY = "synthetic:num_users=240,num_items=160"
-LAST_KEYS = ["epoch", "model", "optimizer", "controller", "rng", "world_size", "history", "best",
-             "bad_evals", "train_seconds", "tau_snapshots", "config"]
+LAST_KEYS = [
+    "epoch",
+    "model",
+    "optimizer",
+    "controller",
+    "rng",
+    "world_size",
+    "history",
+    "best",
+    "bad_evals",
+    "train_seconds",
+    "tau_snapshots",
+    "config",
+]
 
 
 def _cfg(out, **kw):
-    base = dict(data=TINY, out=str(out), epochs=2, dim=16, batch_size=256, negatives=16,
-                warmup=1, progress="off", backend="reference")
+    base = dict(
+        data=TINY,
+        out=str(out),
+        epochs=2,
+        dim=16,
+        batch_size=256,
+        negatives=16,
+        warmup=1,
+        progress="off",
+        backend="reference",
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -45,9 +67,19 @@ def test_checkpointer_round_trip(tmp_path):
     history = [{"epoch": 0, "loss": 1.5}, {"epoch": 1, "loss": 1.25}]
     best = {"epoch": 1, "value": 0.5, "metrics": {"recall@20": 0.5}}
     snaps = {0: torch.ones(3), 1: torch.full((3,), 2.0)}
-    ckpt.save_last(2, model=model.state_dict(), optimizer=opt.state_dict(), controller={"w0": 2.0},
-                   generators=gens, world_size=1, history=history, best=best, bad_evals=1,
-                   train_seconds=3.5, tau_snapshots=snaps)
+    ckpt.save_last(
+        2,
+        model=model.state_dict(),
+        optimizer=opt.state_dict(),
+        controller={"w0": 2.0},
+        generators=gens,
+        world_size=1,
+        history=history,
+        best=best,
+        bad_evals=1,
+        train_seconds=3.5,
+        tau_snapshots=snaps,
+    )
     expected = [torch.rand(3, generator=g) for g in gens]  # the draws after the save
     np_draw, py_draw = np.random.rand(), random.random()
     ckpt.save_best(1, model=model.state_dict(), controller={"w0": 2.0}, metrics={"recall@20": 0.5})
@@ -102,8 +134,10 @@ def test_run_folder_files_lock_and_ranks(tmp_path):
         run.release()
     assert echoed[0] == "hello" and echoed[1].startswith("warning: plotting failed")
     assert (run.path / "train.log").read_text().splitlines() == echoed
-    assert [json.loads(x) for x in (run.path / "metrics.jsonl").read_text().splitlines()] == \
-        [{"epoch": 0, "loss": 1.5}, {"epoch": 1, "loss": 1.0}]
+    assert [json.loads(x) for x in (run.path / "metrics.jsonl").read_text().splitlines()] == [
+        {"epoch": 0, "loss": 1.5},
+        {"epoch": 1, "loss": 1.0},
+    ]
     assert run.read_summary() == {"status": "completed", "best_epoch": 1}
     assert (run.path / "summary.json").read_text() == '{\n  "status": "completed",\n  "best_epoch": 1\n}'
 
@@ -134,25 +168,65 @@ class _Controller:
 def test_summary_keys_and_closing_lines(tmp_path):
     cfg = _cfg(tmp_path, batch_size=100)
     metrics = {"recall@20": 0.25, "ndcg@20": 0.125}
-    s = run_summary(status="completed", message=None, cfg=cfg, split=_Split(), metric="recall@20",
-                    best_epoch=1, valid=metrics, test=metrics, epochs_run=2, train_seconds=3.0,
-                    world_size=3, device="cpu", backend="cpu", dataset={"num_users": 240},
-                    controller=_Controller())
-    assert list(s) == ["status", "epoch_numbering", "message", "protocol", "protocol_note",
-                       "selection_split", "selection_metric", "best_epoch", "valid", "test",
-                       "epochs_run", "seconds_per_epoch", "train_seconds", "world_size",
-                       "global_batch", "rows_per_rank", "device", "backend", "dataset",
-                       "final_w0", "final_tau"]
+    s = run_summary(
+        status="completed",
+        message=None,
+        cfg=cfg,
+        split=_Split(),
+        metric="recall@20",
+        best_epoch=1,
+        valid=metrics,
+        test=metrics,
+        epochs_run=2,
+        train_seconds=3.0,
+        world_size=3,
+        device="cpu",
+        backend="cpu",
+        dataset={"num_users": 240},
+        controller=_Controller(),
+    )
+    assert list(s) == [
+        "status",
+        "epoch_numbering",
+        "message",
+        "protocol",
+        "protocol_note",
+        "selection_split",
+        "selection_metric",
+        "best_epoch",
+        "valid",
+        "test",
+        "epochs_run",
+        "seconds_per_epoch",
+        "train_seconds",
+        "world_size",
+        "global_batch",
+        "rows_per_rank",
+        "device",
+        "backend",
+        "dataset",
+        "final_w0",
+        "final_tau",
+    ]
     assert s["seconds_per_epoch"] == 1.5 and s["rows_per_rank"] == 34
     lines = closing_lines(s, (20,), tmp_path)
     assert lines[0] == "best epoch 1 (selected on valid by recall@20); 1.50 s/epoch, backend cpu"
     assert lines[1].splitlines()[0].split()[:3] == ["split", "recall@20", "ndcg@20"]
     assert lines[-1] == f"run folder: {tmp_path}" and len(lines) == 3
     assert closing_lines({**s, "test": None}, (20,), tmp_path) == [f"run folder: {tmp_path}"]
-    rec = {"epoch": 3, "loss": 1.0, "w0": 2.0, "tau_min": 0.5, "tau_max": 0.5, "tau_median": 0.5,
-           "seconds": 0.25, "metrics": metrics}
-    assert epoch_line(rec, {"epoch": 3}) == ("epoch    3 | loss 1.0000 | w0 2 | tau 0.5..0.5 (med 0.5)"
-                                             " | recall@20 0.2500 ndcg@20 0.1250 * | 0.2s")
+    rec = {
+        "epoch": 3,
+        "loss": 1.0,
+        "w0": 2.0,
+        "tau_min": 0.5,
+        "tau_max": 0.5,
+        "tau_median": 0.5,
+        "seconds": 0.25,
+        "metrics": metrics,
+    }
+    assert epoch_line(rec, {"epoch": 3}) == (
+        "epoch    3 | loss 1.0000 | w0 2 | tau 0.5..0.5 (med 0.5) | recall@20 0.2500 ndcg@20 0.1250 * | 0.2s"
+    )
 
 
 # ---------------------------------------------------------------------------- the step

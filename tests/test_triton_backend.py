@@ -30,6 +30,7 @@ also runs, under the interpreter:
 * the deterministic mode (``torch.use_deterministic_algorithms(True)``): bitwise equal
   results on a repeat, no atomics; the tf32 switch (``torch.backends.cuda.matmul.allow_tf32``).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -40,13 +41,21 @@ import sys
 
 import pytest
 
-from _cases import (CASES, GPU_CASES, GPU_DTYPES, ITEM_GRAD_MODES, check_backend_functions,
-                    check_public_api, make_inputs)
+from _cases import (
+    CASES,
+    GPU_CASES,
+    GPU_DTYPES,
+    ITEM_GRAD_MODES,
+    check_backend_functions,
+    check_public_api,
+    make_inputs,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 WORKER_TIMEOUT_S = 600
+
 
 # --------------------------------------------------------------------------- the worker
 def _worker(out_path):
@@ -62,8 +71,7 @@ def _worker(out_path):
     torch.set_num_threads(1)
     # scratch buffers start as NaN: a read of an entry no kernel wrote fails the case
     importlib.import_module("adaptau.kernels.softmax_loss")._poison = True
-    results = {"_meta": {"available": bool(kernels.AVAILABLE),
-                         "backends": adaptau.available_backends("cpu")}}
+    results = {"_meta": {"available": bool(kernels.AVAILABLE), "backends": adaptau.available_backends("cpu")}}
     for name, spec in CASES.items():
         for gmode in ITEM_GRAD_MODES:
             key = f"{name}[{gmode}]"
@@ -73,8 +81,7 @@ def _worker(out_path):
                 if spec.get("api"):
                     problems = check_public_api(name, spec, "triton")
                 else:
-                    problems = check_backend_functions(name, spec, kernels.forward,
-                                                       kernels.backward)
+                    problems = check_backend_functions(name, spec, kernels.forward, kernels.backward)
             except Exception as exc:  # a crash is a failure of that case only
                 problems = [f"raised {type(exc).__name__}: {exc}"]
             results[key] = {"problems": problems, "seconds": round(time.time() - start, 3)}
@@ -87,20 +94,33 @@ def _worker(out_path):
 # the tile kernels with forced slice counts (odd sizes; the defaults of _cases: N=13, D=8)
 SPLIT_CASES = {
     "shared-B1": {"mode": 1, "B": 1, "M": 37, "N": 50, "logq": True},
-    "shared-B2-all": {"mode": 1, "B": 2, "M": 21, "N": 30, "include_pos": True, "logq": True,
-                      "remove_hits": True, "force_hits": True},
+    "shared-B2-all": {
+        "mode": 1,
+        "B": 2,
+        "M": 21,
+        "N": 30,
+        "include_pos": True,
+        "logq": True,
+        "remove_hits": True,
+        "force_hits": True,
+    },
     "shared-M-below-block": {"mode": 1, "B": 7, "M": 5, "dup": True},
-    "shared-many": {"mode": 1, "B": 70, "M": 150, "D": 40, "dup": True, "remove_hits": True,
-                    "force_hits": True, "include_pos": True},
-    "shared-M64": {"mode": 1, "B": 40, "M": 64, "N": 90, "D": 24, "normalize": False,
-                   "logq": True},
+    "shared-many": {
+        "mode": 1,
+        "B": 70,
+        "M": 150,
+        "D": 40,
+        "dup": True,
+        "remove_hits": True,
+        "force_hits": True,
+        "include_pos": True,
+    },
+    "shared-M64": {"mode": 1, "B": 40, "M": 64, "N": 90, "D": 24, "normalize": False, "logq": True},
     "shared-empty-rows": {"mode": 1, "remove_hits": True, "empty_rows": True},
     "inbatch-B2": {"mode": 2, "B": 2, "include_pos": True},
     "inbatch-dup": {"mode": 2, "B": 9, "dup": True, "logq": True},
-    "inbatch-many": {"mode": 2, "B": 75, "N": 40, "D": 72, "remove_hits": True,
-                     "include_pos": True},
-    "inbatch-large-scale": {"mode": 2, "B": 33, "N": 60, "D": 16, "scale": 1e4,
-                            "include_pos": True},
+    "inbatch-many": {"mode": 2, "B": 75, "N": 40, "D": 72, "remove_hits": True, "include_pos": True},
+    "inbatch-large-scale": {"mode": 2, "B": 33, "N": 60, "D": 16, "scale": 1e4, "include_pos": True},
 }
 SPLITS = (1, 2, 3, 7)
 # a 2M-row table, few touched rows: every mode, normalize on and off
@@ -132,28 +152,33 @@ def _worker_extra(results):
     for split in SPLITS:
         for name, spec in SPLIT_CASES.items():
             for gmode in ITEM_GRAD_MODES:
+
                 def run(name=name, spec=spec, gmode=gmode, split=split):
                     kernels.set_item_grad_mode(gmode)
                     K._force_split(split)
                     # 7 slices: one full-width score dot (the 16-bit inputs' shape)
                     K._full_width_dots = split == 7
                     try:
-                        return check_backend_functions(f"split-{name}", spec, kernels.forward,
-                                                       kernels.backward)
+                        return check_backend_functions(
+                            f"split-{name}", spec, kernels.forward, kernels.backward
+                        )
                     finally:
                         K._force_split(None)
                         K._full_width_dots = False
                         kernels.set_item_grad_mode("atomic")
+
                 record(f"split-{name}-{split}[{gmode}]", run)
 
     for name, spec in TOUCHED_CASES.items():
         for gmode in ITEM_GRAD_MODES:
+
             def run(name=name, spec=spec, gmode=gmode):
                 kernels.set_item_grad_mode(gmode)
                 K._launch_log = log = []
                 try:
-                    problems = check_backend_functions(f"touched-{name}", spec, kernels.forward,
-                                                       kernels.backward)
+                    problems = check_backend_functions(
+                        f"touched-{name}", spec, kernels.forward, kernels.backward
+                    )
                 finally:
                     K._launch_log = None
                     kernels.set_item_grad_mode("atomic")
@@ -162,11 +187,14 @@ def _worker_extra(results):
                 indices = B + (B * M if spec["mode"] == 0 else M if spec["mode"] == 1 else B)
                 big = [(k, n) for k, n in log if n > indices]
                 if big:
-                    problems.append(f"launches with more programs than the {indices} indices "
-                                    f"of the batch (N = {spec['N']}): {big}")
+                    problems.append(
+                        f"launches with more programs than the {indices} indices "
+                        f"of the batch (N = {spec['N']}): {big}"
+                    )
                 if not log:
                     problems.append("no launch was recorded")
                 return problems
+
             record(f"touched-{name}[{gmode}]", run)
 
     def deterministic():
@@ -175,17 +203,47 @@ def _worker_extra(results):
         K._force_split(3)
         K._launch_log = log = []
         try:
-            problems = check_backend_functions("deterministic", spec, kernels.forward,
-                                               kernels.backward)
+            problems = check_backend_functions("deterministic", spec, kernels.forward, kernels.backward)
             x = make_inputs("deterministic", spec)
             outs = []
             for _ in range(2):
-                loss, lse, raw = kernels.forward(x["user"], x["items"], x["pos"], x["neg"],
-                                                 x["alpha"], x["beta"], None, 1, True, True,
-                                                 False, True)
-                outs.append([loss, lse, raw, *kernels.backward(
-                    x["grad_loss"], x["user"], x["items"], x["pos"], x["neg"], x["alpha"],
-                    x["beta"], None, lse, 1, True, True, False, True)])
+                loss, lse, raw = kernels.forward(
+                    x["user"],
+                    x["items"],
+                    x["pos"],
+                    x["neg"],
+                    x["alpha"],
+                    x["beta"],
+                    None,
+                    1,
+                    True,
+                    True,
+                    False,
+                    True,
+                )
+                outs.append(
+                    [
+                        loss,
+                        lse,
+                        raw,
+                        *kernels.backward(
+                            x["grad_loss"],
+                            x["user"],
+                            x["items"],
+                            x["pos"],
+                            x["neg"],
+                            x["alpha"],
+                            x["beta"],
+                            None,
+                            lse,
+                            1,
+                            True,
+                            True,
+                            False,
+                            True,
+                        ),
+                    ]
+                )
         finally:
             torch.use_deterministic_algorithms(False)
             K._force_split(None)
@@ -197,6 +255,7 @@ def _worker_extra(results):
         if "_item_segment_kernel" not in {k for k, _ in log}:
             problems.append("the segment item-gradient path did not run")
         return problems
+
     record("deterministic", deterministic)
 
     def tf32():
@@ -211,11 +270,13 @@ def _worker_extra(results):
                 if K._dot_precision(torch.float64) != "ieee":
                     problems.append("float64 dots are not ieee")
             # the kernels take the tf32 constexpr (the interpreter computes it in fp32)
-            problems += check_backend_functions("tf32", {"mode": 1, "B": 20, "M": 30, "N": 40},
-                                                kernels.forward, kernels.backward)
+            problems += check_backend_functions(
+                "tf32", {"mode": 1, "B": 20, "M": 30, "N": 40}, kernels.forward, kernels.backward
+            )
         finally:
             torch.backends.cuda.matmul.allow_tf32 = before
         return problems
+
     record("tf32", tf32)
 
     def split_choice():
@@ -237,6 +298,7 @@ def _worker_extra(results):
         finally:
             K._sm_count = sm
         return problems
+
     record("split-choice", split_choice)
 
     def tuning():
@@ -245,10 +307,15 @@ def _worker_extra(results):
         K._interpreting = lambda: False
         try:
             configs = K._tile_configs()
-            for B, M, bd, tag in ((2048, 1024, 64, 0), (3, 5, 16, 0), (2048, 1024, 1024, 0),
-                                  (2048, 1024, 64, 1)):
-                kept = K._prune_tile_configs(configs, {"B": B, "M": M, "TUNE_TAG": tag,
-                                                       "user_ptr": torch.empty(1)}, BLOCK_D=bd)
+            for B, M, bd, tag in (
+                (2048, 1024, 64, 0),
+                (3, 5, 16, 0),
+                (2048, 1024, 1024, 0),
+                (2048, 1024, 64, 1),
+            ):
+                kept = K._prune_tile_configs(
+                    configs, {"B": B, "M": M, "TUNE_TAG": tag, "user_ptr": torch.empty(1)}, BLOCK_D=bd
+                )
                 cap = K._tile_cap(bd)
                 if not 1 <= len(kept) <= (1 if tag else 3):
                     problems.append(f"{(B, M, bd, tag)}: {len(kept)} configs")
@@ -257,10 +324,17 @@ def _worker_extra(results):
                         problems.append(f"{(B, M, bd, tag)}: {c} over the cap {cap}")
         finally:
             K._interpreting = interp
-        if len(K._prune_tile_configs(configs, {"B": 2048, "M": 1024, "TUNE_TAG": 0,
-                                               "user_ptr": torch.empty(1)}, BLOCK_D=64)) != 1:
+        if (
+            len(
+                K._prune_tile_configs(
+                    configs, {"B": 2048, "M": 1024, "TUNE_TAG": 0, "user_ptr": torch.empty(1)}, BLOCK_D=64
+                )
+            )
+            != 1
+        ):
             problems.append("more than one config under the interpreter")
         return problems
+
     record("tuning", tuning)
 
 
@@ -268,17 +342,23 @@ def _worker_extra(results):
 @pytest.fixture(scope="module")
 def interpreter_results(tmp_path_factory):
     if not HAS_TRITON:
-        pytest.skip("triton is not installed: the Triton backend (and its interpreter) "
-                    "cannot run here")
+        pytest.skip("triton is not installed: the Triton backend (and its interpreter) cannot run here")
     out = tmp_path_factory.mktemp("triton_interp") / "results.json"
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep +
-               os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", str(out)],
-                          env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=WORKER_TIMEOUT_S)
+    env = dict(
+        os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
+    )
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--worker", str(out)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=WORKER_TIMEOUT_S,
+    )
     if proc.returncode != 0 or not out.exists():
-        pytest.fail(f"interpreter worker failed (rc {proc.returncode}):\n"
-                    f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        pytest.fail(
+            f"interpreter worker failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
     with open(out) as fh:
         return json.load(fh)
 
@@ -333,10 +413,12 @@ def test_kernels_import_without_triton():
         "assert 'triton' not in adaptau.available_backends('cpu')\n"
         "print('ok')\n"
     )
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    env = dict(
+        os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
 
 
@@ -350,8 +432,6 @@ def _cuda_available():
         return False
 
 
-
-
 @pytest.mark.skipif(not _cuda_available(), reason="no CUDA GPU here")
 @pytest.mark.parametrize("gmode", ITEM_GRAD_MODES)
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
@@ -362,8 +442,9 @@ def test_gpu_backend(backend, case, dtype, gmode):
     import adaptau
 
     if backend not in adaptau.available_backends("cuda"):
-        pytest.skip(f"backend {backend!r} not available for CUDA tensors here "
-                    f"({adaptau.available_backends('cuda')})")
+        pytest.skip(
+            f"backend {backend!r} not available for CUDA tensors here ({adaptau.available_backends('cuda')})"
+        )
     if backend == "cuda" and gmode != "atomic":
         pytest.skip("the CUDA C++ backend has one item-gradient mode (atomic)")
     spec = dict(GPU_CASES[case])
@@ -372,8 +453,7 @@ def test_gpu_backend(backend, case, dtype, gmode):
 
         kernels.set_item_grad_mode(gmode)
     try:
-        problems = check_public_api(f"gpu-{case}", spec, backend, device="cuda",
-                                    dtype=getattr(torch, dtype))
+        problems = check_public_api(f"gpu-{case}", spec, backend, device="cuda", dtype=getattr(torch, dtype))
         torch.cuda.synchronize()
     finally:
         if backend == "triton":
@@ -391,10 +471,8 @@ def test_gpu_backend_float64(backend, mode):
 
     if backend not in adaptau.available_backends("cuda"):
         pytest.skip(f"backend {backend!r} not available for CUDA tensors here")
-    spec = {"mode": mode, "B": 20, "N": 60, "D": 24, "M": 30, "include_pos": True,
-            "logq": True}
-    problems = check_public_api(f"gpu64-{mode}", spec, backend, device="cuda",
-                                dtype=torch.float64)
+    spec = {"mode": mode, "B": 20, "N": 60, "D": 24, "M": 30, "include_pos": True, "logq": True}
+    problems = check_public_api(f"gpu64-{mode}", spec, backend, device="cuda", dtype=torch.float64)
     assert not problems, "\n".join(problems)
 
 

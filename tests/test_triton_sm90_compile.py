@@ -28,6 +28,7 @@ warps per SM, from registers, warps and shared memory) is printed (``pytest -s``
 the per-row kernels are compiled at text-embedding widths (D = 512, 768, 1024) and
 checked the same way.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -72,8 +73,9 @@ def _worker(out_path: str) -> None:
         json.dump(report, open(out_path, "w"))
         return
     if not (hasattr(driver, "set_active") and hasattr(jit.JITFunction, "run")):
-        report["skip"] = (f"Triton {triton.__version__}: no driver.set_active / JITFunction.run "
-                          "to compile without a GPU")
+        report["skip"] = (
+            f"Triton {triton.__version__}: no driver.set_active / JITFunction.run to compile without a GPU"
+        )
         json.dump(report, open(out_path, "w"))
         return
 
@@ -97,9 +99,11 @@ def _worker(out_path: str) -> None:
         def get_benchmarker(self):
             """The autotuner's timer: runs (here: compiles) each block shape once, equal
             times, so every shape the tuner would time is compiled and checked."""
+
             def bench(kernel_call, quantiles=None):
                 kernel_call()
                 return [1.0, 1.0, 1.0]
+
             return bench
 
     driver.set_active(Sm90Target())
@@ -107,6 +111,7 @@ def _worker(out_path: str) -> None:
     seen = set()
     try:  # Triton prints ptxas's -v report of each kernel it assembles
         from triton import knobs
+
         knobs.nvidia.dump_ptxas_log = True
     except Exception:  # older Triton: ptxas is run again below
         pass
@@ -121,21 +126,28 @@ def _worker(out_path: str) -> None:
             seen.add(key)
             asm = getattr(kernel, "asm", {})
             regs, spills = _ptxas_resources(buf.getvalue(), asm.get("ptx", ""))
-            report["kernels"].append({
-                "name": self.__name__,
-                "phase": phase["name"],
-                "shared": int(kernel.metadata.shared),
-                "num_warps": int(kernel.metadata.num_warps),
-                "cubin_bytes": len(asm.get("cubin", b"")),
-                "ptx_sm90": ".target sm_90" in asm.get("ptx", ""),  # sm_90 or sm_90a
-                "n_regs": regs,
-                "n_spills": spills,
-                # what the specialization is: the inputs' dtype (a 16-bit one when any of
-                # the first tensors is) and the block shape
-                "meta": " ".join([_input_dtype(args)] + [
-                    f"{k}={v}" for k, v in sorted(kwargs.items())
-                    if k.startswith("BLOCK") or k == "num_warps"]),
-            })
+            report["kernels"].append(
+                {
+                    "name": self.__name__,
+                    "phase": phase["name"],
+                    "shared": int(kernel.metadata.shared),
+                    "num_warps": int(kernel.metadata.num_warps),
+                    "cubin_bytes": len(asm.get("cubin", b"")),
+                    "ptx_sm90": ".target sm_90" in asm.get("ptx", ""),  # sm_90 or sm_90a
+                    "n_regs": regs,
+                    "n_spills": spills,
+                    # what the specialization is: the inputs' dtype (a 16-bit one when any of
+                    # the first tensors is) and the block shape
+                    "meta": " ".join(
+                        [_input_dtype(args)]
+                        + [
+                            f"{k}={v}"
+                            for k, v in sorted(kwargs.items())
+                            if k.startswith("BLOCK") or k == "num_warps"
+                        ]
+                    ),
+                }
+            )
         return kernel
 
     jit.JITFunction.run = compile_only
@@ -152,17 +164,41 @@ def _worker(out_path: str) -> None:
             for gmode in T.ITEM_GRAD_MODES:
                 kernels.set_item_grad_mode(gmode)
                 x = T.make_inputs(case, spec, "cpu", getattr(torch, dtype))
-                flags = (bool(spec.get("include_pos", False)), bool(spec.get("normalize", True)),
-                         bool(spec.get("remove_hits", False)), True)
+                flags = (
+                    bool(spec.get("include_pos", False)),
+                    bool(spec.get("normalize", True)),
+                    bool(spec.get("remove_hits", False)),
+                    True,
+                )
                 try:
-                    _, lse, _ = kernels.forward(x["user"], x["items"], x["pos"], x["neg"],
-                                                x["alpha"], x["beta"], x["logq"], spec["mode"],
-                                                *flags)
-                    kernels.backward(x["grad_loss"], x["user"], x["items"], x["pos"], x["neg"],
-                                     x["alpha"], x["beta"], x["logq"], lse, spec["mode"], *flags)
+                    _, lse, _ = kernels.forward(
+                        x["user"],
+                        x["items"],
+                        x["pos"],
+                        x["neg"],
+                        x["alpha"],
+                        x["beta"],
+                        x["logq"],
+                        spec["mode"],
+                        *flags,
+                    )
+                    kernels.backward(
+                        x["grad_loss"],
+                        x["user"],
+                        x["items"],
+                        x["pos"],
+                        x["neg"],
+                        x["alpha"],
+                        x["beta"],
+                        x["logq"],
+                        lse,
+                        spec["mode"],
+                        *flags,
+                    )
                 except Exception as exc:
-                    report["errors"].append(f"{case} {dtype} {gmode}: {type(exc).__name__}: "
-                                            f"{str(exc)[:3000]}")
+                    report["errors"].append(
+                        f"{case} {dtype} {gmode}: {type(exc).__name__}: {str(exc)[:3000]}"
+                    )
     # the paper shape (per-row negatives, normalize): its specializations, for occupancy;
     # then text-embedding widths (per-row, small B/M/N: the specialization depends on D)
     g = torch.Generator().manual_seed(0)
@@ -180,20 +216,22 @@ def _worker(out_path: str) -> None:
         scale = torch.full((B,), 10.0)
         flags = (False, True, False, True)
         try:
-            _, lse, _ = kernels.forward(user, items, pos, neg, scale, scale, None, mode,
-                                        *flags)
-            kernels.backward(torch.ones(B), user, items, pos, neg, scale, scale, None,
-                             torch.zeros(B), mode, *flags)
+            _, lse, _ = kernels.forward(user, items, pos, neg, scale, scale, None, mode, *flags)
+            kernels.backward(
+                torch.ones(B), user, items, pos, neg, scale, scale, None, torch.zeros(B), mode, *flags
+            )
         except Exception as exc:
-            report["errors"].append(f"{phase_name} {dtype} {gmode}: {type(exc).__name__}: "
-                                    f"{str(exc)[:3000]}")
+            report["errors"].append(f"{phase_name} {dtype} {gmode}: {type(exc).__name__}: {str(exc)[:3000]}")
     kernels.set_item_grad_mode("atomic")
     json.dump(report, open(out_path, "w"), indent=1)
 
 
 def _input_dtype(args) -> str:
-    dtypes = [str(a.dtype).replace("torch.", "") for a in args[:4]
-              if getattr(a, "dtype", None) is not None and a.dtype.is_floating_point]
+    dtypes = [
+        str(a.dtype).replace("torch.", "")
+        for a in args[:4]
+        if getattr(a, "dtype", None) is not None and a.dtype.is_floating_point
+    ]
     half = [d for d in dtypes if d in ("bfloat16", "float16")]
     return (half or dtypes or ["-"])[0]
 
@@ -205,17 +243,22 @@ def _ptxas_resources(log: str, ptx: str):
         import tempfile
 
         from triton.backends.nvidia.compiler import get_ptxas
+
         with tempfile.TemporaryDirectory() as d:
             src = os.path.join(d, "k.ptx")
             open(src, "w").write(ptx)
             target = re.search(r"\.target\s+(sm_\w+)", ptx)
             arch = target.group(1) if target else "sm_90a"
-            proc = subprocess.run([get_ptxas(90).path, "-v", f"--gpu-name={arch}", src, "-o",
-                                   os.path.join(d, "k.cubin")], capture_output=True, text=True)
+            proc = subprocess.run(
+                [get_ptxas(90).path, "-v", f"--gpu-name={arch}", src, "-o", os.path.join(d, "k.cubin")],
+                capture_output=True,
+                text=True,
+            )
             log = proc.stdout + proc.stderr
     regs = [int(m) for m in re.findall(r"Used (\d+) registers", log)]
-    spills = [int(a) + int(b) for a, b in
-              re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)]
+    spills = [
+        int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    ]
     return (max(regs) if regs else None), (sum(spills) if spills else None)
 
 
@@ -238,11 +281,19 @@ def sm90_report(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
     env["TRITON_CACHE_DIR"] = str(out.parent / "cache")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", str(out)],
-                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--worker", str(out)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
     if proc.returncode != 0 or not out.exists():
-        pytest.fail(f"sm_90 compile worker failed (rc {proc.returncode}):\n"
-                    f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        pytest.fail(
+            f"sm_90 compile worker failed (rc {proc.returncode}):\n"
+            f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
     report = json.loads(out.read_text())
     if report["skip"]:
         pytest.skip(report["skip"])
@@ -254,25 +305,41 @@ def test_every_kernel_compiles_for_sm90(sm90_report):
     names = {k["name"] for k in sm90_report["kernels"]}
     # every kernel of the backend was reached: rows and tiles, forward and backward, both
     # item-gradient modes, the norms pre-pass and the finalize kernel
-    expected = {"_inv_norm_kernel", "_fwd_rows_kernel", "_fwd_tiles_kernel", "_fwd_merge_kernel",
-                "_bwd_rows_kernel", "_bwd_tiles_rows_kernel", "_bwd_rows_finish_kernel",
-                "_bwd_tiles_cols_kernel", "_item_finalize_kernel", "_item_segment_kernel"}
+    expected = {
+        "_inv_norm_kernel",
+        "_fwd_rows_kernel",
+        "_fwd_tiles_kernel",
+        "_fwd_merge_kernel",
+        "_bwd_rows_kernel",
+        "_bwd_tiles_rows_kernel",
+        "_bwd_rows_finish_kernel",
+        "_bwd_tiles_cols_kernel",
+        "_item_finalize_kernel",
+        "_item_segment_kernel",
+    }
     assert expected <= names, f"never compiled: {sorted(expected - names)}"
 
 
 def test_sm90_cubins_and_shared_memory(sm90_report):
-    bad = [k for k in sm90_report["kernels"]
-           if k["cubin_bytes"] == 0 or not k["ptx_sm90"] or k["shared"] > SM90_MAX_SHARED_BYTES]
+    bad = [
+        k
+        for k in sm90_report["kernels"]
+        if k["cubin_bytes"] == 0 or not k["ptx_sm90"] or k["shared"] > SM90_MAX_SHARED_BYTES
+    ]
     assert sm90_report["kernels"], "no kernel was compiled"
-    assert not bad, f"kernels without an sm_90 cubin or over {SM90_MAX_SHARED_BYTES} B of shared memory: {bad}"
+    assert not bad, (
+        f"kernels without an sm_90 cubin or over {SM90_MAX_SHARED_BYTES} B of shared memory: {bad}"
+    )
 
 
 def _spill_report(kernels):
     unknown = [k["name"] for k in kernels if k["n_regs"] is None or k["n_spills"] is None]
     assert not unknown, f"no ptxas -v report for: {unknown}"
-    return [(k["name"], k["phase"], k.get("meta", ""), k["n_regs"], k["n_spills"])
-            for k in kernels
-            if k["n_spills"] != 0 or k["n_regs"] > SM90_MAX_REGS_PER_THREAD]
+    return [
+        (k["name"], k["phase"], k.get("meta", ""), k["n_regs"], k["n_spills"])
+        for k in kernels
+        if k["n_spills"] != 0 or k["n_regs"] > SM90_MAX_REGS_PER_THREAD
+    ]
 
 
 def test_no_register_spills_and_at_most_255_registers(sm90_report):
@@ -292,12 +359,16 @@ def test_paper_shape_kernels_do_not_spill(sm90_report):
 def test_paper_shape_occupancy(sm90_report):
     paper = [k for k in sm90_report["kernels"] if k["phase"].startswith("paper")]
     assert paper, "no kernel was compiled at the paper shape"
-    print("\nsm_90 occupancy at the paper shape (B, M, D, N = %s; per-row, and shared "
-          "negatives for the tile kernels):" % (PAPER_SHAPE,))
+    print(
+        "\nsm_90 occupancy at the paper shape (B, M, D, N = %s; per-row, and shared "
+        "negatives for the tile kernels):" % (PAPER_SHAPE,)
+    )
     for k in sorted(paper, key=lambda k: (k["name"], k.get("meta", ""))):
         warps = occupancy_warps(k["n_regs"], k["num_warps"], k["shared"])
-        print(f"  {k['name']:<26} {k.get('meta', ''):<58} regs {k['n_regs']:>3}  "
-              f"smem {k['shared']:>6} B  -> {warps:>2}/64 warps per SM")
+        print(
+            f"  {k['name']:<26} {k.get('meta', ''):<58} regs {k['n_regs']:>3}  "
+            f"smem {k['shared']:>6} B  -> {warps:>2}/64 warps per SM"
+        )
         assert 1 <= warps <= SM90_WARPS_PER_SM, k
 
 
@@ -312,8 +383,7 @@ def _large_d(report, widths):
 
 def test_large_d_kernels_do_not_spill(sm90_report):
     large = _large_d(sm90_report, LARGE_D)
-    print("\nper-row kernels at D = 512, 768, 1024 (kernel, phase, specialization, registers, "
-          "spill bytes):")
+    print("\nper-row kernels at D = 512, 768, 1024 (kernel, phase, specialization, registers, spill bytes):")
     for k in large:
         print("  ", (k["name"], k["phase"], k.get("meta", ""), k["n_regs"], k["n_spills"]))
     bad = _spill_report(large)
@@ -321,9 +391,9 @@ def test_large_d_kernels_do_not_spill(sm90_report):
 
 
 def test_occupancy_arithmetic():
-    assert occupancy_warps(32, 4, 0) == 64        # 32 regs: register file allows 2048 threads
-    assert occupancy_warps(64, 8, 0) == 32        # 64 regs x 256 threads: 4 blocks
-    assert occupancy_warps(255, 4, 0) == 8        # 256 regs/thread after rounding: 2 blocks
+    assert occupancy_warps(32, 4, 0) == 64  # 32 regs: register file allows 2048 threads
+    assert occupancy_warps(64, 8, 0) == 32  # 64 regs x 256 threads: 4 blocks
+    assert occupancy_warps(255, 4, 0) == 8  # 256 regs/thread after rounding: 2 blocks
     assert occupancy_warps(32, 4, 100 * 1024) == 8  # shared memory: 2 blocks of 101 KiB
 
 

@@ -9,10 +9,21 @@ Modules:
     temperature  ``AdapTau``, the per-user temperature controller, and ``lambertw``
     nn           ``AdapTauLoss``, the loss and a controller as one ``nn.Module``
 """
+
 from .nn import AdapTauLoss
 from .mixed import Negatives
 from .ops import BACKENDS, available_backends, compact, cpu_capability, resolve_backend, softmax_loss
 from .temperature import AdapTau, lambertw
 
-__all__ = ["softmax_loss", "Negatives", "compact", "available_backends", "resolve_backend", "cpu_capability",
-           "BACKENDS", "AdapTau", "lambertw", "AdapTauLoss"]
+__all__ = [
+    "softmax_loss",
+    "Negatives",
+    "compact",
+    "available_backends",
+    "resolve_backend",
+    "cpu_capability",
+    "BACKENDS",
+    "AdapTau",
+    "lambertw",
+    "AdapTauLoss",
+]

@@ -54,12 +54,22 @@ dtype (zeros are allowed when ``need_scale_grads`` is False).
 
 The public function reduces the per-row loss with one of :data:`REDUCTIONS`.
 """
+
 from __future__ import annotations
 
 import torch
 
-__all__ = ["NEG_PER_ROW", "NEG_SHARED", "NEG_IN_BATCH", "NORM_EPS", "MAX_INVERSE_TEMPERATURE",
-           "FLOAT_DTYPES", "INDEX_DTYPES", "REDUCTIONS", "accumulation_dtype"]
+__all__ = [
+    "NEG_PER_ROW",
+    "NEG_SHARED",
+    "NEG_IN_BATCH",
+    "NORM_EPS",
+    "MAX_INVERSE_TEMPERATURE",
+    "FLOAT_DTYPES",
+    "INDEX_DTYPES",
+    "REDUCTIONS",
+    "accumulation_dtype",
+]
 
 #: ``neg_mode``: ``neg`` is ``[B, M]`` (per row), ``[M]`` (shared by every row) or empty
 #: (in-batch: the other rows' positives).

@@ -20,6 +20,7 @@ serves the mixed loss; each source is one pass over the batch's vectors.
 :func:`mixed_reference_loss` computes the same loss in one formula, the specification the
 tests hold the combination to.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -85,8 +86,10 @@ def _validate(negs: Negatives, pos: Tensor, num_items: int) -> None:
     for name in ("shared", "per_row"):
         t = getattr(negs, name)
         if t is not None and (not isinstance(t, Tensor) or t.dim() != (1 if name == "shared" else 2)):
-            raise ValueError(f"neg.{name} must be a {'[M]' if name == 'shared' else '[B, M]'} "
-                             f"integer tensor, got {getattr(t, 'shape', type(t).__name__)}")
+            raise ValueError(
+                f"neg.{name} must be a {'[M]' if name == 'shared' else '[B, M]'} "
+                f"integer tensor, got {getattr(t, 'shape', type(t).__name__)}"
+            )
         if getattr(negs, name + "_logq") is not None and t is None:
             raise ValueError(f"neg.{name}_logq is given without neg.{name}")
     if negs.in_batch_logq is not None and not negs.in_batch:
@@ -94,8 +97,10 @@ def _validate(negs: Negatives, pos: Tensor, num_items: int) -> None:
     if not negs.sources():
         raise ValueError("neg: no negative source (give in_batch=True, shared= or per_row=)")
     if not negs.sources(pos.shape[0] if isinstance(pos, Tensor) and pos.dim() else None):
-        raise ValueError("neg: every source is empty (in-batch needs 2 rows; shared and per_row "
-                         "need at least one negative)")
+        raise ValueError(
+            "neg: every source is empty (in-batch needs 2 rows; shared and per_row "
+            "need at least one negative)"
+        )
 
 
 def _in_batch_logq_table(logq: Optional[Tensor], pos: Tensor, num_items: int) -> Optional[Tensor]:
@@ -103,8 +108,9 @@ def _in_batch_logq_table(logq: Optional[Tensor], pos: Tensor, num_items: int) ->
     if logq is None or not isinstance(logq, Tensor) or logq.dim() != 1 or logq.shape[0] == num_items:
         return logq
     if logq.shape[0] != pos.shape[0]:
-        raise ValueError(f"neg.in_batch_logq must be [N={num_items}] or [B={pos.shape[0]}], "
-                         f"got {tuple(logq.shape)}")
+        raise ValueError(
+            f"neg.in_batch_logq must be [N={num_items}] or [B={pos.shape[0]}], got {tuple(logq.shape)}"
+        )
     return logq.new_zeros(num_items).index_put_((pos.long(),), logq)
 
 
@@ -131,9 +137,22 @@ def _combine(terms: List[Tensor], empties: List[Tensor], include_pos: bool) -> T
     return torch.where(nothing, torch.zeros_like(safe[0]), torch.logsumexp(safe, 0))
 
 
-def mixed_softmax_loss(user: Tensor, items: Tensor, pos: Tensor, neg, pos_scale, neg_scale, *,
-                       include_pos: bool, normalize: bool, remove_accidental_hits: bool,
-                       reduction: str, return_raw: bool, backend: str, item_grad: str):
+def mixed_softmax_loss(
+    user: Tensor,
+    items: Tensor,
+    pos: Tensor,
+    neg,
+    pos_scale,
+    neg_scale,
+    *,
+    include_pos: bool,
+    normalize: bool,
+    remove_accidental_hits: bool,
+    reduction: str,
+    return_raw: bool,
+    backend: str,
+    item_grad: str,
+):
     """:func:`adaptau.softmax_loss` with ``neg`` a :class:`Negatives` (or a mapping): one
     fused call per source, combined per row (module docstring)."""
     from .ops import softmax_loss
@@ -147,10 +166,22 @@ def mixed_softmax_loss(user: Tensor, items: Tensor, pos: Tensor, neg, pos_scale,
     for name, source, logq in negs.sources(pos.shape[0]):
         if name == "in_batch":
             logq = _in_batch_logq_table(logq, pos, num_items)
-        out = softmax_loss(user, items, pos, source, pos_scale, neg_scale, include_pos=False,
-                           normalize=normalize, neg_logq=logq,
-                           remove_accidental_hits=remove_accidental_hits, reduction="none",
-                           return_raw=return_raw, backend=backend, item_grad=item_grad)
+        out = softmax_loss(
+            user,
+            items,
+            pos,
+            source,
+            pos_scale,
+            neg_scale,
+            include_pos=False,
+            normalize=normalize,
+            neg_logq=logq,
+            remove_accidental_hits=remove_accidental_hits,
+            reduction="none",
+            return_raw=return_raw,
+            backend=backend,
+            item_grad=item_grad,
+        )
         loss, raw = out if return_raw else (out, None)
         terms.append(loss)
         raws.append(raw)
@@ -165,9 +196,18 @@ def mixed_softmax_loss(user: Tensor, items: Tensor, pos: Tensor, neg, pos_scale,
     return loss
 
 
-def mixed_reference_loss(user: Tensor, items: Tensor, pos: Tensor, neg, pos_scale, neg_scale, *,
-                         include_pos: bool = False, normalize: bool = True,
-                         remove_accidental_hits: bool = False) -> Tensor:
+def mixed_reference_loss(
+    user: Tensor,
+    items: Tensor,
+    pos: Tensor,
+    neg,
+    pos_scale,
+    neg_scale,
+    *,
+    include_pos: bool = False,
+    normalize: bool = True,
+    remove_accidental_hits: bool = False,
+) -> Tensor:
     """The mixed loss ``[B]`` in one formula (the specification; plain autograd ops): every
     source's logits side by side in one ``[B, Σ M_s]`` log-sum-exp. Scales are floats or
     ``[B]`` tensors."""

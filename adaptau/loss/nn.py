@@ -1,4 +1,5 @@
 """``AdapTauLoss``: the fused loss and an Adap-τ controller as one drop-in ``nn.Module``."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -27,9 +28,18 @@ class AdapTauLoss(nn.Module):
             ``smoothing``, ``warmup``, ``active_quantile``, ``num_users``, ``num_items``).
     """
 
-    def __init__(self, user_ids: Tensor, item_ids: Tensor, *, include_pos: bool = False,
-                 normalize: bool = True, remove_accidental_hits: bool = False,
-                 reduction: str = "mean", backend: str = "auto", **controller_options) -> None:
+    def __init__(
+        self,
+        user_ids: Tensor,
+        item_ids: Tensor,
+        *,
+        include_pos: bool = False,
+        normalize: bool = True,
+        remove_accidental_hits: bool = False,
+        reduction: str = "mean",
+        backend: str = "auto",
+        **controller_options,
+    ) -> None:
         super().__init__()
         self.controller = AdapTau(user_ids, item_ids, **controller_options)
         self.include_pos = include_pos
@@ -38,13 +48,21 @@ class AdapTauLoss(nn.Module):
         self.reduction = reduction
         self.backend = backend
 
-    def begin_epoch(self, epoch: int, user_vectors: Optional[Tensor] = None,
-                    item_vectors: Optional[Tensor] = None) -> None:
+    def begin_epoch(
+        self, epoch: int, user_vectors: Optional[Tensor] = None, item_vectors: Optional[Tensor] = None
+    ) -> None:
         """Pass-through to :meth:`AdapTau.begin_epoch` (full ``[num_users, D]``/``[num_items, D]`` tables)."""
         self.controller.begin_epoch(epoch, user_vectors, item_vectors)
 
-    def forward(self, user: Tensor, items: Tensor, pos: Tensor, neg: Optional[Tensor],
-                user_ids: Tensor, neg_logq: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self,
+        user: Tensor,
+        items: Tensor,
+        pos: Tensor,
+        neg: Optional[Tensor],
+        user_ids: Tensor,
+        neg_logq: Optional[Tensor] = None,
+    ) -> Tensor:
         """Loss of a batch.
 
         Args:
@@ -59,10 +77,19 @@ class AdapTauLoss(nn.Module):
         pos_scale, neg_scale = self.controller.scales(user_ids)
         observe = self.training and self.controller.needs_raw_loss
         out = softmax_loss(
-            user, items, pos, neg, pos_scale, neg_scale,
-            include_pos=self.include_pos, normalize=self.normalize, neg_logq=neg_logq,
-            remove_accidental_hits=self.remove_accidental_hits, reduction=self.reduction,
-            return_raw=observe, backend=self.backend,
+            user,
+            items,
+            pos,
+            neg,
+            pos_scale,
+            neg_scale,
+            include_pos=self.include_pos,
+            normalize=self.normalize,
+            neg_logq=neg_logq,
+            remove_accidental_hits=self.remove_accidental_hits,
+            reduction=self.reduction,
+            return_raw=observe,
+            backend=self.backend,
         )
         if not observe:
             return out

@@ -4,6 +4,7 @@ This is the only module that chooses between backends. What every backend implem
 may assume (the backend contract), and the constants it shares with them, are in
 :mod:`adaptau.loss._contract`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -142,8 +143,7 @@ def resolve_backend(backend: str, device_type: str) -> str:
         return "reference"
     if backend not in usable:
         raise ValueError(
-            f"backend {backend!r} is not usable for {device_type} tensors here; "
-            f"available: {usable}"
+            f"backend {backend!r} is not usable for {device_type} tensors here; available: {usable}"
         )
     return backend
 
@@ -170,9 +170,7 @@ def _check_index_range(name: str, index: Tensor, num_items: int) -> None:
     bad = ((index < 0) | (index >= num_items)).nonzero()[0].tolist()
     where = ", ".join(str(i) for i in bad)
     value = int(index[tuple(bad)])
-    raise IndexError(
-        f"{name}[{where}] = {value} is out of range for an item table with {num_items} rows"
-    )
+    raise IndexError(f"{name}[{where}] = {value} is out of range for an item table with {num_items} rows")
 
 
 def _check_finite(name: str, value: Tensor, limit: float = math.inf) -> None:
@@ -184,8 +182,10 @@ def _check_finite(name: str, value: Tensor, limit: float = math.inf) -> None:
         raise ValueError(f"{name} must be finite; {name}{bad} = {float(value[tuple(bad)])}")
     if math.isfinite(limit) and value.numel() and bool((value.abs() > limit).any()):
         bad = (value.abs() > limit).nonzero()[0].tolist()
-        raise ValueError(f"{name} must be an inverse temperature with |value| <= {limit:g}; "
-                         f"{name}{bad} = {float(value[tuple(bad)]):g}")
+        raise ValueError(
+            f"{name} must be an inverse temperature with |value| <= {limit:g}; "
+            f"{name}{bad} = {float(value[tuple(bad)]):g}"
+        )
 
 
 def _backend_for(backend: str, user: Tensor, items: Tensor) -> str:
@@ -194,8 +194,7 @@ def _backend_for(backend: str, user: Tensor, items: Tensor) -> str:
     kernel's running-max log-sum-exp is written for finite scores; the reference
     propagates them as PyTorch does). Forward and backward of one call choose alike."""
     resolved = resolve_backend(backend, user.device.type)
-    if resolved == "cpu" and not (torch.ops.adaptau.all_finite(user)
-                                  and torch.ops.adaptau.all_finite(items)):
+    if resolved == "cpu" and not (torch.ops.adaptau.all_finite(user) and torch.ops.adaptau.all_finite(items)):
         return "reference"
     return resolved
 
@@ -207,26 +206,32 @@ def _checks_on_device(t: Tensor) -> bool:
     return t.device.type == "cuda" and os.environ.get("ADAPTAU_CHECK_INDICES") != "1"
 
 
-def _assert_values_async(num_items: int, pos: Tensor, neg: Tensor, pos_scale: Tensor,
-                         neg_scale: Tensor, neg_logq: Optional[Tensor]) -> None:
+def _assert_values_async(
+    num_items: int, pos: Tensor, neg: Tensor, pos_scale: Tensor, neg_scale: Tensor, neg_logq: Optional[Tensor]
+) -> None:
     """:func:`_check_values` as ``torch._assert_async`` (queued on the device, never read
     back). A failed assert stops the device's queue before the backend's kernel runs, so
     no kernel reads through a bad index; ``ADAPTAU_CHECK_INDICES=1`` gives the exact
     messages of the host checks instead (one host read per check)."""
     for name, index in (("pos", pos), ("neg", neg)):
         if index.numel():
-            torch._assert_async(((index >= 0) & (index < num_items)).all(),
-                                f"{name}: an index is out of range for an item table with "
-                                f"{num_items} rows (ADAPTAU_CHECK_INDICES=1 names it)")
+            torch._assert_async(
+                ((index >= 0) & (index < num_items)).all(),
+                f"{name}: an index is out of range for an item table with "
+                f"{num_items} rows (ADAPTAU_CHECK_INDICES=1 names it)",
+            )
     for name, scale in (("pos_scale", pos_scale), ("neg_scale", neg_scale)):
-        torch._assert_async((scale.abs() <= MAX_INVERSE_TEMPERATURE).all(),
-                            f"{name} must be finite with |value| <= {MAX_INVERSE_TEMPERATURE:g}")
+        torch._assert_async(
+            (scale.abs() <= MAX_INVERSE_TEMPERATURE).all(),
+            f"{name} must be finite with |value| <= {MAX_INVERSE_TEMPERATURE:g}",
+        )
     if neg_logq is not None:
         torch._assert_async(torch.isfinite(neg_logq).all(), "neg_logq must be finite")
 
 
-def _check_values(num_items: int, pos: Tensor, neg: Tensor, pos_scale: Tensor,
-                  neg_scale: Tensor, neg_logq: Optional[Tensor]) -> None:
+def _check_values(
+    num_items: int, pos: Tensor, neg: Tensor, pos_scale: Tensor, neg_scale: Tensor, neg_logq: Optional[Tensor]
+) -> None:
     if _checks_on_device(pos):
         _assert_values_async(num_items, pos, neg, pos_scale, neg_scale, neg_logq)
         return
@@ -263,10 +268,12 @@ _LIB.define(
 def _alert_not_deterministic(what: str) -> None:
     """PyTorch's error (or, with ``warn_only=True``, warning) for an op without a
     deterministic implementation under ``torch.use_deterministic_algorithms(True)``."""
-    msg = (f"{what} does not have a deterministic implementation, but you set "
-           "'torch.use_deterministic_algorithms(True)'. You can turn off determinism just for "
-           "this operation, or you can use the 'warn_only=True' option, if that's acceptable "
-           "for your application.")
+    msg = (
+        f"{what} does not have a deterministic implementation, but you set "
+        "'torch.use_deterministic_algorithms(True)'. You can turn off determinism just for "
+        "this operation, or you can use the 'warn_only=True' option, if that's acceptable "
+        "for your application."
+    )
     if torch.is_deterministic_algorithms_warn_only_enabled():
         warnings.warn(msg)
     else:
@@ -275,9 +282,19 @@ def _alert_not_deterministic(what: str) -> None:
 
 @torch.compiler.disable
 def _forward_kernel(
-    user: Tensor, items: Tensor, pos: Tensor, neg: Tensor, pos_scale: Tensor,
-    neg_scale: Tensor, neg_logq: Optional[Tensor], neg_mode: int, include_pos: bool,
-    normalize: bool, remove_hits: bool, compute_raw: bool, backend: str,
+    user: Tensor,
+    items: Tensor,
+    pos: Tensor,
+    neg: Tensor,
+    pos_scale: Tensor,
+    neg_scale: Tensor,
+    neg_logq: Optional[Tensor],
+    neg_mode: int,
+    include_pos: bool,
+    normalize: bool,
+    remove_hits: bool,
+    compute_raw: bool,
+    backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     resolved = _backend_for(backend, user, items)
     # The cpu kernel checks the values itself, before it uses any, and raises the same
@@ -287,27 +304,65 @@ def _forward_kernel(
     if resolved != "cpu":
         _check_values(items.shape[0], pos, neg, pos_scale, neg_scale, neg_logq)
     forward, _ = _implementation(resolved)
-    loss, lse, raw = forward(user, items, pos, neg, pos_scale, neg_scale, neg_logq,
-                             neg_mode, include_pos, normalize, remove_hits, compute_raw)
+    loss, lse, raw = forward(
+        user,
+        items,
+        pos,
+        neg,
+        pos_scale,
+        neg_scale,
+        neg_logq,
+        neg_mode,
+        include_pos,
+        normalize,
+        remove_hits,
+        compute_raw,
+    )
     return loss, lse, raw
 
 
 @torch.compiler.disable
 def _backward_kernel(
-    grad_loss: Tensor, user: Tensor, items: Tensor, pos: Tensor, neg: Tensor,
-    pos_scale: Tensor, neg_scale: Tensor, neg_logq: Optional[Tensor], lse: Tensor,
-    neg_mode: int, include_pos: bool, normalize: bool, remove_hits: bool,
-    need_scale_grads: bool, backend: str,
+    grad_loss: Tensor,
+    user: Tensor,
+    items: Tensor,
+    pos: Tensor,
+    neg: Tensor,
+    pos_scale: Tensor,
+    neg_scale: Tensor,
+    neg_logq: Optional[Tensor],
+    lse: Tensor,
+    neg_mode: int,
+    include_pos: bool,
+    normalize: bool,
+    remove_hits: bool,
+    need_scale_grads: bool,
+    backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     resolved = _backend_for(backend, user, items)
     if resolved == "cuda" and torch.are_deterministic_algorithms_enabled():
-        _alert_not_deterministic("adaptau's cuda backend backward (its item gradient is "
-                                 "accumulated with atomics; the triton backend has a "
-                                 "deterministic mode)")
+        _alert_not_deterministic(
+            "adaptau's cuda backend backward (its item gradient is "
+            "accumulated with atomics; the triton backend has a "
+            "deterministic mode)"
+        )
     _, backward = _implementation(resolved)
     grad_user, grad_items, grad_pos_scale, grad_neg_scale = backward(
-        grad_loss, user, items, pos, neg, pos_scale, neg_scale, neg_logq, lse,
-        neg_mode, include_pos, normalize, remove_hits, need_scale_grads)
+        grad_loss,
+        user,
+        items,
+        pos,
+        neg,
+        pos_scale,
+        neg_scale,
+        neg_logq,
+        lse,
+        neg_mode,
+        include_pos,
+        normalize,
+        remove_hits,
+        need_scale_grads,
+    )
     return grad_user, grad_items, grad_pos_scale, grad_neg_scale
 
 
@@ -333,15 +388,31 @@ def _autocast_kernel(op, dispatch_key):
 
 for _device in ("cpu", "cuda"):
     _autocast_key = "Autocast" + torch._C._dispatch_key_for_device(_device)
-    for _name, _op in (("softmax_loss_forward", _forward_op),
-                       ("softmax_loss_backward", _backward_op)):
-        _LIB.impl(_name, _autocast_kernel(_op, getattr(torch._C.DispatchKey, _autocast_key)),
-                  _autocast_key, with_keyset=True)
+    for _name, _op in (("softmax_loss_forward", _forward_op), ("softmax_loss_backward", _backward_op)):
+        _LIB.impl(
+            _name,
+            _autocast_kernel(_op, getattr(torch._C.DispatchKey, _autocast_key)),
+            _autocast_key,
+            with_keyset=True,
+        )
 
 
 @torch.library.register_fake("adaptau::softmax_loss_forward", lib=_LIB)
-def _forward_fake(user, items, pos, neg, pos_scale, neg_scale, neg_logq, neg_mode,
-                  include_pos, normalize, remove_hits, compute_raw, backend):
+def _forward_fake(
+    user,
+    items,
+    pos,
+    neg,
+    pos_scale,
+    neg_scale,
+    neg_logq,
+    neg_mode,
+    include_pos,
+    normalize,
+    remove_hits,
+    compute_raw,
+    backend,
+):
     acc = accumulation_dtype(user.dtype)
     batch = user.shape[0]
     loss = user.new_empty((batch,), dtype=acc)
@@ -351,15 +422,47 @@ def _forward_fake(user, items, pos, neg, pos_scale, neg_scale, neg_logq, neg_mod
 
 
 @torch.library.register_fake("adaptau::softmax_loss_backward", lib=_LIB)
-def _backward_fake(grad_loss, user, items, pos, neg, pos_scale, neg_scale, neg_logq, lse,
-                   neg_mode, include_pos, normalize, remove_hits, need_scale_grads, backend):
-    return (torch.empty_like(user), torch.empty_like(items),
-            torch.empty_like(pos_scale), torch.empty_like(neg_scale))
+def _backward_fake(
+    grad_loss,
+    user,
+    items,
+    pos,
+    neg,
+    pos_scale,
+    neg_scale,
+    neg_logq,
+    lse,
+    neg_mode,
+    include_pos,
+    normalize,
+    remove_hits,
+    need_scale_grads,
+    backend,
+):
+    return (
+        torch.empty_like(user),
+        torch.empty_like(items),
+        torch.empty_like(pos_scale),
+        torch.empty_like(neg_scale),
+    )
 
 
 def _setup_context(ctx, inputs, output):
-    (user, items, pos, neg, pos_scale, neg_scale, neg_logq, neg_mode, include_pos,
-     normalize, remove_hits, compute_raw, backend) = inputs
+    (
+        user,
+        items,
+        pos,
+        neg,
+        pos_scale,
+        neg_scale,
+        neg_logq,
+        neg_mode,
+        include_pos,
+        normalize,
+        remove_hits,
+        compute_raw,
+        backend,
+    ) = inputs
     ctx.save_for_backward(user, items, pos, neg, pos_scale, neg_scale, neg_logq, output[1])
     ctx.options = (neg_mode, include_pos, normalize, remove_hits, backend)
 
@@ -374,8 +477,21 @@ def _backward(ctx, grad_loss, grad_lse, grad_raw):
     need = ctx.needs_input_grad
     need_scale_grads = bool(need[4] or need[5])
     grad_user, grad_items, grad_pos_scale, grad_neg_scale = _backward_op(
-        grad_loss.contiguous(), user, items, pos, neg, pos_scale, neg_scale, neg_logq, lse,
-        neg_mode, include_pos, normalize, remove_hits, need_scale_grads, backend,
+        grad_loss.contiguous(),
+        user,
+        items,
+        pos,
+        neg,
+        pos_scale,
+        neg_scale,
+        neg_logq,
+        lse,
+        neg_mode,
+        include_pos,
+        normalize,
+        remove_hits,
+        need_scale_grads,
+        backend,
     )
     return (
         grad_user if need[0] else None,
@@ -384,12 +500,19 @@ def _backward(ctx, grad_loss, grad_lse, grad_raw):
         None,
         grad_pos_scale if need[4] else None,
         grad_neg_scale if need[5] else None,
-        None, None, None, None, None, None, None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
     )
 
 
-torch.library.register_autograd("adaptau::softmax_loss_forward", _backward,
-                                setup_context=_setup_context, lib=_LIB)
+torch.library.register_autograd(
+    "adaptau::softmax_loss_forward", _backward, setup_context=_setup_context, lib=_LIB
+)
 
 
 # ---------------------------------------------------------------------- public function
@@ -404,8 +527,10 @@ def _as_scale(name: str, scale: ScaleLike, batch: int, like: Tensor, acc: torch.
         if not math.isfinite(scale):
             raise ValueError(f"{name} must be finite, got {scale}")
         if abs(scale) > MAX_INVERSE_TEMPERATURE:
-            raise ValueError(f"{name} must be an inverse temperature with |value| <= "
-                             f"{MAX_INVERSE_TEMPERATURE:g}, got {scale:g}")
+            raise ValueError(
+                f"{name} must be an inverse temperature with |value| <= "
+                f"{MAX_INVERSE_TEMPERATURE:g}, got {scale:g}"
+            )
         return torch.full((batch,), float(scale), dtype=acc, device=like.device)
     if not scale.is_floating_point():
         raise TypeError(f"{name} must be a floating tensor, got {scale.dtype}")
@@ -414,8 +539,9 @@ def _as_scale(name: str, scale: ScaleLike, batch: int, like: Tensor, acc: torch.
     if scale.dim() == 0 or (scale.dim() == 1 and scale.shape[0] == 1):
         return scale.reshape(()).to(acc).expand(batch).contiguous()
     if scale.dim() != 1 or scale.shape[0] != batch:
-        raise ValueError(f"{name} must be a float, a scalar tensor or [B={batch}], "
-                         f"got shape {tuple(scale.shape)}")
+        raise ValueError(
+            f"{name} must be a float, a scalar tensor or [B={batch}], got shape {tuple(scale.shape)}"
+        )
     return scale.to(acc).contiguous()
 
 
@@ -434,8 +560,9 @@ def _check_index_tensor(name: str, index: Tensor, like: Tensor) -> None:
 _COMPACT_BITMAP_RATIO = 4
 
 
-def compact(pos: Tensor, neg: Optional[Tensor] = None, *,
-            num_items: Optional[int] = None) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+def compact(
+    pos: Tensor, neg: Optional[Tensor] = None, *, num_items: Optional[int] = None
+) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """The distinct items a batch touches, and its indices as positions among them.
 
     For callers who look rows up themselves (a sharded embedding collection, a cache, any
@@ -466,11 +593,15 @@ def compact(pos: Tensor, neg: Optional[Tensor] = None, *,
         num_items = 1 + max((int(t.max()) for _, t in parts if t.numel()), default=0)
     num_items = int(num_items)
     total = sum(t.numel() for _, t in parts)
-    if (pos.device.type == "cpu" and num_items < 2**31
-            and num_items // 64 <= _COMPACT_BITMAP_RATIO * total + 2**20
-            and _extension.has_op("compact_indices")):
+    if (
+        pos.device.type == "cpu"
+        and num_items < 2**31
+        and num_items // 64 <= _COMPACT_BITMAP_RATIO * total + 2**20
+        and _extension.has_op("compact_indices")
+    ):
         unique_ids, pos_local, neg_local = torch.ops.adaptau.compact_indices(
-            pos, neg if neg is not None else pos.new_empty((0,)), num_items)
+            pos, neg if neg is not None else pos.new_empty((0,)), num_items
+        )
         if unique_ids.numel() == 0 and total:  # an index is out of range: name it
             for name, t in parts:
                 _check_index_range(name, t, num_items)
@@ -480,7 +611,7 @@ def compact(pos: Tensor, neg: Optional[Tensor] = None, *,
     flat = torch.cat([t.reshape(-1).long() for _, t in parts])
     unique_ids, inverse = torch.unique(flat, sorted=True, return_inverse=True)
     pos_local = inverse[: pos.numel()].to(pos.dtype).reshape(pos.shape)
-    neg_local = None if neg is None else inverse[pos.numel():].to(neg.dtype).reshape(neg.shape)
+    neg_local = None if neg is None else inverse[pos.numel() :].to(neg.dtype).reshape(neg.shape)
     return unique_ids, pos_local, neg_local
 
 
@@ -501,8 +632,9 @@ class _TouchedRows(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
         (ids,) = ctx.saved_tensors
-        return torch.sparse_coo_tensor(ids.unsqueeze(0), grad, ctx.table_shape,
-                                       is_coalesced=True, check_invariants=False), None
+        return torch.sparse_coo_tensor(
+            ids.unsqueeze(0), grad, ctx.table_shape, is_coalesced=True, check_invariants=False
+        ), None
 
 
 def softmax_loss(
@@ -578,15 +710,27 @@ def softmax_loss(
     """
     if isinstance(neg, (Negatives, Mapping)):
         if neg_logq is not None:
-            raise ValueError("neg_logq is for a single negative source; with adaptau.Negatives give "
-                             "each source's own (in_batch_logq, shared_logq, per_row_logq)")
+            raise ValueError(
+                "neg_logq is for a single negative source; with adaptau.Negatives give "
+                "each source's own (in_batch_logq, shared_logq, per_row_logq)"
+            )
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-        return mixed_softmax_loss(user, items, pos, neg, pos_scale, neg_scale,
-                                  include_pos=include_pos, normalize=normalize,
-                                  remove_accidental_hits=remove_accidental_hits,
-                                  reduction=reduction, return_raw=return_raw, backend=backend,
-                                  item_grad=item_grad)
+        return mixed_softmax_loss(
+            user,
+            items,
+            pos,
+            neg,
+            pos_scale,
+            neg_scale,
+            include_pos=include_pos,
+            normalize=normalize,
+            remove_accidental_hits=remove_accidental_hits,
+            reduction=reduction,
+            return_raw=return_raw,
+            backend=backend,
+            item_grad=item_grad,
+        )
     for name, t in (("user", user), ("items", items)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
@@ -606,8 +750,10 @@ def softmax_loss(
     if batch == 0:
         raise ValueError("user is empty: the batch needs at least one row")
     if dim == 0 or items.shape[1] != dim:
-        raise ValueError(f"user is [B, {dim}] but items is {list(items.shape)}: the vector "
-                         "sizes must match and be non-zero")
+        raise ValueError(
+            f"user is [B, {dim}] but items is {list(items.shape)}: the vector "
+            "sizes must match and be non-zero"
+        )
     if num_items == 0:
         raise ValueError("items is empty: the item table needs at least one row")
     _check_index_tensor("pos", pos, user)
@@ -636,9 +782,11 @@ def softmax_loss(
         # trainer's sampler) stay int32. Narrowing is safe once pos is known to be in range.
         if neg.dtype == torch.int32:
             if _checks_on_device(pos):
-                torch._assert_async(((pos >= 0) & (pos < num_items)).all(),
-                                    f"pos: an index is out of range for an item table with "
-                                    f"{num_items} rows (ADAPTAU_CHECK_INDICES=1 names it)")
+                torch._assert_async(
+                    ((pos >= 0) & (pos < num_items)).all(),
+                    f"pos: an index is out of range for an item table with "
+                    f"{num_items} rows (ADAPTAU_CHECK_INDICES=1 names it)",
+                )
             else:
                 _check_index_range("pos", pos, num_items)
         pos = pos.to(neg.dtype)
@@ -659,8 +807,7 @@ def softmax_loss(
     if item_grad not in ("dense", "sparse"):
         raise ValueError(f"item_grad must be 'dense' or 'sparse', got {item_grad!r}")
     if item_grad == "sparse":  # the batch's own rows as a [K, D] table; local indices
-        ids, pos, neg_local = compact(pos, None if neg_mode == NEG_IN_BATCH else neg,
-                                      num_items=num_items)
+        ids, pos, neg_local = compact(pos, None if neg_mode == NEG_IN_BATCH else neg, num_items=num_items)
         neg = neg if neg_local is None else neg_local
         items = _TouchedRows.apply(items, ids)
         if neg_logq is not None:
@@ -669,9 +816,19 @@ def softmax_loss(
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
 
     loss, _lse, raw = _forward_op(
-        user.contiguous(), items.contiguous(), pos.contiguous(), neg.contiguous(), alpha, beta,
-        neg_logq, neg_mode, bool(include_pos), bool(normalize), bool(remove_accidental_hits),
-        bool(return_raw), backend,
+        user.contiguous(),
+        items.contiguous(),
+        pos.contiguous(),
+        neg.contiguous(),
+        alpha,
+        beta,
+        neg_logq,
+        neg_mode,
+        bool(include_pos),
+        bool(normalize),
+        bool(remove_accidental_hits),
+        bool(return_raw),
+        backend,
     )
     if reduction == "mean":
         loss = loss.mean()

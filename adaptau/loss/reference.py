@@ -9,6 +9,7 @@ The backward pass recomputes the scores and applies the closed-form derivatives
 (written out below); the tests check them against autograd on the forward formula and
 with ``torch.autograd.gradcheck``.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -47,8 +48,9 @@ def _prepare(user, items, pos, neg, neg_mode, normalize):
     return pos, user_hat, items_hat, pos_score, neg_index, neg_score, keep
 
 
-def _logits(pos, pos_score, neg_index, neg_score, keep, pos_scale, neg_scale, neg_logq,
-            include_pos, remove_hits):
+def _logits(
+    pos, pos_score, neg_index, neg_score, keep, pos_scale, neg_scale, neg_logq, include_pos, remove_hits
+):
     """Scaled logits, the log-denominator ``lse`` and the per-row loss."""
     batch = pos_score.shape[0]
     if remove_hits:
@@ -87,11 +89,13 @@ def forward(
     acc = accumulation_dtype(user.dtype)
     logq = None if neg_logq is None else neg_logq.to(acc)
     pos, _, _, pos_score, neg_index, neg_score, keep = _prepare(
-        user.to(acc), items.to(acc), pos, neg, neg_mode, normalize)
+        user.to(acc), items.to(acc), pos, neg, neg_mode, normalize
+    )
 
     def loss_with(alpha, beta):
-        _, _, _, lse, loss, _ = _logits(pos, pos_score, neg_index, neg_score, keep, alpha,
-                                        beta, logq, include_pos, remove_hits)
+        _, _, _, lse, loss, _ = _logits(
+            pos, pos_score, neg_index, neg_score, keep, alpha, beta, logq, include_pos, remove_hits
+        )
         return loss, lse
 
     loss, lse = loss_with(pos_scale.to(acc), neg_scale.to(acc))
@@ -141,10 +145,10 @@ def backward(
     u, it = user.to(acc), items.to(acc)
     alpha, beta = pos_scale.to(acc), neg_scale.to(acc)
     logq = None if neg_logq is None else neg_logq.to(acc)
-    pos, u_hat, it_hat, pos_score, neg_index, neg_score, keep = _prepare(
-        u, it, pos, neg, neg_mode, normalize)
+    pos, u_hat, it_hat, pos_score, neg_index, neg_score, keep = _prepare(u, it, pos, neg, neg_mode, normalize)
     keep, pos_logit, neg_logit, lse, _, empty = _logits(
-        pos, pos_score, neg_index, neg_score, keep, alpha, beta, logq, include_pos, remove_hits)
+        pos, pos_score, neg_index, neg_score, keep, alpha, beta, logq, include_pos, remove_hits
+    )
     g = torch.where(empty, torch.zeros_like(lse), grad_loss.to(acc))
     safe_lse = torch.where(empty, torch.zeros_like(lse), lse)
     p_neg = torch.exp(neg_logit - safe_lse.unsqueeze(1))  # 0 where masked
@@ -160,8 +164,10 @@ def backward(
     if neg_mode == NEG_PER_ROW:
         grad_u_hat = grad_u_hat + torch.einsum("bm,bmd->bd", d_neg_score, it_hat[neg_index])
         grad_it_hat.index_add_(
-            0, neg_index.reshape(-1),
-            (d_neg_score.unsqueeze(2) * u_hat.unsqueeze(1)).reshape(-1, u_hat.shape[1]))
+            0,
+            neg_index.reshape(-1),
+            (d_neg_score.unsqueeze(2) * u_hat.unsqueeze(1)).reshape(-1, u_hat.shape[1]),
+        )
     else:
         candidates = neg_index[0]  # the same candidate list for every row
         grad_u_hat = grad_u_hat + d_neg_score @ it_hat[candidates]

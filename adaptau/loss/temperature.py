@@ -4,6 +4,7 @@ See ``docs/design.md`` §3 and Chen et al., "Adap-τ: Adaptively Modulating Embe
 for Recommendation" (WWW 2023). All "temperatures" here are *inverse* temperatures: the
 multiplier of the cosine score.
 """
+
 from __future__ import annotations
 
 import math
@@ -111,8 +112,12 @@ def mean_normalized_rows(rows: Tensor) -> Tensor:
     every rank gets the ``[D]`` float64 mean over the whole table. Without a process group,
     the mean of ``rows``.
     """
-    total = torch.cat([F.normalize(rows.detach().double(), dim=-1).sum(0),
-                       rows.new_tensor([rows.shape[0]], dtype=torch.float64)])
+    total = torch.cat(
+        [
+            F.normalize(rows.detach().double(), dim=-1).sum(0),
+            rows.new_tensor([rows.shape[0]], dtype=torch.float64),
+        ]
+    )
     if _distributed_ready():
         torch.distributed.all_reduce(total)
     return total[:-1] / total[-1].clamp(min=1)
@@ -174,7 +179,12 @@ class AdapTau:
         active_quantile: float = 0.2,
     ) -> None:
         for name, ids in (("user_ids", user_ids), ("item_ids", item_ids)):
-            if not isinstance(ids, Tensor) or ids.dtype not in (torch.int32, torch.int64, torch.int16, torch.uint8):
+            if not isinstance(ids, Tensor) or ids.dtype not in (
+                torch.int32,
+                torch.int64,
+                torch.int16,
+                torch.uint8,
+            ):
                 raise TypeError(f"{name} must be an integer tensor")
             if ids.dim() != 1:
                 raise ValueError(f"{name} must be 1-D, got shape {tuple(ids.shape)}")
@@ -205,7 +215,11 @@ class AdapTau:
         if int(user_ids.max()) >= self.num_users or int(item_ids.max()) >= self.num_items:
             raise ValueError("an id is not below num_users / num_items")
         self.mode, self.tau, self.base = mode, float(tau), base
-        self.smoothing, self.warmup, self.active_quantile = float(smoothing), int(warmup), float(active_quantile)
+        self.smoothing, self.warmup, self.active_quantile = (
+            float(smoothing),
+            int(warmup),
+            float(active_quantile),
+        )
 
         users = user_ids.long()
         counts = torch.bincount(users, minlength=self.num_users).to(torch.float64)
@@ -220,8 +234,9 @@ class AdapTau:
         self._pair_users = users[pair_active]
         self._pair_items = item_ids.long()[pair_active]
         self._pair_matrix: Optional[Tensor] = None  # built on first use (see _alignment_gap)
-        self.c = 2.0 * (math.log(0.5) + math.log(float(active.sum()) * self.num_items)
-                        - math.log(num_active_pairs))
+        self.c = 2.0 * (
+            math.log(0.5) + math.log(float(active.sum()) * self.num_items) - math.log(num_active_pairs)
+        )
 
         self.epoch = -1
         self.w0 = 1.0 / self.tau if mode == "fixed" else self.c / 1.4
@@ -231,9 +246,14 @@ class AdapTau:
 
     # -- per epoch ----------------------------------------------------------------------
     @torch.no_grad()
-    def begin_epoch(self, epoch: int, user_vectors: Optional[Tensor] = None,
-                    item_vectors: Optional[Tensor] = None, *,
-                    alignment_gap: Optional[float] = None) -> None:
+    def begin_epoch(
+        self,
+        epoch: int,
+        user_vectors: Optional[Tensor] = None,
+        item_vectors: Optional[Tensor] = None,
+        *,
+        alignment_gap: Optional[float] = None,
+    ) -> None:
         """Compute w₀ and the per-user scales for ``epoch`` (call before its first step).
 
         Args:
@@ -284,11 +304,13 @@ class AdapTau:
 
     def _check_tables(self, user_vectors: Tensor, item_vectors: Tensor) -> None:
         if user_vectors.dim() != 2 or user_vectors.shape[0] != self.num_users:
-            raise ValueError(f"user_vectors must be [num_users={self.num_users}, D], "
-                             f"got {tuple(user_vectors.shape)}")
+            raise ValueError(
+                f"user_vectors must be [num_users={self.num_users}, D], got {tuple(user_vectors.shape)}"
+            )
         if item_vectors.dim() != 2 or item_vectors.shape[0] != self.num_items:
-            raise ValueError(f"item_vectors must be [num_items={self.num_items}, D], "
-                             f"got {tuple(item_vectors.shape)}")
+            raise ValueError(
+                f"item_vectors must be [num_items={self.num_items}, D], got {tuple(item_vectors.shape)}"
+            )
 
     def _alignment_gap(self, user_vectors: Tensor, item_vectors: Tensor) -> float:
         """p̄ − ā: mean cosine of active users' train pairs minus their mean alignment.
@@ -303,8 +325,12 @@ class AdapTau:
         A = self._pair_matrix
         if A is None or A.device != u.device:
             ones = torch.ones(self._pair_users.numel(), dtype=torch.float64)
-            coo = torch.sparse_coo_tensor(torch.stack([self._pair_users.cpu(), self._pair_items.cpu()]),
-                                          ones, (self.num_users, self.num_items), check_invariants=True)
+            coo = torch.sparse_coo_tensor(
+                torch.stack([self._pair_users.cpu(), self._pair_items.cpu()]),
+                ones,
+                (self.num_users, self.num_items),
+                check_invariants=True,
+            )
             with warnings.catch_warnings():  # CSR (2x faster than COO here) warns it is beta
                 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
                 A = self._pair_matrix = coo.coalesce().to_sparse_csr().to(u.device)
@@ -314,8 +340,9 @@ class AdapTau:
         return p_bar - a_bar
 
     @torch.no_grad()
-    def sharded_alignment_gap(self, user_rows: Tensor, user_start: int, item_rows: Tensor,
-                              item_start: int) -> float:
+    def sharded_alignment_gap(
+        self, user_rows: Tensor, user_start: int, item_rows: Tensor, item_start: int
+    ) -> float:
         """p̄ − ā (as :meth:`begin_epoch` computes it from whole tables) from row blocks of
         tables sharded across the ranks of the default process group.
 
@@ -373,8 +400,9 @@ class AdapTau:
             self._loss_count = self._loss_count.to(raw.device)
         index = users.long().to(raw.device)
         # bincount: one pass, no per-thread scatter buffers (index_add_ is slow on a busy CPU)
-        self._loss_sum += torch.bincount(index, weights=raw.detach().to(torch.float64),
-                                         minlength=self.num_users)
+        self._loss_sum += torch.bincount(
+            index, weights=raw.detach().to(torch.float64), minlength=self.num_users
+        )
         self._loss_count += torch.bincount(index, minlength=self.num_users).to(torch.float64)
 
     # -- reporting and state ------------------------------------------------------------
@@ -391,10 +419,17 @@ class AdapTau:
     def state_dict(self) -> Dict[str, object]:
         """Everything needed to resume: w₀, epoch, per-user scales and running sums."""
         return {
-            "mode": self.mode, "tau": self.tau, "base": self.base, "smoothing": self.smoothing,
-            "warmup": self.warmup, "active_quantile": self.active_quantile,
-            "num_users": self.num_users, "num_items": self.num_items,
-            "epoch": self.epoch, "w0": self.w0, "c": self.c,
+            "mode": self.mode,
+            "tau": self.tau,
+            "base": self.base,
+            "smoothing": self.smoothing,
+            "warmup": self.warmup,
+            "active_quantile": self.active_quantile,
+            "num_users": self.num_users,
+            "num_items": self.num_items,
+            "epoch": self.epoch,
+            "w0": self.w0,
+            "c": self.c,
             "user_scale": self.user_scale.detach().cpu().clone(),
             "loss_sum": self._loss_sum.detach().cpu().clone(),
             "loss_count": self._loss_count.detach().cpu().clone(),
@@ -412,5 +447,7 @@ class AdapTau:
         self._loss_count = state["loss_count"].to(device=device, dtype=torch.float64)
 
     def __repr__(self) -> str:
-        return (f"AdapTau(mode={self.mode!r}, num_users={self.num_users}, num_items={self.num_items}, "
-                f"w0={self.w0:.4g}, warmup={self.warmup}, base={self.base!r}, smoothing={self.smoothing})")
+        return (
+            f"AdapTau(mode={self.mode!r}, num_users={self.num_users}, num_items={self.num_items}, "
+            f"w0={self.w0:.4g}, warmup={self.warmup}, base={self.base!r}, smoothing={self.smoothing})"
+        )

@@ -22,13 +22,23 @@ Modules:
 
 The main names are re-exported here: ``from adaptau.train import Trainer, TrainConfig, train``.
 """
+
 from .config import PRESETS, TrainConfig, load_config_file
 from .host import keep_freed_heap
 from .run_folder import atomic_save
 from .trainer import NonFiniteLossError, Trainer, evaluate_run, train
 
-__all__ = ["TrainConfig", "PRESETS", "Trainer", "train", "evaluate_run", "NonFiniteLossError",
-           "load_config_file", "atomic_save", "keep_freed_heap"]
+__all__ = [
+    "TrainConfig",
+    "PRESETS",
+    "Trainer",
+    "train",
+    "evaluate_run",
+    "NonFiniteLossError",
+    "load_config_file",
+    "atomic_save",
+    "keep_freed_heap",
+]
 
 
 def __getattr__(name: str):

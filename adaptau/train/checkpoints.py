@@ -1,6 +1,7 @@
 """Checkpoints: :class:`Checkpointer` (a run's ``last.pt`` and ``best.pt``), read safely
 (tensors and plain values only), checked against the model they are loaded into, and the
 RNG states in a form ``weights_only`` loading accepts."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,8 +15,14 @@ import torch
 if TYPE_CHECKING:
     from .config import TrainConfig
 
-__all__ = ["Checkpointer", "CheckpointError", "load_checkpoint", "check_checkpoint_fits", "rng_state",
-           "set_rng_state"]
+__all__ = [
+    "Checkpointer",
+    "CheckpointError",
+    "load_checkpoint",
+    "check_checkpoint_fits",
+    "rng_state",
+    "set_rng_state",
+]
 
 
 class CheckpointError(ValueError):
@@ -23,9 +30,13 @@ class CheckpointError(ValueError):
     other than tensors and plain Python values)."""
 
 
-def load_checkpoint(path: Path, device: Union[str, torch.device] = "cpu", *,
-                    cfg: Optional["TrainConfig"] = None,
-                    model: Optional[torch.nn.Module] = None) -> Dict[str, Any]:
+def load_checkpoint(
+    path: Path,
+    device: Union[str, torch.device] = "cpu",
+    *,
+    cfg: Optional["TrainConfig"] = None,
+    model: Optional[torch.nn.Module] = None,
+) -> Dict[str, Any]:
     """Read a checkpoint with ``torch.load(weights_only=True)``: tensors and plain Python
     values only, so a run folder from someone else cannot execute code when loaded. With
     ``cfg`` and ``model``, also :func:`check_checkpoint_fits` it to them.
@@ -40,8 +51,10 @@ def load_checkpoint(path: Path, device: Union[str, torch.device] = "cpu", *,
         raise
     except Exception as exc:  # UnpicklingError, EOFError, RuntimeError (zip) ...
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(f"{path}: cannot be read as an adaptau checkpoint (tensors and "
-                              f"plain values only): {type(exc).__name__}: {first}") from None
+        raise CheckpointError(
+            f"{path}: cannot be read as an adaptau checkpoint (tensors and "
+            f"plain values only): {type(exc).__name__}: {first}"
+        ) from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{path}: not an adaptau checkpoint (no 'model' entry)")
     if cfg is not None and model is not None:
@@ -49,14 +62,18 @@ def load_checkpoint(path: Path, device: Union[str, torch.device] = "cpu", *,
     return ckpt
 
 
-def check_checkpoint_fits(ckpt: Dict[str, Any], path: Path, cfg: "TrainConfig",
-                          model: torch.nn.Module) -> None:
+def check_checkpoint_fits(
+    ckpt: Dict[str, Any], path: Path, cfg: "TrainConfig", model: torch.nn.Module
+) -> None:
     """CheckpointError (one line) when ``ckpt`` was written for another model: another
     model, dim or (LightGCN) layers in its config, or other tensor names or shapes."""
     saved = ckpt.get("config") or {}
     fields = ("model", "dim") + (("layers",) if cfg.model == "lightgcn" else ())
-    differ = [f"{k}={saved.get(k)!r} (this run: {getattr(cfg, k)!r})" for k in fields
-              if k in saved and saved[k] != getattr(cfg, k)]
+    differ = [
+        f"{k}={saved.get(k)!r} (this run: {getattr(cfg, k)!r})"
+        for k in fields
+        if k in saved and saved[k] != getattr(cfg, k)
+    ]
     mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     theirs = {k: tuple(v.shape) for k, v in ckpt["model"].items() if isinstance(v, torch.Tensor)}
     if not differ and mine != theirs:
@@ -69,8 +86,7 @@ def check_checkpoint_fits(ckpt: Dict[str, Any], path: Path, cfg: "TrainConfig",
 def _numpy_state_plain(state: tuple) -> list:
     """numpy's legacy RNG state with its key array as a tensor (weights_only can load it)."""
     name, keys, pos, has_gauss, gauss = state
-    return [name, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss),
-            float(gauss)]
+    return [name, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(gauss)]
 
 
 def _numpy_state_from_plain(state: list) -> tuple:
@@ -133,35 +149,58 @@ class Checkpointer:
         return epoch == 0 or (epoch & (epoch - 1)) == 0
 
     # -- writing ----------------------------------------------------------------------------
-    def save_last(self, epochs_done: int, *, model: Dict[str, Any], optimizer: Dict[str, Any],
-                  controller: Dict[str, Any], generators: Sequence[torch.Generator], world_size: int,
-                  history: List[Dict[str, Any]], best: Optional[Dict[str, Any]], bad_evals: int,
-                  train_seconds: float, tau_snapshots: Dict[int, torch.Tensor]) -> None:
+    def save_last(
+        self,
+        epochs_done: int,
+        *,
+        model: Dict[str, Any],
+        optimizer: Dict[str, Any],
+        controller: Dict[str, Any],
+        generators: Sequence[torch.Generator],
+        world_size: int,
+        history: List[Dict[str, Any]],
+        best: Optional[Dict[str, Any]],
+        bad_evals: int,
+        train_seconds: float,
+        tau_snapshots: Dict[int, torch.Tensor],
+    ) -> None:
         """Write ``last.pt`` after ``epochs_done`` epochs (the RNG states are read here)."""
         from .run_folder import atomic_save
 
-        atomic_save({
-            "epoch": epochs_done,
-            "model": model,
-            "optimizer": optimizer,
-            "controller": controller,
-            "rng": rng_state(*generators),
-            "world_size": world_size,
-            "history": history,
-            "best": best,
-            "bad_evals": bad_evals,
-            "train_seconds": train_seconds,
-            "tau_snapshots": tau_snapshots,
-            "config": dataclasses.asdict(self.cfg),
-        }, self.last_path)
+        atomic_save(
+            {
+                "epoch": epochs_done,
+                "model": model,
+                "optimizer": optimizer,
+                "controller": controller,
+                "rng": rng_state(*generators),
+                "world_size": world_size,
+                "history": history,
+                "best": best,
+                "bad_evals": bad_evals,
+                "train_seconds": train_seconds,
+                "tau_snapshots": tau_snapshots,
+                "config": dataclasses.asdict(self.cfg),
+            },
+            self.last_path,
+        )
 
-    def save_best(self, epoch: int, *, model: Dict[str, Any], controller: Dict[str, Any],
-                  metrics: Dict[str, float]) -> None:
+    def save_best(
+        self, epoch: int, *, model: Dict[str, Any], controller: Dict[str, Any], metrics: Dict[str, float]
+    ) -> None:
         """Write ``best.pt``: the state after ``epoch`` and its ``metrics``."""
         from .run_folder import atomic_save
 
-        atomic_save({"epoch": epoch, "model": model, "controller": controller,
-                     "metrics": metrics, "config": dataclasses.asdict(self.cfg)}, self.best_path)
+        atomic_save(
+            {
+                "epoch": epoch,
+                "model": model,
+                "controller": controller,
+                "metrics": metrics,
+                "config": dataclasses.asdict(self.cfg),
+            },
+            self.best_path,
+        )
 
     # -- reading ----------------------------------------------------------------------------
     def load_last(self, model: torch.nn.Module) -> Dict[str, Any]:
@@ -173,15 +212,21 @@ class Checkpointer:
         return load_checkpoint(self.best_path, self.device, cfg=self.cfg, model=model)
 
     @staticmethod
-    def restore_progress(ckpt: Dict[str, Any], *generators: torch.Generator
-                         ) -> Tuple[int, List[Dict[str, Any]], Optional[Dict[str, Any]], int, float,
-                                    Dict[int, torch.Tensor]]:
+    def restore_progress(
+        ckpt: Dict[str, Any], *generators: torch.Generator
+    ) -> Tuple[int, List[Dict[str, Any]], Optional[Dict[str, Any]], int, float, Dict[int, torch.Tensor]]:
         """Set the RNG states ``last.pt`` saved (``generators`` in the order saved) and return
         where the run stands: ``(epochs done, history, best, bad_evals, train_seconds,
         tau_snapshots)``."""
         set_rng_state(ckpt["rng"], *generators)
-        return (int(ckpt["epoch"]), list(ckpt["history"]), ckpt["best"], int(ckpt["bad_evals"]),
-                float(ckpt["train_seconds"]), dict(ckpt["tau_snapshots"]))
+        return (
+            int(ckpt["epoch"]),
+            list(ckpt["history"]),
+            ckpt["best"],
+            int(ckpt["bad_evals"]),
+            float(ckpt["train_seconds"]),
+            dict(ckpt["tau_snapshots"]),
+        )
 
     def last_good(self, epochs_done: int) -> str:
         """Where a stopped run can be picked up again, as a sentence for the user."""

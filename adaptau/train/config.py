@@ -1,5 +1,6 @@
 """The trainer's settings: :class:`TrainConfig` (every knob of a run, named as the CLI flags),
 their coercion and validation, the paper's presets, and config files."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,8 +17,16 @@ from .data import SPLIT_RULES
 from .evaluate import METRICS
 from .sampling import MIXED_POOLS, SAMPLERS
 
-__all__ = ["TrainConfig", "PRESETS", "coerce_setting", "load_config_file", "read_run_config",
-           "resolve_device", "SPARSE_OPTIMIZERS", "SHARDINGS"]
+__all__ = [
+    "TrainConfig",
+    "PRESETS",
+    "coerce_setting",
+    "load_config_file",
+    "read_run_config",
+    "resolve_device",
+    "SPARSE_OPTIMIZERS",
+    "SHARDINGS",
+]
 
 #: ``--sparse-grad`` values: off (dense gradients, Adam) or the optimizer of sparse ones.
 SPARSE_OPTIMIZERS = ("off", "sparse-adam", "adagrad")
@@ -29,13 +38,19 @@ SHARDINGS = ("off", "row-wise")
 
 #: The largest --seed: the negative sampler's generator is seeded with seed + a small offset,
 #: which must stay a valid 64-bit seed.
-MAX_SEED = 2 ** 62
+MAX_SEED = 2**62
 
 #: (field, low, high, low included): the finite ranges of the float settings.
-_RANGES = (("init_std", 0.0, math.inf, False), ("l2", 0.0, math.inf, True),
-           ("dropout", 0.0, 1.0, True), ("pop_gamma", -math.inf, math.inf, False),
-           ("valid_fraction", 0.0, 1.0, False), ("tau_value", 0.0, math.inf, False),
-           ("smoothing", 0.0, math.inf, False), ("active_quantile", 0.0, 1.0, False))
+_RANGES = (
+    ("init_std", 0.0, math.inf, False),
+    ("l2", 0.0, math.inf, True),
+    ("dropout", 0.0, 1.0, True),
+    ("pop_gamma", -math.inf, math.inf, False),
+    ("valid_fraction", 0.0, 1.0, False),
+    ("tau_value", 0.0, math.inf, False),
+    ("smoothing", 0.0, math.inf, False),
+    ("active_quantile", 0.0, 1.0, False),
+)
 
 _TRUE_WORDS = ("true", "yes", "on", "1")
 _FALSE_WORDS = ("false", "no", "off", "0")
@@ -91,7 +106,13 @@ def coerce_setting(name: str, value: Any, where: str = "config") -> Any:
         out = value if isinstance(value, str) else None
         expected = "a string"
     elif kind == "topk":
-        parts = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
+        parts = (
+            value.split(",")
+            if isinstance(value, str)
+            else value
+            if isinstance(value, (list, tuple))
+            else [value]
+        )
         ints = [_as_int(v) for v in parts]
         out = None if not ints or any(v is None for v in ints) else ints
         expected = "a list of integers (or '10,20')"
@@ -107,48 +128,48 @@ def coerce_setting(name: str, value: Any, where: str = "config") -> Any:
 class TrainConfig:
     """Every knob of a run. Field names match the CLI flags (``--batch-size`` → batch_size)."""
 
-    data: Optional[str] = None            # path, dataset name, or None = embedded synthetic
-    protocol: str = "clean"               # "clean" | "paper"
-    model: str = "mf"                     # "mf" | "lightgcn"
-    layers: int = 3                       # LightGCN propagation layers
+    data: Optional[str] = None  # path, dataset name, or None = embedded synthetic
+    protocol: str = "clean"  # "clean" | "paper"
+    model: str = "mf"  # "mf" | "lightgcn"
+    layers: int = 3  # LightGCN propagation layers
     dim: int = 64
-    dropout: float = 0.0                  # MF: dropout on the user rows of a batch
+    dropout: float = 0.0  # MF: dropout on the user rows of a batch
     init_std: float = 0.1
-    tau: str = "adaptive"                 # "adaptive" | "global" | "fixed"
-    tau_value: float = 0.1                # the temperature of --tau fixed
-    normalize: bool = True                # False: inner-product scores (baseline)
-    rank: str = "auto"                    # ranking scores: "cosine" | "dot" | "auto" (= training)
+    tau: str = "adaptive"  # "adaptive" | "global" | "fixed"
+    tau_value: float = 0.1  # the temperature of --tau fixed
+    normalize: bool = True  # False: inner-product scores (baseline)
+    rank: str = "auto"  # ranking scores: "cosine" | "dot" | "auto" (= training)
     negatives: int = 128
     sampler: str = "uniform"
-    pop_gamma: float = 0.75               # popularity sampler exponent
-    mixed_pool: str = "uniform"           # sampler "mixed": its shared pool, "uniform" | "popularity"
-    hard_negatives: int = 0               # sampler "mixed": per-row hard negatives (0: none)
+    pop_gamma: float = 0.75  # popularity sampler exponent
+    mixed_pool: str = "uniform"  # sampler "mixed": its shared pool, "uniform" | "popularity"
+    hard_negatives: int = 0  # sampler "mixed": per-row hard negatives (0: none)
     include_pos: bool = False
     remove_hits: bool = False
     backend: str = "auto"
     batch_size: int = 1024
     lr: float = 1e-2
     l2: float = 1e-6
-    sparse_grad: str = "off"              # MF only: "sparse-adam" | "adagrad" update the touched rows
-    shard_tables: str = "off"             # MF only: "row-wise" = TorchRec row-wise sharded tables
+    sparse_grad: str = "off"  # MF only: "sparse-adam" | "adagrad" update the touched rows
+    shard_tables: str = "off"  # MF only: "row-wise" = TorchRec row-wise sharded tables
     epochs: int = 20
-    patience: int = 5                     # evaluations without improvement before stopping (0: off;
-                                          # with tau adaptive/global, none during the warm-up)
+    patience: int = 5  # evaluations without improvement before stopping (0: off;
+    # with tau adaptive/global, none during the warm-up)
     eval_every: int = 1
     topk: List[int] = field(default_factory=lambda: [20])
-    metric: Optional[str] = None          # selection metric, default recall@<first topk>
+    metric: Optional[str] = None  # selection metric, default recall@<first topk>
     seed: int = 2023
     device: str = "auto"
-    threads: int = 0                      # CPU threads of torch and the kernels (0: torch's default)
+    threads: int = 0  # CPU threads of torch and the kernels (0: torch's default)
     warmup: int = 5
     base: Union[str, float] = "mean"
     smoothing: float = 1.0
     active_quantile: float = 0.2
     valid_fraction: float = 0.1
-    split: str = "random"                 # a single interaction file: "random" | "time"
+    split: str = "random"  # a single interaction file: "random" | "time"
     name: Optional[str] = None
     out: Optional[str] = None
-    progress: str = "auto"                # "auto" | "on" | "off"
+    progress: str = "auto"  # "auto" | "on" | "off"
 
     @classmethod
     def fields(cls) -> List[str]:
@@ -187,26 +208,36 @@ class TrainConfig:
         if self.shard_tables not in SHARDINGS:
             raise ValueError(f"--shard-tables must be one of {SHARDINGS}, got {self.shard_tables!r}")
         if self.shard_tables != "off" and self.model != "mf":
-            raise ValueError("--shard-tables is for MF: LightGCN propagates over the whole graph "
-                             "every step, so its tables stay replicated (train it with --nproc N "
-                             "and no --shard-tables)")
+            raise ValueError(
+                "--shard-tables is for MF: LightGCN propagates over the whole graph "
+                "every step, so its tables stay replicated (train it with --nproc N "
+                "and no --shard-tables)"
+            )
         if self.sparse_grad not in SPARSE_OPTIMIZERS:
             raise ValueError(f"--sparse-grad must be one of {SPARSE_OPTIMIZERS}, got {self.sparse_grad!r}")
         if self.sparse_grad != "off" and self.model != "mf":
-            raise ValueError("--sparse-grad is for MF: LightGCN propagates over the whole graph, so "
-                             "its table gradients are dense (it trains with dense Adam)")
+            raise ValueError(
+                "--sparse-grad is for MF: LightGCN propagates over the whole graph, so "
+                "its table gradients are dense (it trains with dense Adam)"
+            )
         if self.shard_tables != "off" and self.sampler == "mixed":
-            raise ValueError("--shard-tables takes one negative source (uniform, popularity, shared, "
-                             "exclude or in-batch), not --sampler mixed")
+            raise ValueError(
+                "--shard-tables takes one negative source (uniform, popularity, shared, "
+                "exclude or in-batch), not --sampler mixed"
+            )
         if self.shard_tables != "off" and self.sparse_grad == "off":
-            raise ValueError("--shard-tables trains with TorchRec's fused optimizer: name it with "
-                             "--sparse-grad adagrad (EXACT_ADAGRAD, CPU or CUDA) or --sparse-grad "
-                             "sparse-adam (fused Adam, CUDA only)")
+            raise ValueError(
+                "--shard-tables trains with TorchRec's fused optimizer: name it with "
+                "--sparse-grad adagrad (EXACT_ADAGRAD, CPU or CUDA) or --sparse-grad "
+                "sparse-adam (fused Adam, CUDA only)"
+            )
         if self.sampler in ("in-batch", "mixed") and self.batch_size < 2:
             raise ValueError(f"--sampler {self.sampler} needs --batch-size >= 2")
         if self.hard_negatives < 0 or (self.hard_negatives and self.sampler != "mixed"):
-            raise ValueError(f"--hard-negatives must be >= 0 and is for --sampler mixed, got "
-                             f"{self.hard_negatives} with --sampler {self.sampler}")
+            raise ValueError(
+                f"--hard-negatives must be >= 0 and is for --sampler mixed, got "
+                f"{self.hard_negatives} with --sampler {self.sampler}"
+            )
         if self.mixed_pool not in MIXED_POOLS:
             raise ValueError(f"--mixed-pool must be one of {MIXED_POOLS}, got {self.mixed_pool!r}")
         if not self.topk or min(self.topk) < 1:
@@ -216,7 +247,9 @@ class TrainConfig:
             inside = low < value < high or (closed and value == low)
             if not (math.isfinite(value) and inside):
                 bounds = f"{'[' if closed else '('}{low:g}, {high:g})"
-                raise ValueError(f"--{name.replace('_', '-')} must be a finite number in {bounds}, got {value}")
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be a finite number in {bounds}, got {value}"
+                )
         if not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"--seed must be an integer in [0, 2**62], got {self.seed}")
         if min(self.layers, self.warmup, self.patience, self.threads) < 0:
@@ -224,8 +257,10 @@ class TrainConfig:
             raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
         metric, _, k = self.selection_metric.partition("@")
         if metric not in METRICS or not k.isdigit() or int(k) not in self.topk:
-            raise ValueError(f"--metric {self.selection_metric!r}: expected <metric>@<K> with metric one "
-                             f"of {', '.join(METRICS)} and K one of --topk {self.topk}")
+            raise ValueError(
+                f"--metric {self.selection_metric!r}: expected <metric>@<K> with metric one "
+                f"of {', '.join(METRICS)} and K one of --topk {self.topk}"
+            )
         resolve_device(self.device, check_only=True)
 
     @property
@@ -239,8 +274,16 @@ class TrainConfig:
 
 def _field_kinds() -> Dict[str, str]:
     """Each TrainConfig field's kind for :func:`coerce_setting`, from its annotation."""
-    table = {"bool": "bool", "int": "int", "float": "float", "str": "str", "Optional[str]": "str?",
-             "Optional[float]": "float?", "List[int]": "topk", "Union[str, float]": "base"}
+    table = {
+        "bool": "bool",
+        "int": "int",
+        "float": "float",
+        "str": "str",
+        "Optional[str]": "str?",
+        "Optional[float]": "float?",
+        "List[int]": "topk",
+        "Union[str, float]": "base",
+    }
     return {f.name: table[str(f.type)] for f in dataclasses.fields(TrainConfig)}
 
 
@@ -252,13 +295,46 @@ _FIELD_KINDS = _field_kinds()
 #: LightGCN with early stopping).
 PRESETS: Dict[str, Dict[str, Any]] = {
     "gowalla-mf-paper": dict(
-        data="gowalla", protocol="paper", model="mf", dim=64, batch_size=2048, negatives=1024,
-        sampler="uniform", lr=1e-4, l2=1e-9, dropout=0.1, tau="adaptive", warmup=100, base=0.9,
-        smoothing=0.25, epochs=1000, eval_every=5, patience=10, topk=[20], rank="cosine"),
+        data="gowalla",
+        protocol="paper",
+        model="mf",
+        dim=64,
+        batch_size=2048,
+        negatives=1024,
+        sampler="uniform",
+        lr=1e-4,
+        l2=1e-9,
+        dropout=0.1,
+        tau="adaptive",
+        warmup=100,
+        base=0.9,
+        smoothing=0.25,
+        epochs=1000,
+        eval_every=5,
+        patience=10,
+        topk=[20],
+        rank="cosine",
+    ),
     "gowalla-lightgcn-paper": dict(
-        data="gowalla", protocol="paper", model="lightgcn", layers=3, dim=64, batch_size=2048,
-        sampler="in-batch", lr=1e-3, l2=1e-5, tau="adaptive", warmup=100, base="mean",
-        smoothing=0.6, epochs=1000, eval_every=5, patience=10, topk=[20], rank="dot"),
+        data="gowalla",
+        protocol="paper",
+        model="lightgcn",
+        layers=3,
+        dim=64,
+        batch_size=2048,
+        sampler="in-batch",
+        lr=1e-3,
+        l2=1e-5,
+        tau="adaptive",
+        warmup=100,
+        base="mean",
+        smoothing=0.6,
+        epochs=1000,
+        eval_every=5,
+        patience=10,
+        topk=[20],
+        rank="dot",
+    ),
 }
 
 
@@ -319,5 +395,6 @@ def read_run_config(run: Union[str, Path], flag: str = "--run") -> TrainConfig:
         raise ValueError(f"{cfg_path}: not a readable run config ({type(exc).__name__}: {exc})") from None
     if not isinstance(saved, dict):
         raise ValueError(f"{cfg_path}: not a run config (a JSON object of settings)")
-    return TrainConfig().update({k: v for k, v in saved.items() if not str(k).startswith("_")},
-                                where=str(cfg_path))
+    return TrainConfig().update(
+        {k: v for k, v in saved.items() if not str(k).startswith("_")}, where=str(cfg_path)
+    )

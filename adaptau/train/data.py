@@ -31,6 +31,7 @@ Protocols (:func:`prepare`)
 * ``paper``: train on train ∪ valid, select the epoch on **test** (as the Adap-τ public code
   does; reports must say so).
 """
+
 from __future__ import annotations
 
 import csv
@@ -47,8 +48,18 @@ import scipy.sparse as sp
 from .synthetic import synthetic_interactions
 
 __all__ = [
-    "DataError", "Dataset", "Split", "load_dataset", "load_lightgcn", "load_interactions",
-    "make_synthetic", "resolve_data", "data_roots", "prepare", "pairs_to_csr", "csr_pairs",
+    "DataError",
+    "Dataset",
+    "Split",
+    "load_dataset",
+    "load_lightgcn",
+    "load_interactions",
+    "make_synthetic",
+    "resolve_data",
+    "data_roots",
+    "prepare",
+    "pairs_to_csr",
+    "csr_pairs",
     "carve_split",
 ]
 
@@ -59,11 +70,49 @@ SPLIT_RULES = ("random", "time")
 #: Header names of the user and the item column, as stems: a name matches when, lower-cased
 #: and without a ``:type`` suffix, an ``_id``/``id`` suffix and a plural ``s``, it is one of them
 #: (``user_id``, ``UserID``, ``customer``, ``songs``, ``movie_id:token`` ...).
-_USER_COLUMNS = ("user", "u", "uid", "customer", "visitor", "client", "member", "account", "person",
-                 "reader", "listener", "viewer", "buyer", "player")
-_ITEM_COLUMNS = ("item", "i", "iid", "movie", "product", "artist", "business", "track", "book",
-                 "song", "video", "article", "venue", "poi", "location", "sku", "game", "recipe",
-                 "post", "news", "film", "show", "restaurant", "hotel", "app")
+_USER_COLUMNS = (
+    "user",
+    "u",
+    "uid",
+    "customer",
+    "visitor",
+    "client",
+    "member",
+    "account",
+    "person",
+    "reader",
+    "listener",
+    "viewer",
+    "buyer",
+    "player",
+)
+_ITEM_COLUMNS = (
+    "item",
+    "i",
+    "iid",
+    "movie",
+    "product",
+    "artist",
+    "business",
+    "track",
+    "book",
+    "song",
+    "video",
+    "article",
+    "venue",
+    "poi",
+    "location",
+    "sku",
+    "game",
+    "recipe",
+    "post",
+    "news",
+    "film",
+    "show",
+    "restaurant",
+    "hotel",
+    "app",
+)
 
 
 _TIME_COLUMNS = ("timestamp", "time", "ts", "datetime", "date", "unixtime")
@@ -131,8 +180,10 @@ class Dataset:
     def stats(self) -> Dict[str, object]:
         """Sizes and densities for logs and ``summary.json``."""
         out: Dict[str, object] = {
-            "name": self.name, "source": self.source,
-            "num_users": self.num_users, "num_items": self.num_items,
+            "name": self.name,
+            "source": self.source,
+            "num_users": self.num_users,
+            "num_items": self.num_items,
         }
         for split in SPLITS:
             m = getattr(self, split)
@@ -147,8 +198,10 @@ class Dataset:
 
     def __repr__(self) -> str:
         s = self.stats()
-        return (f"Dataset({self.name!r}: {self.num_users} users, {self.num_items} items, "
-                f"train {s['train']}, valid {s['valid']}, test {s['test']})")
+        return (
+            f"Dataset({self.name!r}: {self.num_users} users, {self.num_items} items, "
+            f"train {s['train']}, valid {s['valid']}, test {s['test']})"
+        )
 
 
 @dataclass
@@ -156,12 +209,12 @@ class Split:
     """What the trainer uses under a protocol (see :func:`prepare`)."""
 
     protocol: str
-    train: sp.csr_matrix            # the interactions trained on
-    select: sp.csr_matrix           # the split the epoch is selected on
-    select_exclude: sp.csr_matrix   # masked when ranking for ``select``
-    select_name: str                # "valid" or "test"
-    test: sp.csr_matrix             # reported once (== select under the paper protocol)
-    test_exclude: sp.csr_matrix     # masked when ranking for ``test``
+    train: sp.csr_matrix  # the interactions trained on
+    select: sp.csr_matrix  # the split the epoch is selected on
+    select_exclude: sp.csr_matrix  # masked when ranking for ``select``
+    select_name: str  # "valid" or "test"
+    test: sp.csr_matrix  # reported once (== select under the paper protocol)
+    test_exclude: sp.csr_matrix  # masked when ranking for ``test``
     note: str = ""
 
 
@@ -174,8 +227,10 @@ def _lightgcn_id(path: Path, lineno: int, col: int, tok: str) -> int:
         return int(tok)
     if tok.startswith("-") and tok[1:].isascii() and tok[1:].isdigit():
         raise DataError(f"{path}:{lineno}: negative {what} id {int(tok)} (field {col + 1})")
-    raise DataError(f"{path}:{lineno}: {what} id {tok!r} (field {col + 1}) is not an integer; "
-                    "the LightGCN format is 'user item item ...' with 0-based integer ids")
+    raise DataError(
+        f"{path}:{lineno}: {what} id {tok!r} (field {col + 1}) is not an integer; "
+        "the LightGCN format is 'user item item ...' with 0-based integer ids"
+    )
 
 
 def _text_lines(path: Path) -> Iterator[Tuple[int, str]]:
@@ -186,8 +241,9 @@ def _text_lines(path: Path) -> Iterator[Tuple[int, str]]:
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not UTF-8 text ({exc.reason} at byte {exc.start + 1} "
-                                "of the line)") from None
+                raise DataError(
+                    f"{path}:{lineno}: not UTF-8 text ({exc.reason} at byte {exc.start + 1} of the line)"
+                ) from None
             yield lineno, (text[1:] if lineno == 1 and text.startswith("\ufeff") else text)
 
 
@@ -241,9 +297,11 @@ def _check_dense_ids(what: str, size: int, ids: Dict[str, np.ndarray], files: Di
         return
     split = max(ids, key=lambda s: ids[s].max(initial=-1))
     line = _line_of(files[split], what, size - 1)
-    raise DataError(f"{files[split]}:{line}: {what} id {size - 1} would make a table of {size:,} rows "
-                    f"for {used:,} distinct ids; LightGCN-format ids index the tables directly and "
-                    "must be dense (0..N-1): renumber them, or give a CSV/TSV file, whose ids are remapped")
+    raise DataError(
+        f"{files[split]}:{line}: {what} id {size - 1} would make a table of {size:,} rows "
+        f"for {used:,} distinct ids; LightGCN-format ids index the tables directly and "
+        "must be dense (0..N-1): renumber them, or give a CSV/TSV file, whose ids are remapped"
+    )
 
 
 def _line_of(path: Path, what: str, value: int) -> int:
@@ -262,8 +320,10 @@ def load_lightgcn(folder: os.PathLike, name: Optional[str] = None) -> Dataset:
     files = {s: folder / f"{s}.txt" for s in SPLITS}
     for required in ("train", "test"):
         if not files[required].is_file():
-            raise DataError(f"{folder}: no {required}.txt (the LightGCN format needs train.txt "
-                            "and test.txt, valid.txt is optional)")
+            raise DataError(
+                f"{folder}: no {required}.txt (the LightGCN format needs train.txt "
+                "and test.txt, valid.txt is optional)"
+            )
     raw = {}
     for split in SPLITS:
         if files[split].is_file():
@@ -274,14 +334,25 @@ def load_lightgcn(folder: os.PathLike, name: Optional[str] = None) -> Dataset:
         raise DataError(f"{folder}: no interactions in any split")
     for what, col, size in (("user", 0, num_users), ("item", 1, num_items)):
         _check_dense_ids(what, size, {s: r[col] for s, r in raw.items()}, files)
-    ds = _assemble(name or folder.name, str(folder), num_users, num_items,
-                   {s: (r[0], r[1], files[s]) for s, r in raw.items()})
+    ds = _assemble(
+        name or folder.name,
+        str(folder),
+        num_users,
+        num_items,
+        {s: (r[0], r[1], files[s]) for s, r in raw.items()},
+    )
     return ds
 
 
-def _assemble(name: str, source: str, num_users: int, num_items: int,
-              pairs: Dict[str, Tuple[np.ndarray, np.ndarray, Path]],
-              user_ids=None, item_ids=None) -> Dataset:
+def _assemble(
+    name: str,
+    source: str,
+    num_users: int,
+    num_items: int,
+    pairs: Dict[str, Tuple[np.ndarray, np.ndarray, Path]],
+    user_ids=None,
+    item_ids=None,
+) -> Dataset:
     mats: Dict[str, sp.csr_matrix] = {}
     dups: Dict[str, int] = {}
     notes: List[str] = []
@@ -299,14 +370,26 @@ def _assemble(name: str, source: str, num_users: int, num_items: int,
             rows = np.diff(mats[split].indptr)
             orphans = int(((rows > 0) & (train_rows == 0)).sum())
             if orphans:
-                notes.append(f"{orphans} users have {split} items but no train items "
-                             "(they are still ranked, from their initial embeddings)")
+                notes.append(
+                    f"{orphans} users have {split} items but no train items "
+                    "(they are still ranked, from their initial embeddings)"
+                )
     no_train = int((train_rows == 0).sum())
     if no_train:
         notes.append(f"{no_train} of {num_users} users have no train items")
-    return Dataset(name=name, num_users=num_users, num_items=num_items, train=mats["train"],
-                   valid=mats.get("valid"), test=mats["test"], source=source,
-                   user_ids=user_ids, item_ids=item_ids, notes=notes, duplicates=dups)
+    return Dataset(
+        name=name,
+        num_users=num_users,
+        num_items=num_items,
+        train=mats["train"],
+        valid=mats.get("valid"),
+        test=mats["test"],
+        source=source,
+        user_ids=user_ids,
+        item_ids=item_ids,
+        notes=notes,
+        duplicates=dups,
+    )
 
 
 # -------------------------------------------------------------- CSV / TSV / RecBole files
@@ -378,8 +461,12 @@ def _read_interaction_file(path: Path) -> Tuple[List[str], List[str], Optional[n
         # no recognizable names: a header if its first two fields are non-integers while
         # the following rows' are integers
         nxt = [_split_line(ln, delim) for _, ln in body[1:6]]
-        if (len(first) >= 2 and not (_is_int(first[0]) and _is_int(first[1])) and nxt
-                and all(len(f) >= 2 and _is_int(f[0]) and _is_int(f[1]) for f in nxt)):
+        if (
+            len(first) >= 2
+            and not (_is_int(first[0]) and _is_int(first[1]))
+            and nxt
+            and all(len(f) >= 2 and _is_int(f[0]) and _is_int(f[1]) for f in nxt)
+        ):
             start = 1
             tcol = _time_column(first)
         cols = (0, 1)
@@ -395,8 +482,10 @@ def _read_interaction_file(path: Path) -> Tuple[List[str], List[str], Optional[n
     for lineno, line in body[start:]:
         fields = _split_line(line, delim)
         if len(fields) < need:
-            raise DataError(f"{path}:{lineno}: expected at least {need} fields (user, item), "
-                            f"got {len(fields)}: {line.strip()!r}")
+            raise DataError(
+                f"{path}:{lineno}: expected at least {need} fields (user, item), "
+                f"got {len(fields)}: {line.strip()!r}"
+            )
         u, i = fields[ucol].strip(), fields[icol].strip()
         if not u or not i:
             raise DataError(f"{path}:{lineno}: empty {'user' if not u else 'item'} id: {line.strip()!r}")
@@ -406,8 +495,9 @@ def _read_interaction_file(path: Path) -> Tuple[List[str], List[str], Optional[n
             try:
                 times.append(float(fields[tcol]))
             except (IndexError, ValueError):
-                raise DataError(f"{path}:{lineno}: timestamp (field {tcol + 1}) is not a number: "
-                                f"{line.strip()!r}") from None
+                raise DataError(
+                    f"{path}:{lineno}: timestamp (field {tcol + 1}) is not a number: {line.strip()!r}"
+                ) from None
     return users, items, (np.asarray(times, dtype=np.float64) if tcol is not None else None)
 
 
@@ -418,8 +508,9 @@ def _id_order(ids: Sequence[str]) -> List[str]:
     return sorted(uniq)
 
 
-def carve_split(users: np.ndarray, items: np.ndarray, fractions: Sequence[float], seed: int,
-                min_keep: int = 1) -> List[Tuple[np.ndarray, np.ndarray]]:
+def carve_split(
+    users: np.ndarray, items: np.ndarray, fractions: Sequence[float], seed: int, min_keep: int = 1
+) -> List[Tuple[np.ndarray, np.ndarray]]:
     """Split pairs per user, at random (seeded): part 0 keeps the rest, parts 1.. take
     ``round(f·n_u)`` of each user's pairs (at least one when a user has ≥ 3 pairs), never
     leaving fewer than ``min_keep`` pairs in part 0."""
@@ -443,8 +534,9 @@ def carve_split(users: np.ndarray, items: np.ndarray, fractions: Sequence[float]
     return [(su[part == k], si[part == k]) for k in range(len(fractions) + 1)]
 
 
-def leave_last_out(users: np.ndarray, items: np.ndarray, times: np.ndarray
-                   ) -> List[Tuple[np.ndarray, np.ndarray]]:
+def leave_last_out(
+    users: np.ndarray, items: np.ndarray, times: np.ndarray
+) -> List[Tuple[np.ndarray, np.ndarray]]:
     """Split pairs per user by time (RecBole's ``TO`` ordering, leave-one-out): each user's
     latest pair goes to test and the one before it to valid (users with at least 3 pairs;
     ties in time keep file order); the rest is train."""
@@ -464,16 +556,24 @@ def _single_interaction_file(folder: Path) -> Optional[Path]:
     """The one interaction file of a folder without train/test files: ``<folder>.inter``
     (RecBole), ``ratings.*`` (MovieLens), or the folder's only interaction file."""
     found = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in _INTERACTION_EXTS)
-    for pick in ([p for p in found if p.name == folder.name + ".inter"],
-                 [p for p in found if p.stem == "ratings"], found):
+    for pick in (
+        [p for p in found if p.name == folder.name + ".inter"],
+        [p for p in found if p.stem == "ratings"],
+        found,
+    ):
         if len(pick) == 1:
             return pick[0]
     return None
 
 
-def load_interactions(path: os.PathLike, name: Optional[str] = None, *, seed: int = 0,
-                      split_fractions: Tuple[float, float] = (0.1, 0.1),
-                      split: str = "random") -> Dataset:
+def load_interactions(
+    path: os.PathLike,
+    name: Optional[str] = None,
+    *,
+    seed: int = 0,
+    split_fractions: Tuple[float, float] = (0.1, 0.1),
+    split: str = "random",
+) -> Dataset:
     """Load a CSV/TSV/RecBole ``.inter``/MovieLens ``::`` file, split per user into
     train/valid/test (``split="random"``: seeded, ``split_fractions`` of each user's pairs
     to valid and test; ``"time"``: :func:`leave_last_out` by the file's timestamps), or a
@@ -482,20 +582,30 @@ def load_interactions(path: os.PathLike, name: Optional[str] = None, *, seed: in
     if split not in SPLIT_RULES:
         raise DataError(f"--split must be one of {SPLIT_RULES}, got {split!r}")
     path = Path(path)
-    if path.is_dir() and not any(p.is_file() and p.suffix in _INTERACTION_EXTS
-                                 and p.stem.split(".")[-1] in SPLITS for p in path.iterdir()):
+    if path.is_dir() and not any(
+        p.is_file() and p.suffix in _INTERACTION_EXTS and p.stem.split(".")[-1] in SPLITS
+        for p in path.iterdir()
+    ):
         single = _single_interaction_file(path)
         if single is not None:
-            return load_interactions(single, name or path.name, seed=seed,
-                                     split_fractions=split_fractions, split=split)
+            return load_interactions(
+                single, name or path.name, seed=seed, split_fractions=split_fractions, split=split
+            )
     if path.is_dir():
         if split != "random":
-            raise DataError(f"{path}: --split {split} is for a single interaction file; this folder "
-                            "has its own train/test files")
+            raise DataError(
+                f"{path}: --split {split} is for a single interaction file; this folder "
+                "has its own train/test files"
+            )
         files: Dict[str, Path] = {}
         for split in SPLITS:
-            hits = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _INTERACTION_EXTS
-                          and (p.stem == split or p.stem.endswith("." + split)))
+            hits = sorted(
+                p
+                for p in path.iterdir()
+                if p.is_file()
+                and p.suffix in _INTERACTION_EXTS
+                and (p.stem == split or p.stem.endswith("." + split))
+            )
             if len(hits) > 1:
                 raise DataError(f"{path}: several {split} files: {[h.name for h in hits]}")
             if hits:
@@ -509,17 +619,24 @@ def load_interactions(path: os.PathLike, name: Optional[str] = None, *, seed: in
         files = {}
         all_users, all_items, times = _read_interaction_file(path)
         if split == "time" and times is None:
-            raise DataError(f"{path}: --split time needs a timestamp column (a header field named "
-                            f"one of {', '.join(_TIME_COLUMNS)}, or MovieLens' user::item::rating::timestamp)")
+            raise DataError(
+                f"{path}: --split time needs a timestamp column (a header field named "
+                f"one of {', '.join(_TIME_COLUMNS)}, or MovieLens' user::item::rating::timestamp)"
+            )
     user_ids = _id_order(all_users)
     item_ids = _id_order(all_items)
     umap = {x: k for k, x in enumerate(user_ids)}
     imap = {x: k for k, x in enumerate(item_ids)}
     nu, ni = len(user_ids), len(item_ids)
     if files:
-        pairs = {s: (np.fromiter((umap[x] for x in raw[s][0]), np.int64, len(raw[s][0])),
-                     np.fromiter((imap[x] for x in raw[s][1]), np.int64, len(raw[s][1])), p)
-                 for s, p in files.items()}
+        pairs = {
+            s: (
+                np.fromiter((umap[x] for x in raw[s][0]), np.int64, len(raw[s][0])),
+                np.fromiter((imap[x] for x in raw[s][1]), np.int64, len(raw[s][1])),
+                p,
+            )
+            for s, p in files.items()
+        }
     else:
         u = np.fromiter((umap[x] for x in all_users), np.int64, len(all_users))
         i = np.fromiter((imap[x] for x in all_items), np.int64, len(all_items))
@@ -539,17 +656,20 @@ def load_interactions(path: os.PathLike, name: Optional[str] = None, *, seed: in
             ds.duplicates["all"] = ndup
             ds.notes.insert(0, f"{path}: dropped {ndup} duplicate (user, item) pairs")
         if split == "time":
-            ds.notes.append("split per user by time: the latest interaction to test, the one "
-                            "before to valid (users with at least 3)")
+            ds.notes.append(
+                "split per user by time: the latest interaction to test, the one "
+                "before to valid (users with at least 3)"
+            )
         else:
-            ds.notes.append(f"split per user at random (seed {seed}): "
-                            f"valid {split_fractions[0]:.0%}, test {split_fractions[1]:.0%}")
+            ds.notes.append(
+                f"split per user at random (seed {seed}): "
+                f"valid {split_fractions[0]:.0%}, test {split_fractions[1]:.0%}"
+            )
         return ds
     return _assemble(name or path.name, str(path), nu, ni, pairs, user_ids, item_ids)
 
 
-def make_synthetic(num_users: int = 5000, num_items: int = 3000, *, seed: int = 2023,
-                   **options) -> Dataset:
+def make_synthetic(num_users: int = 5000, num_items: int = 3000, *, seed: int = 2023, **options) -> Dataset:
     """The embedded synthetic dataset (:mod:`adaptau.train.synthetic`): the pairs of
     :func:`~adaptau.train.synthetic.synthetic_interactions` (``options``: its other keywords),
     split per user 80/10/10 with seed ``seed + 1``."""
@@ -558,8 +678,7 @@ def make_synthetic(num_users: int = 5000, num_items: int = 3000, *, seed: int = 
     pairs = {s: (pu, pi, "synthetic") for s, (pu, pi) in zip(SPLITS, parts)}
     name = "synthetic" if (num_users, num_items) == (5000, 3000) else f"synthetic-{num_users}x{num_items}"
     ds = _assemble(name, f"adaptau.synthetic(seed={seed})", num_users, num_items, pairs)
-    ds.notes.append("synthetic: latent-factor taste + power-law item popularity, "
-                    "split per user 80/10/10")
+    ds.notes.append("synthetic: latent-factor taste + power-law item popularity, split per user 80/10/10")
     return ds
 
 
@@ -573,7 +692,9 @@ def data_roots() -> List[Path]:
     if env:
         roots += [Path(p) for p in env.split(os.pathsep) if p]
     roots.append(Path.cwd() / ".." / "shared" / "data")
-    roots.append(Path(__file__).resolve().parents[3] / "shared" / "data")  # this file: <repo>/adaptau/train/data.py
+    roots.append(
+        Path(__file__).resolve().parents[3] / "shared" / "data"
+    )  # this file: <repo>/adaptau/train/data.py
     out = []
     for r in roots:
         if r not in out:
@@ -593,8 +714,10 @@ def resolve_data(spec: str) -> Path:
             if cand.exists():
                 return cand.resolve()
     tried = ", ".join(str(r) for r in data_roots())
-    raise DataError(f"dataset {spec!r} not found: not a path, and not a folder under "
-                    f"$ADAPTAU_DATA or the default roots ({tried})")
+    raise DataError(
+        f"dataset {spec!r} not found: not a path, and not a folder under "
+        f"$ADAPTAU_DATA or the default roots ({tried})"
+    )
 
 
 def load_dataset(spec: Optional[str] = None, *, seed: int = 0, split: str = "random") -> Dataset:
@@ -620,14 +743,15 @@ def load_dataset(spec: Optional[str] = None, *, seed: int = 0, split: str = "ran
 
 def _no_split_rule(ds: Dataset, split: str) -> Dataset:
     if split != "random":
-        raise DataError(f"{ds.source or ds.name}: --split {split} is for a single interaction "
-                        "file with timestamps; this dataset comes split")
+        raise DataError(
+            f"{ds.source or ds.name}: --split {split} is for a single interaction "
+            "file with timestamps; this dataset comes split"
+        )
     return ds
 
 
 # ---------------------------------------------------------------------------- protocols
-def prepare(ds: Dataset, protocol: str = "clean", *, seed: int = 0,
-            valid_fraction: float = 0.1) -> Split:
+def prepare(ds: Dataset, protocol: str = "clean", *, seed: int = 0, valid_fraction: float = 0.1) -> Split:
     """Choose train / selection / test matrices for ``protocol`` ("clean" or "paper")."""
     if protocol == "clean":
         train, valid = ds.train, ds.valid
@@ -637,12 +761,16 @@ def prepare(ds: Dataset, protocol: str = "clean", *, seed: int = 0,
             (tu, ti), (vu, vi) = carve_split(u, i, (valid_fraction,), seed)
             train = pairs_to_csr(tu, ti, ds.num_users, ds.num_items)
             valid = pairs_to_csr(vu, vi, ds.num_users, ds.num_items)
-            note += (f" (no valid split in the data: carved {valid.nnz} pairs, "
-                     f"{valid_fraction:.0%} per user, seed {seed}, out of train)")
+            note += (
+                f" (no valid split in the data: carved {valid.nnz} pairs, "
+                f"{valid_fraction:.0%} per user, seed {seed}, out of train)"
+            )
         return Split("clean", train, valid, train, "valid", ds.test, _union(train, valid), note)
     if protocol == "paper":
         train = _union(ds.train, ds.valid)
-        note = ("paper protocol: trained on train ∪ valid and the epoch selected on TEST, as the "
-                "Adap-τ public code does (test figures are optimistic)")
+        note = (
+            "paper protocol: trained on train ∪ valid and the epoch selected on TEST, as the "
+            "Adap-τ public code does (test figures are optimistic)"
+        )
         return Split("paper", train, ds.test, train, "test", ds.test, train, note)
     raise ValueError(f"protocol must be 'clean' or 'paper', got {protocol!r}")

@@ -27,6 +27,7 @@ How a run with N processes (ranks) works (``adaptau train --nproc N`` or ``torch
 * **Evaluation, files** — rank 0 evaluates, keeps the best checkpoint, writes logs, plots,
   ``last.pt`` and ``summary.json`` (with ``world_size``); the early-stop decision is broadcast.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,8 +37,18 @@ from typing import Any, List, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["is_initialized", "rank_and_world", "init_from_env", "StepModule", "wrap_model",
-           "broadcast_object", "all_reduce_sum", "global_in_batch_negatives", "launch", "shutdown"]
+__all__ = [
+    "is_initialized",
+    "rank_and_world",
+    "init_from_env",
+    "StepModule",
+    "wrap_model",
+    "broadcast_object",
+    "all_reduce_sum",
+    "global_in_batch_negatives",
+    "launch",
+    "shutdown",
+]
 
 
 def is_initialized() -> bool:
@@ -121,7 +132,9 @@ def wrap_model(step: StepModule, device: torch.device) -> nn.Module:
 
     ids = [device.index] if device.type == "cuda" else None
     params = inspect.signature(DDP.__init__).parameters
-    sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+    sync = (
+        {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+    )
     return DDP(step, device_ids=ids, gradient_as_bucket_view=True, **sync)
 
 
@@ -172,7 +185,8 @@ def launch(train_argv: Sequence[str], nproc: int, *, module: str = "adaptau") ->
     if nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {nproc}")
     args = get_args_parser().parse_args(
-        ["--standalone", f"--nproc-per-node={nproc}", "--module", module, "train", *train_argv])
+        ["--standalone", f"--nproc-per-node={nproc}", "--module", module, "train", *train_argv]
+    )
     if "OMP_NUM_THREADS" not in os.environ:  # share the cores instead of oversubscribing them
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
     try:

@@ -6,6 +6,7 @@ runs :meth:`EpochLoop.train_step` on each and keeps the epoch's loss, checking t
 finite. :class:`adaptau.train.sharded.ShardedTrainer` replaces the step (and the start of
 the epoch), not the loop.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -67,8 +68,13 @@ class EpochLoop:
         check_every = 1 if self.device.type == "cpu" else HOST_CHECK_EVERY
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(self.batches), desc=f"epoch {epoch}", leave=False, unit="batch",
-                   disable=not (self.is_main and _progress_enabled(self.cfg.progress)))
+        bar = tqdm(
+            total=len(self.batches),
+            desc=f"epoch {epoch}",
+            leave=False,
+            unit="batch",
+            disable=not (self.is_main and _progress_enabled(self.cfg.progress)),
+        )
         smallest = (2 if self.cfg.sampler in ("in-batch", "mixed") else 1) * self.world_size
         for step, (users, pos) in enumerate(self.batches.epoch(self.shuffle_gen), 1):
             # (users, pos) is the global batch, identical on every rank
@@ -97,8 +103,9 @@ class EpochLoop:
             neg = neg[mine]
         return users[mine], pos[mine], neg
 
-    def train_step(self, users: torch.Tensor, pos: torch.Tensor, *, epoch: int = 0,
-                   step: int = 0) -> Tuple[torch.Tensor, int]:
+    def train_step(
+        self, users: torch.Tensor, pos: torch.Tensor, *, epoch: int = 0, step: int = 0
+    ) -> Tuple[torch.Tensor, int]:
         """One optimizer step on the global batch ``(users, pos)``, the same on every rank:
         negatives for the whole batch from the shared stream, this rank's rows
         (:meth:`_rank_rows`), the loss and its sampled L2, the backward (DDP averages the
@@ -116,19 +123,32 @@ class EpochLoop:
         users, pos, neg = self._rank_rows(users, pos, neg)
         u, item_table, ego_u, ego_i = self.step_module(users)
         if cfg.hard_negatives:
-            neg = dataclasses.replace(neg, per_row=hard_negatives(u, item_table, pos, cfg.hard_negatives,
-                                                                 self.neg_gen, cfg.normalize))
+            neg = dataclasses.replace(
+                neg,
+                per_row=hard_negatives(u, item_table, pos, cfg.hard_negatives, self.neg_gen, cfg.normalize),
+            )
         need_raw = self.controller.needs_raw_loss  # (global / fixed τ: no raw losses needed)
         pos_scale, neg_scale = self.controller.scales(users)
-        out = softmax_loss(u, item_table, pos, neg, pos_scale, neg_scale,
-                           include_pos=cfg.include_pos, normalize=cfg.normalize,
-                           neg_logq=neg_logq, remove_accidental_hits=cfg.remove_hits,
-                           return_raw=need_raw, backend=cfg.backend,
-                           item_grad="sparse" if self.sparse else "dense")
+        out = softmax_loss(
+            u,
+            item_table,
+            pos,
+            neg,
+            pos_scale,
+            neg_scale,
+            include_pos=cfg.include_pos,
+            normalize=cfg.normalize,
+            neg_logq=neg_logq,
+            remove_accidental_hits=cfg.remove_hits,
+            return_raw=need_raw,
+            backend=cfg.backend,
+            item_grad="sparse" if self.sparse else "dense",
+        )
         loss, raw = out if need_raw else (out, None)
         if cfg.l2 > 0 and not self.direct_l2:  # (in-batch: negatives are positives, already counted)
-            loss = loss + cfg.l2 * sampled_l2(ego_u, ego_i, users, pos,
-                                              None if cfg.sampler == "in-batch" else sampled)
+            loss = loss + cfg.l2 * sampled_l2(
+                ego_u, ego_i, users, pos, None if cfg.sampler == "in-batch" else sampled
+            )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # DDP averages the gradients over ranks here
         add_l2 = add_sparse_sampled_l2_grad_ if self.sparse else add_sampled_l2_grad_
@@ -146,7 +166,8 @@ class EpochLoop:
         raise NonFiniteLossError(
             f"non-finite training loss at epoch {epoch}, {steps} of {len(self.batches)}: "
             f"w0={self.controller.w0:.4g}; try a lower --lr or a larger --tau-value / "
-            f"--smoothing. {self._last_good_checkpoint()}")
+            f"--smoothing. {self._last_good_checkpoint()}"
+        )
 
     def _l2_on_leaves(self) -> bool:
         """True when the L2 tables (layer-0 embeddings) are parameters, so the L2 gradient

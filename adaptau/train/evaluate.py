@@ -22,6 +22,7 @@ the training interaction counts). Items listed in ``exclude`` are never recommen
 slot that can only be filled by an excluded item (fewer than K candidates left) counts as
 a miss.
 """
+
 from __future__ import annotations
 
 import math
@@ -99,8 +100,10 @@ def full_ranking(
     pop = None
     tail_mask = None
     if item_popularity is not None:
-        pop_np = np.asarray(item_popularity.cpu() if isinstance(item_popularity, Tensor)
-                            else item_popularity, dtype=np.float64).ravel()
+        pop_np = np.asarray(
+            item_popularity.cpu() if isinstance(item_popularity, Tensor) else item_popularity,
+            dtype=np.float64,
+        ).ravel()
         if pop_np.shape[0] != num_items:
             raise ValueError(f"item_popularity has {pop_np.shape[0]} entries, expected {num_items}")
         pop = torch.as_tensor(pop_np, device=device)
@@ -121,7 +124,7 @@ def full_ranking(
     if chunk_size is None:
         chunk_size = max(1, (1 << 23) // max(1, num_items))
     for start in range(0, n_eval, chunk_size):
-        rows = eval_users[start:start + chunk_size]
+        rows = eval_users[start : start + chunk_size]
         c = rows.size
         rows_t = torch.as_tensor(rows, device=device)
         scores = users_t[rows_t] @ items_t.T

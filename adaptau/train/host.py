@@ -1,4 +1,5 @@
 """Host-side tuning of the training process: the C library's allocator."""
+
 from __future__ import annotations
 
 import sys
@@ -33,4 +34,5 @@ def keep_freed_heap(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 3
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
     return bool(libc.mallopt(m_mmap_threshold, int(mmap_threshold))) and bool(
-        libc.mallopt(m_trim_threshold, int(trim_threshold)))
+        libc.mallopt(m_trim_threshold, int(trim_threshold))
+    )

@@ -8,6 +8,7 @@ a batch on the layer-0 embeddings, computed without gathering ``[B, M, D]``::
 
 scaled like the reference code: ``0.5·(Σ‖U[u]‖² + Σ‖I[pos]‖² + Σ‖I[neg]‖²) / B``.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -26,13 +27,20 @@ from .sampling import dropout as inverted_dropout
 _HAS_ITEM_COUNTS = _extension.has_op("item_counts")
 _HAS_ADD_L2_ROWS = _extension.has_op("add_l2_rows_")
 
-__all__ = ["MF", "LightGCN", "build_model", "normalized_adjacency", "sampled_l2",
-           "sampled_item_counts", "add_row_l2_grad_", "add_sampled_l2_grad_",
-           "add_sparse_sampled_l2_grad_"]
+__all__ = [
+    "MF",
+    "LightGCN",
+    "build_model",
+    "normalized_adjacency",
+    "sampled_l2",
+    "sampled_item_counts",
+    "add_row_l2_grad_",
+    "add_sampled_l2_grad_",
+    "add_sparse_sampled_l2_grad_",
+]
 
 
-def sampled_item_counts(pos: Tensor, neg: Optional[Tensor], num_items: int,
-                        dtype: torch.dtype) -> Tensor:
+def sampled_item_counts(pos: Tensor, neg: Optional[Tensor], num_items: int, dtype: torch.dtype) -> Tensor:
     """``[num_items]`` how often each item is a positive or a negative of the batch.
 
     ``neg`` as in :func:`sampled_l2`: ``[B, M]``, ``[M]`` (every row's: counted B times) or
@@ -66,16 +74,22 @@ def add_row_l2_grad_(grad: Tensor, weight: Tensor, counts: Tensor, coef: float) 
     ``torch.ops.adaptau.add_l2_rows_`` (``addcmul_`` plus ``vector_norm`` read the table twice:
     ~1.2 ms instead of ~0.5 ms per step at Gowalla's 41k × 64); elsewhere those torch ops.
     """
-    if (grad.device.type == "cpu" and _HAS_ADD_L2_ROWS and grad.is_contiguous()
-            and grad.dtype == weight.dtype and grad.dtype in (torch.float32, torch.float64)):
+    if (
+        grad.device.type == "cpu"
+        and _HAS_ADD_L2_ROWS
+        and grad.is_contiguous()
+        and grad.dtype == weight.dtype
+        and grad.dtype in (torch.float32, torch.float64)
+    ):
         return torch.ops.adaptau.add_l2_rows_(grad, weight, counts.long(), float(coef))
     c = counts.to(weight.dtype)
     grad.addcmul_(weight, c.unsqueeze(1), value=coef)
     return torch.dot(torch.linalg.vector_norm(weight, dim=1).square_(), c)
 
 
-def sampled_l2(user_emb: Tensor, item_emb: Tensor, users: Tensor, pos: Tensor,
-               neg: Optional[Tensor]) -> Tensor:
+def sampled_l2(
+    user_emb: Tensor, item_emb: Tensor, users: Tensor, pos: Tensor, neg: Optional[Tensor]
+) -> Tensor:
     """``0.5·(Σ_b‖U[users_b]‖² + Σ_b‖I[pos_b]‖² + Σ_{b,m}‖I[neg_bm]‖²) / B``.
 
     ``neg`` is ``[B, M]``, ``[M]`` (shared by every row: counted B times) or None
@@ -96,8 +110,9 @@ class MF(nn.Module):
     (:meth:`batch_users`); the tables themselves never see dropout.
     """
 
-    def __init__(self, num_users: int, num_items: int, dim: int = 64, *, dropout: float = 0.0,
-                 init_std: float = 0.1) -> None:
+    def __init__(
+        self, num_users: int, num_items: int, dim: int = 64, *, dropout: float = 0.0, init_std: float = 0.1
+    ) -> None:
         super().__init__()
         self.num_users, self.num_items, self.dim = num_users, num_items, dim
         self.user = nn.Embedding(num_users, dim)
@@ -126,8 +141,9 @@ class MF(nn.Module):
         return rows
 
 
-def normalized_adjacency(train: sp.spmatrix, num_users: int, num_items: int,
-                         device="cpu", dtype=torch.float32) -> Tensor:
+def normalized_adjacency(
+    train: sp.spmatrix, num_users: int, num_items: int, device="cpu", dtype=torch.float32
+) -> Tensor:
     """``D^{-1/2} A D^{-1/2}`` of the user–item bipartite graph, as a sparse CSR tensor of
     size ``[U + I, U + I]`` (isolated nodes get zero rows)."""
     r = sp.csr_matrix(train, dtype=np.float64)
@@ -145,7 +161,8 @@ def normalized_adjacency(train: sp.spmatrix, num_users: int, num_items: int,
             torch.as_tensor(norm.indptr, dtype=torch.int64),
             torch.as_tensor(norm.indices, dtype=torch.int64),
             torch.as_tensor(norm.data, dtype=dtype),
-            size=norm.shape, check_invariants=False,
+            size=norm.shape,
+            check_invariants=False,
         )
     return adj.to(device)
 
@@ -175,16 +192,23 @@ class LightGCN(nn.Module):
     non-persistent buffer and rebuilt from the train matrix on load.
     """
 
-    def __init__(self, num_users: int, num_items: int, train: sp.spmatrix, dim: int = 64, *,
-                 layers: int = 3, init_std: float = 0.1) -> None:
+    def __init__(
+        self,
+        num_users: int,
+        num_items: int,
+        train: sp.spmatrix,
+        dim: int = 64,
+        *,
+        layers: int = 3,
+        init_std: float = 0.1,
+    ) -> None:
         super().__init__()
         self.num_users, self.num_items, self.dim, self.layers = num_users, num_items, dim, int(layers)
         self.user = nn.Embedding(num_users, dim)
         self.item = nn.Embedding(num_items, dim)
         nn.init.normal_(self.user.weight, std=init_std)
         nn.init.normal_(self.item.weight, std=init_std)
-        self.register_buffer("adj", normalized_adjacency(train, num_users, num_items),
-                             persistent=False)
+        self.register_buffer("adj", normalized_adjacency(train, num_users, num_items), persistent=False)
         self.dropout = 0.0
 
     def tables(self) -> Tuple[Tensor, Tensor]:
@@ -194,7 +218,7 @@ class LightGCN(nn.Module):
             emb = _SymmetricSpMM.apply(self.adj, emb)
             total = total + emb
         final = total / (self.layers + 1)
-        return final[: self.num_users], final[self.num_users:]
+        return final[: self.num_users], final[self.num_users :]
 
     def ego(self) -> Tuple[Tensor, Tensor]:
         return self.user.weight, self.item.weight
@@ -203,8 +227,17 @@ class LightGCN(nn.Module):
         return user_table.index_select(0, users.long())
 
 
-def build_model(name: str, num_users: int, num_items: int, train: sp.spmatrix, *, dim: int = 64,
-                dropout: float = 0.0, layers: int = 3, init_std: float = 0.1) -> nn.Module:
+def build_model(
+    name: str,
+    num_users: int,
+    num_items: int,
+    train: sp.spmatrix,
+    *,
+    dim: int = 64,
+    dropout: float = 0.0,
+    layers: int = 3,
+    init_std: float = 0.1,
+) -> nn.Module:
     if name == "mf":
         return MF(num_users, num_items, dim, dropout=dropout, init_std=init_std)
     if name == "lightgcn":
@@ -213,8 +246,9 @@ def build_model(name: str, num_users: int, num_items: int, train: sp.spmatrix, *
 
 
 @torch.no_grad()
-def add_sampled_l2_grad_(l2: float, users: Tensor, pos: Tensor, neg: Optional[Tensor],
-                         user_w: Tensor, item_w: Tensor) -> Tensor:
+def add_sampled_l2_grad_(
+    l2: float, users: Tensor, pos: Tensor, neg: Optional[Tensor], user_w: Tensor, item_w: Tensor
+) -> Tensor:
     """Add the gradient of ``l2 · sampled_l2(user_w, item_w, users, pos, neg)`` of a *global*
     batch to the tables' ``.grad`` (after backward, so after DDP's all-reduce: every rank adds
     the same) and return its value (0-dim, on the device): :func:`sampled_l2` without the
@@ -233,8 +267,9 @@ def add_sampled_l2_grad_(l2: float, users: Tensor, pos: Tensor, neg: Optional[Te
 
 
 @torch.no_grad()
-def add_sparse_sampled_l2_grad_(l2: float, users: Tensor, pos: Tensor, neg: Optional[Tensor],
-                                user_w: Tensor, item_w: Tensor) -> Tensor:
+def add_sparse_sampled_l2_grad_(
+    l2: float, users: Tensor, pos: Tensor, neg: Optional[Tensor], user_w: Tensor, item_w: Tensor
+) -> Tensor:
     """:func:`add_sampled_l2_grad_` for sparse gradients (``--sparse-grad``): the same value
     and gradient, added as sparse rows of the batch's users and touched items only."""
     from ..loss.ops import compact

@@ -1,4 +1,5 @@
 """PNG plots of a run (matplotlib, Agg backend): curves, τ histograms, τ vs activity."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,10 +27,14 @@ def training_curves(history: List[Dict], metric: str, path: Path) -> None:
     axes[0].set_xlabel("epoch")
     tmed = [h.get("tau_median") for h in history]
     axes[1].plot(epochs, tmed, label="median τ")
-    axes[1].fill_between(epochs, [h.get("tau_min") for h in history],
-                         [h.get("tau_max") for h in history], alpha=0.25, label="τ range")
-    axes[1].plot(epochs, [1.0 / h["w0"] if h.get("w0") else np.nan for h in history],
-                 "--", label="1/w₀")
+    axes[1].fill_between(
+        epochs,
+        [h.get("tau_min") for h in history],
+        [h.get("tau_max") for h in history],
+        alpha=0.25,
+        label="τ range",
+    )
+    axes[1].plot(epochs, [1.0 / h["w0"] if h.get("w0") else np.nan for h in history], "--", label="1/w₀")
     axes[1].set_title("temperature")
     axes[1].set_xlabel("epoch")
     axes[1].legend(fontsize=8)
@@ -82,8 +87,12 @@ def tau_histograms(snapshots: Dict[int, np.ndarray], path: Path, max_panels: int
     for e in epochs:
         tau = taus[e]
         if float(tau.max() - tau.min()) <= 1e-9 * max(abs(float(tau.max())), 1.0):
-            ax.axvline(float(tau[0]), linestyle="--", color=f"C{epochs.index(e)}",
-                       label=f"epoch {e} (every user τ={float(tau[0]):.3g})")
+            ax.axvline(
+                float(tau[0]),
+                linestyle="--",
+                color=f"C{epochs.index(e)}",
+                label=f"epoch {e} (every user τ={float(tau[0]):.3g})",
+            )
         else:
             ax.hist(tau, bins=bins, histtype="step", color=f"C{epochs.index(e)}", label=f"epoch {e}")
     ax.set_xlabel("per-user temperature τ")
@@ -94,8 +103,9 @@ def tau_histograms(snapshots: Dict[int, np.ndarray], path: Path, max_panels: int
     plt.close(fig)
 
 
-def tau_vs_activity(user_scale: np.ndarray, activity: np.ndarray, path: Path,
-                    epoch: Optional[int] = None) -> None:
+def tau_vs_activity(
+    user_scale: np.ndarray, activity: np.ndarray, path: Path, epoch: Optional[int] = None
+) -> None:
     """Scatter of each user's τ against their number of train interactions."""
     plt = _plt()
     tau = 1.0 / np.asarray(user_scale, dtype=np.float64)
@@ -123,5 +133,6 @@ def run_plots(history, metric: str, tau_snapshots, user_scale, activity, out) ->
     snaps = dict(tau_snapshots)
     snaps[history[-1]["epoch"] if history else 0] = user_scale
     tau_histograms({k: v.numpy() for k, v in snaps.items()}, out / "tau_hist.png")
-    tau_vs_activity(user_scale.numpy(), activity, out / "tau_activity.png",
-                    history[-1]["epoch"] if history else None)
+    tau_vs_activity(
+        user_scale.numpy(), activity, out / "tau_activity.png", history[-1]["epoch"] if history else None
+    )

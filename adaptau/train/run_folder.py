@@ -19,6 +19,7 @@ is given, and a running trainer holds an exclusive lock on ``.lock`` in its fold
 runs never write one folder; temp files that a killed run left behind are removed when the
 next run takes the lock.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,13 +33,33 @@ import torch
 
 from . import plots
 
-__all__ = ["RUN_FILES", "RunFolder", "choose_run_folder", "write_run_config", "RunLock", "RunWriteError",
-           "atomic_save", "atomic_write_text", "append_line", "dumps"]
+__all__ = [
+    "RUN_FILES",
+    "RunFolder",
+    "choose_run_folder",
+    "write_run_config",
+    "RunLock",
+    "RunWriteError",
+    "atomic_save",
+    "atomic_write_text",
+    "append_line",
+    "dumps",
+]
 
 
 #: The files a run writes into its folder (``--overwrite`` removes exactly these).
-RUN_FILES = ("config.json", "metrics.jsonl", "last.pt", "best.pt", "summary.json", "train.log",
-             "eval.json", "curves.png", "tau_hist.png", "tau_activity.png")
+RUN_FILES = (
+    "config.json",
+    "metrics.jsonl",
+    "last.pt",
+    "best.pt",
+    "summary.json",
+    "train.log",
+    "eval.json",
+    "curves.png",
+    "tau_hist.png",
+    "tau_activity.png",
+)
 
 
 class RunLock:
@@ -56,8 +77,10 @@ class RunLock:
             self._fh.seek(0)
             holder = self._fh.read().strip() or "?"
             self._fh.close()
-            raise ValueError(f"{folder} is in use by another adaptau run (pid {holder}); "
-                             "wait for it, or choose another --out") from None
+            raise ValueError(
+                f"{folder} is in use by another adaptau run (pid {holder}); "
+                "wait for it, or choose another --out"
+            ) from None
         self._fh.seek(0)
         self._fh.truncate()
         self._fh.write(str(os.getpid()))
@@ -80,7 +103,9 @@ def _write_failed(path: Path, exc: BaseException) -> RunWriteError:
     cause: Optional[BaseException] = exc
     while cause is not None and not getattr(cause, "strerror", None):  # torch.save wraps the OSError
         cause = cause.__context__
-    reason = cause.strerror if cause is not None else (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    reason = (
+        cause.strerror if cause is not None else (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    )
     try:
         room = f" ({shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free on its disk)"
     except OSError:
@@ -173,8 +198,15 @@ def _new_run_folder(cfg, dataset_name: str) -> Path:
     return out
 
 
-def choose_run_folder(cfg, dataset_name: str, *, resume: Optional[str], overwrite: bool,
-                      world_size: int = 1, is_main: bool = True) -> Path:
+def choose_run_folder(
+    cfg,
+    dataset_name: str,
+    *,
+    resume: Optional[str],
+    overwrite: bool,
+    world_size: int = 1,
+    is_main: bool = True,
+) -> Path:
     """The run's folder, created: ``resume`` (which must hold a ``last.pt``), or a new one
     (:func:`_new_run_folder`), refused when it already holds a run unless ``overwrite``.
     Collective when ``world_size > 1``: rank 0 picks and every rank gets its choice."""
@@ -193,9 +225,11 @@ def choose_run_folder(cfg, dataset_name: str, *, resume: Optional[str], overwrit
     out = _new_run_folder(cfg, dataset_name)
     used = [f for f in RUN_FILES if (out / f).exists()]
     if used and not overwrite:
-        raise ValueError(f"--out {out} already holds a run ({', '.join(used)}): continue it "
-                         f"with --resume {out}, replace it with --overwrite, or choose "
-                         "another --out")
+        raise ValueError(
+            f"--out {out} already holds a run ({', '.join(used)}): continue it "
+            f"with --resume {out}, replace it with --overwrite, or choose "
+            "another --out"
+        )
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -207,13 +241,19 @@ def write_run_config(out: Path, cfg, protocol_note: str, dataset) -> None:
 
     from .. import __version__
 
-    payload = {**dataclasses.asdict(cfg), "_protocol_note": protocol_note, "_dataset": dataset.stats(),
-               "_adaptau_version": __version__, "_torch_version": torch.__version__}
+    payload = {
+        **dataclasses.asdict(cfg),
+        "_protocol_note": protocol_note,
+        "_dataset": dataset.stats(),
+        "_adaptau_version": __version__,
+        "_torch_version": torch.__version__,
+    }
     atomic_write_text(out / "config.json", dumps(payload))
     for side, ids in (("users", dataset.user_ids), ("items", dataset.item_ids)):
         if ids is not None and not (out / f"{side}.tsv").exists():
-            atomic_write_text(out / f"{side}.tsv",
-                              "index\tid\n" + "".join(f"{k}\t{x}\n" for k, x in enumerate(ids)))
+            atomic_write_text(
+                out / f"{side}.tsv", "index\tid\n" + "".join(f"{k}\t{x}\n" for k, x in enumerate(ids))
+            )
 
 
 class RunFolder:
@@ -232,14 +272,26 @@ class RunFolder:
         self.lock: Optional[RunLock] = None
 
     @classmethod
-    def open(cls, cfg, dataset_name: str, *, resume: Optional[str] = None, overwrite: bool = False,
-             world_size: int = 1, is_main: bool = True,
-             echo: Callable[[str], Any] = print) -> "RunFolder":
+    def open(
+        cls,
+        cfg,
+        dataset_name: str,
+        *,
+        resume: Optional[str] = None,
+        overwrite: bool = False,
+        world_size: int = 1,
+        is_main: bool = True,
+        echo: Callable[[str], Any] = print,
+    ) -> "RunFolder":
         """The run's folder (:func:`choose_run_folder`), locked by rank 0 (:class:`RunLock`);
         with ``overwrite`` and no ``resume``, the files of the run it held are removed."""
-        folder = cls(choose_run_folder(cfg, dataset_name, resume=resume, overwrite=overwrite,
-                                       world_size=world_size, is_main=is_main),
-                     is_main=is_main, echo=echo)
+        folder = cls(
+            choose_run_folder(
+                cfg, dataset_name, resume=resume, overwrite=overwrite, world_size=world_size, is_main=is_main
+            ),
+            is_main=is_main,
+            echo=echo,
+        )
         if is_main:
             folder.lock = RunLock(folder.path)
             if overwrite and not resume:
@@ -272,8 +324,10 @@ class RunFolder:
         """``metrics.jsonl`` holding exactly ``history`` (a resumed run drops the lines of
         epochs after its checkpoint)."""
         if self.is_main:
-            atomic_write_text(self.path / "metrics.jsonl",
-                              "".join(json.dumps(h, default=_json_default) + "\n" for h in history))
+            atomic_write_text(
+                self.path / "metrics.jsonl",
+                "".join(json.dumps(h, default=_json_default) + "\n" for h in history),
+            )
 
     def read_summary(self) -> Optional[Dict[str, Any]]:
         """``summary.json``, or None when it is missing or not a JSON object."""
@@ -288,8 +342,9 @@ class RunFolder:
         if self.is_main:
             atomic_write_text(self.path / "summary.json", dumps(summary))
 
-    def write_plots(self, history: List[Dict[str, Any]], metric: str, tau_snapshots,
-                    user_scale: torch.Tensor, activity) -> None:
+    def write_plots(
+        self, history: List[Dict[str, Any]], metric: str, tau_snapshots, user_scale: torch.Tensor, activity
+    ) -> None:
         """``curves.png``, ``tau_hist.png`` and ``tau_activity.png``; a failure is logged as a
         warning, never raised (the plots are a convenience)."""
         if not self.is_main:

@@ -22,6 +22,7 @@ in checkpoints, so a resumed run draws the same negatives) and returns
 
 :func:`dropout` is inverted dropout with its mask from the same parallel generator.
 """
+
 from __future__ import annotations
 
 from typing import Iterator, Optional, Tuple
@@ -60,7 +61,7 @@ def dropout(x: Tensor, p: float, generator: Optional[torch.Generator] = None) ->
         return x
     if x.device.type != "cpu" or not _HAS_DROPOUT_MASK or p >= 1:
         return F.dropout(x, p, training=True)
-    seed = int(torch.randint(-2**63, 2**63 - 1, (), generator=generator))
+    seed = int(torch.randint(-(2**63), 2**63 - 1, (), generator=generator))
     mask = torch.ops.adaptau.dropout_mask(1, x.numel(), float(p), seed)
     return x * mask.view(x.shape).to(x.dtype)
 
@@ -68,10 +69,18 @@ def dropout(x: Tensor, p: float, generator: Optional[torch.Generator] = None) ->
 class NegativeSampler:
     """Draws negatives for a batch. See the module docstring for the kinds."""
 
-    def __init__(self, kind: str, num_items: int, num_negatives: int, *,
-                 train: Optional[sp.csr_matrix] = None, gamma: float = 1.0,
-                 device: torch.device = torch.device("cpu"), max_rounds: int = 100,
-                 pool: str = "uniform") -> None:
+    def __init__(
+        self,
+        kind: str,
+        num_items: int,
+        num_negatives: int,
+        *,
+        train: Optional[sp.csr_matrix] = None,
+        gamma: float = 1.0,
+        device: torch.device = torch.device("cpu"),
+        max_rounds: int = 100,
+        pool: str = "uniform",
+    ) -> None:
         if kind not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {kind!r}")
         if kind != "in-batch" and num_negatives < 1:
@@ -98,15 +107,19 @@ class NegativeSampler:
                 self._probs = q.to(self.device, torch.float32)
                 self._pool_logq = torch.log(q * self.num_negatives).to(self.device, torch.float32)
             else:
-                self._pool_logq = torch.full((self.num_items,), float(np.log(self.num_negatives / self.num_items)),
-                                             device=self.device)
+                self._pool_logq = torch.full(
+                    (self.num_items,), float(np.log(self.num_negatives / self.num_items)), device=self.device
+                )
         if kind == "popularity":
             counts = torch.as_tensor(np.asarray(train.sum(axis=0)).ravel(), dtype=torch.float64)
             weights = counts.clamp(min=0) ** float(gamma)
             if gamma > 0:
                 # items never seen in train would never be drawn: give them the least weight
-                weights = torch.where(counts > 0, weights, weights[counts > 0].min()
-                                      if bool((counts > 0).any()) else torch.ones(()))
+                weights = torch.where(
+                    counts > 0,
+                    weights,
+                    weights[counts > 0].min() if bool((counts > 0).any()) else torch.ones(()),
+                )
             probs = weights / weights.sum()
             self._probs = probs.to(self.device, torch.float32)
             self.neg_logq = torch.log(probs * self.num_items).to(self.device, torch.float32)
@@ -122,7 +135,7 @@ class NegativeSampler:
         if self.device.type == "cpu" and _HAS_PARALLEL_UNIFORM:
             # one draw from the (checkpointed) generator seeds the parallel counter-based
             # sampler of csrc/sampling_cpu.cpp: int32, ~3x faster than torch.randint here
-            seed = int(torch.randint(-2**63, 2**63 - 1, (), generator=generator))
+            seed = int(torch.randint(-(2**63), 2**63 - 1, (), generator=generator))
             rows, cols = (1, shape[0]) if len(shape) == 1 else shape
             out = torch.ops.adaptau.uniform_negatives(rows, cols, self.num_items, seed)
             return out.view(shape)
@@ -133,8 +146,9 @@ class NegativeSampler:
         pos = torch.searchsorted(self._keys, keys).clamp(max=self._keys.numel() - 1)
         return self._keys[pos] == keys
 
-    def sample(self, users: Tensor, pos: Tensor, generator: torch.Generator
-               ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    def sample(
+        self, users: Tensor, pos: Tensor, generator: torch.Generator
+    ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
         """``(neg, neg_logq)`` for a batch of ``users`` / positives ``pos`` (both ``[B]``)."""
         batch, m = users.shape[0], self.num_negatives
         if self.kind == "in-batch":
@@ -146,8 +160,12 @@ class NegativeSampler:
                 shared = torch.multinomial(self._probs, m, replacement=True, generator=generator)
             else:
                 shared = self._uniform((m,), generator)
-            return Negatives(in_batch=True, in_batch_logq=self._log_positive_share + float(np.log(batch - 1)),
-                             shared=shared, shared_logq=self._pool_logq), None
+            return Negatives(
+                in_batch=True,
+                in_batch_logq=self._log_positive_share + float(np.log(batch - 1)),
+                shared=shared,
+                shared_logq=self._pool_logq,
+            ), None
         if self.kind == "shared":
             return self._uniform((m,), generator), None
         if self.kind == "uniform":
@@ -157,8 +175,9 @@ class NegativeSampler:
             return neg.view(batch, m), self.neg_logq
         # exclude: resample only the rejected slots, all rows at once, until none is left
         if self._full_users and any(int(u) in self._full_users for u in users.unique().tolist()):
-            raise ValueError("sampler 'exclude': a user has interacted with every item, "
-                             "there is no negative to draw")
+            raise ValueError(
+                "sampler 'exclude': a user has interacted with every item, there is no negative to draw"
+            )
         neg = self._uniform((batch, m), generator)
         urow = users.long().unsqueeze(1).expand(batch, m)
         bad = self._is_seen(urow, neg)
@@ -169,15 +188,26 @@ class NegativeSampler:
             neg[bad] = self._uniform((count,), generator)
             bad = self._is_seen(urow, neg)
         else:
-            raise RuntimeError(f"sampler 'exclude': {int(bad.sum())} negatives still hit train "
-                               f"items after {self.max_rounds} rounds (users with nearly every item?)")
+            raise RuntimeError(
+                f"sampler 'exclude': {int(bad.sum())} negatives still hit train "
+                f"items after {self.max_rounds} rounds (users with nearly every item?)"
+            )
         return neg, None
 
 
-def make_sampler(kind: str, num_items: int, num_negatives: int, train: sp.csr_matrix, *,
-                 gamma: float = 1.0, device="cpu", pool: str = "uniform") -> NegativeSampler:
-    return NegativeSampler(kind, num_items, num_negatives, train=train, gamma=gamma,
-                           device=torch.device(device), pool=pool)
+def make_sampler(
+    kind: str,
+    num_items: int,
+    num_negatives: int,
+    train: sp.csr_matrix,
+    *,
+    gamma: float = 1.0,
+    device="cpu",
+    pool: str = "uniform",
+) -> NegativeSampler:
+    return NegativeSampler(
+        kind, num_items, num_negatives, train=train, gamma=gamma, device=torch.device(device), pool=pool
+    )
 
 
 class BatchIterator:
@@ -187,8 +217,16 @@ class BatchIterator:
     slice of the same shuffled batch, so all ranks take the same number of steps).
     """
 
-    def __init__(self, users: Tensor, items: Tensor, batch_size: int, *, drop_last: bool = False,
-                 rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        users: Tensor,
+        items: Tensor,
+        batch_size: int,
+        *,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
         self.users, self.items = users, items
@@ -204,21 +242,28 @@ class BatchIterator:
         perm = torch.randperm(n, generator=generator, device=generator.device)
         perm = perm.to(self.users.device)
         for b in range(len(self)):
-            idx = perm[b * self.batch_size:(b + 1) * self.batch_size]
+            idx = perm[b * self.batch_size : (b + 1) * self.batch_size]
             if self.world_size > 1:
-                idx = idx[self.rank::self.world_size]
+                idx = idx[self.rank :: self.world_size]
             yield self.users[idx], self.items[idx]
 
 
 @torch.no_grad()
-def hard_negatives(user: Tensor, item_table: Tensor, pos: Tensor, count: int,
-                   generator: torch.Generator, normalize: bool = True) -> Tensor:
+def hard_negatives(
+    user: Tensor,
+    item_table: Tensor,
+    pos: Tensor,
+    count: int,
+    generator: torch.Generator,
+    normalize: bool = True,
+) -> Tensor:
     """``[B, count]`` per-row hard negatives (``--hard-negatives``): the ``count`` best-scoring
     of ``8·count`` uniform candidates per row under the current vectors (``user [B, D]``,
     ``item_table [N, D]``; cosine when ``normalize``), the row's positive excluded. They are
     chosen by score, not drawn from a distribution, so they carry no logQ."""
-    cand = torch.randint(0, item_table.shape[0], (user.shape[0], 8 * count), generator=generator,
-                         device=user.device)
+    cand = torch.randint(
+        0, item_table.shape[0], (user.shape[0], 8 * count), generator=generator, device=user.device
+    )
     uq, it = user.detach(), item_table.detach()[cand]
     if normalize:
         uq, it = F.normalize(uq, dim=-1), F.normalize(it, dim=-1)

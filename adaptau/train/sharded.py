@@ -38,6 +38,7 @@ works, under ``torchrun … -m adaptau train --shard-tables row-wise`` or ``adap
   tables (Last.fm to Gowalla scale: megabytes); a catalog beyond one host would need
   shard-by-shard top-K merging instead, which this module does not implement.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -55,11 +56,12 @@ from .checkpoints import CheckpointError
 from .trainer import NonFiniteLossError, Trainer
 from ..loss.ops import compact as adaptau_compact
 
-__all__ = ["TorchRecMissing", "require_torchrec", "ShardedTables", "ShardedTrainer",
-           "FUSED_OPTIMIZERS"]
+__all__ = ["TorchRecMissing", "require_torchrec", "ShardedTables", "ShardedTrainer", "FUSED_OPTIMIZERS"]
 
-INSTALL_HINT = ("pip install --no-build-isolation -e '.[torchrec]' torch==2.13.0 && pip install "
-                "--no-deps torchrec==1.9.2 (in this order; see docs/distributed.md)")
+INSTALL_HINT = (
+    "pip install --no-build-isolation -e '.[torchrec]' torch==2.13.0 && pip install "
+    "--no-deps torchrec==1.9.2 (in this order; see docs/distributed.md)"
+)
 
 
 class TorchRecMissing(ImportError, ValueError):
@@ -74,8 +76,10 @@ def require_torchrec() -> None:
         import torchrec  # noqa: F401
     except Exception as exc:  # ImportError, or fbgemm's OSError for a library built for another torch
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise TorchRecMissing(f"--shard-tables needs TorchRec with fbgemm ({type(exc).__name__}: "
-                              f"{first}); install it with: {INSTALL_HINT}") from None
+        raise TorchRecMissing(
+            f"--shard-tables needs TorchRec with fbgemm ({type(exc).__name__}: "
+            f"{first}); install it with: {INSTALL_HINT}"
+        ) from None
 
 
 #: ``--sparse-grad`` → (optimizer class TorchRec maps to an fbgemm ``EmbOptimType``, its
@@ -123,8 +127,9 @@ class ShardedTables:
         blocks: ``{"user": (start, rows), "item": (start, rows)}``: this rank's row block.
     """
 
-    def __init__(self, num_users: int, num_items: int, dim: int, *, optimizer: str, lr: float,
-                 device: torch.device) -> None:
+    def __init__(
+        self, num_users: int, num_items: int, dim: int, *, optimizer: str, lr: float, device: torch.device
+    ) -> None:
         require_torchrec()
         from torchrec import EmbeddingCollection, EmbeddingConfig
         from torchrec.distributed import DistributedModelParallel
@@ -134,12 +139,16 @@ class ShardedTables:
         from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
         if optimizer not in FUSED_OPTIMIZERS:
-            raise ValueError(f"--shard-tables: no fused optimizer for --sparse-grad {optimizer!r}; "
-                             f"choose one of {sorted(FUSED_OPTIMIZERS)}")
+            raise ValueError(
+                f"--shard-tables: no fused optimizer for --sparse-grad {optimizer!r}; "
+                f"choose one of {sorted(FUSED_OPTIMIZERS)}"
+            )
         if optimizer == "sparse-adam" and device.type != "cuda":
-            raise ValueError("--shard-tables on the CPU: fbgemm's CPU embedding kernels have no "
-                             "fused Adam (EXACT_ADAGRAD, EXACT_ROWWISE_ADAGRAD and EXACT_SGD only); "
-                             "use --sparse-grad adagrad")
+            raise ValueError(
+                "--shard-tables on the CPU: fbgemm's CPU embedding kernels have no "
+                "fused Adam (EXACT_ADAGRAD, EXACT_ROWWISE_ADAGRAD and EXACT_SGD only); "
+                "use --sparse-grad adagrad"
+            )
         if not dist.is_initialized():
             raise RuntimeError("ShardedTables needs a process group (ShardedTrainer starts one)")
         self.sizes = {"user": int(num_users), "item": int(num_items)}
@@ -147,22 +156,30 @@ class ShardedTables:
         self.optimizer_name = optimizer
         name, extra, self.emb_optim = FUSED_OPTIMIZERS[optimizer]
         collection = EmbeddingCollection(
-            tables=[EmbeddingConfig(name=t, embedding_dim=self.dim, num_embeddings=self.sizes[t],
-                                    feature_names=[t]) for t in _TABLES],
-            device=torch.device("meta"))
-        apply_optimizer_in_backward(getattr(torch.optim, name), collection.parameters(),
-                                    {"lr": float(lr), **extra})
+            tables=[
+                EmbeddingConfig(
+                    name=t, embedding_dim=self.dim, num_embeddings=self.sizes[t], feature_names=[t]
+                )
+                for t in _TABLES
+            ],
+            device=torch.device("meta"),
+        )
+        apply_optimizer_in_backward(
+            getattr(torch.optim, name), collection.parameters(), {"lr": float(lr), **extra}
+        )
         world = torch.distributed.get_world_size()
         with _quiet():
             planner = EmbeddingShardingPlanner(
                 topology=Topology(world_size=world, compute_device=device.type),
-                constraints={t: ParameterConstraints(sharding_types=[ShardingType.ROW_WISE.value])
-                             for t in _TABLES})
+                constraints={
+                    t: ParameterConstraints(sharding_types=[ShardingType.ROW_WISE.value]) for t in _TABLES
+                },
+            )
             sharders = [EmbeddingCollectionSharder()]
-            self.plan = planner.collective_plan(collection, sharders,
-                                                torch.distributed.GroupMember.WORLD)
-            self.module = DistributedModelParallel(collection, device=device, plan=self.plan,
-                                                   sharders=sharders)
+            self.plan = planner.collective_plan(collection, sharders, torch.distributed.GroupMember.WORLD)
+            self.module = DistributedModelParallel(
+                collection, device=device, plan=self.plan, sharders=sharders
+            )
         self.blocks: Dict[str, Tuple[int, int]] = {}
         for t in _TABLES:
             (shard,) = self._weight(t).local_shards()
@@ -190,22 +207,26 @@ class ShardedTables:
 
     def optimizer_bytes(self) -> int:
         """Bytes of this rank's fused optimizer state (both tables)."""
-        return sum(int(s.tensor.numel() * s.tensor.element_size())
-                   for _, st in self._optimizer_tensors() for s in st.local_shards())
+        return sum(
+            int(s.tensor.numel() * s.tensor.element_size())
+            for _, st in self._optimizer_tensors()
+            for s in st.local_shards()
+        )
 
     @torch.no_grad()
     def load_full(self, user: Tensor, item: Tensor) -> None:
         """Copy each rank's block of the whole ``[U, D]`` / ``[N, D]`` tables into its shards."""
         for t, full in (("user", user), ("item", item)):
             start, rows = self.blocks[t]
-            self.local_rows(t).copy_(full[start:start + rows].to(self.device))
+            self.local_rows(t).copy_(full[start : start + rows].to(self.device))
 
     def _gather(self, st, dst: int) -> Optional[Tensor]:
         with _quiet():
             out = None
             if dist.rank_and_world()[0] == dst:
-                out = torch.empty(tuple(st.size()), dtype=st.local_shards()[0].tensor.dtype,
-                                  device=self.device)
+                out = torch.empty(
+                    tuple(st.size()), dtype=st.local_shards()[0].tensor.dtype, device=self.device
+                )
             st.gather(dst=dst, out=out)
         return out
 
@@ -239,8 +260,10 @@ class ShardedTables:
     def load_optimizer_state(self, saved: Dict[str, Any], where: str) -> None:
         """Scatter what :meth:`gather_optimizer_state` saved back into the shards."""
         if saved.get("optimizer") != self.optimizer_name:
-            raise CheckpointError(f"{where}: its fused optimizer is {saved.get('optimizer')!r}, "
-                                  f"this run's --sparse-grad is {self.optimizer_name!r}")
+            raise CheckpointError(
+                f"{where}: its fused optimizer is {saved.get('optimizer')!r}, "
+                f"this run's --sparse-grad is {self.optimizer_name!r}"
+            )
         for key, st in self._optimizer_tensors():
             if key not in saved["state"]:
                 raise CheckpointError(f"{where}: no fused optimizer state {key!r}")
@@ -259,8 +282,10 @@ class ShardedTables:
         from torchrec import KeyedJaggedTensor
 
         kjt = KeyedJaggedTensor.from_lengths_sync(
-            keys=list(_TABLES), values=torch.cat([users.long(), items.long()]).to(self.device),
-            lengths=torch.tensor([users.numel(), items.numel()], dtype=torch.int32, device=self.device))
+            keys=list(_TABLES),
+            values=torch.cat([users.long(), items.long()]).to(self.device),
+            lengths=torch.tensor([users.numel(), items.numel()], dtype=torch.int32, device=self.device),
+        )
         out = self.module(kjt)
         return out["user"].values(), out["item"].values()
 
@@ -282,7 +307,8 @@ class ShardedTrainer(Trainer):
         if dist.env_world_size() <= 1 and not dist.is_initialized():
             # one process: a 1-rank gloo group, since DistributedModelParallel needs one
             torch.distributed.init_process_group(
-                "gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+                "gloo", store=torch.distributed.HashStore(), rank=0, world_size=1
+            )
             self._own_group = True
         try:
             super().__init__(cfg, **kwargs)
@@ -309,8 +335,9 @@ class ShardedTrainer(Trainer):
     def _setup_model(self) -> None:
         cfg = self.cfg
         self.sparse = True
-        self.tables = ShardedTables(self.num_users, self.num_items, cfg.dim,
-                                    optimizer=cfg.sparse_grad, lr=cfg.lr, device=self.device)
+        self.tables = ShardedTables(
+            self.num_users, self.num_items, cfg.dim, optimizer=cfg.sparse_grad, lr=cfg.lr, device=self.device
+        )
         self.tables.load_full(self.model.user.weight.detach(), self.model.item.weight.detach())
         self.step_module = self.tables.module
         self.optimizer = self.tables.module.fused_optimizer
@@ -322,8 +349,9 @@ class ShardedTrainer(Trainer):
         where = str(self.checkpoints.last_path)
         saved = ckpt.get("optimizer")
         if not (isinstance(saved, dict) and "torchrec_fused" in saved):
-            raise CheckpointError(f"{where}: written by a run without --shard-tables; resume it "
-                                  "without --shard-tables")
+            raise CheckpointError(
+                f"{where}: written by a run without --shard-tables; resume it without --shard-tables"
+            )
         self.model.load_state_dict(ckpt["model"])
         self.tables.load_full(self.model.user.weight.detach(), self.model.item.weight.detach())
         self.tables.load_optimizer_state(saved["torchrec_fused"], where)
@@ -331,8 +359,10 @@ class ShardedTrainer(Trainer):
     @torch.no_grad()
     def _sync_mirror(self) -> bool:
         """Gather the shards into rank 0's MF (collective); True when every shard is finite."""
-        finite = torch.tensor([float(all(bool(torch.isfinite(self.tables.local_rows(t)).all())
-                                         for t in _TABLES))], device=self.device)
+        finite = torch.tensor(
+            [float(all(bool(torch.isfinite(self.tables.local_rows(t)).all()) for t in _TABLES))],
+            device=self.device,
+        )
         torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
         user, item = self.tables.gather(0)
         if self.is_main:
@@ -344,7 +374,8 @@ class ShardedTrainer(Trainer):
         if not self._sync_mirror():  # the same answer on every rank
             raise NonFiniteLossError(
                 f"non-finite weights in the sharded tables after epoch {epoch}; try a lower "
-                f"--lr. The last good checkpoint is {self.out / 'last.pt'}")
+                f"--lr. The last good checkpoint is {self.out / 'last.pt'}"
+            )
 
     # -- Adap-τ -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -353,20 +384,22 @@ class ShardedTrainer(Trainer):
         per shard and all-reduced); the first epoch of the run also logs the table layout."""
         if epoch == self.start_epoch:
             (u0, nu), (i0, ni) = self.tables.blocks["user"], self.tables.blocks["item"]
-            self.log(f"  tables: TorchRec row-wise over {self.world_size} rank(s), fused "
-                     f"{self.tables.emb_optim}; rank 0 holds users {u0}..{u0 + nu - 1}, items "
-                     f"{i0}..{i0 + ni - 1}; evaluation and checkpoints gather them to rank 0")
+            self.log(
+                f"  tables: TorchRec row-wise over {self.world_size} rank(s), fused "
+                f"{self.tables.emb_optim}; rank 0 holds users {u0}..{u0 + nu - 1}, items "
+                f"{i0}..{i0 + ni - 1}; evaluation and checkpoints gather them to rank 0"
+            )
         ctl = self.controller
         gap = None
         if ctl.mode != "fixed" and epoch >= ctl.warmup:
             (u0, _), (i0, _) = self.tables.blocks["user"], self.tables.blocks["item"]
-            gap = ctl.sharded_alignment_gap(self.tables.local_rows("user"), u0,
-                                            self.tables.local_rows("item"), i0)
+            gap = ctl.sharded_alignment_gap(
+                self.tables.local_rows("user"), u0, self.tables.local_rows("item"), i0
+            )
         ctl.begin_epoch(epoch, alignment_gap=gap)
 
     # -- training -------------------------------------------------------------------------
-    def train_step(self, users: Tensor, pos: Tensor, *, epoch: int = 0,
-                   step: int = 0) -> Tuple[Tensor, int]:
+    def train_step(self, users: Tensor, pos: Tensor, *, epoch: int = 0, step: int = 0) -> Tuple[Tensor, int]:
         """One step on the global batch ``(users, pos)`` with the sharded tables: this rank's
         rows and their negatives compacted to unique item ids, looked up in the shards, the
         loss summed over the rank's rows over the *global* batch size plus the sampled L2,
@@ -388,24 +421,41 @@ class ShardedTrainer(Trainer):
             u = inverted_dropout(ego_u, cfg.dropout)
         need_raw = self.controller.needs_raw_loss
         pos_scale, neg_scale = self.controller.scales(users)
-        out = softmax_loss(u, item_rows, pos_local, neg_local, pos_scale, neg_scale,
-                           include_pos=cfg.include_pos, normalize=cfg.normalize,
-                           neg_logq=None if neg_logq is None else neg_logq[ids],
-                           remove_accidental_hits=cfg.remove_hits, reduction="sum",
-                           return_raw=need_raw, backend=cfg.backend)
+        out = softmax_loss(
+            u,
+            item_rows,
+            pos_local,
+            neg_local,
+            pos_scale,
+            neg_scale,
+            include_pos=cfg.include_pos,
+            normalize=cfg.normalize,
+            neg_logq=None if neg_logq is None else neg_logq[ids],
+            remove_accidental_hits=cfg.remove_hits,
+            reduction="sum",
+            return_raw=need_raw,
+            backend=cfg.backend,
+        )
         loss, raw = out if need_raw else (out, None)
         loss = loss / global_batch  # summed over ranks: the global batch's mean
         if cfg.l2 > 0:  # (in-batch: negatives are positives, already counted)
-            counts = sampled_item_counts(pos_local, None if in_batch else neg_local,
-                                         ids.numel(), item_rows.dtype)
-            loss = loss + cfg.l2 * 0.5 * (ego_u.pow(2).sum()
-                                          + (item_rows.pow(2).sum(1) * counts).sum()) / global_batch
+            counts = sampled_item_counts(
+                pos_local, None if in_batch else neg_local, ids.numel(), item_rows.dtype
+            )
+            loss = (
+                loss
+                + cfg.l2
+                * 0.5
+                * (ego_u.pow(2).sum() + (item_rows.pow(2).sum(1) * counts).sum())
+                / global_batch
+            )
         total = dist.all_reduce_sum(loss.detach().double().reshape(1))  # on every rank
         if not bool(torch.isfinite(total).all()):
             raise NonFiniteLossError(
                 f"non-finite training loss ({float(total)}) at epoch {epoch}, step {step} of "
                 f"{len(self.batches)}: w0={self.controller.w0:.4g}; try a lower --lr or a larger "
-                f"--tau-value / --smoothing. {self._last_good_checkpoint()}")
+                f"--tau-value / --smoothing. {self._last_good_checkpoint()}"
+            )
         loss.backward()  # all-to-all to the owning shards; the fused optimizer updates them
         if need_raw:
             self.controller.observe(users, raw)

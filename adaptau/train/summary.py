@@ -2,6 +2,7 @@
 test, ``summary.json``, the plots, the closing log lines), :func:`finished_run` (a resumed
 run with nothing left to train), the content of ``summary.json`` (:func:`run_summary`) and
 the log line of each epoch (:func:`epoch_line`)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,22 +15,41 @@ __all__ = ["finish_run", "finished_run", "evaluate_best", "run_summary", "closin
 
 def epoch_line(rec: Dict[str, Any], best: Optional[Dict[str, Any]]) -> str:
     """The log line of one epoch's record (``*`` marks the best evaluation)."""
-    parts = [f"epoch {rec['epoch']:4d}", f"loss {rec['loss']:.4f}", f"w0 {rec['w0']:.3g}",
-             f"tau {rec['tau_min']:.3g}..{rec['tau_max']:.3g} (med {rec['tau_median']:.3g})"]
+    parts = [
+        f"epoch {rec['epoch']:4d}",
+        f"loss {rec['loss']:.4f}",
+        f"w0 {rec['w0']:.3g}",
+        f"tau {rec['tau_min']:.3g}..{rec['tau_max']:.3g} (med {rec['tau_median']:.3g})",
+    ]
     if "metrics" in rec:
         m = rec["metrics"]
         shown = [k for k in m if k.split("@")[0] in ("recall", "ndcg")]
-        parts.append(" ".join(f"{k} {m[k]:.4f}" for k in shown)
-                     + (" *" if best and best["epoch"] == rec["epoch"] else ""))
+        parts.append(
+            " ".join(f"{k} {m[k]:.4f}" for k in shown)
+            + (" *" if best and best["epoch"] == rec["epoch"] else "")
+        )
     parts.append(f"{rec['seconds']:.1f}s")
     return " | ".join(parts)
 
 
-def run_summary(*, status: str, message: Optional[str], cfg, split, metric: str,
-                best_epoch: Optional[int], valid: Optional[Dict[str, float]],
-                test: Optional[Dict[str, float]], epochs_run: int, train_seconds: float,
-                world_size: int, device: str, backend: str, dataset: Dict[str, Any],
-                controller) -> Dict[str, Any]:
+def run_summary(
+    *,
+    status: str,
+    message: Optional[str],
+    cfg,
+    split,
+    metric: str,
+    best_epoch: Optional[int],
+    valid: Optional[Dict[str, float]],
+    test: Optional[Dict[str, float]],
+    epochs_run: int,
+    train_seconds: float,
+    world_size: int,
+    device: str,
+    backend: str,
+    dataset: Dict[str, Any],
+    controller,
+) -> Dict[str, Any]:
     """The content of ``summary.json``.
 
     Args:
@@ -79,9 +99,11 @@ def closing_lines(summary: Dict[str, Any], topk, out: Path) -> List[str]:
         rows = {select: summary["valid"]}
         if select != "test":
             rows["test"] = summary["test"]
-        lines.append(f"best epoch {summary['best_epoch']} (selected on {select} by "
-                     f"{summary['selection_metric']}); {summary['seconds_per_epoch']:.2f} s/epoch, "
-                     f"backend {summary['backend']}")
+        lines.append(
+            f"best epoch {summary['best_epoch']} (selected on {select} by "
+            f"{summary['selection_metric']}); {summary['seconds_per_epoch']:.2f} s/epoch, "
+            f"backend {summary['backend']}"
+        )
         lines.append(format_metrics(rows, topk))
         if summary["protocol"] == "paper":
             lines.append("NOTE: paper protocol — the epoch was selected on the test split.")
@@ -113,14 +135,31 @@ def finish_run(trainer, ds_stats: Dict[str, Any], stopped: Optional[str]) -> Dic
     if trainer.stopping.best is not None:
         best_epoch = trainer.stopping.best["epoch"]
         valid, test = evaluate_best(trainer)
-    summary = run_summary(status=trainer.status, message=stopped, cfg=trainer.cfg, split=trainer.split,
-                          metric=trainer.metric, best_epoch=best_epoch, valid=valid, test=test,
-                          epochs_run=len(trainer.history), train_seconds=trainer.train_seconds,
-                          world_size=trainer.world_size, device=str(trainer.device),
-                          backend=trainer.backend_used, dataset=ds_stats, controller=trainer.controller)
+    summary = run_summary(
+        status=trainer.status,
+        message=stopped,
+        cfg=trainer.cfg,
+        split=trainer.split,
+        metric=trainer.metric,
+        best_epoch=best_epoch,
+        valid=valid,
+        test=test,
+        epochs_run=len(trainer.history),
+        train_seconds=trainer.train_seconds,
+        world_size=trainer.world_size,
+        device=str(trainer.device),
+        backend=trainer.backend_used,
+        dataset=ds_stats,
+        controller=trainer.controller,
+    )
     trainer.run.write_summary(summary)
-    trainer.run.write_plots(trainer.history, trainer.metric, trainer.tau_snapshots,
-                            trainer.controller.user_scale.cpu(), trainer.activity)
+    trainer.run.write_plots(
+        trainer.history,
+        trainer.metric,
+        trainer.tau_snapshots,
+        trainer.controller.user_scale.cpu(),
+        trainer.activity,
+    )
     for line in closing_lines(summary, trainer.cfg.topk, trainer.out):
         trainer.log(line)
     return summary
@@ -134,7 +173,9 @@ def finished_run(trainer, ds_stats: Dict[str, Any]) -> Dict[str, Any]:
     summary = trainer.run.read_summary()
     if summary is None:
         return finish_run(trainer, ds_stats, None)
-    trainer.log(f"{trainer.out} has finished ({summary.get('status', trainer.status)} after "
-                f"{trainer.start_epoch} epochs): nothing to train; raise --epochs (or --patience) "
-                "to continue it")
+    trainer.log(
+        f"{trainer.out} has finished ({summary.get('status', trainer.status)} after "
+        f"{trainer.start_epoch} epochs): nothing to train; raise --epochs (or --patience) "
+        "to continue it"
+    )
     return summary if trainer.is_main else {}

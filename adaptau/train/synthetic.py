@@ -10,6 +10,7 @@ This module only generates the (user, item) pairs, as arrays; the split and the
 :class:`~adaptau.train.data.Dataset` are made by :func:`adaptau.train.data.make_synthetic`
 (also reachable here by its old name, ``adaptau.train.synthetic.make_synthetic``).
 """
+
 from __future__ import annotations
 
 from typing import Tuple
@@ -19,10 +20,18 @@ import numpy as np
 __all__ = ["synthetic_interactions"]
 
 
-def synthetic_interactions(num_users: int = 5000, num_items: int = 3000, *, factors: int = 8,
-                           mean_activity: int = 24, min_activity: int = 5, zipf: float = 1.0,
-                           popularity_weight: float = 0.5, sharpness: float = 8.0,
-                           seed: int = 2023) -> Tuple[np.ndarray, np.ndarray]:
+def synthetic_interactions(
+    num_users: int = 5000,
+    num_items: int = 3000,
+    *,
+    factors: int = 8,
+    mean_activity: int = 24,
+    min_activity: int = 5,
+    zipf: float = 1.0,
+    popularity_weight: float = 0.5,
+    sharpness: float = 8.0,
+    seed: int = 2023,
+) -> Tuple[np.ndarray, np.ndarray]:
     """Generate the interactions (about 5k users × 3k items, ~120k pairs by default):
     ``(users, items)``, two int64 arrays of equal length, grouped by user.
 
@@ -45,7 +54,7 @@ def synthetic_interactions(num_users: int = 5000, num_items: int = 3000, *, fact
     log_pop = -zipf * np.log(ranks)
     # heavy-tailed activity (log-normal), clipped to [min_activity, num_items // 4]
     sigma = 0.8
-    mu = np.log(max(mean_activity - min_activity, 1)) - sigma ** 2 / 2
+    mu = np.log(max(mean_activity - min_activity, 1)) - sigma**2 / 2
     activity = min_activity + np.floor(rng.lognormal(mu, sigma, size=num_users)).astype(np.int64)
     activity = np.minimum(activity, max(min_activity, num_items // 4))
 

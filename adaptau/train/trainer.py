@@ -14,6 +14,7 @@ The trainer is built from parts, each in its own module:
 * :mod:`adaptau.train.summary` — the end of the run: ``summary.json``, the plots, the
   closing log lines.
 """
+
 from __future__ import annotations
 
 import os
@@ -97,8 +98,15 @@ class Trainer(EpochLoop):
             cls = ShardedTrainer
         return super().__new__(cls)
 
-    def __init__(self, cfg: TrainConfig, *, resume: Optional[str] = None, log=print,
-                 dataset: Optional[Dataset] = None, overwrite: bool = False) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        *,
+        resume: Optional[str] = None,
+        log=print,
+        dataset: Optional[Dataset] = None,
+        overwrite: bool = False,
+    ) -> None:
         cfg.validate()
         self.cfg = cfg
         # torchrun workers (WORLD_SIZE > 1) join the group here: gloo on CPU, NCCL on CUDA
@@ -108,17 +116,23 @@ class Trainer(EpochLoop):
         self.rank, self.world_size = dist.rank_and_world()
         self.is_main = self.rank == 0
         # reuse freed host memory instead of page-faulting it in again every step
-        self.heap_kept = (self.device.type == "cpu" and os.environ.get("ADAPTAU_KEEP_FREED_HEAP") != "0"
-                          and keep_freed_heap())
+        self.heap_kept = (
+            self.device.type == "cpu"
+            and os.environ.get("ADAPTAU_KEEP_FREED_HEAP") != "0"
+            and keep_freed_heap()
+        )
 
         random.seed(cfg.seed)
-        np.random.seed(cfg.seed % (2 ** 32))
+        np.random.seed(cfg.seed % (2**32))
         torch.manual_seed(cfg.seed)
 
         t0 = time.time()
-        self.dataset = dataset if dataset is not None else load_dataset(cfg.data, seed=cfg.seed, split=cfg.split)
-        self.split: Split = prepare(self.dataset, cfg.protocol, seed=cfg.seed,
-                                    valid_fraction=cfg.valid_fraction)
+        self.dataset = (
+            dataset if dataset is not None else load_dataset(cfg.data, seed=cfg.seed, split=cfg.split)
+        )
+        self.split: Split = prepare(
+            self.dataset, cfg.protocol, seed=cfg.seed, valid_fraction=cfg.valid_fraction
+        )
         self.load_seconds = time.time() - t0
         ds, sp_ = self.dataset, self.split
         self.num_users, self.num_items = ds.num_users, ds.num_items
@@ -128,27 +142,55 @@ class Trainer(EpochLoop):
         self.activity = np.diff(sp_.train.indptr)
         self.popularity = item_popularity(sp_.train)
 
-        self.model = build_model(cfg.model, self.num_users, self.num_items, sp_.train, dim=cfg.dim,
-                                 dropout=cfg.dropout, layers=cfg.layers, init_std=cfg.init_std)
+        self.model = build_model(
+            cfg.model,
+            self.num_users,
+            self.num_items,
+            sp_.train,
+            dim=cfg.dim,
+            dropout=cfg.dropout,
+            layers=cfg.layers,
+            init_std=cfg.init_std,
+        )
         self.model.to(self.device)
         if cfg.sampler == "mixed" and self.world_size > 1:
-            raise ValueError("--sampler mixed runs in one process: its in-batch part would need "
-                             "every rank's positives (use --sampler in-batch or shared under DDP)")
+            raise ValueError(
+                "--sampler mixed runs in one process: its in-batch part would need "
+                "every rank's positives (use --sampler in-batch or shared under DDP)"
+            )
         self._setup_model()
         self.direct_l2 = cfg.l2 > 0 and self._l2_on_leaves()  # the L2 gradient added to .grad (train_step)
         from ..loss.temperature import AdapTau
 
-        self.controller = AdapTau(self.train_users, self.train_items, num_users=self.num_users,
-                                  num_items=self.num_items, mode=cfg.tau, tau=cfg.tau_value,
-                                  base=cfg.base, smoothing=cfg.smoothing, warmup=cfg.warmup,
-                                  active_quantile=cfg.active_quantile)
-        self.sampler = NegativeSampler(cfg.sampler, self.num_items, cfg.negatives, train=sp_.train,
-                                       gamma=cfg.pop_gamma, device=self.device, pool=cfg.mixed_pool)
+        self.controller = AdapTau(
+            self.train_users,
+            self.train_items,
+            num_users=self.num_users,
+            num_items=self.num_items,
+            mode=cfg.tau,
+            tau=cfg.tau_value,
+            base=cfg.base,
+            smoothing=cfg.smoothing,
+            warmup=cfg.warmup,
+            active_quantile=cfg.active_quantile,
+        )
+        self.sampler = NegativeSampler(
+            cfg.sampler,
+            self.num_items,
+            cfg.negatives,
+            train=sp_.train,
+            gamma=cfg.pop_gamma,
+            device=self.device,
+            pool=cfg.mixed_pool,
+        )
         # global batches of cfg.batch_size rows, the same on every rank (shared seed); each
         # rank keeps rows rank, rank + world_size, … of each (see _rank_rows)
-        self.batches = BatchIterator(self.train_users, self.train_items, cfg.batch_size,
-                                     drop_last=cfg.sampler in ("in-batch", "mixed") and
-                                     self.train_users.numel() >= cfg.batch_size)
+        self.batches = BatchIterator(
+            self.train_users,
+            self.train_items,
+            cfg.batch_size,
+            drop_last=cfg.sampler in ("in-batch", "mixed") and self.train_users.numel() >= cfg.batch_size,
+        )
         gen_device = self.device if self.device.type == "cuda" else "cpu"
         self.shuffle_gen = torch.Generator(device=gen_device).manual_seed(cfg.seed)
         # negatives are drawn for the whole global batch from one stream shared by all ranks
@@ -165,8 +207,15 @@ class Trainer(EpochLoop):
         self.backend_used = ops.resolve_backend(cfg.backend, self.device.type)
         self.status = "running"
 
-        self.run = RunFolder.open(cfg, self.dataset.name, resume=resume, overwrite=overwrite,
-                                  world_size=self.world_size, is_main=self.is_main, echo=log)
+        self.run = RunFolder.open(
+            cfg,
+            self.dataset.name,
+            resume=resume,
+            overwrite=overwrite,
+            world_size=self.world_size,
+            is_main=self.is_main,
+            echo=log,
+        )
         self.out = self.run.path
         self.checkpoints = Checkpointer(self.out, cfg, self.device)
         if resume:
@@ -181,16 +230,21 @@ class Trainer(EpochLoop):
         self.step_module = dist.wrap_model(dist.StepModule(self.model), self.device)
         self.sparse = cfg.sparse_grad != "off"
         if self.sparse and self.world_size > 1:
-            raise ValueError("--sparse-grad runs in one process (DDP all-reduces dense gradients); "
-                             "with several processes add --shard-tables row-wise")
+            raise ValueError(
+                "--sparse-grad runs in one process (DDP all-reduces dense gradients); "
+                "with several processes add --shard-tables row-wise"
+            )
         self.model.sparse = self.sparse
         if cfg.sparse_grad == "sparse-adam":
             self.optimizer = torch.optim.SparseAdam(list(self.model.parameters()), lr=cfg.lr)
         elif cfg.sparse_grad == "adagrad":
             self.optimizer = torch.optim.Adagrad(self.model.parameters(), lr=cfg.lr)
         else:
-            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr,
-                                              **({"fused": True} if self.device.type in ("cpu", "cuda") else {}))
+            self.optimizer = torch.optim.Adam(
+                self.model.parameters(),
+                lr=cfg.lr,
+                **({"fused": True} if self.device.type in ("cpu", "cuda") else {}),
+            )
 
     def log(self, msg: str) -> None:
         """Show ``msg`` and append it to ``train.log`` (rank 0 only)."""
@@ -203,8 +257,10 @@ class Trainer(EpochLoop):
         never written to last.pt or best.pt."""
         for name, value in self.model.named_parameters():
             if not bool(torch.isfinite(value.detach()).all()):
-                raise NonFiniteLossError(f"non-finite weights in {name} after epoch {epoch}; try a "
-                                         f"lower --lr. {self._last_good_checkpoint()}")
+                raise NonFiniteLossError(
+                    f"non-finite weights in {name} after epoch {epoch}; try a "
+                    f"lower --lr. {self._last_good_checkpoint()}"
+                )
 
     def _last_good_checkpoint(self) -> str:
         """Where the run can be picked up again after a stop, as a sentence for the user."""
@@ -215,15 +271,22 @@ class Trainer(EpochLoop):
         controller = self.controller.state_dict()
         if self.world_size > 1:  # the epoch's per-user loss sums of every rank, reduced
             for key in ("loss_sum", "loss_count"):
-                controller[key] = dist.all_reduce_sum(
-                    getattr(self.controller, "_" + key)).detach().cpu()
+                controller[key] = dist.all_reduce_sum(getattr(self.controller, "_" + key)).detach().cpu()
         model_state, optimizer_state = self._model_state(), self._optimizer_state()
         if self.is_main:
             self.checkpoints.save_last(
-                epochs_done, model=model_state, optimizer=optimizer_state, controller=controller,
-                generators=(self.shuffle_gen, self.neg_gen), world_size=self.world_size,
-                history=self.history, best=self.stopping.best, bad_evals=self.stopping.bad_evals,
-                train_seconds=self.train_seconds, tau_snapshots=self.tau_snapshots)
+                epochs_done,
+                model=model_state,
+                optimizer=optimizer_state,
+                controller=controller,
+                generators=(self.shuffle_gen, self.neg_gen),
+                world_size=self.world_size,
+                history=self.history,
+                best=self.stopping.best,
+                bad_evals=self.stopping.bad_evals,
+                train_seconds=self.train_seconds,
+                tau_snapshots=self.tau_snapshots,
+            )
 
     def _model_state(self) -> Dict[str, torch.Tensor]:
         """The model's state for last.pt (collective in subclasses: call it on every rank)."""
@@ -236,9 +299,11 @@ class Trainer(EpochLoop):
     def _restore_model_and_optimizer(self, ckpt: Dict[str, Any]) -> None:
         """Load last.pt's model and optimizer state (``ckpt`` already checked to fit)."""
         if isinstance(ckpt.get("optimizer"), dict) and "torchrec_fused" in ckpt["optimizer"]:
-            raise CheckpointError(f"{self.checkpoints.last_path}: written by a --shard-tables run "
-                                  "(TorchRec fused optimizer state); resume it with --shard-tables "
-                                  f"{ckpt.get('config', {}).get('shard_tables', 'row-wise')}")
+            raise CheckpointError(
+                f"{self.checkpoints.last_path}: written by a --shard-tables run "
+                "(TorchRec fused optimizer state); resume it with --shard-tables "
+                f"{ckpt.get('config', {}).get('shard_tables', 'row-wise')}"
+            )
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
 
@@ -248,11 +313,16 @@ class Trainer(EpochLoop):
         self._restore_model_and_optimizer(ckpt)
         self.controller.load_state_dict(ckpt["controller"])
         if self.rank != 0:  # rank 0 holds the saved (already reduced) sums; the next
-            self.controller._loss_sum.zero_()    # begin_epoch all-reduces them
+            self.controller._loss_sum.zero_()  # begin_epoch all-reduces them
             self.controller._loss_count.zero_()
-        (self.start_epoch, self.history, self.stopping.best, self.stopping.bad_evals,
-         self.train_seconds, self.tau_snapshots) = self.checkpoints.restore_progress(
-            ckpt, self.shuffle_gen, self.neg_gen)
+        (
+            self.start_epoch,
+            self.history,
+            self.stopping.best,
+            self.stopping.bad_evals,
+            self.train_seconds,
+            self.tau_snapshots,
+        ) = self.checkpoints.restore_progress(ckpt, self.shuffle_gen, self.neg_gen)
         self.run.rewrite_metrics(self.history)  # it may hold lines past the checkpoint
 
     # -- evaluation -----------------------------------------------------------------------
@@ -274,8 +344,7 @@ class Trainer(EpochLoop):
             test, exclude = self.split.select, self.split.select_exclude
         else:
             test, exclude = self.split.test, self.split.test_exclude
-        return full_ranking(users, items, test, exclude, ks=self.cfg.topk,
-                            item_popularity=self.popularity)
+        return full_ranking(users, items, test, exclude, ks=self.cfg.topk, item_popularity=self.popularity)
 
     # -- the run --------------------------------------------------------------------------
     def fit(self) -> Dict[str, Any]:
@@ -297,7 +366,9 @@ class Trainer(EpochLoop):
         else:
             self.log(f"resuming {self.out} at epoch {self.start_epoch} (of {cfg.epochs})")
         if cpu_capability() is not None:
-            self.log(f"  cpu kernels: {cpu_capability()} (ADAPTAU_CPU_CAPABILITY=default|avx2|avx512 forces a level)")
+            self.log(
+                f"  cpu kernels: {cpu_capability()} (ADAPTAU_CPU_CAPABILITY=default|avx2|avx512 forces a level)"
+            )
         stopped = None
         for epoch in range(self.start_epoch, cfg.epochs):
             t0 = time.time()
@@ -327,8 +398,10 @@ class Trainer(EpochLoop):
                 torch.distributed.broadcast(flag, 0)
                 stop = bool(flag.item())
             if stop:
-                self.log(f"early stop: {self.metric} did not improve for {cfg.patience} evaluations "
-                         f"(best {self.stopping.best['value']:.4f} at epoch {self.stopping.best['epoch']})")
+                self.log(
+                    f"early stop: {self.metric} did not improve for {cfg.patience} evaluations "
+                    f"(best {self.stopping.best['value']:.4f} at epoch {self.stopping.best['epoch']})"
+                )
                 self.status = "early-stopped"
                 break
         else:
@@ -342,16 +415,22 @@ class Trainer(EpochLoop):
         for note in self.dataset.notes:
             self.log(f"  note: {note}")
         self.log(f"  {self.split.note}")
-        self.log(f"  model {cfg.model} dim {cfg.dim}, tau {cfg.tau}, sampler {cfg.sampler}"
-                 f" ({cfg.negatives if cfg.sampler != 'in-batch' else cfg.batch_size - 1} neg),"
-                 f" batch {cfg.batch_size}, lr {cfg.lr}, l2 {cfg.l2}, {len(self.batches)} steps/epoch,"
-                 f" device {self.device}, world size {self.world_size} -> {self.out}")
+        self.log(
+            f"  model {cfg.model} dim {cfg.dim}, tau {cfg.tau}, sampler {cfg.sampler}"
+            f" ({cfg.negatives if cfg.sampler != 'in-batch' else cfg.batch_size - 1} neg),"
+            f" batch {cfg.batch_size}, lr {cfg.lr}, l2 {cfg.l2}, {len(self.batches)} steps/epoch,"
+            f" device {self.device}, world size {self.world_size} -> {self.out}"
+        )
         if self.heap_kept:
-            self.log("  host memory: freed heap blocks are kept for reuse (keep_freed_heap;"
-                     " ADAPTAU_KEEP_FREED_HEAP=0 turns it off)")
+            self.log(
+                "  host memory: freed heap blocks are kept for reuse (keep_freed_heap;"
+                " ADAPTAU_KEEP_FREED_HEAP=0 turns it off)"
+            )
         if not cfg.normalize and cfg.tau != "fixed":
-            self.log("  note: --no-normalize with --tau adaptive/global multiplies raw dot products "
-                     "by w0; the usual inner-product baseline is --tau fixed --tau-value 1")
+            self.log(
+                "  note: --no-normalize with --tau adaptive/global multiplies raw dot products "
+                "by w0; the usual inner-product baseline is --tau fixed --tau-value 1"
+            )
 
     def _evaluate_epoch(self, epoch: int, rec: Dict[str, Any]) -> None:
         """Rank 0: evaluate on the selection split into ``rec``; best.pt when it is the best."""
@@ -360,19 +439,22 @@ class Trainer(EpochLoop):
         rec["metrics"] = metrics
         rec["eval_seconds"] = round(time.time() - t1, 3)
         if self.stopping.update(epoch, metrics, metrics[self.metric]):
-            self.checkpoints.save_best(epoch, model=self.model.state_dict(),
-                                       controller=self.controller.state_dict(), metrics=metrics)
+            self.checkpoints.save_best(
+                epoch, model=self.model.state_dict(), controller=self.controller.state_dict(), metrics=metrics
+            )
 
 
-def train(cfg: TrainConfig, *, resume: Optional[str] = None, log=print,
-          overwrite: bool = False) -> Dict[str, Any]:
+def train(
+    cfg: TrainConfig, *, resume: Optional[str] = None, log=print, overwrite: bool = False
+) -> Dict[str, Any]:
     """Train a run (or continue ``resume``; ``overwrite`` replaces a run in ``cfg.out``)
     and return its summary."""
     return Trainer(cfg, resume=resume, log=log, overwrite=overwrite).fit()
 
 
-def evaluate_run(run: str, *, checkpoint: str = "best", log=print,
-                 data: Optional[str] = None) -> Dict[str, Dict[str, float]]:
+def evaluate_run(
+    run: str, *, checkpoint: str = "best", log=print, data: Optional[str] = None
+) -> Dict[str, Dict[str, float]]:
     """Re-evaluate a saved run folder: its ``best.pt`` (or ``last.pt``) on the selection
     split and on test. Writes ``eval.json`` into the folder and returns the metrics."""
     run_dir = Path(run)
@@ -389,21 +471,34 @@ def evaluate_run(run: str, *, checkpoint: str = "best", log=print,
     trainer.dataset = load_dataset(cfg.data, seed=cfg.seed, split=cfg.split)
     trainer.split = prepare(trainer.dataset, cfg.protocol, seed=cfg.seed, valid_fraction=cfg.valid_fraction)
     trainer.popularity = item_popularity(trainer.split.train)
-    trainer.model = build_model(cfg.model, trainer.dataset.num_users, trainer.dataset.num_items,
-                                trainer.split.train, dim=cfg.dim, dropout=cfg.dropout,
-                                layers=cfg.layers, init_std=cfg.init_std).to(trainer.device)
+    trainer.model = build_model(
+        cfg.model,
+        trainer.dataset.num_users,
+        trainer.dataset.num_items,
+        trainer.split.train,
+        dim=cfg.dim,
+        dropout=cfg.dropout,
+        layers=cfg.layers,
+        init_std=cfg.init_std,
+    ).to(trainer.device)
     ckpt = load_checkpoint(ckpt_path, trainer.device, cfg=cfg, model=trainer.model)
     trainer.model.load_state_dict(ckpt["model"])
     t0 = time.time()
     rows = {trainer.split.select_name: trainer.evaluate("select")}
     if trainer.split.select_name != "test":
         rows["test"] = trainer.evaluate("test")
-    result = {"checkpoint": str(ckpt_path), "epoch": ckpt.get("epoch"), "protocol": cfg.protocol,
-              "metrics": rows, "seconds": time.time() - t0}
+    result = {
+        "checkpoint": str(ckpt_path),
+        "epoch": ckpt.get("epoch"),
+        "protocol": cfg.protocol,
+        "metrics": rows,
+        "seconds": time.time() - t0,
+    }
     _atomic_write_text(run_dir / "eval.json", _dumps(result))
-    when = (f"after {ckpt.get('epoch')} epochs" if checkpoint == "last"
-            else f"best epoch {ckpt.get('epoch')}")
-    log(f"{ckpt_path} ({when}, {cfg.protocol} protocol, ranked by "
-        f"{'cosine' if cfg.rank_cosine else 'dot product'})")
+    when = f"after {ckpt.get('epoch')} epochs" if checkpoint == "last" else f"best epoch {ckpt.get('epoch')}"
+    log(
+        f"{ckpt_path} ({when}, {cfg.protocol} protocol, ranked by "
+        f"{'cosine' if cfg.rank_cosine else 'dot product'})"
+    )
     log(format_metrics(rows, cfg.topk))
     return rows

@@ -3,10 +3,18 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
-struct __nv_bfloat16 { uint16_t bits; };
-inline float __bfloat162float(__nv_bfloat16 h) { uint32_t u = uint32_t(h.bits) << 16; float f; std::memcpy(&f, &u, 4); return f; }
+struct __nv_bfloat16 {
+  uint16_t bits;
+};
+inline float __bfloat162float(__nv_bfloat16 h) {
+  uint32_t u = uint32_t(h.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
 inline __nv_bfloat16 __float2bfloat16_rn(float x) {
-  uint32_t u; std::memcpy(&u, &x, 4);
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
   if ((u & 0x7fffffffu) > 0x7f800000u) return __nv_bfloat16{uint16_t((u >> 16) | 0x40)};
   u += 0x7fffu + ((u >> 16) & 1u);
   return __nv_bfloat16{uint16_t(u >> 16)};

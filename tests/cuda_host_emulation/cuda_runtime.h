@@ -34,8 +34,15 @@ struct dim3 {
 namespace emu {
 // Cooperative fibers (ucontext): one per CUDA thread of the running block; barriers and warp
 // shuffles yield to a round-robin scheduler. Blocks run one after another.
-struct Fiber { ucontext_t uc; std::vector<char> stack; bool done = false; unsigned tid = 0; };
-struct Bar { unsigned arrived = 0, gen = 0, size = 0; };
+struct Fiber {
+  ucontext_t uc;
+  std::vector<char> stack;
+  bool done = false;
+  unsigned tid = 0;
+};
+struct Bar {
+  unsigned arrived = 0, gen = 0, size = 0;
+};
 inline std::vector<Fiber> fibers;
 inline ucontext_t sched;
 inline int current = 0;
@@ -50,20 +57,32 @@ inline int launches = 0;
 inline void yield() { swapcontext(&fibers[current].uc, &sched); }
 inline void wait(Bar& b) {
   const unsigned my = b.gen;
-  if (++b.arrived == b.size) { b.arrived = 0; ++b.gen; return; }
+  if (++b.arrived == b.size) {
+    b.arrived = 0;
+    ++b.gen;
+    return;
+  }
   while (b.gen == my) yield();
 }
-inline void entry() { body(); fibers[current].done = true; }
+inline void entry() {
+  body();
+  fibers[current].done = true;
+}
 
-template <typename Kernel> struct Launch {
-  Kernel kernel; dim3 grid, block; size_t smem;
-  template <typename... Args> void operator()(Args... args) {
+template <typename Kernel>
+struct Launch {
+  Kernel kernel;
+  dim3 grid, block;
+  size_t smem;
+  template <typename... Args>
+  void operator()(Args... args) {
     ++launches;
     const unsigned n = block.x;
     dyn_smem.assign(smem / sizeof(double) + 1, 0.0);
     body = [&]() { kernel(args...); };
     for (unsigned b = 0; b < grid.x; ++b) {
-      cur_block = dim3(b); cur_dim = block;
+      cur_block = dim3(b);
+      cur_dim = block;
       block_bar = Bar{0, 0, n};
       warp_bars.assign((n + 31) / 32, Bar{0, 0, 32});
       warp_slots.assign(n, 0.0);
@@ -91,7 +110,8 @@ template <typename Kernel> struct Launch {
     }
   }
 };
-template <typename Kernel> Launch<Kernel> launch(Kernel k, dim3 g, dim3 b, size_t s) {
+template <typename Kernel>
+Launch<Kernel> launch(Kernel k, dim3 g, dim3 b, size_t s) {
   return Launch<Kernel>{k, g, b, s};
 }
 }  // namespace emu
@@ -104,7 +124,8 @@ template <typename Kernel> Launch<Kernel> launch(Kernel k, dim3 g, dim3 b, size_
 #define ADAPTAU_LAUNCH(kernel, grid, block, smem, stream) emu::launch(kernel, grid, block, smem)
 
 inline void __syncthreads() { emu::wait(emu::block_bar); }
-template <typename T> T __shfl_xor_sync(unsigned, T v, int o) {
+template <typename T>
+T __shfl_xor_sync(unsigned, T v, int o) {
   const unsigned t = threadIdx.x, w = t / 32, base = w * 32;
   emu::warp_slots[t] = static_cast<double>(v);
   emu::wait(emu::warp_bars[w]);
@@ -112,11 +133,34 @@ template <typename T> T __shfl_xor_sync(unsigned, T v, int o) {
   emu::wait(emu::warp_bars[w]);
   return r;
 }
-inline float atomicAdd(float* p, float v) { float o = *p; *p = o + v; return o; }
-inline double atomicAdd(double* p, double v) { double o = *p; *p = o + v; return o; }
-inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
-inline float __int_as_float(unsigned i) { float f; std::memcpy(&f, &i, 4); return f; }
-inline double __longlong_as_double(unsigned long long i) { double d; std::memcpy(&d, &i, 8); return d; }
+inline float atomicAdd(float* p, float v) {
+  float o = *p;
+  *p = o + v;
+  return o;
+}
+inline double atomicAdd(double* p, double v) {
+  double o = *p;
+  *p = o + v;
+  return o;
+}
+inline float __int_as_float(int i) {
+  float f;
+  std::memcpy(&f, &i, 4);
+  return f;
+}
+inline float __int_as_float(unsigned i) {
+  float f;
+  std::memcpy(&f, &i, 4);
+  return f;
+}
+inline double __longlong_as_double(unsigned long long i) {
+  double d;
+  std::memcpy(&d, &i, 8);
+  return d;
+}
 inline cudaError_t cudaFuncSetAttribute(const void*, cudaFuncAttribute, int) { return cudaSuccess; }
-inline cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t) { std::memset(p, v, n); return cudaSuccess; }
+inline cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t) {
+  std::memset(p, v, n);
+  return cudaSuccess;
+}
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
