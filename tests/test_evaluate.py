@@ -7,7 +7,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from adaptau.train.evaluate import format_metrics, full_ranking
+from adaptau.train.evaluate import by_user_degree, format_metrics, full_ranking
 
 
 def csr(rows, n_users=4, n_items=5):
@@ -144,3 +144,37 @@ def test_mrr_and_map_match_recbole(seed, k):
     got = full_ranking(users, items, test, ks=[k])
     assert got[f"mrr@{k}"] == pytest.approx(want_mrr, abs=1e-12)
     assert got[f"map@{k}"] == pytest.approx(want_map, abs=1e-12)
+
+
+@pytest.mark.parametrize("groups", [1, 3, 7])
+def test_by_user_degree_partitions_the_evaluated_users(groups):
+    """The groups cover every user with a test item exactly once, from the lightest to the
+    heaviest, users of one degree share a group, and the user-weighted mean of a per-user
+    metric over the groups is the overall figure."""
+    rng = np.random.default_rng(5)
+    nu, ni, d = 61, 40, 8
+    users, items = torch.from_numpy(rng.normal(size=(nu, d))), torch.from_numpy(rng.normal(size=(ni, d)))
+    train = sp.random(nu, ni, density=0.2, random_state=1, format="csr")
+    test = sp.random(nu, ni, density=0.05, random_state=2, format="csr")
+    test.data[:] = 1.0
+    degree = np.diff(train.indptr)
+    overall = full_ranking(users, items, test, train, ks=5)
+    rows = by_user_degree(users, items, test, train, degree, groups, ks=5)
+    sizes = [int(name.split("(")[1].split()[0]) for name in rows]
+    assert sum(sizes) == int((np.diff(test.indptr) > 0).sum())
+    assert len(rows) <= groups
+    bounds = [tuple(int(x) for x in name.split()[1].split("-")) for name in rows]
+    assert all(lo <= hi for lo, hi in bounds)
+    assert all(prev[1] < nxt[0] for prev, nxt in zip(bounds, bounds[1:]))  # disjoint degrees
+    for metric in ("recall@5", "ndcg@5", "hit@5"):
+        mean = sum(n * r[metric] for n, r in zip(sizes, rows.values())) / sum(sizes)
+        assert mean == pytest.approx(overall[metric], rel=1e-12, abs=1e-12)
+
+
+def test_by_user_degree_rejects_bad_input():
+    users, items = torch.zeros(3, 2), torch.zeros(4, 2)
+    test = sp.csr_matrix(np.eye(3, 4))
+    with pytest.raises(ValueError, match="groups"):
+        by_user_degree(users, items, test, None, np.zeros(3), 0)
+    with pytest.raises(ValueError, match="degree"):
+        by_user_degree(users, items, test, None, np.zeros(4), 2)

@@ -197,6 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--run", required=True, help="run folder")
     e.add_argument("--checkpoint", choices=["best", "last"], default="best")
     e.add_argument("--data", default=None, help="override the dataset path of the run")
+    e.add_argument(
+        "--by-degree",
+        type=int,
+        default=0,
+        metavar="G",
+        help="also report test metrics for G groups of users, by their number of training interactions",
+    )
     b = sub.add_parser(
         "bench", help="run the kernel benchmark suite (benchmarks/bench_kernels.py)", add_help=False
     )
@@ -281,7 +288,7 @@ def _train_worker(ns: argparse.Namespace) -> int:
 def _cmd_eval(ns: argparse.Namespace) -> int:
     from .trainer import evaluate_run
 
-    evaluate_run(ns.run, checkpoint=ns.checkpoint, data=ns.data)
+    evaluate_run(ns.run, checkpoint=ns.checkpoint, data=ns.data, by_degree=ns.by_degree)
     return 0
 
 

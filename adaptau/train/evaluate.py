@@ -33,7 +33,7 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor
 
-__all__ = ["full_ranking", "item_popularity", "format_metrics", "METRICS"]
+__all__ = ["full_ranking", "by_user_degree", "item_popularity", "format_metrics", "METRICS"]
 
 METRICS = ("recall", "ndcg", "precision", "hit", "mrr", "map", "arp", "coverage", "tail")
 _PER_USER = ("recall", "ndcg", "precision", "hit", "mrr", "map")
@@ -177,6 +177,52 @@ def full_ranking(
     return out
 
 
+def by_user_degree(
+    user_vectors: Tensor,
+    item_vectors: Tensor,
+    test: sp.spmatrix,
+    exclude: Optional[sp.spmatrix],
+    degree: np.ndarray,
+    groups: int,
+    ks: Union[int, Sequence[int]] = (20,),
+    *,
+    item_popularity: Optional[Union[np.ndarray, Tensor]] = None,
+) -> Dict[str, Dict[str, float]]:
+    """:func:`full_ranking` per user group: users with a test item are cut into ``groups``
+    groups of about equal size by ``degree`` (``[num_users]``, e.g. training interactions per
+    user), and each group is ranked on its own. Returns ``{"degree 16-30 (1247 users)":
+    metrics, ...}`` from the lightest users to the heaviest; users of equal degree share a
+    group, so a group may be larger than its share."""
+    if groups < 1:
+        raise ValueError(f"groups must be >= 1, got {groups}")
+    test = _csr(test, "test", (user_vectors.shape[0], item_vectors.shape[0]))
+    degree = np.asarray(degree)
+    if degree.shape != (test.shape[0],):
+        raise ValueError(f"degree must have shape [{test.shape[0]}], got {list(degree.shape)}")
+    evaluated = np.flatnonzero(np.diff(test.indptr) > 0)
+    order = evaluated[np.argsort(degree[evaluated], kind="stable")]
+    out: Dict[str, Dict[str, float]] = {}
+    start = 0
+    for g in range(groups):
+        stop = max(start, (g + 1) * len(order) // groups)
+        while 0 < stop < len(order) and degree[order[stop]] == degree[order[stop - 1]]:
+            stop += 1  # users of one degree stay in one group
+        members = order[start:stop]
+        start = stop
+        if len(members) == 0:
+            continue
+        in_group = np.zeros(test.shape[0], dtype=bool)
+        in_group[members] = True
+        stored = np.repeat(in_group, np.diff(test.indptr))
+        indptr = np.concatenate([[0], np.cumsum(np.where(in_group, np.diff(test.indptr), 0))])
+        group_test = sp.csr_matrix((test.data[stored], test.indices[stored], indptr), shape=test.shape)
+        lo, hi = degree[members[0]], degree[members[-1]]
+        out[f"degree {lo}-{hi} ({len(members)} users)"] = full_ranking(
+            user_vectors, item_vectors, group_test, exclude, ks, item_popularity=item_popularity
+        )
+    return out
+
+
 def format_metrics(rows: Dict[str, Dict[str, float]], ks: Iterable[int] = (20,)) -> str:
     """A plain-text table: one line per split (``rows`` maps split name → metrics)."""
     names = [m for m in METRICS]
@@ -187,9 +233,10 @@ def format_metrics(rows: Dict[str, Dict[str, float]], ks: Iterable[int] = (20,))
             if any(key in r for r in rows.values()):
                 cols.append(key)
     width = max(12, *(len(c) + 2 for c in cols)) if cols else 12
-    head = f"{'split':<8}" + "".join(f"{c:>{width}}" for c in cols)
+    label = max(8, *(len(split) + 1 for split in rows)) if rows else 8
+    head = f"{'split':<{label}}" + "".join(f"{c:>{width}}" for c in cols)
     lines = [head, "-" * len(head)]
     for split, r in rows.items():
         vals = "".join(f"{r[c]:>{width}.4f}" if c in r else f"{'-':>{width}}" for c in cols)
-        lines.append(f"{split:<8}{vals}")
+        lines.append(f"{split:<{label}}{vals}")
     return "\n".join(lines)

@@ -32,7 +32,7 @@ from .checkpoints import Checkpointer, CheckpointError, load_checkpoint
 from .config import TrainConfig, read_run_config, resolve_device
 from .epoch import EpochLoop, NonFiniteLossError
 from .data import Dataset, Split, csr_pairs, load_dataset, prepare
-from .evaluate import format_metrics, full_ranking, item_popularity
+from .evaluate import by_user_degree, format_metrics, full_ranking, item_popularity
 from .host import keep_freed_heap
 from .models import build_model
 from .run_folder import RunFolder
@@ -453,10 +453,12 @@ def train(
 
 
 def evaluate_run(
-    run: str, *, checkpoint: str = "best", log=print, data: Optional[str] = None
+    run: str, *, checkpoint: str = "best", log=print, data: Optional[str] = None, by_degree: int = 0
 ) -> Dict[str, Dict[str, float]]:
     """Re-evaluate a saved run folder: its ``best.pt`` (or ``last.pt``) on the selection
-    split and on test. Writes ``eval.json`` into the folder and returns the metrics."""
+    split and on test, and with ``by_degree=G`` also test per group of users (``G`` groups by
+    training interactions, see :func:`~adaptau.train.evaluate.by_user_degree`). Writes
+    ``eval.json`` into the folder and returns the metrics."""
     run_dir = Path(run)
     cfg = read_run_config(run_dir, flag="--run")
     if data is not None:
@@ -487,6 +489,20 @@ def evaluate_run(
     rows = {trainer.split.select_name: trainer.evaluate("select")}
     if trainer.split.select_name != "test":
         rows["test"] = trainer.evaluate("test")
+    if by_degree:
+        users, items = trainer.ranking_tables()
+        degree = np.diff(trainer.split.train.tocsr().indptr)
+        groups = by_user_degree(
+            users,
+            items,
+            trainer.split.test,
+            trainer.split.test_exclude,
+            degree,
+            by_degree,
+            ks=cfg.topk,
+            item_popularity=trainer.popularity,
+        )
+        rows.update({f"test, {name}": metrics for name, metrics in groups.items()})
     result = {
         "checkpoint": str(ckpt_path),
         "epoch": ckpt.get("epoch"),
