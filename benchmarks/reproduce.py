@@ -405,7 +405,7 @@ def write_report(
 
 def compare_rules(cells, args) -> None:
     """For every (dataset, model, protocol) whose Adap-τ and Adap-τ-0 runs both have
-    evaluations: their test curves in one plot, ``<report stem>_<dataset>-<model>-<protocol>_rules.png``
+    evaluations: their loss, τ and test curves in one plot, ``<report stem>_<dataset>-<model>-<protocol>_rules.png``
     (listed in the report)."""
     from adaptau.train.plots import rule_comparison
 

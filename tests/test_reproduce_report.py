@@ -1,5 +1,6 @@
 """benchmarks/reproduce.py --report-only: the summary of an unfinished run folder."""
 
+import argparse
 import importlib.util
 import json
 import pathlib
@@ -174,3 +175,24 @@ def test_collect_keeps_the_most_final_run_of_each_cell(reproduce, tmp_path):
         and "provisional: Adap-τ-0 still running" in text
     )
     assert "lightgcn Adap-τ against its target (≥ 0.1863 Recall@20, ≥ 0.1558 NDCG@20): met" in text
+
+
+def test_rule_comparison_plots_both_runs(reproduce, tmp_path):
+    """compare_rules writes one figure per (dataset, model, protocol) whose Adap-τ and Adap-τ-0
+    runs both have evaluations, and lists it; a cell with one rule only gets none."""
+    for rule, tau in (("adaptive", (0.05, 0.1, 0.2)), ("global", (0.1, 0.1, 0.1))):
+        folder = tmp_path / f"lastfm-mf-paper-{rule}"
+        folder.mkdir()
+        records = [
+            {"epoch": e, "loss": 5.0 - 0.1 * e, "tau_min": tau[0], "tau_median": tau[1], "tau_max": tau[2]}
+            | ({"metrics": {"recall@20": 0.01 * e, "ndcg@20": 0.008 * e}} if e % 2 else {})
+            for e in range(6)
+        ]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    args = argparse.Namespace(runs=str(tmp_path), out=str(tmp_path / "report.md"), curves=[])
+    cells = [("lastfm", "mf", "paper", "adaptive"), ("lastfm", "mf", "paper", "global")]
+    cells += [("lastfm", "lightgcn", "paper", "adaptive")]
+    reproduce.compare_rules(cells, args)
+    assert args.curves == [("lastfm-mf-paper: Adap-τ against Adap-τ-0", "report_lastfm-mf-paper_rules.png")]
+    png = tmp_path / "report_lastfm-mf-paper_rules.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

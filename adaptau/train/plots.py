@@ -52,19 +52,43 @@ def training_curves(history: List[Dict], metric: str, path: Path) -> None:
 
 
 def rule_comparison(histories: Dict[str, List[Dict]], metrics: List[str], title: str, path: Path) -> None:
-    """The evaluated ``metrics`` (e.g. recall@20, ndcg@20) against the epoch, one panel per
-    metric and one line per run: ``histories`` maps a label (``Adap-τ``) to a run's epoch
-    records (``metrics.jsonl``)."""
+    """Runs side by side by epoch: the training loss, τ (median line, min–max band) and each
+    evaluated metric in ``metrics`` (e.g. recall@20), one panel each and one line per run.
+    ``histories`` maps a label (``Adap-τ``) to a run's epoch records (``metrics.jsonl``)."""
     plt = _plt()
-    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 3.8), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
-        for label, history in histories.items():
-            ev = [h for h in history if metric in (h.get("metrics") or {})]
-            ax.plot([h["epoch"] for h in ev], [h["metrics"][metric] for h in ev], marker=".", label=label)
-        ax.set_title(f"{title}: {metric}")
+    panels = ["loss", "tau"] + list(metrics)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        for k, (label, history) in enumerate(histories.items()):
+            color = f"C{k}"
+            if panel == "loss":
+                ev = [h for h in history if "loss" in h]
+                ax.plot([h["epoch"] for h in ev], [h["loss"] for h in ev], color=color, label=label)
+            elif panel == "tau":
+                ev = [h for h in history if "tau_median" in h]
+                epochs = [h["epoch"] for h in ev]
+                ax.plot(epochs, [h["tau_median"] for h in ev], color=color, label=f"{label} (median)")
+                ax.fill_between(
+                    epochs, [h["tau_min"] for h in ev], [h["tau_max"] for h in ev], color=color, alpha=0.2
+                )
+            else:
+                ev = [h for h in history if panel in (h.get("metrics") or {})]
+                ax.plot(
+                    [h["epoch"] for h in ev],
+                    [h["metrics"][panel] for h in ev],
+                    marker=".",
+                    color=color,
+                    label=label,
+                )
+        ax.set_title(
+            {"loss": f"{title}: training loss", "tau": f"{title}: τ (min–max band)"}.get(
+                panel, f"{title}: {panel}"
+            ),
+            fontsize=9,
+        )
         ax.set_xlabel("epoch")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
