@@ -11,7 +11,8 @@ Operators:
     kernels and the autograd formula in Python), once per CPU backend they dispatch to;
   * adaptau::fused_forward / fused_backward (csrc/registration.cpp: schemas and Meta
     kernels; csrc/softmax_loss_cpu.cpp: the CPU kernels), the ``cpu`` backend's own ops;
-  * adaptau::item_counts (csrc/sampling_cpu.cpp, Meta kernel in csrc/registration.cpp).
+  * adaptau::item_counts (csrc/sampling_cpu.cpp, Meta kernel in csrc/registration.cpp);
+  * adaptau::compact_indices (csrc/compact_cpu.cpp, fake kernel in adaptau/loss/ops.py).
 Inputs are the cases of tests/_cases.py: per-row [B, M], shared [M] and in-batch negatives,
 int64 and int32 indices, float32 and float64, with and without the options.
 """
@@ -117,3 +118,14 @@ def test_fused_forward_is_not_differentiated_directly():
 def test_item_counts(index_dtype):
     indices = torch.randint(0, 13, (5, 7), generator=torch.Generator().manual_seed(0)).to(index_dtype)
     _assert_opcheck(torch.ops.adaptau.item_counts.default, (indices, 13))
+
+
+@NEEDS_CPU_KERNEL
+@pytest.mark.parametrize("neg_shape", [(5, 7), (9,), (0,)], ids=["per-row", "shared", "none"])
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_compact_indices(neg_shape, index_dtype):
+    """The touched-rows compaction: its fake gives unique_ids a data-dependent length."""
+    g = torch.Generator().manual_seed(3)
+    pos = torch.randint(0, 40, (5,), generator=g).to(index_dtype)
+    neg = torch.randint(0, 40, neg_shape, generator=g).to(index_dtype)
+    _assert_opcheck(torch.ops.adaptau.compact_indices.default, (pos, neg, 40))

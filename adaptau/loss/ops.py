@@ -560,6 +560,15 @@ def _check_index_tensor(name: str, index: Tensor, like: Tensor) -> None:
 _COMPACT_BITMAP_RATIO = 4
 
 
+if _extension.has_op("compact_indices"):
+
+    @torch.library.register_fake("adaptau::compact_indices", lib=_LIB)
+    def _compact_indices_fake(pos: Tensor, neg: Tensor, num_items: int):
+        """Output shapes for FakeTensor tracing: ``unique_ids`` has a data-dependent length."""
+        count = torch.library.get_ctx().new_dynamic_size()
+        return pos.new_empty((count,), dtype=torch.int64), torch.empty_like(pos), torch.empty_like(neg)
+
+
 def compact(
     pos: Tensor, neg: Optional[Tensor] = None, *, num_items: Optional[int] = None
 ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
