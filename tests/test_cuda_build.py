@@ -21,6 +21,7 @@ import subprocess
 import sys
 
 import pytest
+from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CU_FILES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
@@ -78,15 +79,16 @@ def _ptxas_over_limits(log):
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found (set NVCC or CUDA_HOME)")
-@pytest.mark.xfail(
-    strict=True,
-    reason="ptxas (CUDA 13, sm_90) spills 4 bytes in bwd_kernel "
-    "for bfloat16 and float16 with int64 indices (40 registers: not register "
-    "pressure); strict, so this fails once the spill is gone",
-)
 @pytest.mark.parametrize("source", CU_FILES, ids=[os.path.basename(f) for f in CU_FILES])
-def test_cu_has_no_register_spills(source, tmp_path):
-    cmd = [NVCC, *NVCC_FLAGS, "-Xptxas", "-v", "-c", source, "-o", str(tmp_path / "k.o")]
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["--use_fast_math"], list(COMMON_NVCC_FLAGS)],
+    ids=["setup.py-flags", "fast-math", "torch-common-flags"],
+)
+def test_cu_has_no_register_spills(source, extra, tmp_path):
+    """No kernel spills, with setup.py's flags, with fast math, and with the flags torch's
+    cpp_extension adds to every CUDA build."""
+    cmd = [NVCC, *NVCC_FLAGS, *extra, "-Xptxas", "-v", "-c", source, "-o", str(tmp_path / "k.o")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}"
     bad = _ptxas_over_limits(proc.stdout + proc.stderr)

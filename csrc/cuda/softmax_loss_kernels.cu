@@ -40,6 +40,14 @@ constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kThreads = ADAPTAU_CUDA_THREADS;
 constexpr size_t kDefaultSmem = 48 * 1024;
 
+// `#pragma unroll n` for nvcc; nothing for a host compiler (the tests' host emulation).
+#ifdef __CUDACC__
+#define ADAPTAU_PRAGMA(x) _Pragma(#x)
+#define ADAPTAU_UNROLL(n) ADAPTAU_PRAGMA(unroll n)
+#else
+#define ADAPTAU_UNROLL(n)
+#endif
+
 template <typename T>
 struct AccOf {
   using type = float;
@@ -342,6 +350,9 @@ __global__ void __launch_bounds__(kThreads)
       if (w == A(0)) continue;
       const A wc = w * rc, wu = w * ru;
       A* dst = item_accum + idx * D;
+      // Not unrolled: each column ends in a global atomic, and unrolled, ptxas spills 4 bytes
+      // for 16-bit rows with int64 indices.
+      ADAPTAU_UNROLL(1)
       for (int64_t k = lane; k < D; k += kWarp) {
         acc[k] += wc * to_acc(row[k]);
         atomic_add(dst + k, wu * u_s[k]);
