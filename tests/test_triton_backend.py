@@ -139,6 +139,7 @@ def _worker_extra(results):
 
     import torch
     from adaptau import kernels
+    from adaptau.kernels import _tile_common as tiles
     from adaptau.kernels import softmax_loss as K
 
     def record(key, fn):
@@ -303,30 +304,30 @@ def _worker_extra(results):
 
     def tuning():
         problems = []
-        interp = K._interpreting
-        K._interpreting = lambda: False
+        interp = tiles._interpreting
+        tiles._interpreting = lambda: False
         try:
-            configs = K._tile_configs()
+            configs = tiles._tile_configs()
             for B, M, bd, tag in (
                 (2048, 1024, 64, 0),
                 (3, 5, 16, 0),
                 (2048, 1024, 1024, 0),
                 (2048, 1024, 64, 1),
             ):
-                kept = K._prune_tile_configs(
+                kept = tiles._prune_tile_configs(
                     configs, {"B": B, "M": M, "TUNE_TAG": tag, "user_ptr": torch.empty(1)}, BLOCK_D=bd
                 )
-                cap = K._tile_cap(bd)
+                cap = tiles._tile_cap(bd)
                 if not 1 <= len(kept) <= (1 if tag else 3):
                     problems.append(f"{(B, M, bd, tag)}: {len(kept)} configs")
                 for c in kept:
                     if max(c.kwargs["BLOCK_B"], c.kwargs["BLOCK_N"]) > max(16, cap):
                         problems.append(f"{(B, M, bd, tag)}: {c} over the cap {cap}")
         finally:
-            K._interpreting = interp
+            tiles._interpreting = interp
         if (
             len(
-                K._prune_tile_configs(
+                tiles._prune_tile_configs(
                     configs, {"B": 2048, "M": 1024, "TUNE_TAG": 0, "user_ptr": torch.empty(1)}, BLOCK_D=64
                 )
             )
