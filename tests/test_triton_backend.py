@@ -26,7 +26,7 @@ also runs, under the interpreter:
   autotuner may time;
 * ``TOUCHED_CASES``: a 2,000,000-row table (D = 8) with a few touched rows, every mode:
   the same results as the reference, and no launch with more programs than the batch
-  has indices (the launches are counted through ``softmax_loss._launch_log``);
+  has indices (the launches are counted through ``launch._launch_log``);
 * the deterministic mode (``torch.use_deterministic_algorithms(True)``): bitwise equal
   results on a repeat, no atomics; the tf32 switch (``torch.backends.cuda.matmul.allow_tf32``).
 """
@@ -70,7 +70,7 @@ def _worker(out_path):
 
     torch.set_num_threads(1)
     # scratch buffers start as NaN: a read of an entry no kernel wrote fails the case
-    importlib.import_module("adaptau.kernels.softmax_loss")._poison = True
+    importlib.import_module("adaptau.kernels.launch")._poison = True
     results = {"_meta": {"available": bool(kernels.AVAILABLE), "backends": adaptau.available_backends("cpu")}}
     for name, spec in CASES.items():
         for gmode in ITEM_GRAD_MODES:
@@ -139,7 +139,8 @@ def _worker_extra(results):
 
     import torch
     from adaptau import kernels
-    from adaptau.kernels import softmax_loss as K
+    from adaptau.kernels import _tile_common as tiles
+    from adaptau.kernels import launch
 
     def record(key, fn):
         start = time.time()
@@ -155,16 +156,16 @@ def _worker_extra(results):
 
                 def run(name=name, spec=spec, gmode=gmode, split=split):
                     kernels.set_item_grad_mode(gmode)
-                    K._force_split(split)
+                    launch._force_split(split)
                     # 7 slices: one full-width score dot (the 16-bit inputs' shape)
-                    K._full_width_dots = split == 7
+                    launch._full_width_dots = split == 7
                     try:
                         return check_backend_functions(
                             f"split-{name}", spec, kernels.forward, kernels.backward
                         )
                     finally:
-                        K._force_split(None)
-                        K._full_width_dots = False
+                        launch._force_split(None)
+                        launch._full_width_dots = False
                         kernels.set_item_grad_mode("atomic")
 
                 record(f"split-{name}-{split}[{gmode}]", run)
@@ -174,13 +175,13 @@ def _worker_extra(results):
 
             def run(name=name, spec=spec, gmode=gmode):
                 kernels.set_item_grad_mode(gmode)
-                K._launch_log = log = []
+                launch._launch_log = log = []
                 try:
                     problems = check_backend_functions(
                         f"touched-{name}", spec, kernels.forward, kernels.backward
                     )
                 finally:
-                    K._launch_log = None
+                    launch._launch_log = None
                     kernels.set_item_grad_mode("atomic")
                 B, M = spec["B"], spec.get("M", 6)
                 # pos, then the negatives: [B, M], [M], or the positives again (in-batch)
@@ -200,8 +201,8 @@ def _worker_extra(results):
     def deterministic():
         spec = {"mode": 1, "B": 40, "M": 70, "N": 90, "D": 24, "dup": True, "include_pos": True}
         torch.use_deterministic_algorithms(True)
-        K._force_split(3)
-        K._launch_log = log = []
+        launch._force_split(3)
+        launch._launch_log = log = []
         try:
             problems = check_backend_functions("deterministic", spec, kernels.forward, kernels.backward)
             x = make_inputs("deterministic", spec)
@@ -246,8 +247,8 @@ def _worker_extra(results):
                 )
         finally:
             torch.use_deterministic_algorithms(False)
-            K._force_split(None)
-            K._launch_log = None
+            launch._force_split(None)
+            launch._launch_log = None
         if not all(torch.equal(a, b) for a, b in zip(*outs)):
             problems.append("a repeat under deterministic algorithms is not bitwise equal")
         if "_item_finalize_kernel" in {k for k, _ in log}:
@@ -264,10 +265,10 @@ def _worker_extra(results):
         try:
             for flag, want in ((False, "ieee"), (True, "tf32")):
                 torch.backends.cuda.matmul.allow_tf32 = flag
-                got = K._dot_precision(torch.float32)
-                if not K.FP32_DOT_PRECISION and got != want:
+                got = launch._dot_precision(torch.float32)
+                if not launch.FP32_DOT_PRECISION and got != want:
                     problems.append(f"allow_tf32={flag}: fp32 dots {got!r}, expected {want!r}")
-                if K._dot_precision(torch.float64) != "ieee":
+                if launch._dot_precision(torch.float64) != "ieee":
                     problems.append("float64 dots are not ieee")
             # the kernels take the tf32 constexpr (the interpreter computes it in fp32)
             problems += check_backend_functions(
@@ -281,52 +282,52 @@ def _worker_extra(results):
 
     def split_choice():
         problems = []
-        sm = K._sm_count
-        K._sm_count = lambda device: 132  # an H200
+        sm = launch._sm_count
+        launch._sm_count = lambda device: 132  # an H200
         try:
             dev = torch.device("cpu")
             for B, M in ((2048, 1024), (2048, 4096), (256, 100_000), (8192, 1024), (3, 5)):
                 rows = -(-B // 64)
                 blocks = -(-M // 128)
-                s = K._split_count(rows, blocks, dev)
+                s = launch._split_count(rows, blocks, dev)
                 if not (1 <= s <= max(1, blocks)):
                     problems.append(f"B={B} M={M}: {s} slices for {blocks} blocks")
                 if rows * s < 264 and s < blocks:
                     problems.append(f"B={B} M={M}: {rows}x{s} programs below 2 per SM")
-            if K._split_count(32, 8, dev) != 8:  # the paper shape's shared mode
-                problems.append(f"B=2048 M=1024: {K._split_count(32, 8, dev)} slices, not 8")
+            if launch._split_count(32, 8, dev) != 8:  # the paper shape's shared mode
+                problems.append(f"B=2048 M=1024: {launch._split_count(32, 8, dev)} slices, not 8")
         finally:
-            K._sm_count = sm
+            launch._sm_count = sm
         return problems
 
     record("split-choice", split_choice)
 
     def tuning():
         problems = []
-        interp = K._interpreting
-        K._interpreting = lambda: False
+        interp = tiles._interpreting
+        tiles._interpreting = lambda: False
         try:
-            configs = K._tile_configs()
+            configs = tiles._tile_configs()
             for B, M, bd, tag in (
                 (2048, 1024, 64, 0),
                 (3, 5, 16, 0),
                 (2048, 1024, 1024, 0),
                 (2048, 1024, 64, 1),
             ):
-                kept = K._prune_tile_configs(
+                kept = tiles._prune_tile_configs(
                     configs, {"B": B, "M": M, "TUNE_TAG": tag, "user_ptr": torch.empty(1)}, BLOCK_D=bd
                 )
-                cap = K._tile_cap(bd)
+                cap = tiles._tile_cap(bd)
                 if not 1 <= len(kept) <= (1 if tag else 3):
                     problems.append(f"{(B, M, bd, tag)}: {len(kept)} configs")
                 for c in kept:
                     if max(c.kwargs["BLOCK_B"], c.kwargs["BLOCK_N"]) > max(16, cap):
                         problems.append(f"{(B, M, bd, tag)}: {c} over the cap {cap}")
         finally:
-            K._interpreting = interp
+            tiles._interpreting = interp
         if (
             len(
-                K._prune_tile_configs(
+                tiles._prune_tile_configs(
                     configs, {"B": 2048, "M": 1024, "TUNE_TAG": 0, "user_ptr": torch.empty(1)}, BLOCK_D=64
                 )
             )
