@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["lambertw", "AdapTau", "mean_normalized_rows"]
+__all__ = ["lambertw", "AdapTau", "AlignmentGap", "mean_normalized_rows"]
 
 _INV_E = math.exp(-1.0)
 
@@ -123,6 +123,125 @@ def mean_normalized_rows(rows: Tensor) -> Tensor:
     return total[:-1] / total[-1].clamp(min=1)
 
 
+def _check_pairs(user_ids: Tensor, item_ids: Tensor) -> None:
+    """The training pairs AdapTau is built from: two 1-D integer tensors of one length,
+    non-empty, with non-negative ids."""
+    for name, ids in (("user_ids", user_ids), ("item_ids", item_ids)):
+        if not isinstance(ids, Tensor) or ids.dtype not in (
+            torch.int32,
+            torch.int64,
+            torch.int16,
+            torch.uint8,
+        ):
+            raise TypeError(f"{name} must be an integer tensor")
+        if ids.dim() != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {tuple(ids.shape)}")
+    if user_ids.shape != item_ids.shape:
+        raise ValueError("user_ids and item_ids must have the same length")
+    if user_ids.numel() == 0:
+        raise ValueError("no training interactions")
+    if int(user_ids.min()) < 0 or int(item_ids.min()) < 0:
+        raise ValueError("ids must be non-negative")
+
+
+def _check_settings(mode, modes, tau, base, smoothing, warmup, active_quantile) -> None:
+    """AdapTau's settings, each in its range (ValueError naming the first that is not)."""
+    if mode not in modes:
+        raise ValueError(f"mode must be one of {modes}, got {mode!r}")
+    if not (isinstance(base, str) and base == "mean") and not (
+        isinstance(base, (int, float)) and not isinstance(base, bool) and 0.0 < base < 1.0
+    ):
+        raise ValueError(f"base must be 'mean' or a quantile in (0, 1), got {base!r}")
+    if not smoothing > 0:
+        raise ValueError(f"smoothing must be > 0, got {smoothing}")
+    if not tau > 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    if not 0.0 <= active_quantile < 1.0:
+        raise ValueError(f"active_quantile must be in [0, 1), got {active_quantile}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+
+
+class AlignmentGap:
+    """p̄ − ā of Adap-τ's w₀ rule: the mean cosine of the active users' training pairs
+    minus those users' mean alignment with the mean normalized item ē.
+
+    Args:
+        users: ``[P]`` int64 user of every training pair.
+        items: ``[P]`` int64 item of every training pair.
+        active: ``[num_users]`` bool, the users whose pairs count.
+        num_items: N.
+    """
+
+    def __init__(self, users: Tensor, items: Tensor, active: Tensor, num_items: int) -> None:
+        pair_active = active[users]
+        self.num_users, self.num_items = int(active.shape[0]), int(num_items)
+        self._active = active
+        self._pair_users = users[pair_active]
+        self._pair_items = items[pair_active]
+        self._pair_matrix: Optional[Tensor] = None  # built on first use (see whole)
+
+    def whole(self, user_vectors: Tensor, item_vectors: Tensor) -> float:
+        """p̄ − ā: mean cosine of active users' train pairs minus their mean alignment.
+
+        The pairs' cosines are summed as Σ_u ⟨û, Σ_{i ∈ pairs(u)} v̂_i⟩: one sparse
+        ``[users, items] @ [items, D]`` product (duplicate pairs count twice, as in the
+        mean) instead of gathering both rows of every pair (~0.8 s per epoch on Gowalla's
+        810k pairs in float64, against ~30 ms).
+        """
+        u = F.normalize(user_vectors.detach().double(), dim=-1)
+        v = F.normalize(item_vectors.detach().double(), dim=-1)
+        A = self._pair_matrix
+        if A is None or A.device != u.device:
+            ones = torch.ones(self._pair_users.numel(), dtype=torch.float64)
+            coo = torch.sparse_coo_tensor(
+                torch.stack([self._pair_users.cpu(), self._pair_items.cpu()]),
+                ones,
+                (self.num_users, self.num_items),
+                check_invariants=True,
+            )
+            with warnings.catch_warnings():  # CSR (2x faster than COO here) warns it is beta
+                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+                A = self._pair_matrix = coo.coalesce().to_sparse_csr().to(u.device)
+        p_bar = float((u * (A @ v)).sum()) / self._pair_users.numel()
+        e_bar = v.mean(0)
+        a_bar = float((u[self._active.to(u.device)] @ e_bar).mean())
+        return p_bar - a_bar
+
+    @torch.no_grad()
+    def sharded(self, user_rows: Tensor, user_start: int, item_rows: Tensor, item_start: int) -> float:
+        """p̄ − ā (as :meth:`whole` computes it) from row blocks of tables sharded across
+        the ranks of the default process group.
+
+        Each rank passes its own contiguous blocks: ``user_rows`` ``[n_u, D]`` are users
+        ``user_start … user_start + n_u − 1`` and ``item_rows`` ``[n_i, D]`` items
+        ``item_start …``; together the blocks of all ranks cover each table once. Collective
+        (call it on every rank); without a process group the blocks are the whole tables.
+        What travels: ē as a sum of normalized local rows and a count
+        (:func:`mean_normalized_rows`), the pair sums ``A[:, block] @ v̂_block`` as one
+        ``[num_users, D]`` float64 all-reduce, and three scalars.
+        """
+        u = F.normalize(user_rows.detach().double(), dim=-1)
+        v = F.normalize(item_rows.detach().double(), dim=-1)
+        dev = u.device
+        e_bar = mean_normalized_rows(item_rows)
+        # Σ over Y′ of cos(u, i) = Σ_u ⟨û_u, Σ_{i ∈ pairs(u)} v̂_i⟩: this rank's items first
+        pu, pi = self._pair_users.to(dev), self._pair_items.to(dev)
+        mine = (pi >= item_start) & (pi < item_start + v.shape[0])
+        partial = torch.zeros(self.num_users, v.shape[1], dtype=torch.float64, device=dev)
+        partial.index_add_(0, pu[mine], v.index_select(0, pi[mine] - item_start))
+        if _distributed_ready():
+            torch.distributed.all_reduce(partial)
+        block = slice(int(user_start), int(user_start) + u.shape[0])
+        active = self._active.to(dev)[block]
+        sums = torch.stack([(u * partial[block]).sum(), (u[active] @ e_bar.double()).sum()])
+        if _distributed_ready():
+            torch.distributed.all_reduce(sums)
+        p_bar = float(sums[0]) / self._pair_users.numel()
+        a_bar = float(sums[1]) / int(self._active.sum())
+        return p_bar - a_bar
+
+
 class AdapTau:
     """Per-user inverse temperatures by the Adap-τ rule, updated once per epoch.
 
@@ -178,36 +297,8 @@ class AdapTau:
         warmup: int = 10,
         active_quantile: float = 0.2,
     ) -> None:
-        for name, ids in (("user_ids", user_ids), ("item_ids", item_ids)):
-            if not isinstance(ids, Tensor) or ids.dtype not in (
-                torch.int32,
-                torch.int64,
-                torch.int16,
-                torch.uint8,
-            ):
-                raise TypeError(f"{name} must be an integer tensor")
-            if ids.dim() != 1:
-                raise ValueError(f"{name} must be 1-D, got shape {tuple(ids.shape)}")
-        if user_ids.shape != item_ids.shape:
-            raise ValueError("user_ids and item_ids must have the same length")
-        if user_ids.numel() == 0:
-            raise ValueError("no training interactions")
-        if int(user_ids.min()) < 0 or int(item_ids.min()) < 0:
-            raise ValueError("ids must be non-negative")
-        if mode not in self.MODES:
-            raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
-        if not (isinstance(base, str) and base == "mean") and not (
-            isinstance(base, (int, float)) and not isinstance(base, bool) and 0.0 < base < 1.0
-        ):
-            raise ValueError(f"base must be 'mean' or a quantile in (0, 1), got {base!r}")
-        if not smoothing > 0:
-            raise ValueError(f"smoothing must be > 0, got {smoothing}")
-        if not tau > 0:
-            raise ValueError(f"tau must be > 0, got {tau}")
-        if not 0.0 <= active_quantile < 1.0:
-            raise ValueError(f"active_quantile must be in [0, 1), got {active_quantile}")
-        if warmup < 0:
-            raise ValueError(f"warmup must be >= 0, got {warmup}")
+        _check_pairs(user_ids, item_ids)
+        _check_settings(mode, self.MODES, tau, base, smoothing, warmup, active_quantile)
 
         device = user_ids.device
         self.num_users = int(num_users) if num_users is not None else int(user_ids.max()) + 1
@@ -229,11 +320,7 @@ class AdapTau:
         if num_active_pairs == 0:  # every user at the threshold: fall back to all users
             active = counts > 0
             num_active_pairs = float(counts[active].sum())
-        self._active = active
-        pair_active = active[users]
-        self._pair_users = users[pair_active]
-        self._pair_items = item_ids.long()[pair_active]
-        self._pair_matrix: Optional[Tensor] = None  # built on first use (see _alignment_gap)
+        self._gap = AlignmentGap(users, item_ids.long(), active, self.num_items)
         self.c = 2.0 * (
             math.log(0.5) + math.log(float(active.sum()) * self.num_items) - math.log(num_active_pairs)
         )
@@ -313,66 +400,17 @@ class AdapTau:
             )
 
     def _alignment_gap(self, user_vectors: Tensor, item_vectors: Tensor) -> float:
-        """p̄ − ā: mean cosine of active users' train pairs minus their mean alignment.
-
-        The pairs' cosines are summed as Σ_u ⟨û, Σ_{i ∈ pairs(u)} v̂_i⟩: one sparse
-        ``[users, items] @ [items, D]`` product (duplicate pairs count twice, as in the
-        mean) instead of gathering both rows of every pair (~0.8 s per epoch on Gowalla's
-        810k pairs in float64, against ~30 ms).
-        """
-        u = F.normalize(user_vectors.detach().double(), dim=-1)
-        v = F.normalize(item_vectors.detach().double(), dim=-1)
-        A = self._pair_matrix
-        if A is None or A.device != u.device:
-            ones = torch.ones(self._pair_users.numel(), dtype=torch.float64)
-            coo = torch.sparse_coo_tensor(
-                torch.stack([self._pair_users.cpu(), self._pair_items.cpu()]),
-                ones,
-                (self.num_users, self.num_items),
-                check_invariants=True,
-            )
-            with warnings.catch_warnings():  # CSR (2x faster than COO here) warns it is beta
-                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-                A = self._pair_matrix = coo.coalesce().to_sparse_csr().to(u.device)
-        p_bar = float((u * (A @ v)).sum()) / self._pair_users.numel()
-        e_bar = v.mean(0)
-        a_bar = float((u[self._active.to(u.device)] @ e_bar).mean())
-        return p_bar - a_bar
+        """p̄ − ā from whole tables (:meth:`AlignmentGap.whole`)."""
+        return self._gap.whole(user_vectors, item_vectors)
 
     @torch.no_grad()
     def sharded_alignment_gap(
         self, user_rows: Tensor, user_start: int, item_rows: Tensor, item_start: int
     ) -> float:
         """p̄ − ā (as :meth:`begin_epoch` computes it from whole tables) from row blocks of
-        tables sharded across the ranks of the default process group.
-
-        Each rank passes its own contiguous blocks: ``user_rows`` ``[n_u, D]`` are users
-        ``user_start … user_start + n_u − 1`` and ``item_rows`` ``[n_i, D]`` items
-        ``item_start …``; together the blocks of all ranks cover each table once. Collective
-        (call it on every rank); without a process group the blocks are the whole tables.
-        What travels: ē as a sum of normalized local rows and a count
-        (:func:`mean_normalized_rows`), the pair sums ``A[:, block] @ v̂_block`` as one
-        ``[num_users, D]`` float64 all-reduce, and three scalars.
-        """
-        u = F.normalize(user_rows.detach().double(), dim=-1)
-        v = F.normalize(item_rows.detach().double(), dim=-1)
-        dev = u.device
-        e_bar = mean_normalized_rows(item_rows)
-        # Σ over Y′ of cos(u, i) = Σ_u ⟨û_u, Σ_{i ∈ pairs(u)} v̂_i⟩: this rank's items first
-        pu, pi = self._pair_users.to(dev), self._pair_items.to(dev)
-        mine = (pi >= item_start) & (pi < item_start + v.shape[0])
-        partial = torch.zeros(self.num_users, v.shape[1], dtype=torch.float64, device=dev)
-        partial.index_add_(0, pu[mine], v.index_select(0, pi[mine] - item_start))
-        if _distributed_ready():
-            torch.distributed.all_reduce(partial)
-        block = slice(int(user_start), int(user_start) + u.shape[0])
-        active = self._active.to(dev)[block]
-        sums = torch.stack([(u * partial[block]).sum(), (u[active] @ e_bar.double()).sum()])
-        if _distributed_ready():
-            torch.distributed.all_reduce(sums)
-        p_bar = float(sums[0]) / self._pair_users.numel()
-        a_bar = float(sums[1]) / int(self._active.sum())
-        return p_bar - a_bar
+        tables sharded across the ranks of the default process group
+        (:meth:`AlignmentGap.sharded`: the arguments, and what travels). Collective."""
+        return self._gap.sharded(user_rows, user_start, item_rows, item_start)
 
     # -- per step -----------------------------------------------------------------------
     def scales(self, users: Tensor) -> Tuple[float, Tensor]:
