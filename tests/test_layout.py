@@ -1,4 +1,4 @@
-"""The package layout (issue #22): adaptau.loss / adaptau.train, the old flat paths as
+"""The package layout: adaptau.loss / adaptau.train, the old flat paths as
 deprecation shims, the backend contract's constants stated once, one importer of _C."""
 
 import ast
@@ -16,6 +16,7 @@ import adaptau.loss._contract as contract
 from adaptau._deprecated import MOVED
 
 PACKAGE = pathlib.Path(adaptau.__file__).resolve().parent
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_importing_the_loss_imports_no_trainer_module():
@@ -156,3 +157,31 @@ def test_synthetic_generator_does_not_import_data():
     assert synthetic.make_synthetic is make_synthetic  # the old name still resolves
     ds = make_synthetic(50, 40, seed=3)
     assert isinstance(ds, Dataset)
+
+
+def _sources():
+    roots = ("adaptau", "kernels", "csrc", "benchmarks")
+    suffixes = (".py", ".cpp", ".h", ".cu", ".cuh")
+    for root in roots:
+        for path in sorted((REPO_ROOT / root).rglob("*")):
+            if path.suffix in suffixes and path.is_file() and "build" not in path.parts:
+                yield path
+
+
+def test_no_source_file_is_over_900_lines():
+    """Files a reader can hold in mind: every source file stays at 900 lines or fewer."""
+    long = {
+        str(p.relative_to(REPO_ROOT)): n for p in _sources() if (n := len(p.read_text().splitlines())) > 900
+    }
+    assert not long, f"split these by seam: {long}"
+
+
+def test_no_python_class_is_over_300_lines():
+    """A class does one job: none in the package, kernels or benchmarks is over 300 lines."""
+    big = {}
+    for path in _sources():
+        if path.suffix == ".py":
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 300:
+                    big[f"{path.relative_to(REPO_ROOT)}:{node.name}"] = node.end_lineno - node.lineno + 1
+    assert not big, f"split these classes: {big}"

@@ -1,6 +1,7 @@
 """Checkpoints: :class:`Checkpointer` (a run's ``last.pt`` and ``best.pt``), read safely
 (tensors and plain values only), checked against the model they are loaded into, and the
-RNG states in a form ``weights_only`` loading accepts."""
+RNG states in a form ``weights_only`` loading accepts; :func:`save_run_state` and
+:func:`resume_run_state` write and restore a trainer's whole state through them."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Un
 import numpy as np
 import torch
 
+from . import distributed as dist
+
 if TYPE_CHECKING:
     from .config import TrainConfig
 
@@ -22,6 +25,8 @@ __all__ = [
     "check_checkpoint_fits",
     "rng_state",
     "set_rng_state",
+    "save_run_state",
+    "resume_run_state",
 ]
 
 
@@ -233,3 +238,47 @@ class Checkpointer:
         if not self.last_path.is_file():
             return "No checkpoint was written (the run stopped in its first epoch)."
         return f"The last good checkpoint is {self.last_path} (after epoch {epochs_done - 1})."
+
+
+def save_run_state(trainer, epochs_done: int) -> None:
+    """Write the trainer's last.pt on rank 0: weights, optimizer, controller, RNG states and
+    progress after ``epochs_done`` epochs. Collective when world_size > 1: call it on every rank."""
+    controller = trainer.controller.state_dict()
+    if trainer.world_size > 1:  # the epoch's per-user loss sums of every rank, reduced
+        for key in ("loss_sum", "loss_count"):
+            controller[key] = dist.all_reduce_sum(getattr(trainer.controller, "_" + key)).detach().cpu()
+    model_state, optimizer_state = trainer._model_state(), trainer._optimizer_state()
+    if trainer.is_main:
+        trainer.checkpoints.save_last(
+            epochs_done,
+            model=model_state,
+            optimizer=optimizer_state,
+            controller=controller,
+            generators=(trainer.shuffle_gen, trainer.neg_gen),
+            world_size=trainer.world_size,
+            history=trainer.history,
+            best=trainer.stopping.best,
+            bad_evals=trainer.stopping.bad_evals,
+            train_seconds=trainer.train_seconds,
+            tau_snapshots=trainer.tau_snapshots,
+        )
+
+
+def resume_run_state(trainer) -> None:
+    """Continue the trainer from its last.pt: weights, optimizer, controller, RNG states and
+    progress."""
+    ckpt = trainer.checkpoints.load_last(trainer.model)
+    trainer._restore_model_and_optimizer(ckpt)
+    trainer.controller.load_state_dict(ckpt["controller"])
+    if trainer.rank != 0:  # rank 0 holds the saved (already reduced) sums; the next
+        trainer.controller._loss_sum.zero_()  # begin_epoch all-reduces them
+        trainer.controller._loss_count.zero_()
+    (
+        trainer.start_epoch,
+        trainer.history,
+        trainer.stopping.best,
+        trainer.stopping.bad_evals,
+        trainer.train_seconds,
+        trainer.tau_snapshots,
+    ) = trainer.checkpoints.restore_progress(ckpt, trainer.shuffle_gen, trainer.neg_gen)
+    trainer.run.rewrite_metrics(trainer.history)  # it may hold lines past the checkpoint

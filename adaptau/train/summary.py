@@ -179,3 +179,30 @@ def finished_run(trainer, ds_stats: Dict[str, Any]) -> Dict[str, Any]:
         "to continue it"
     )
     return summary if trainer.is_main else {}
+
+
+def opening_lines(trainer) -> List[str]:
+    """The log lines that open a new run: the data, the protocol and the settings."""
+    cfg = trainer.cfg
+    lines = []
+    lines.append(f"adaptau train: {trainer.dataset!r}")
+    for note in trainer.dataset.notes:
+        lines.append(f"  note: {note}")
+    lines.append(f"  {trainer.split.note}")
+    lines.append(
+        f"  model {cfg.model} dim {cfg.dim}, tau {cfg.tau}, sampler {cfg.sampler}"
+        f" ({cfg.negatives if cfg.sampler != 'in-batch' else cfg.batch_size - 1} neg),"
+        f" batch {cfg.batch_size}, lr {cfg.lr}, l2 {cfg.l2}, {len(trainer.batches)} steps/epoch,"
+        f" device {trainer.device}, world size {trainer.world_size} -> {trainer.out}"
+    )
+    if trainer.heap_kept:
+        lines.append(
+            "  host memory: freed heap blocks are kept for reuse (keep_freed_heap;"
+            " ADAPTAU_KEEP_FREED_HEAP=0 turns it off)"
+        )
+    if not cfg.normalize and cfg.tau != "fixed":
+        lines.append(
+            "  note: --no-normalize with --tau adaptive/global multiplies raw dot products "
+            "by w0; the usual inner-product baseline is --tau fixed --tau-value 1"
+        )
+    return lines

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed as dist
-from .checkpoints import Checkpointer, CheckpointError, load_checkpoint
+from .checkpoints import Checkpointer, CheckpointError, load_checkpoint, resume_run_state, save_run_state
 from .config import TrainConfig, read_run_config, resolve_device
 from .epoch import EpochLoop, NonFiniteLossError
 from .data import Dataset, Split, csr_pairs, load_dataset, prepare
@@ -39,7 +39,7 @@ from .run_folder import RunFolder
 from .run_folder import atomic_write_text as _atomic_write_text
 from .run_folder import dumps as _dumps
 from .sampling import BatchIterator, NegativeSampler
-from .summary import epoch_line, finish_run, finished_run
+from .summary import epoch_line, finish_run, finished_run, opening_lines
 from ..loss import ops
 from ..loss.ops import cpu_capability
 
@@ -74,6 +74,26 @@ class EarlyStopping:
 
 
 # ------------------------------------------------------------------------------ trainer
+def temperature_controller(cfg: TrainConfig, users: torch.Tensor, items: torch.Tensor, dataset: Dataset):
+    """The run's :class:`~adaptau.AdapTau`, from the training pairs ``users``/``items``
+    (``[P]`` each) and the settings ``--tau``, ``--tau-value``, ``--base``, ``--smoothing``,
+    ``--warmup`` and ``--active-quantile``."""
+    from ..loss.temperature import AdapTau
+
+    return AdapTau(
+        users,
+        items,
+        num_users=dataset.num_users,
+        num_items=dataset.num_items,
+        mode=cfg.tau,
+        tau=cfg.tau_value,
+        base=cfg.base,
+        smoothing=cfg.smoothing,
+        warmup=cfg.warmup,
+        active_quantile=cfg.active_quantile,
+    )
+
+
 class Trainer(EpochLoop):
     """One run. ``Trainer(cfg).fit()`` trains and returns the summary dict.
 
@@ -160,20 +180,7 @@ class Trainer(EpochLoop):
             )
         self._setup_model()
         self.direct_l2 = cfg.l2 > 0 and self._l2_on_leaves()  # the L2 gradient added to .grad (train_step)
-        from ..loss.temperature import AdapTau
-
-        self.controller = AdapTau(
-            self.train_users,
-            self.train_items,
-            num_users=self.num_users,
-            num_items=self.num_items,
-            mode=cfg.tau,
-            tau=cfg.tau_value,
-            base=cfg.base,
-            smoothing=cfg.smoothing,
-            warmup=cfg.warmup,
-            active_quantile=cfg.active_quantile,
-        )
+        self.controller = temperature_controller(cfg, self.train_users, self.train_items, ds)
         self.sampler = NegativeSampler(
             cfg.sampler,
             self.num_items,
@@ -219,7 +226,7 @@ class Trainer(EpochLoop):
         self.out = self.run.path
         self.checkpoints = Checkpointer(self.out, cfg, self.device)
         if resume:
-            self._load_last()
+            resume_run_state(self)
         self.metric = cfg.selection_metric
 
     def _setup_model(self) -> None:
@@ -266,28 +273,6 @@ class Trainer(EpochLoop):
         """Where the run can be picked up again after a stop, as a sentence for the user."""
         return self.checkpoints.last_good(self.history[-1]["epoch"] + 1 if self.history else self.start_epoch)
 
-    def _save_last(self, epochs_done: int) -> None:
-        """Write last.pt on rank 0. Collective when world_size > 1: call it on every rank."""
-        controller = self.controller.state_dict()
-        if self.world_size > 1:  # the epoch's per-user loss sums of every rank, reduced
-            for key in ("loss_sum", "loss_count"):
-                controller[key] = dist.all_reduce_sum(getattr(self.controller, "_" + key)).detach().cpu()
-        model_state, optimizer_state = self._model_state(), self._optimizer_state()
-        if self.is_main:
-            self.checkpoints.save_last(
-                epochs_done,
-                model=model_state,
-                optimizer=optimizer_state,
-                controller=controller,
-                generators=(self.shuffle_gen, self.neg_gen),
-                world_size=self.world_size,
-                history=self.history,
-                best=self.stopping.best,
-                bad_evals=self.stopping.bad_evals,
-                train_seconds=self.train_seconds,
-                tau_snapshots=self.tau_snapshots,
-            )
-
     def _model_state(self) -> Dict[str, torch.Tensor]:
         """The model's state for last.pt (collective in subclasses: call it on every rank)."""
         return self.model.state_dict()
@@ -306,24 +291,6 @@ class Trainer(EpochLoop):
             )
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
-
-    def _load_last(self) -> None:
-        """Continue from last.pt: weights, optimizer, controller, RNG states and progress."""
-        ckpt = self.checkpoints.load_last(self.model)
-        self._restore_model_and_optimizer(ckpt)
-        self.controller.load_state_dict(ckpt["controller"])
-        if self.rank != 0:  # rank 0 holds the saved (already reduced) sums; the next
-            self.controller._loss_sum.zero_()  # begin_epoch all-reduces them
-            self.controller._loss_count.zero_()
-        (
-            self.start_epoch,
-            self.history,
-            self.stopping.best,
-            self.stopping.bad_evals,
-            self.train_seconds,
-            self.tau_snapshots,
-        ) = self.checkpoints.restore_progress(ckpt, self.shuffle_gen, self.neg_gen)
-        self.run.rewrite_metrics(self.history)  # it may hold lines past the checkpoint
 
     # -- evaluation -----------------------------------------------------------------------
     @torch.no_grad()
@@ -360,7 +327,8 @@ class Trainer(EpochLoop):
         self.run.write_config(cfg, self.split.note, self.dataset)
         ds_stats = self.dataset.stats()
         if self.start_epoch == 0:
-            self._log_start()
+            for line in opening_lines(self):
+                self.log(line)
         elif self.start_epoch >= cfg.epochs or self.stopping.should_stop:
             return finished_run(self, ds_stats)
         else:
@@ -388,7 +356,7 @@ class Trainer(EpochLoop):
             if ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs) and self.is_main:
                 self._evaluate_epoch(epoch, rec)
             self.history.append(rec)
-            self._save_last(epoch + 1)  # collective; rank 0 writes
+            save_run_state(self, epoch + 1)  # collective; rank 0 writes
             self.run.append_metrics(rec)
             if self.is_main:
                 self.log(epoch_line(rec, self.stopping.best))
@@ -407,30 +375,6 @@ class Trainer(EpochLoop):
         else:
             self.status = "completed"
         return finish_run(self, ds_stats, stopped)
-
-    def _log_start(self) -> None:
-        """The log lines that open a new run: the data, the protocol and the settings."""
-        cfg = self.cfg
-        self.log(f"adaptau train: {self.dataset!r}")
-        for note in self.dataset.notes:
-            self.log(f"  note: {note}")
-        self.log(f"  {self.split.note}")
-        self.log(
-            f"  model {cfg.model} dim {cfg.dim}, tau {cfg.tau}, sampler {cfg.sampler}"
-            f" ({cfg.negatives if cfg.sampler != 'in-batch' else cfg.batch_size - 1} neg),"
-            f" batch {cfg.batch_size}, lr {cfg.lr}, l2 {cfg.l2}, {len(self.batches)} steps/epoch,"
-            f" device {self.device}, world size {self.world_size} -> {self.out}"
-        )
-        if self.heap_kept:
-            self.log(
-                "  host memory: freed heap blocks are kept for reuse (keep_freed_heap;"
-                " ADAPTAU_KEEP_FREED_HEAP=0 turns it off)"
-            )
-        if not cfg.normalize and cfg.tau != "fixed":
-            self.log(
-                "  note: --no-normalize with --tau adaptive/global multiplies raw dot products "
-                "by w0; the usual inner-product baseline is --tau fixed --tau-value 1"
-            )
 
     def _evaluate_epoch(self, epoch: int, rec: Dict[str, Any]) -> None:
         """Rank 0: evaluate on the selection split into ``rec``; best.pt when it is the best."""
