@@ -338,3 +338,31 @@ def test_hard_negatives_are_the_best_scoring_candidates_but_the_positive():
         others = cand[row][cand[row] != pos[row]]
         assert sorted(hard[row].tolist()) == sorted(others.tolist())[:3]
         assert int(pos[row]) not in hard[row].tolist()
+
+
+@pytest.mark.parametrize("membership", ["bitmap", "sorted keys"])
+def test_exclude_draws_what_redrawing_every_rejected_slot_draws(membership, monkeypatch):
+    """The exclude sampler checks only the slots it redraws; its draws equal those of the
+    plain rule (redraw every rejected slot, in row-major order, re-check everything), with
+    either membership test (a bit per pair, or a binary search in the sorted pairs)."""
+    import adaptau.train.sampling as sampling
+
+    if membership == "sorted keys":
+        monkeypatch.setattr(sampling, "_SEEN_BITMAP_BYTES", 0)
+    rng = np.random.default_rng(4)
+    m = sp.random(30, 40, density=0.6, random_state=5, format="csr")  # heavy users: many rounds
+    s = NegativeSampler("exclude", 40, 33, train=m)
+    assert (s._seen_bits is None) == (membership == "sorted keys")
+    users = torch.as_tensor(rng.integers(0, 30, 64))
+    neg, _ = s.sample(users, users, gen(7))
+
+    g = gen(7)
+    want = s._uniform((64, 33), g)
+    seen = torch.as_tensor(m.toarray() != 0)
+    rows = users.unsqueeze(1).expand_as(want)
+    bad = seen[rows, want]
+    while bad.any():
+        want[bad] = s._uniform((int(bad.sum()),), g)
+        bad = seen[rows, want]
+    assert torch.equal(neg, want)
+    assert not seen[rows, neg].any()

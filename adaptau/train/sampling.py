@@ -44,6 +44,9 @@ MIXED_POOLS = ("uniform", "popularity")
 # the extension registers torch.ops.adaptau.uniform_negatives and dropout_mask
 _HAS_PARALLEL_UNIFORM = _extension.has_op("uniform_negatives")
 _HAS_DROPOUT_MASK = _extension.has_op("dropout_mask")
+#: The exclude sampler keeps a bit per (user, item) pair up to this size (ML-1M: 2.3 MB),
+#: and binary-searches the sorted training pairs beyond it.
+_SEEN_BITMAP_BYTES = 32 << 20
 
 
 def dropout(x: Tensor, p: float, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -128,6 +131,13 @@ class NegativeSampler:
             users = np.repeat(np.arange(train.shape[0], dtype=np.int64), np.diff(train.indptr))
             keys = users * self.num_items + train.indices.astype(np.int64)
             self._keys = torch.as_tensor(np.sort(keys), device=self.device)
+            # membership: a bit per (user, item) while that fits in _SEEN_BITMAP_BYTES (one
+            # gather per check), else a binary search in the sorted keys
+            self._seen_bits: Optional[Tensor] = None
+            if train.shape[0] * self.num_items <= 8 * _SEEN_BITMAP_BYTES:
+                bits = np.zeros((train.shape[0] * self.num_items + 7) // 8, dtype=np.uint8)
+                np.bitwise_or.at(bits, keys >> 3, (1 << (keys & 7)).astype(np.uint8))
+                self._seen_bits = torch.as_tensor(bits, device=self.device)
             full = np.flatnonzero(np.diff(train.indptr) >= self.num_items)
             self._full_users = set(full.tolist())
 
@@ -143,6 +153,8 @@ class NegativeSampler:
 
     def _is_seen(self, users: Tensor, items: Tensor) -> Tensor:
         keys = users * self.num_items + items
+        if self._seen_bits is not None:
+            return ((self._seen_bits[keys >> 3] >> (keys & 7).to(torch.uint8)) & 1).bool()
         pos = torch.searchsorted(self._keys, keys).clamp(max=self._keys.numel() - 1)
         return self._keys[pos] == keys
 
@@ -178,18 +190,22 @@ class NegativeSampler:
             raise ValueError(
                 "sampler 'exclude': a user has interacted with every item, there is no negative to draw"
             )
+        # Each round redraws the slots (in row-major order) whose draw the user has seen and
+        # checks only those: the rejected set shrinks geometrically, so a batch with heavy
+        # users costs about one check of the [B, M] draws instead of one per round.
         neg = self._uniform((batch, m), generator)
-        urow = users.long().unsqueeze(1).expand(batch, m)
-        bad = self._is_seen(urow, neg)
+        flat = neg.view(-1)
+        slot_users = users.long().repeat_interleave(m)
+        slots = torch.nonzero(self._is_seen(slot_users, flat)).squeeze(1)
         for _ in range(self.max_rounds):
-            count = int(bad.sum())
-            if count == 0:
+            if slots.numel() == 0:
                 break
-            neg[bad] = self._uniform((count,), generator)
-            bad = self._is_seen(urow, neg)
+            draw = self._uniform((slots.numel(),), generator).to(flat.dtype)
+            flat[slots] = draw
+            slots = slots[self._is_seen(slot_users[slots], draw)]
         else:
             raise RuntimeError(
-                f"sampler 'exclude': {int(bad.sum())} negatives still hit train "
+                f"sampler 'exclude': {slots.numel()} negatives still hit train "
                 f"items after {self.max_rounds} rounds (users with nearly every item?)"
             )
         return neg, None
