@@ -295,6 +295,54 @@ def _triton_worker(out_path: str, seed: int) -> None:
         json.dump(problems, fh)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("per_source", ["sparse", "dense"])
+def test_a_large_catalog_gets_one_dense_item_gradient(backend, per_source, monkeypatch):
+    """With dense item gradients and a catalog much larger than the batch's indices, the
+    sources run with sparse gradients made dense once (``per_source="sparse"``; "dense"
+    forces one dense gradient per source): the same loss and gradients as the
+    specification, and ``items.grad`` a dense ``[N, D]`` tensor. float64, bound 1e-9."""
+    import adaptau.loss.mixed as mixed
+
+    monkeypatch.setattr(mixed, "_SPARSE_SOURCES_RATIO", 4 if per_source == "sparse" else 10**9)
+    calls = []
+    original = mixed._DenseItemGrad.apply
+    monkeypatch.setattr(mixed._DenseItemGrad, "apply", lambda t: calls.append(1) or original(t))
+    g = torch.Generator().manual_seed(11)
+    B, N, D = 5, 400, 7
+    user = torch.randn(B, D, generator=g, dtype=torch.float64)
+    items = torch.randn(N, D, generator=g, dtype=torch.float64)
+    pos = torch.randint(0, N, (B,), generator=g)
+    neg = adaptau.Negatives(
+        in_batch=True,
+        shared=torch.cat([pos[:2], torch.randint(0, N, (6,), generator=g)]),  # hits, duplicates
+        per_row=torch.randint(0, N, (B, 4), generator=g),
+        shared_logq=torch.randn(N, generator=g, dtype=torch.float64),
+    )
+    alpha = 4 * torch.rand(B, generator=g, dtype=torch.float64) + 1
+    opts = dict(include_pos=True, remove_accidental_hits=True)
+    got = _grads(
+        lambda u, i, a, b: adaptau.softmax_loss(
+            u, i, pos, neg, a, b, reduction="none", backend=backend, **opts
+        ),
+        user,
+        items,
+        alpha,
+        alpha.clone(),
+    )
+    assert len(calls) == (1 if per_source == "sparse" else 0)
+    assert got[2].layout == torch.strided and got[2].shape == (N, D)
+    want = _grads(
+        lambda u, i, a, b: mixed_reference_loss(u, i, pos, neg, a, b, **opts),
+        user,
+        items,
+        alpha,
+        alpha.clone(),
+    )
+    for name, a, w in zip(("loss", "user", "items", "pos_scale", "neg_scale"), got, want):
+        torch.testing.assert_close(a, w, rtol=1e-9, atol=1e-9 * max(1.0, float(w.abs().max())), msg=name)
+
+
 @pytest.mark.skipif(
     importlib.util.find_spec("triton") is None,
     reason="triton is not installed: its interpreter cannot run here",

@@ -16,7 +16,9 @@ backend, then ``loss_b = logsumexp_s(loss_{s,b})`` (plus a zero term for ``inclu
 with ``include_pos=False`` each source's loss is ``lse_s − α·ŝ(b,p)``, and the common
 ``α·ŝ(b,p)`` passes through the log-sum-exp. Sources whose row is empty are left out of it.
 Gradients follow by autograd through that combination, so every backend's fused backward
-serves the mixed loss; each source is one pass over the batch's vectors.
+serves the mixed loss; each source is one pass over the batch's vectors. With dense item
+gradients and a catalog much larger than the batch's indices, the sources' item gradients
+are sparse, summed, and made dense once.
 :func:`mixed_reference_loss` computes the same loss in one formula, the specification the
 tests hold the combination to.
 """
@@ -137,6 +139,35 @@ def _combine(terms: List[Tensor], empties: List[Tensor], include_pos: bool) -> T
     return torch.where(nothing, torch.zeros_like(safe[0]), torch.logsumexp(safe, 0))
 
 
+#: With dense item gradients, the sources run with sparse ones (summed, then made dense
+#: once) while the batch's item indices number at most 1/_SPARSE_SOURCES_RATIO of the
+#: catalog: then one dense [N, D] gradient is built instead of one per source (at N = 1M,
+#: B = 2048 with 1024 shared and 64 per-row negatives, 2 threads: 107 against 201 ms per
+#: step on an Intel Xeon).
+_SPARSE_SOURCES_RATIO = 4
+
+
+class _DenseItemGrad(torch.autograd.Function):
+    """The item table unchanged; its backward turns the sources' summed sparse gradients
+    into one dense ``[N, D]`` gradient."""
+
+    @staticmethod
+    def forward(ctx, items: Tensor) -> Tensor:
+        return items.view_as(items)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.to_dense() if grad.is_sparse else grad
+
+
+def _index_count(sources, batch: int) -> int:
+    """How many item indices the batch reads: its positives and every source's negatives."""
+    count = batch
+    for name, neg, _ in sources:
+        count += batch if name == "in_batch" else neg.numel()
+    return count
+
+
 def mixed_softmax_loss(
     user: Tensor,
     items: Tensor,
@@ -162,8 +193,17 @@ def mixed_softmax_loss(
         raise TypeError("items and pos must be tensors")
     num_items = items.shape[0] if items.dim() == 2 else 0
     _validate(negs, pos, num_items)
+    sources = negs.sources(pos.shape[0])
+    source_item_grad = item_grad
+    if (
+        item_grad == "dense"
+        and items.requires_grad
+        and len(sources) > 1
+        and _SPARSE_SOURCES_RATIO * _index_count(sources, pos.shape[0]) <= num_items
+    ):
+        items, source_item_grad = _DenseItemGrad.apply(items), "sparse"
     terms, raws, empties = [], [], []
-    for name, source, logq in negs.sources(pos.shape[0]):
+    for name, source, logq in sources:
         if name == "in_batch":
             logq = _in_batch_logq_table(logq, pos, num_items)
         out = softmax_loss(
@@ -180,7 +220,7 @@ def mixed_softmax_loss(
             reduction="none",
             return_raw=return_raw,
             backend=backend,
-            item_grad=item_grad,
+            item_grad=source_item_grad,
         )
         loss, raw = out if return_raw else (out, None)
         terms.append(loss)
