@@ -66,6 +66,23 @@ def _case(rng: random.Random, sources, *, logq: bool, hits: bool):
     return user, items, pos, fields, alpha, beta
 
 
+def _fused_and_specification(backend, user, items, pos, neg, alpha, beta, opts):
+    """(loss, grads) of the fused mixed call on ``backend`` and of the specification."""
+    got = _grads(
+        lambda u, i, a, b: adaptau.softmax_loss(
+            u, i, pos, neg, a, b, reduction="none", backend=backend, **opts
+        ),
+        user,
+        items,
+        alpha,
+        beta,
+    )
+    want = _grads(
+        lambda u, i, a, b: mixed_reference_loss(u, i, pos, neg, a, b, **opts), user, items, alpha, beta
+    )
+    return got, want
+
+
 def _grads(fn, user, items, alpha, beta):
     leaves = [t.clone().requires_grad_(True) for t in (user, items, alpha, beta)]
     loss = fn(*leaves)
@@ -86,18 +103,7 @@ def test_mixed_matches_the_specification(seed, backend, sources):
             remove_accidental_hits=hits or rng.random() < 0.3,
         )
         neg = adaptau.Negatives(**fields) if rng.random() < 0.5 else dict(fields)
-        got = _grads(
-            lambda u, i, a, b: adaptau.softmax_loss(
-                u, i, pos, neg, a, b, reduction="none", backend=backend, **opts
-            ),
-            user,
-            items,
-            alpha,
-            beta,
-        )
-        want = _grads(
-            lambda u, i, a, b: mixed_reference_loss(u, i, pos, neg, a, b, **opts), user, items, alpha, beta
-        )
+        got, want = _fused_and_specification(backend, user, items, pos, neg, alpha, beta, opts)
         for name, g, w in zip(("loss", "user", "items", "pos_scale", "neg_scale"), got, want):
             assert not torch.isnan(g).any(), name
             torch.testing.assert_close(
@@ -321,24 +327,9 @@ def test_a_large_catalog_gets_one_dense_item_gradient(backend, per_source, monke
     )
     alpha = 4 * torch.rand(B, generator=g, dtype=torch.float64) + 1
     opts = dict(include_pos=True, remove_accidental_hits=True)
-    got = _grads(
-        lambda u, i, a, b: adaptau.softmax_loss(
-            u, i, pos, neg, a, b, reduction="none", backend=backend, **opts
-        ),
-        user,
-        items,
-        alpha,
-        alpha.clone(),
-    )
+    got, want = _fused_and_specification(backend, user, items, pos, neg, alpha, alpha.clone(), opts)
     assert len(calls) == (1 if per_source == "sparse" else 0)
     assert got[2].layout == torch.strided and got[2].shape == (N, D)
-    want = _grads(
-        lambda u, i, a, b: mixed_reference_loss(u, i, pos, neg, a, b, **opts),
-        user,
-        items,
-        alpha,
-        alpha.clone(),
-    )
     for name, a, w in zip(("loss", "user", "items", "pos_scale", "neg_scale"), got, want):
         torch.testing.assert_close(a, w, rtol=1e-9, atol=1e-9 * max(1.0, float(w.abs().max())), msg=name)
 
