@@ -133,3 +133,56 @@ def test_add_row_l2_grad_fused_matches_torch(dtype):
         torch.ops.adaptau.add_l2_rows_(grad, w, counts[:-1], 0.3)
     with pytest.raises(RuntimeError, match="same"):
         torch.ops.adaptau.add_l2_rows_(grad[:-1], w, counts, 0.3)
+
+
+@pytest.mark.parametrize("layers, seed", [(0, 11), (1, 12), (2, 13), (3, 14)])
+def test_lightgcn_rows_equal_the_tables_rows_with_their_gradients(layers, seed):
+    """``rows`` (last layer for the batch's rows only) against ``tables()`` indexed, in
+    float64: values and both tables' gradients to 1e-12, with repeated users and items and
+    an isolated user (0) among them."""
+    m, _ = random_graph(nu=23, ni=31, density=0.15, seed=seed)
+    torch.manual_seed(seed)
+    model = LightGCN(23, 31, m, dim=6, layers=layers).double()
+    model.adj = model.adj.to(torch.float64)
+    users = torch.cat([torch.tensor([0, 0]), torch.randint(0, 23, (17,))])
+    items = torch.cat([torch.tensor([5, 5]), torch.randint(0, 31, (29,))])
+    w_u = torch.randn(users.numel(), 6, dtype=torch.float64)
+    w_i = torch.randn(items.numel(), 6, dtype=torch.float64)
+
+    user_table, item_table = model.tables()
+    ((user_table[users] * w_u).sum() + (item_table[items] * w_i).sum()).backward()
+    expected = [p.grad.clone() for p in (model.user.weight, model.item.weight)]
+    model.zero_grad(set_to_none=True)
+    user_rows, item_rows = model.rows(users, items)
+    ((user_rows * w_u).sum() + (item_rows * w_i).sum()).backward()
+
+    assert torch.allclose(user_rows, user_table[users], rtol=0, atol=1e-12)
+    assert torch.allclose(item_rows, item_table[items], rtol=0, atol=1e-12)
+    for got, want in zip((model.user.weight.grad, model.item.weight.grad), expected):
+        assert torch.isfinite(got).all()
+        assert torch.allclose(got, want, rtol=0, atol=1e-12)
+
+
+def test_propagated_rows_gradcheck():
+    from adaptau.train.models import _PropagatedRows
+
+    m, _ = random_graph(nu=9, ni=11, density=0.3, seed=3)
+    adj = normalized_adjacency(m, 9, 11, dtype=torch.float64)
+    rows = torch.tensor([0, 2, 9, 14, 19])
+    ego = torch.randn(20, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda e: _PropagatedRows.apply(adj, rows, e, 3), (ego,))
+
+
+def test_the_product_ignores_what_its_output_held():
+    """The CPU product writes into an uninitialized output with ``addmm(beta=0)``: that
+    must not carry a NaN or anything else from the output into the result."""
+    from adaptau.train.models import _spmm
+
+    m, _ = random_graph(nu=13, ni=17, density=0.3, seed=4)
+    adj = normalized_adjacency(m, 13, 17)
+    x = torch.randn(30, 8)
+    held = torch.full((30, 8), float("nan"))
+    got = torch.addmm(held, adj, x, beta=0, out=held)
+    want = adj.to_dense() @ x
+    assert torch.isfinite(got).all() and torch.allclose(got, want, atol=1e-6)
+    assert torch.allclose(_spmm(adj, x), want, atol=1e-6)

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, List, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -101,17 +101,22 @@ class StepModule(nn.Module):
 
     ``forward(users)`` → ``(user_rows [B, D], item_table [N, D], ego_users, ego_items)``:
     the (dropout-applied) final vectors of the batch users, the final item table the loss
-    gathers from, and the layer-0 tables the L2 term reads.
+    gathers from, and the layer-0 tables the L2 term reads. ``forward(users, items)`` with
+    the batch's distinct items ``[K]`` (a model with ``rows``, LightGCN) gives their final
+    vectors ``[K, D]`` in place of the table, computed for those rows alone.
     """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, users: Tensor):
+    def forward(self, users: Tensor, items: Optional[Tensor] = None):
+        ego_u, ego_i = self.model.ego()
+        if items is not None:
+            user_rows, item_rows = self.model.rows(users, items)
+            return user_rows, item_rows, ego_u, ego_i
         user_table, item_table = self.model.tables()
         rows = self.model.batch_users(user_table, users)
-        ego_u, ego_i = self.model.ego()
         return rows, item_table, ego_u, ego_i
 
 

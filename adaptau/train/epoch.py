@@ -45,8 +45,11 @@ class EpochLoop:
     A subclass (:class:`adaptau.train.Trainer`) sets what they use: ``cfg``, ``device``,
     ``rank``, ``world_size``, ``is_main``, ``model``, ``step_module``, ``optimizer``,
     ``sparse``, ``direct_l2``, ``controller``, ``sampler``, ``batches``, ``shuffle_gen``,
-    ``neg_gen``, and :meth:`_last_good_checkpoint` for the messages.
+    ``neg_gen``, and :meth:`_last_good_checkpoint` for the messages; ``item_rows_only``
+    (``step_module(users, items)`` gives the batch's item rows, not the table) defaults to off.
     """
+
+    item_rows_only = False
 
     def _begin_epoch(self, epoch: int) -> None:
         """Start the controller's epoch from the current tables; the model in train mode."""
@@ -121,9 +124,19 @@ class EpochLoop:
         sampled = neg.shared if cfg.sampler == "mixed" else neg  # (for the L2: rows beyond the batch's)
         batch_g = (users, pos, None if cfg.sampler == "in-batch" else sampled)
         users, pos, neg = self._rank_rows(users, pos, neg)
-        u, item_table, ego_u, ego_i = self.step_module(users)
+        loss_pos, loss_neg = pos, neg
+        if self.item_rows_only:
+            # the loss reads only the batch's items: compute those rows, with local indices
+            from ..loss.ops import compact
+
+            items, loss_pos, loss_neg = compact(pos, neg, num_items=self.model.num_items)
+            if neg_logq is not None:
+                neg_logq = neg_logq.index_select(0, items)
+            u, item_table, ego_u, ego_i = self.step_module(users, items)
+        else:
+            u, item_table, ego_u, ego_i = self.step_module(users)
         if cfg.hard_negatives:
-            neg = dataclasses.replace(
+            loss_neg = dataclasses.replace(
                 neg,
                 per_row=hard_negatives(u, item_table, pos, cfg.hard_negatives, self.neg_gen, cfg.normalize),
             )
@@ -132,8 +145,8 @@ class EpochLoop:
         out = softmax_loss(
             u,
             item_table,
-            pos,
-            neg,
+            loss_pos,
+            loss_neg,
             pos_scale,
             neg_scale,
             include_pos=cfg.include_pos,

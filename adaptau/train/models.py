@@ -155,16 +155,34 @@ def normalized_adjacency(
     norm = sp.diags(inv) @ adj @ sp.diags(inv)
     norm = norm.tocsr()
     norm.sort_indices()
+    # int32 indices where they fit: the CPU product converts int64 ones on every call
+    index = torch.int32 if norm.nnz < 2**31 else torch.int64
+    adj = _csr(
+        torch.as_tensor(norm.indptr, dtype=index),
+        torch.as_tensor(norm.indices, dtype=index),
+        torch.as_tensor(norm.data, dtype=dtype),
+        norm.shape,
+    )
+    return adj.to(device)
+
+
+def _csr(crow: Tensor, col: Tensor, val: Tensor, shape: Tuple[int, int]) -> Tensor:
     with warnings.catch_warnings():  # "sparse CSR support is in beta"
         warnings.simplefilter("ignore", UserWarning)
-        adj = torch.sparse_csr_tensor(
-            torch.as_tensor(norm.indptr, dtype=torch.int64),
-            torch.as_tensor(norm.indices, dtype=torch.int64),
-            torch.as_tensor(norm.data, dtype=dtype),
-            size=norm.shape,
-            check_invariants=False,
-        )
-    return adj.to(device)
+        return torch.sparse_csr_tensor(crow, col, val, shape, check_invariants=False)
+
+
+def _spmm(adj: Tensor, x: Tensor) -> Tensor:
+    """``adj @ x`` for a sparse CSR ``adj [R, C]`` and a dense ``x [C, D]``: ``[R, D]``.
+
+    On the CPU the product is written straight into a fresh output (``addmm`` with
+    ``beta=0``, which ignores the output's contents): ``torch.sparse.mm`` zeroes an output,
+    multiplies into a temporary and copies it over, twice the time of the product alone.
+    """
+    if adj.device.type != "cpu":
+        return torch.sparse.mm(adj, x)
+    out = torch.empty((adj.shape[0], x.shape[1]), dtype=x.dtype, device=x.device)
+    return torch.addmm(out, adj, x.contiguous(), beta=0, out=out)
 
 
 class _SymmetricSpMM(torch.autograd.Function):
@@ -178,11 +196,73 @@ class _SymmetricSpMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, adj: Tensor, x: Tensor) -> Tensor:
         ctx.adj = adj
-        return torch.sparse.mm(adj, x)
+        return _spmm(adj, x)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return None, torch.sparse.mm(ctx.adj, grad.contiguous())
+        return None, _spmm(ctx.adj, grad)
+
+
+def _row_block(adj: Tensor, rows: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Rows ``rows`` ([R] int64) of the CSR matrix ``adj`` as ``(crow [R+1], col, val)``."""
+    crow, col, val = adj.crow_indices(), adj.col_indices(), adj.values()
+    start = crow.index_select(0, rows).long()
+    counts = crow.index_select(0, rows + 1).long() - start
+    sub_crow = torch.zeros(rows.numel() + 1, dtype=torch.int64, device=adj.device)
+    torch.cumsum(counts, 0, out=sub_crow[1:])
+    nnz = int(sub_crow[-1])
+    at = torch.repeat_interleave(start - sub_crow[:-1], counts, output_size=nnz)
+    at += torch.arange(nnz, device=adj.device)
+    return sub_crow.to(col.dtype), col.index_select(0, at), val.index_select(0, at)
+
+
+class _PropagatedRows(torch.autograd.Function):
+    """Final LightGCN vectors of the nodes ``rows`` only: ``(Σ_{k<K} E_k[rows] + Â[rows] E_{K-1}) / (K+1)``.
+
+    The last layer is one product of the batch's rows of ``Â`` (a few percent of its
+    non-zeros), not of the whole graph: a training step runs 2K−2 full products instead of
+    2K. Propagation is linear, so the backward needs no saved activations:
+    ``g_{K-1} = scatter(G) + Â[rows]ᵀ G`` and ``g_{k-1} = scatter(G) + Â g_k`` (``Â`` is
+    symmetric), with ``G = grad / (K+1)``.
+    """
+
+    @staticmethod
+    def forward(ctx, adj: Tensor, rows: Tensor, ego: Tensor, layers: int) -> Tensor:
+        sub_crow, sub_col, sub_val = _row_block(adj, rows)
+        x, total = ego, ego.index_select(0, rows)
+        for _ in range(layers - 1):
+            x = _spmm(adj, x)
+            total += x.index_select(0, rows)
+        total += _spmm(_csr(sub_crow, sub_col, sub_val, (rows.numel(), adj.shape[1])), x)
+        ctx.adj, ctx.layers = adj, layers
+        ctx.save_for_backward(rows, sub_crow, sub_col, sub_val)
+        return total / (layers + 1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        rows, sub_crow, sub_col, sub_val = ctx.saved_tensors
+        adj, layers = ctx.adj, ctx.layers
+        g_rows = grad.contiguous() / (layers + 1)
+        n = adj.shape[0]
+        # Â[rows]ᵀ as CSR: the block's non-zeros ordered by column (stable: rows ascending within one)
+        index = sub_col.dtype
+        local = torch.repeat_interleave(
+            torch.arange(rows.numel(), dtype=index, device=rows.device),
+            sub_crow.diff(),
+            output_size=sub_col.numel(),
+        )
+        order = torch.argsort(sub_col, stable=True)
+        t_crow = torch.zeros(n + 1, dtype=index, device=rows.device)
+        torch.cumsum(torch.bincount(sub_col, minlength=n), 0, out=t_crow[1:])
+        block_t = _csr(
+            t_crow, local.index_select(0, order), sub_val.index_select(0, order), (n, rows.numel())
+        )
+        g = _spmm(block_t, g_rows)
+        g.index_add_(0, rows, g_rows)
+        for _ in range(layers - 1):
+            g = _spmm(adj, g)
+            g.index_add_(0, rows, g_rows)
+        return None, None, g, None
 
 
 class LightGCN(nn.Module):
@@ -219,6 +299,20 @@ class LightGCN(nn.Module):
             total = total + emb
         final = total / (self.layers + 1)
         return final[: self.num_users], final[self.num_users :]
+
+    def rows(self, users: Tensor, items: Tensor) -> Tuple[Tensor, Tensor]:
+        """The final vectors of ``users`` ``[B]`` and ``items`` ``[K]`` only: ``([B, D], [K, D])``,
+        equal to ``tables()`` indexed by them, for a fraction of its cost in training (the
+        last layer is propagated to these rows alone; see :class:`_PropagatedRows`)."""
+        if self.layers == 0:
+            return self.user.weight.index_select(0, users.long()), self.item.weight.index_select(
+                0, items.long()
+            )
+        nodes = torch.cat([users.long(), items.long() + self.num_users])
+        distinct, inverse = torch.unique(nodes, return_inverse=True)
+        ego = torch.cat([self.user.weight, self.item.weight], 0)
+        final = _PropagatedRows.apply(self.adj, distinct, ego, self.layers).index_select(0, inverse)
+        return final[: users.numel()], final[users.numel() :]
 
     def ego(self) -> Tuple[Tensor, Tensor]:
         return self.user.weight, self.item.weight

@@ -242,6 +242,10 @@ class Trainer(EpochLoop):
                 "with several processes add --shard-tables row-wise"
             )
         self.model.sparse = self.sparse
+        # LightGCN: the batch's rows only, unless hard or mixed negatives read the whole table
+        self.item_rows_only = hasattr(self.model, "rows") and not (
+            self.sparse or cfg.hard_negatives or cfg.sampler == "mixed"
+        )
         if cfg.sparse_grad == "sparse-adam":
             self.optimizer = torch.optim.SparseAdam(list(self.model.parameters()), lr=cfg.lr)
         elif cfg.sparse_grad == "adagrad":
