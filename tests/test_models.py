@@ -5,6 +5,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from adaptau.train import models
 from adaptau.train.models import MF, LightGCN, build_model, normalized_adjacency, sampled_l2
 
 
@@ -135,11 +136,13 @@ def test_add_row_l2_grad_fused_matches_torch(dtype):
         torch.ops.adaptau.add_l2_rows_(grad[:-1], w, counts, 0.3)
 
 
+@pytest.mark.parametrize("share", [1.0, 0.0], ids=["batch-rows", "whole-tables"])
 @pytest.mark.parametrize("layers, seed", [(0, 11), (1, 12), (2, 13), (3, 14)])
-def test_lightgcn_rows_equal_the_tables_rows_with_their_gradients(layers, seed):
-    """``rows`` (last layer for the batch's rows only) against ``tables()`` indexed, in
-    float64: values and both tables' gradients to 1e-12, with repeated users and items and
-    an isolated user (0) among them."""
+def test_lightgcn_rows_equal_the_tables_rows_with_their_gradients(layers, seed, share, monkeypatch):
+    """``rows`` against ``tables()`` indexed, in float64: values and both tables' gradients
+    to 1e-12, with repeated users and items and an isolated user (0) among them; the last
+    layer for the batch's rows only (share 1.0) and through the whole tables (share 0.0)."""
+    monkeypatch.setattr(models, "ROW_BLOCK_MAX_SHARE", share)
     m, _ = random_graph(nu=23, ni=31, density=0.15, seed=seed)
     torch.manual_seed(seed)
     model = LightGCN(23, 31, m, dim=6, layers=layers).double()

@@ -216,6 +216,13 @@ def _row_block(adj: Tensor, rows: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     return sub_crow.to(col.dtype), col.index_select(0, at), val.index_select(0, at)
 
 
+#: :meth:`LightGCN.rows` propagates the last layer to the batch's rows alone when their rows
+#: of Â hold at most this share of its non-zeros, else through the whole tables (measured,
+#: one thread: Gowalla's batches hold 14% and the step's propagation runs 1.7× faster;
+#: ML-1M's and Last.fm's hold ~60% and it would run 1.5× slower).
+ROW_BLOCK_MAX_SHARE = 0.25
+
+
 class _PropagatedRows(torch.autograd.Function):
     """Final LightGCN vectors of the nodes ``rows`` only: ``(Σ_{k<K} E_k[rows] + Â[rows] E_{K-1}) / (K+1)``.
 
@@ -302,14 +309,19 @@ class LightGCN(nn.Module):
 
     def rows(self, users: Tensor, items: Tensor) -> Tuple[Tensor, Tensor]:
         """The final vectors of ``users`` ``[B]`` and ``items`` ``[K]`` only: ``([B, D], [K, D])``,
-        equal to ``tables()`` indexed by them, for a fraction of its cost in training (the
-        last layer is propagated to these rows alone; see :class:`_PropagatedRows`)."""
+        equal to ``tables()`` indexed by them. Where these rows of Â hold a small share of
+        its non-zeros (:data:`ROW_BLOCK_MAX_SHARE`), the last layer is propagated to them
+        alone (:class:`_PropagatedRows`), for a fraction of the whole tables' cost."""
+        users, items = users.long(), items.long()
         if self.layers == 0:
-            return self.user.weight.index_select(0, users.long()), self.item.weight.index_select(
-                0, items.long()
-            )
-        nodes = torch.cat([users.long(), items.long() + self.num_users])
+            return self.user.weight.index_select(0, users), self.item.weight.index_select(0, items)
+        nodes = torch.cat([users, items + self.num_users])
         distinct, inverse = torch.unique(nodes, return_inverse=True)
+        crow = self.adj.crow_indices()
+        block_nnz = int((crow.index_select(0, distinct + 1) - crow.index_select(0, distinct)).sum())
+        if block_nnz > ROW_BLOCK_MAX_SHARE * self.adj._nnz():
+            user_table, item_table = self.tables()
+            return user_table.index_select(0, users), item_table.index_select(0, items)
         ego = torch.cat([self.user.weight, self.item.weight], 0)
         final = _PropagatedRows.apply(self.adj, distinct, ego, self.layers).index_select(0, inverse)
         return final[: users.numel()], final[users.numel() :]
