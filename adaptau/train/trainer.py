@@ -242,8 +242,9 @@ class Trainer(EpochLoop):
                 "with several processes add --shard-tables row-wise"
             )
         self.model.sparse = self.sparse
-        # LightGCN: the batch's rows only, unless hard or mixed negatives read the whole table
-        self.item_rows_only = hasattr(self.model, "rows") and not (
+        # LightGCN on the CPU: the batch's rows only, unless hard or mixed negatives read the
+        # whole table (on a GPU, building the row block would add host syncs to every step)
+        self.item_rows_only = (hasattr(self.model, "rows") and self.device.type == "cpu") and not (
             self.sparse or cfg.hard_negatives or cfg.sampler == "mixed"
         )
         if cfg.sparse_grad == "sparse-adam":
