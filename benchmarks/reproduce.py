@@ -21,7 +21,9 @@ in-batch negatives, lr 1e-3, l2 1e-5, mean base, t₂ = 0.6) on every dataset, w
 budget given here: ``--epochs`` per configuration (the paper ran 142–366 epochs with
 early stopping), ``--warmup`` (paper: 100; default here min(100, epochs // 4) so a short
 budget still leaves the warm-up), ``--eval-every``, ``--patience``; ``--set key=value``
-overrides any other setting for every run (recorded in the report).
+overrides any other setting for every run (recorded in the report); ``--variant NAME`` marks
+runs whose overrides test something beside the presets (e.g. another sampler): ``--collect``
+lists them apart from the cells they vary.
 
 Run folders live under ``--runs`` (default ``runs/reproduce/<dataset>-<model>-<protocol>-<rule>``).
 A finished folder whose budget is met is reused as is; an unfinished one (or one with a
@@ -308,12 +310,13 @@ def write_report(
         "lr",
         "warmup",
         "folder",
+        "variant",
     ]
     with open(out.with_suffix(".csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         for r in results:
-            w.writerow({k: r.get(k) for k in keys})
+            w.writerow({**{k: r.get(k) for k in keys}, "variant": getattr(args, "variant", "")})
     load = " ".join(open("/proc/loadavg").read().split()[:3]) if os.path.exists("/proc/loadavg") else "?"
     per = sorted({r["dataset"] for r in results})
     budget = (
@@ -367,6 +370,12 @@ def write_report(
         "",
     ]
     lines += [f"Note: {n}" for n in args.note] + ([""] if args.note else [])
+    if getattr(args, "variant", ""):
+        lines += [
+            f"Variant **{args.variant}**: these runs change the presets as the overrides above say; "
+            "the collected report lists them apart from the cells they vary.",
+            "",
+        ]
     groups: Dict[tuple, List[Dict[str, Any]]] = {}
     for r in results:
         groups.setdefault((r["dataset"], r["protocol"]), []).append(r)
@@ -423,6 +432,13 @@ def compare_rules(cells, args) -> None:
 _STATUS_RANK = {"early-stopped": 0, "completed": 0, "diverged": 1, "in progress": 2}
 
 
+def _state(status: str) -> str:
+    """A cell's state in the collected report."""
+    if status in ("early-stopped", "completed"):
+        return "converged"
+    return "**still running**" if status == "in progress" else status
+
+
 def collect(results_root: Path, out: Path) -> List[str]:
     """One report from every machine's ``reproduction_*.csv`` under ``results_root``: per
     cell the most final row (converged before in progress, then the most epochs), one table
@@ -438,7 +454,8 @@ def collect(results_root: Path, out: Path) -> List[str]:
                 for k in ("best_epoch", "epochs_run"):
                     row[k] = int(float(row[k])) if row.get(k) not in (None, "", "None") else None
                 row["machine"], row["source"] = path.parent.name, path
-                key = (row["dataset"], row["model"], row["protocol"], row["rule"])
+                row["variant"] = row.get("variant") or ""
+                key = (row["dataset"], row["model"], row["protocol"], row["rule"], row["variant"])
                 rank = (_STATUS_RANK.get(row["status"], 3), -(row["epochs_run"] or 0))
                 if key not in cells or rank < cells[key]["_rank"]:
                     cells[key] = dict(row, _rank=rank)
@@ -453,10 +470,12 @@ def collect(results_root: Path, out: Path) -> List[str]:
         "Paper protocol = train on train ∪ valid and select the epoch on test, as the paper's code "
         "(optimistic); clean = train on train, select on valid, report test once. The paper's figures "
         "(its public Gowalla logs) are given for Gowalla, paper protocol; it reports no others in a "
-        "form given here.",
+        "form given here. A *variant* changes some settings of the presets to test something; "
+        "its cells are listed below the cells they vary, never in their place.",
         "",
     ]
     groups: Dict[tuple, List[Dict[str, Any]]] = {}
+    variants: Dict[tuple, List[Dict[str, Any]]] = {}
     for key in sorted(
         cells,
         key=lambda k: (
@@ -464,21 +483,17 @@ def collect(results_root: Path, out: Path) -> List[str]:
             k[2] != "paper",
             MODELS.index(k[1]) if k[1] in MODELS else 9,
             RULES.index(k[3]) if k[3] in RULES else 99,
+            k[4],
         ),
     ):
-        groups.setdefault(key[:1] + key[2:3], []).append(cells[key])
+        groups.setdefault(key[:1] + key[2:3], [])
+        (variants if key[4] else groups).setdefault(key[:1] + key[2:3], []).append(cells[key])
     for (ds, proto), rows in groups.items():
         lines += [f"## {ds}, {proto} protocol", ""]
         table = []
-        for r in rows:
+        for r in rows if rows else []:
             p = PAPER.get((r["model"], r["rule"])) if (ds == "gowalla" and proto == "paper") else None
-            state = (
-                "converged"
-                if r["status"] in ("early-stopped", "completed")
-                else "**still running**"
-                if r["status"] == "in progress"
-                else r["status"]
-            )
+            state = _state(r["status"])
             table.append(
                 (
                     r["model"],
@@ -493,30 +508,65 @@ def collect(results_root: Path, out: Path) -> List[str]:
                     f"[{r['machine']}]({r['machine']}/{r['source'].name[:-4]}.md)",
                 )
             )
-        lines += _common.markdown_table(
-            [
-                "model",
-                "rule",
-                "Recall@20",
-                "paper",
-                "NDCG@20",
-                "paper",
-                "best epoch",
-                "epochs reached",
-                "state",
-                "report",
-            ],
-            table,
-            align="llrrrrrrll",
-        )
-        lines.append("")
-        lines += comparison_lines(ds, proto, rows)
+        if table:
+            lines += _common.markdown_table(
+                [
+                    "model",
+                    "rule",
+                    "Recall@20",
+                    "paper",
+                    "NDCG@20",
+                    "paper",
+                    "best epoch",
+                    "epochs reached",
+                    "state",
+                    "report",
+                ],
+                table,
+                align="llrrrrrrll",
+            )
+            lines.append("")
+            lines += comparison_lines(ds, proto, rows)
         for png in sorted(results_root.glob(f"*/reproduction_*_{ds}-*-{proto}_rules.png")):
             lines.append(
                 f"- Curves, Adap-τ against Adap-τ-0: [{png.parent.name}/{png.name}]"
                 f"({png.parent.name}/{png.name})"
             )
         lines.append("")
+        if variants.get((ds, proto)):
+            lines += [
+                f"Variants ({ds}, {proto} protocol): settings changed from the presets, see each report",
+                "",
+            ]
+            lines += _common.markdown_table(
+                [
+                    "variant",
+                    "model",
+                    "rule",
+                    "Recall@20",
+                    "NDCG@20",
+                    "best epoch",
+                    "epochs reached",
+                    "state",
+                    "report",
+                ],
+                [
+                    (
+                        r["variant"],
+                        r["model"],
+                        RULE_LABEL.get(r["rule"], r["rule"]),
+                        fmt(r["recall@20"]),
+                        fmt(r["ndcg@20"]),
+                        "—" if r["best_epoch"] is None else r["best_epoch"],
+                        r["epochs_run"],
+                        _state(r["status"]),
+                        f"[{r['machine']}]({r['machine']}/{r['source'].name[:-4]}.md)",
+                    )
+                    for r in variants[(ds, proto)]
+                ],
+                align="lllrrrrll",
+            )
+            lines.append("")
     out.write_text("\n".join(lines) + "\n")
     return lines
 
@@ -567,6 +617,12 @@ def main() -> int:
         "benchmarks/results/<machine>/reproduction_<datasets>[_<model>].md",
     )
     ap.add_argument("--note", action="append", default=[], help="a line of context for the report")
+    ap.add_argument(
+        "--variant",
+        default="",
+        help="a name for runs whose --set changes test something beside the presets (e.g. "
+        "exclude-sampler): --collect lists them apart from the cells they vary",
+    )
     ap.add_argument("--dry-run", action="store_true", help="list the selected cells and exit")
     ap.add_argument(
         "--collect",

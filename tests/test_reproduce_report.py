@@ -177,6 +177,26 @@ def test_collect_keeps_the_most_final_run_of_each_cell(reproduce, tmp_path):
     assert "lightgcn Adap-τ against its target (≥ 0.1863 Recall@20, ≥ 0.1558 NDCG@20): met" in text
 
 
+def test_collect_lists_a_variant_apart_from_the_cell_it_varies(reproduce, tmp_path):
+    """A variant's converged run never takes the place of the cell it varies (here the cell
+    itself is still running); it is listed in its own table under that cell's group."""
+    keys = ["dataset", "model", "protocol", "rule", "recall@20", "ndcg@20", "best_epoch"]
+    keys += ["epochs_run", "status", "s_per_epoch", "variant"]
+    main = ["ml-1m", "mf", "paper", "adaptive", 0.21, 0.20, 80, 90, "in progress", 10, ""]
+    varied = ["ml-1m", "mf", "paper", "adaptive", 0.28, 0.26, 300, 350, "early-stopped", 10, "mean-t2"]
+    for machine, row in (("cpu-a", main), ("cpu-b", varied)):
+        (tmp_path / machine).mkdir()
+        lines = [",".join(keys), ",".join(map(str, row))]
+        (tmp_path / machine / "reproduction_ml-1m.csv").write_text("\n".join(lines) + "\n")
+    text = "\n".join(reproduce.collect(tmp_path, tmp_path / "reproduction.md"))
+    main_rows = [line for line in text.splitlines() if line.startswith("| mf |")]
+    assert len(main_rows) == 1 and "0.2100" in main_rows[0] and "**still running** | [cpu-a]" in main_rows[0]
+    assert "Variants (ml-1m, paper protocol)" in text
+    variant_rows = [line for line in text.splitlines() if line.startswith("| mean-t2 |")]
+    assert len(variant_rows) == 1
+    assert "| mf | Adap-τ (adaptive) | 0.2800 | 0.2600 | 300 | 350 | converged | [cpu-b]" in variant_rows[0]
+
+
 def test_rule_comparison_plots_both_runs(reproduce, tmp_path):
     """compare_rules writes one figure per (dataset, model, protocol) whose Adap-τ and Adap-τ-0
     runs both have evaluations, and lists it; a cell with one rule only gets none."""
