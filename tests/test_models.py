@@ -166,11 +166,16 @@ def test_lightgcn_rows_equal_the_tables_rows_with_their_gradients(layers, seed, 
         assert torch.allclose(got, want, rtol=0, atol=1e-12)
 
 
-def test_propagated_rows_gradcheck():
-    from adaptau.train.models import _PropagatedRows
+@pytest.mark.parametrize("index", [torch.int32, torch.int64])
+def test_propagated_rows_gradcheck(index):
+    """The row-block propagation's backward against finite differences, with the
+    adjacency's indices in int32 (graphs under 2³¹ non-zeros) and in int64."""
+    from adaptau.train.models import _csr, _PropagatedRows
 
     m, _ = random_graph(nu=9, ni=11, density=0.3, seed=3)
     adj = normalized_adjacency(m, 9, 11, dtype=torch.float64)
+    assert adj.crow_indices().dtype == torch.int32
+    adj = _csr(adj.crow_indices().to(index), adj.col_indices().to(index), adj.values(), adj.shape)
     rows = torch.tensor([0, 2, 9, 14, 19])
     ego = torch.randn(20, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda e: _PropagatedRows.apply(adj, rows, e, 3), (ego,))
