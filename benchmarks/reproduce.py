@@ -49,6 +49,7 @@ import datetime
 import fnmatch
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -86,12 +87,14 @@ PAPER = {
 TARGET = {("mf", "adaptive"): (0.1802, 0.1477), ("lightgcn", "adaptive"): (0.1863, 0.1558)}
 
 
-def default_out(cells) -> str:
-    """``<results_dir()>/reproduction_<datasets>[_<model>].md`` for the selected cells: the
-    datasets in grid order, and the model when every cell uses the same one."""
+def default_out(cells, variant: str = "") -> str:
+    """``<results_dir()>/reproduction_<datasets>[_<model>][_<variant>].md`` for the selected
+    cells: the datasets in grid order, the model when every cell uses the same one, and the
+    variant's name when there is one."""
     datasets = [d for d in DATASETS if any(c[0] == d for c in cells)] or sorted({c[0] for c in cells})
     models = sorted({c[1] for c in cells})
     name = "reproduction_" + "_".join(datasets) + (f"_{models[0]}" if len(models) == 1 else "")
+    name += f"_{variant}" if variant else ""
     return str(Path(_common.results_dir()) / f"{name}.md")
 
 
@@ -571,7 +574,7 @@ def collect(results_root: Path, out: Path) -> List[str]:
     return lines
 
 
-def main() -> int:
+def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", default=",".join(DATASETS))
     ap.add_argument("--models", default=",".join(MODELS))
@@ -603,7 +606,11 @@ def main() -> int:
         help="override a setting in every run (e.g. --set lr=1e-3), or in one model's runs "
         "(--set mf.lr=1e-2); repeatable",
     )
-    ap.add_argument("--runs", default="runs/reproduce", help="folder of the run folders")
+    ap.add_argument(
+        "--runs",
+        default=None,
+        help="folder of the run folders (default runs/reproduce, or runs/reproduce-<variant>)",
+    )
     ap.add_argument("--fresh", action="store_true", help="start every selected cell over")
     ap.add_argument(
         "--resume", dest="fresh", action="store_false", help="continue/reuse run folders (default)"
@@ -621,7 +628,8 @@ def main() -> int:
         "--variant",
         default="",
         help="a name for runs whose --set changes test something beside the presets (e.g. "
-        "exclude-sampler): --collect lists them apart from the cells they vary",
+        "exclude-sampler; letters, digits, '.', '_' and '-'): their run folders and report get "
+        "the name, and --collect lists them apart from the cells they vary",
     )
     ap.add_argument("--dry-run", action="store_true", help="list the selected cells and exit")
     ap.add_argument(
@@ -636,12 +644,16 @@ def main() -> int:
         help="train nothing: write the report from the run folders as they are (unfinished "
         "runs show their best evaluation so far, marked 'in progress')",
     )
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.collect:
         out = Path(_common.RESULTS) / "reproduction.md"
         print("\n".join(collect(Path(_common.RESULTS), out)))
         print(f"wrote {out}")
         return 0
+    if args.variant and not re.fullmatch(r"[A-Za-z0-9._-]+", args.variant):
+        ap.error(f"--variant must be letters, digits, '.', '_' and '-', got {args.variant!r}")
+    if args.runs is None:
+        args.runs = "runs/reproduce" + (f"-{args.variant}" if args.variant else "")
     args.curves = []
     args.epochs_for = {k: int(v) for k, _, v in (x.partition("=") for x in args.epochs_for)}
     args.overrides = {}
@@ -651,7 +663,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     argv, skip = [], False  # the command line for the report, without the --note texts
-    for a in sys.argv[1:]:
+    for a in sys.argv[1:] if argv is None else argv:
         if skip:
             skip = False
         elif a == "--note":
@@ -672,9 +684,10 @@ def main() -> int:
     for c in cells:
         rule_settings(c[3])
     if args.out is None:
-        args.out = default_out(cells)
+        args.out = default_out(cells, args.variant)
     if args.dry_run:
-        print("\n".join("-".join(c) for c in cells))
+        print("\n".join(str(Path(args.runs) / "-".join(c)) for c in cells))
+        print(f"report: {args.out}")
         return 0
 
     def log(msg: str) -> None:

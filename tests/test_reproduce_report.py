@@ -216,3 +216,20 @@ def test_rule_comparison_plots_both_runs(reproduce, tmp_path):
     assert args.curves == [("lastfm-mf-paper: Adap-τ against Adap-τ-0", "report_lastfm-mf-paper_rules.png")]
     png = tmp_path / "report_lastfm-mf-paper_rules.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_variant_gets_its_own_run_folders_and_report(reproduce, capsys):
+    """--variant NAME: run folders under runs/reproduce-NAME and a report named after it by
+    default, so a variant never continues, sets aside or overwrites the cells it varies."""
+    cells = ["--datasets", "ml-1m", "--models", "mf", "--protocols", "paper", "--rules", "adaptive"]
+    assert reproduce.main(cells + ["--variant", "mean-t2", "--set", "mf.base=mean", "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == str(pathlib.Path("runs/reproduce-mean-t2/ml-1m-mf-paper-adaptive"))
+    assert out[1].startswith("report: ") and out[1].endswith("reproduction_ml-1m_mf_mean-t2.md")
+    assert reproduce.main(cells + ["--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == str(pathlib.Path("runs/reproduce/ml-1m-mf-paper-adaptive"))
+    assert out[1].endswith("reproduction_ml-1m_mf.md")
+    with pytest.raises(SystemExit):
+        reproduce.main(cells + ["--variant", "a b", "--dry-run"])
+    assert "--variant must be" in capsys.readouterr().err
