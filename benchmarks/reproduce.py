@@ -281,7 +281,7 @@ def comparison_lines(ds: str, proto: str, rows: List[Dict[str, Any]]) -> List[st
                 f"- {model}: Adap-τ {'≥' if ok else 'is NOT ≥'} Adap-τ-0 on both metrics "
                 f"(Δ Recall@20 {a['recall@20'] - g['recall@20']:+.4f}, Δ NDCG@20 "
                 f"{a['ndcg@20'] - g['ndcg@20']:+.4f})"
-                + (f"; provisional: {' and '.join(running)} still running" if running else "")
+                + (f"; provisional: {' and '.join(running)} not converged" if running else "")
             )
         if ds == "gowalla" and proto == "paper" and (model, "adaptive") in TARGET and a:
             tr, tn = TARGET[(model, "adaptive")]
@@ -289,13 +289,13 @@ def comparison_lines(ds: str, proto: str, rows: List[Dict[str, Any]]) -> List[st
             lines.append(
                 f"- {model} Adap-τ against its target (≥ {tr} Recall@20, ≥ {tn} NDCG@20): "
                 f"{'met' if met else 'not met'}"
-                + (" so far (still running)" if a["status"] == "in progress" else "")
+                + (" so far (not converged)" if a["status"] == "in progress" else "")
             )
     return lines
 
 
 def write_report(
-    results: List[Dict[str, Any]], args, wall: float, argv: str, out: Path, show: bool = False
+    results: List[Dict[str, Any]], args, wall: float, command: str, out: Path, show: bool = False
 ) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     keys = [
@@ -348,7 +348,7 @@ def write_report(
             else "."
         ),
         "",
-        f"Command: `python benchmarks/reproduce.py {argv}`  ",
+        f"Command: `python benchmarks/reproduce.py {command}`  ",
         (
             "Report only: nothing was trained by this invocation; training time of "
             if getattr(args, "report_only", False)
@@ -359,8 +359,9 @@ def write_report(
         "(evaluation not included).  ",
         f"Machine: {machine()}; load average at the end {load} (shared CPU).  ",
         f"Commit {_common.commit()}, {datetime.date.today().isoformat()}.  ",
-        "Full run: `python benchmarks/reproduce.py --epochs 1000 --warmup 100 --eval-every 5 --patience 10` "
-        "(resumable: rerun the same command after an interruption).",
+        "Training command: `python benchmarks/reproduce.py "
+        + " ".join(a for a in command.split(" ") if a != "--report-only")
+        + "` (resumable: rerun the same command after an interruption).",
         "",
         "Hyper-parameters: the paper's for each model (`--preset gowalla-mf-paper` / "
         "`gowalla-lightgcn-paper`: dim 64, batch 2048; MF 1024 uniform negatives, lr 1e-4, l2 1e-9, "
@@ -439,14 +440,14 @@ def _state(status: str) -> str:
     """A cell's state in the collected report."""
     if status in ("early-stopped", "completed"):
         return "converged"
-    return "**still running**" if status == "in progress" else status
+    return "**not converged**" if status == "in progress" else status
 
 
 def collect(results_root: Path, out: Path) -> List[str]:
     """One report from every machine's ``reproduction_*.csv`` under ``results_root``: per
     cell the most final row (converged before in progress, then the most epochs), one table
     per dataset and protocol with the paper's figure beside each cell, whether each cell
-    converged or is still running, Adap-τ against Adap-τ-0, and links to the curves.
+    converged or not, Adap-τ against Adap-τ-0, and links to the curves.
     Writes ``out`` and returns its lines."""
     cells: Dict[tuple, Dict[str, Any]] = {}
     for path in sorted(results_root.glob("*/reproduction_*.csv")):
@@ -468,7 +469,8 @@ def collect(results_root: Path, out: Path) -> List[str]:
         "Collected by `python benchmarks/reproduce.py --collect` from the per-machine reports "
         "`benchmarks/results/<machine>/reproduction_*.md` (their headers give the command, budget and "
         "machine of each run). Per cell the most final run is shown: converged (early-stopped) before "
-        "still running, then the most epochs. **A cell marked *still running* is not a final figure.**",
+        "not converged, then the most epochs. **A cell marked *not converged* is not a final figure**: "
+        "it is still running, or stopped and continues with the training command of its report.",
         "",
         "Paper protocol = train on train ∪ valid and select the epoch on test, as the paper's code "
         "(optimistic); clean = train on train, select on valid, report test once. The paper's figures "
@@ -662,15 +664,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.overrides[k.replace("-", "_")] = parse_value(v)
     if args.threads:
         torch.set_num_threads(args.threads)
-    argv, skip = [], False  # the command line for the report, without the --note texts
+    shown, skip = [], False  # the command line for the report, without the --note texts
     for a in sys.argv[1:] if argv is None else argv:
         if skip:
             skip = False
         elif a == "--note":
             skip = True
         elif not a.startswith("--note="):
-            argv.append(f"'{a}'" if any(ch in a for ch in "*, ") else a)
-    argv = " ".join(argv)
+            shown.append(f"'{a}'" if any(ch in a for ch in "*, ") else a)
+    command = " ".join(shown)
     cells = [
         (d, m, p, r)
         for d in args.datasets.split(",")
@@ -738,11 +740,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                 },
             )
         )
-        write_report(results, args, time.time() - t0, argv, Path(args.out))  # after every cell
+        write_report(results, args, time.time() - t0, command, Path(args.out))  # after every cell
     if args.report_only:
         compare_rules(cells, args)
     if results:
-        write_report(results, args, time.time() - t0, argv, Path(args.out), show=True)
+        write_report(results, args, time.time() - t0, command, Path(args.out), show=True)
         print(f"wrote {args.out} and {Path(args.out).with_suffix('.csv')}")
     return 0
 

@@ -167,12 +167,12 @@ def test_collect_keeps_the_most_final_run_of_each_cell(reproduce, tmp_path):
     row = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| lightgcn")}
     assert "0.1900 | 0.1901 | 0.1600 | 0.1590 | 90 | 140 | converged | [cpu-a]" in row["Adap-τ (adaptive)"]
     assert (
-        "0.1850 | 0.1841 | 0.1520 | 0.1526 | 70 | 80 | **still running** | [cpu-b]"
+        "0.1850 | 0.1841 | 0.1520 | 0.1526 | 70 | 80 | **not converged** | [cpu-b]"
         in row["Adap-τ-0 (global)"]
     )
     assert (
         "lightgcn: Adap-τ ≥ Adap-τ-0 on both metrics" in text
-        and "provisional: Adap-τ-0 still running" in text
+        and "provisional: Adap-τ-0 not converged" in text
     )
     assert "lightgcn Adap-τ against its target (≥ 0.1863 Recall@20, ≥ 0.1558 NDCG@20): met" in text
 
@@ -190,7 +190,7 @@ def test_collect_lists_a_variant_apart_from_the_cell_it_varies(reproduce, tmp_pa
         (tmp_path / machine / "reproduction_ml-1m.csv").write_text("\n".join(lines) + "\n")
     text = "\n".join(reproduce.collect(tmp_path, tmp_path / "reproduction.md"))
     main_rows = [line for line in text.splitlines() if line.startswith("| mf |")]
-    assert len(main_rows) == 1 and "0.2100" in main_rows[0] and "**still running** | [cpu-a]" in main_rows[0]
+    assert len(main_rows) == 1 and "0.2100" in main_rows[0] and "**not converged** | [cpu-a]" in main_rows[0]
     assert "Variants (ml-1m, paper protocol)" in text
     variant_rows = [line for line in text.splitlines() if line.startswith("| mean-t2 |")]
     assert len(variant_rows) == 1
@@ -233,3 +233,21 @@ def test_a_variant_gets_its_own_run_folders_and_report(reproduce, capsys):
     with pytest.raises(SystemExit):
         reproduce.main(cells + ["--variant", "a b", "--dry-run"])
     assert "--variant must be" in capsys.readouterr().err
+
+
+def test_the_report_names_the_command_that_wrote_it(reproduce, tmp_path):
+    """The report's Command line repeats the grid it was given (without --note texts)."""
+    tau = {"w0": 5.0, "tau_min": 0.2, "tau_median": 0.2, "tau_max": 0.2}
+    recs = [{"epoch": e, "loss": 1.0, "seconds": 3.0, **tau} for e in range(3)]
+    recs[2]["metrics"] = {"recall@20": 0.2, "ndcg@20": 0.1}
+    _write(tmp_path / "runs" / "lastfm-mf-paper-adaptive", recs)
+    out = tmp_path / "report.md"
+    grid = ["--datasets", "lastfm", "--models", "mf", "--protocols", "paper", "--rules", "adaptive"]
+    argv = grid + ["--report-only", "--runs", str(tmp_path / "runs"), "--out", str(out)]
+    assert reproduce.main(argv + ["--note", "a note, not a command"]) == 0
+    command = next(line for line in out.read_text().splitlines() if line.startswith("Command: "))
+    assert command == f"Command: `python benchmarks/reproduce.py {' '.join(argv)}`  "
+    train = next(line for line in out.read_text().splitlines() if line.startswith("Training command: "))
+    assert train.startswith(
+        f"Training command: `python benchmarks/reproduce.py {' '.join(argv[:-5] + argv[-4:])}` "
+    )
