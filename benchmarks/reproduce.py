@@ -295,7 +295,7 @@ def comparison_lines(ds: str, proto: str, rows: List[Dict[str, Any]]) -> List[st
 
 
 def write_report(
-    results: List[Dict[str, Any]], args, wall: float, command: str, out: Path, show: bool = False
+    results: List[Dict[str, Any]], args, wall: float, command: List[str], out: Path, show: bool = False
 ) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     keys = [
@@ -348,7 +348,7 @@ def write_report(
             else "."
         ),
         "",
-        f"Command: `python benchmarks/reproduce.py {command}`  ",
+        f"Command: `python benchmarks/reproduce.py {' '.join(command)}`  ",
         (
             "Report only: nothing was trained by this invocation; training time of "
             if getattr(args, "report_only", False)
@@ -360,7 +360,7 @@ def write_report(
         f"Machine: {machine()}; load average at the end {load} (shared CPU).  ",
         f"Commit {_common.commit()}, {datetime.date.today().isoformat()}.  ",
         "Training command: `python benchmarks/reproduce.py "
-        + " ".join(a for a in command.split(" ") if a != "--report-only")
+        + " ".join(a for a in command if a != "--report-only")
         + "` (resumable: rerun the same command after an interruption).",
         "",
         "Hyper-parameters: the paper's for each model (`--preset gowalla-mf-paper` / "
@@ -664,15 +664,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.overrides[k.replace("-", "_")] = parse_value(v)
     if args.threads:
         torch.set_num_threads(args.threads)
-    shown, skip = [], False  # the command line for the report, without the --note texts
+    command, skip = [], False  # the command line for the report, without the --note texts
     for a in sys.argv[1:] if argv is None else argv:
         if skip:
             skip = False
         elif a == "--note":
             skip = True
         elif not a.startswith("--note="):
-            shown.append(f"'{a}'" if any(ch in a for ch in "*, ") else a)
-    command = " ".join(shown)
+            command.append(f"'{a}'" if any(ch in a for ch in "*, ") else a)
     cells = [
         (d, m, p, r)
         for d in args.datasets.split(",")

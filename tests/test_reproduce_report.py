@@ -243,11 +243,10 @@ def test_the_report_names_the_command_that_wrote_it(reproduce, tmp_path):
     _write(tmp_path / "runs" / "lastfm-mf-paper-adaptive", recs)
     out = tmp_path / "report.md"
     grid = ["--datasets", "lastfm", "--models", "mf", "--protocols", "paper", "--rules", "adaptive"]
-    argv = grid + ["--report-only", "--runs", str(tmp_path / "runs"), "--out", str(out)]
+    folders = ["--runs", str(tmp_path / "runs"), "--out", str(out)]
+    argv = grid + ["--report-only"] + folders
     assert reproduce.main(argv + ["--note", "a note, not a command"]) == 0
     command = next(line for line in out.read_text().splitlines() if line.startswith("Command: "))
     assert command == f"Command: `python benchmarks/reproduce.py {' '.join(argv)}`  "
     train = next(line for line in out.read_text().splitlines() if line.startswith("Training command: "))
-    assert train.startswith(
-        f"Training command: `python benchmarks/reproduce.py {' '.join(argv[:-5] + argv[-4:])}` "
-    )
+    assert train.startswith(f"Training command: `python benchmarks/reproduce.py {' '.join(grid + folders)}` ")
